@@ -1,0 +1,43 @@
+# The two entry points a fresh machine needs (see README.md):
+#   make demo   - install, start moto S3 + the local VLM server, run the pipeline end to end
+#   make test   - install (pip + promtool from Debian's prometheus package) and run every test
+# Both create .venv themselves; nothing has to be installed by hand first.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+PYTEST_ARGS ?=
+DEMO_ARGS ?=
+
+.PHONY: install demo test lint promtool clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip check
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# promtool validates deploy/monitoring; Debian's prometheus package ships it.
+promtool:
+	@command -v promtool >/dev/null 2>&1 || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+	@promtool --version 2>&1 | head -1
+
+demo: $(STAMP)
+	$(PY) -m mkg_pipeline.demo $(DEMO_ARGS)
+
+test: $(STAMP) promtool
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check mkg_pipeline mkg_pipeline_tests benchmarks
+	$(VENV)/bin/ruff format --check mkg_pipeline mkg_pipeline_tests benchmarks
+
+clean:
+	rm -rf $(VENV) .demo .pytest_cache .ruff_cache
