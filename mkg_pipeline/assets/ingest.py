@@ -1,0 +1,48 @@
+"""raw_pdfs: validated, content-addressed PDFs of one ingestion batch."""
+
+# No `from __future__ import annotations`: Dagster reads the config/context annotations at definition time.
+import dagster as dg
+
+from mkg_pipeline.assets.partitions import ingest_batches
+from mkg_pipeline.resources import S3StorageResource
+
+
+class RawPdfsConfig(dg.Config):
+    drain_incoming: bool = True
+    """Remove ingested objects from incoming/ so the sensor only ever lists pending work."""
+
+
+@dg.asset(
+    partitions_def=ingest_batches,
+    group_name="pdf_to_markdown",
+    kinds={"s3", "pdf"},
+    description="Objects of the batch validated (not a PDF, encrypted, no readable pages, limits) and stored as "
+    "raw/<doc_id>.pdf by content hash; refused ones get rejected/<name>.json with the reason.",
+)
+def raw_pdfs(context: dg.AssetExecutionContext, config: RawPdfsConfig, s3: S3StorageResource) -> dg.MaterializeResult:
+    from mkg_pipeline.stages.ingest import ingest_batch
+
+    storage = s3.storage()
+    settings = s3.pipeline_config()
+    summary = ingest_batch(
+        storage, context.partition_key, settings.pdf, drain_incoming=config.drain_incoming, progress=context.log.info
+    )
+    if summary.errors:
+        context.log.warning(f"{len(summary.errors)} object(s) hit errors and will be retried: {summary.errors}")
+    rejected_rows = "\n".join(
+        f"| {key.rsplit('/', 1)[-1]} | {r['reason']} | {r['message']} |" for key, r in summary.rejected.items()
+    )
+    return dg.MaterializeResult(
+        metadata={
+            "documents": len(summary.doc_ids),
+            "pages": sum(summary.pages.values()),
+            "rejected": len(summary.rejected),
+            "errors": len(summary.errors),
+            "duplicates": summary.duplicates,
+            "doc_ids": dg.MetadataValue.json(summary.accepted),
+            "rejections": dg.MetadataValue.md(
+                "| file | reason | message |\n|---|---|---|\n" + rejected_rows if rejected_rows else "none"
+            ),
+            "batch_manifest": storage.uri(storage.batch_key(context.partition_key)),
+        }
+    )

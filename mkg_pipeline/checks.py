@@ -1,0 +1,99 @@
+"""Asset checks on page accounting and quality.
+
+The checks are evaluated by the assets themselves (they hold the numbers) and
+declared here, so that their names, blocking behaviour and thresholds are in
+one place. ``baseline_similarity`` is blocking: a regression against the
+golden baseline stops everything downstream of the quality asset.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import dagster as dg
+
+if TYPE_CHECKING:  # the stages import storage/pdf code that the code location does not need at import time
+    from mkg_pipeline.stages.quality_diff import QualityReport
+    from mkg_pipeline.stages.vlm import VLMSummary
+
+PAGES_ACCOUNTED_FOR = "pages_accounted_for"
+NO_FAILED_PAGES = "no_failed_pages"
+BASELINE_SIMILARITY = "baseline_similarity"
+TEXT_LAYER_SIMILARITY = "text_layer_similarity"
+
+vlm_output_check_specs = [
+    dg.AssetCheckSpec(
+        PAGES_ACCOUNTED_FOR,
+        asset="vlm_outputs",
+        description="Every page of every document is processed or recorded as failed with its reason.",
+    ),
+    dg.AssetCheckSpec(
+        NO_FAILED_PAGES,
+        asset="vlm_outputs",
+        description="No page is waiting for a retry (warning: failed pages retry on the next materialization).",
+    ),
+]
+
+quality_check_specs = [
+    dg.AssetCheckSpec(
+        BASELINE_SIMILARITY,
+        asset="quality_baseline_diffs",
+        blocking=True,
+        description="Mean normalised similarity to the golden baseline is at least quality.min_baseline_similarity.",
+    ),
+    dg.AssetCheckSpec(
+        TEXT_LAYER_SIMILARITY,
+        asset="quality_baseline_diffs",
+        description="Mean similarity to the PDF text layer (born-digital pages) is at least "
+        "quality.min_text_layer_similarity.",
+    ),
+]
+
+
+def evaluate_page_accounting(summary: VLMSummary) -> list[dg.AssetCheckResult]:
+    accounted = sum(d.done + len(d.failed_pages) for d in summary.documents)
+    expected = sum(d.pages_total for d in summary.documents)
+    failed = sum(len(d.failed_pages) for d in summary.documents)
+    failed_docs = {d.doc_id: len(d.failed_pages) for d in summary.documents if d.failed_pages}
+    return [
+        dg.AssetCheckResult(
+            check_name=PAGES_ACCOUNTED_FOR,
+            passed=accounted == expected,
+            metadata={"pages_expected": expected, "pages_accounted": accounted, "pages_failed": failed},
+        ),
+        dg.AssetCheckResult(
+            check_name=NO_FAILED_PAGES,
+            passed=failed == 0,
+            severity=dg.AssetCheckSeverity.WARN,
+            metadata={"pages_failed": failed, "failed_by_document": dg.MetadataValue.json(failed_docs)},
+        ),
+    ]
+
+
+def evaluate_quality(
+    report: QualityReport, min_baseline: float, min_text_layer: float
+) -> list[dg.AssetCheckResult]:
+    baseline = report.mean_baseline_similarity
+    text_layer = report.mean_text_layer_similarity
+    return [
+        dg.AssetCheckResult(
+            check_name=BASELINE_SIMILARITY,
+            # No golden page in this batch: nothing regressed, and the metadata says so.
+            passed=baseline is None or baseline >= min_baseline,
+            metadata={
+                "mean_similarity": baseline if baseline is not None else "no baseline pages",
+                "threshold": min_baseline,
+                "pages_compared": sum(1 for p in report.pages if p.baseline_similarity is not None),
+            },
+        ),
+        dg.AssetCheckResult(
+            check_name=TEXT_LAYER_SIMILARITY,
+            passed=text_layer is None or text_layer >= min_text_layer,
+            severity=dg.AssetCheckSeverity.WARN,
+            metadata={
+                "mean_similarity": text_layer if text_layer is not None else "no text-layer pages",
+                "threshold": min_text_layer,
+                "pages_compared": sum(1 for p in report.pages if p.text_layer_similarity is not None),
+            },
+        ),
+    ]

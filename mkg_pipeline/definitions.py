@@ -1,0 +1,24 @@
+"""The Dagster code location: one Definitions object.
+
+Importing this module loads Dagster and our thin asset layer only; OCR models,
+ONNX runtimes and MinerU are imported inside the steps that use them, so a run
+pod is ready in seconds.
+"""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from mkg_pipeline.assets import pipeline_assets
+from mkg_pipeline.jobs import baseline_quality_job, ingest_job, promote_baseline_job
+from mkg_pipeline.resources import S3StorageResource, VLLMResource
+from mkg_pipeline.schedules import daily_baseline_quality_schedule
+from mkg_pipeline.sensors import incoming_pdfs_sensor
+
+defs = dg.Definitions(
+    assets=pipeline_assets,
+    jobs=[ingest_job, baseline_quality_job, promote_baseline_job],
+    sensors=[incoming_pdfs_sensor],
+    schedules=[daily_baseline_quality_schedule],
+    resources={"s3": S3StorageResource(), "vllm": VLLMResource()},
+)

@@ -1,0 +1,62 @@
+"""One request per page with a page-to-Markdown prompt (Qwen2.5-VL-7B-Instruct and the like)."""
+
+from __future__ import annotations
+
+import re
+
+from mkg_pipeline.engines.base import Block, PageResult, engine_identity
+from mkg_pipeline.engines.prompts import PAGE_MARKDOWN_PROMPT, PAGE_MARKDOWN_SYSTEM_PROMPT
+from mkg_pipeline.vllm.client import VLLMClient
+
+ENGINE_NAME = "page_markdown"
+
+# Instruction VLMs often wrap their answer in a ```markdown fence despite being asked not to.
+_FENCE_RE = re.compile(r"^\s*```(?:markdown|md)?\s*\n(?P<body>.*?)\n?```\s*$", re.DOTALL | re.IGNORECASE)
+
+
+def strip_markdown_fence(text: str) -> str:
+    match = _FENCE_RE.match(text)
+    return match.group("body") if match else text
+
+
+def markdown_to_blocks(markdown: str) -> tuple[Block, ...]:
+    """Split a page's Markdown into content-list blocks (no positions: the model gives none)."""
+    blocks: list[Block] = []
+    for chunk in re.split(r"\n\s*\n", markdown.strip()):
+        chunk = chunk.strip()
+        if not chunk:
+            continue
+        if chunk.startswith("#"):
+            level = len(chunk) - len(chunk.lstrip("#"))
+            blocks.append(Block("title" if level == 1 else "paragraph_title", chunk.lstrip("#").strip()))
+        elif chunk.startswith("|") or chunk.lower().startswith("<table"):
+            blocks.append(Block("table", chunk))
+        elif chunk.startswith("$$"):
+            blocks.append(Block("equation", chunk.strip("$").strip()))
+        else:
+            blocks.append(Block("text", chunk))
+    return tuple(blocks)
+
+
+class PageMarkdownEngine:
+    name = ENGINE_NAME
+
+    def __init__(self, client: VLLMClient, prompt_version: str, max_tokens: int | None = 8192) -> None:
+        self._client = client
+        self._prompt_version = prompt_version
+        self._max_tokens = max_tokens
+
+    @property
+    def identity(self) -> str:
+        return engine_identity(self.name, self._client.model, self._prompt_version)
+
+    async def extract(self, png: bytes, *, label: str) -> PageResult:
+        result = await self._client.chat_completion(
+            PAGE_MARKDOWN_PROMPT,
+            [png],
+            system_prompt=PAGE_MARKDOWN_SYSTEM_PROMPT,
+            max_tokens=self._max_tokens,
+            label=label,
+        )
+        markdown = strip_markdown_fence(result.text).strip()
+        return PageResult(markdown=markdown, blocks=markdown_to_blocks(markdown), requests=1)

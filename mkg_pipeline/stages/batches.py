@@ -1,0 +1,81 @@
+"""Ingestion batches: the unit of Dagster partitioning.
+
+One dynamic partition per PDF would not scale (Dagster's partition store and
+UI degrade past tens of thousands of partitions), so the sensor groups new
+objects of ``incoming/`` into batches of up to ``workers.batch_size``. A batch
+manifest ``batches/<batch_id>.json`` records the objects (key + ETag) and, once
+``raw_pdfs`` ran, what became of each: the per-document status lives in S3,
+not in the partition store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from mkg_pipeline.storage import Storage
+
+BATCH_MANIFEST_VERSION = 1
+
+
+@dataclass(frozen=True)
+class IncomingObject:
+    key: str
+    etag: str
+    size: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"key": self.key, "etag": self.etag, "size": self.size}
+
+
+def new_batch_id(objects: list[IncomingObject], now: datetime | None = None) -> str:
+    """Stable for the same objects (key + ETag), readable in the UI, sortable by time."""
+    digest = hashlib.sha256("\n".join(f"{o.key}\t{o.etag}" for o in sorted(objects, key=lambda o: o.key)).encode())
+    stamp = (now or datetime.now(UTC)).strftime("%Y%m%dT%H%M%S")
+    return f"b{stamp}-{digest.hexdigest()[:8]}"
+
+
+def write_batch_manifest(storage: Storage, batch_id: str, objects: list[IncomingObject], origin: str) -> None:
+    storage.put_json(
+        storage.batch_key(batch_id),
+        {
+            "version": BATCH_MANIFEST_VERSION,
+            "batch_id": batch_id,
+            "created_at": datetime.now(UTC).isoformat(),
+            "origin": origin,
+            "objects": [o.to_json() for o in objects],
+            "results": {},
+        },
+    )
+
+
+def read_batch_manifest(storage: Storage, batch_id: str) -> dict[str, Any]:
+    try:
+        return storage.get_json(storage.batch_key(batch_id))
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"batch {batch_id!r} has no manifest at {storage.uri(storage.batch_key(batch_id))}; "
+            "batches are created by the incoming_pdfs_sensor or `python -m mkg_pipeline.batches_cli`"
+        ) from None
+
+
+def accepted_doc_ids(manifest: dict[str, Any], only: list[str] | None = None) -> list[str]:
+    """Distinct documents a batch accepted, in manifest order, optionally restricted to ``only``."""
+    seen: dict[str, None] = {}
+    for result in manifest.get("results", {}).values():
+        if result.get("status") == "accepted":
+            seen.setdefault(result["doc_id"], None)
+    for doc_id in manifest.get("doc_ids", []):  # golden batches list documents directly
+        seen.setdefault(doc_id, None)
+    doc_ids = list(seen)
+    if only:
+        missing = sorted(set(only) - set(doc_ids))
+        if missing:
+            raise ValueError(
+                f"batch {manifest.get('batch_id')!r} holds no accepted document {', '.join(missing)}; "
+                f"it holds: {', '.join(doc_ids) or 'none'}"
+            )
+        doc_ids = [d for d in doc_ids if d in set(only)]
+    return doc_ids
