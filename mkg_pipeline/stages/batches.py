@@ -13,9 +13,10 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from mkg_pipeline.storage import Storage
+if TYPE_CHECKING:
+    from mkg_pipeline.storage import Storage
 
 BATCH_MANIFEST_VERSION = 1
 
