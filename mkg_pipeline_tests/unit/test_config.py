@@ -1,0 +1,243 @@
+"""Configuration: seed defaults, YAML file, MKG_* env overrides, bounds and their error messages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import SecretStr
+
+from mkg_pipeline.config import (
+    DEFAULT_CONFIG_FILE,
+    CircuitBreakerConfig,
+    ConfigError,
+    HTTPClientConfig,
+    MinerUConfig,
+    VLLMServerConfig,
+    load_config,
+)
+
+SECRET = "sk-config-test-secret-42"
+
+
+def write_yaml(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "mineru.yaml"
+    path.write_text(text)
+    return path
+
+
+def assert_seed_values(cfg: MinerUConfig) -> None:
+    assert cfg.http_client.pool_size == 10
+    assert cfg.http_client.keepalive == 5
+    assert cfg.http_client.timeout_s == 300
+    assert cfg.http_client.max_attempts == 3
+    assert cfg.circuit_breaker.failure_threshold == 5
+    assert cfg.circuit_breaker.recovery_timeout_s == 60
+    assert cfg.circuit_breaker.success_threshold == 2
+    assert cfg.workers.count == 8
+    assert cfg.workers.backend == "vlm-http-client"
+    assert cfg.workers.cpu == 2
+    assert cfg.workers.memory_gib == 4
+    assert cfg.vllm.api_key is None
+
+
+# -- defaults ----------------------------------------------------------------------------------
+
+
+def test_code_defaults_are_the_seed_values() -> None:
+    assert_seed_values(MinerUConfig())
+
+
+def test_section_defaults_standalone() -> None:
+    assert HTTPClientConfig().pool_size == 10
+    assert CircuitBreakerConfig().half_open_max_calls >= 1
+    assert VLLMServerConfig().url.startswith("http")
+
+
+def test_repo_config_file_matches_the_seed_values() -> None:
+    assert DEFAULT_CONFIG_FILE.exists()
+    assert_seed_values(load_config(environ={}))
+
+
+def test_missing_default_file_falls_back_to_code_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # Containers may run from env only: no file at the default location is not an error.
+    monkeypatch.setattr("mkg_pipeline.config.DEFAULT_CONFIG_FILE", tmp_path / "absent.yaml")
+    assert_seed_values(load_config(environ={}))
+
+
+# -- YAML --------------------------------------------------------------------------------------
+
+
+def test_yaml_file_is_loaded(tmp_path: Path) -> None:
+    path = write_yaml(
+        tmp_path,
+        "engine: mineru\nvllm:\n  url: http://gpu:8000/\n  model: opendatalab/MinerU2.5\n"
+        "http_client:\n  timeout_s: 120\n  max_attempts: 5\ncircuit_breaker:\n  failure_threshold: 9\n",
+    )
+    cfg = load_config(path, environ={})
+    assert cfg.engine == "mineru"
+    assert cfg.vllm.url == "http://gpu:8000"  # trailing slash stripped
+    assert cfg.vllm.model == "opendatalab/MinerU2.5"
+    assert cfg.http_client.timeout_s == 120
+    assert cfg.http_client.max_attempts == 5
+    assert cfg.circuit_breaker.failure_threshold == 9
+    assert cfg.http_client.pool_size == 10  # untouched fields keep their defaults
+
+
+def test_config_file_env_variable_names_the_file(tmp_path: Path) -> None:
+    path = write_yaml(tmp_path, "http_client:\n  pool_size: 33\n")
+    assert load_config(environ={"MKG_CONFIG_FILE": str(path)}).http_client.pool_size == 33
+
+
+def test_explicit_path_wins_over_config_file_env(tmp_path: Path) -> None:
+    chosen = write_yaml(tmp_path, "http_client:\n  pool_size: 21\n")
+    other = tmp_path / "other.yaml"
+    other.write_text("http_client:\n  pool_size: 99\n")
+    assert load_config(chosen, environ={"MKG_CONFIG_FILE": str(other)}).http_client.pool_size == 21
+
+
+def test_empty_yaml_file_means_defaults(tmp_path: Path) -> None:
+    assert_seed_values(load_config(write_yaml(tmp_path, ""), environ={}))
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [("vllm: [unclosed\n", "not valid YAML"), ("- a\n- b\n", "mapping at the top level")],
+    ids=["invalid-yaml", "not-a-mapping"],
+)
+def test_bad_yaml_is_a_config_error(tmp_path: Path, text: str, fragment: str) -> None:
+    path = write_yaml(tmp_path, text)
+    with pytest.raises(ConfigError, match=fragment) as info:
+        load_config(path, environ={})
+    assert str(path) in str(info.value)
+
+
+def test_missing_explicit_file_is_an_error(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError, match="does not exist") as info:
+        load_config(missing, environ={})
+    assert str(missing) in str(info.value)
+
+
+def test_missing_file_named_by_env_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(environ={"MKG_CONFIG_FILE": str(tmp_path / "nope.yaml")})
+
+
+# -- env overrides -----------------------------------------------------------------------------
+
+
+def test_env_override_wins_over_yaml(tmp_path: Path) -> None:
+    path = write_yaml(tmp_path, "vllm:\n  url: http://from-yaml:8000\nhttp_client:\n  timeout_s: 100\n")
+    cfg = load_config(path, environ={"MKG_HTTP_CLIENT__TIMEOUT_S": "120", "MKG_VLLM__URL": "http://from-env:9000"})
+    assert cfg.http_client.timeout_s == 120
+    assert cfg.vllm.url == "http://from-env:9000"
+
+
+def test_env_override_of_top_level_and_list_fields() -> None:
+    cfg = load_config(environ={"MKG_ENGINE": "mineru", "MKG_QUALITY__GOLDEN_SET": "a.pdf, b.pdf,"})
+    assert cfg.engine == "mineru"
+    assert cfg.quality.golden_set == ["a.pdf", "b.pdf"]
+
+
+def test_unrelated_env_variables_are_ignored() -> None:
+    cfg = load_config(environ={"HOME": "/root", "VLLM_URL": "http://elsewhere", "PATH": "/bin"})
+    assert cfg.vllm.url == "http://127.0.0.1:8000"
+
+
+# -- bounds and errors -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("env", "dotted", "shown", "allowed"),
+    [
+        ("MKG_HTTP_CLIENT__MAX_ATTEMPTS", "http_client.max_attempts", "'0'", ">= 1 and <= 10"),
+        ("MKG_HTTP_CLIENT__TIMEOUT_S", "http_client.timeout_s", "'99999'", ">= 1 and <= 3600"),
+        ("MKG_CIRCUIT_BREAKER__FAILURE_THRESHOLD", "circuit_breaker.failure_threshold", "'0'", ">= 1 and <= 1000"),
+        ("MKG_VLLM__MAX_IN_FLIGHT", "vllm.max_in_flight", "'5000'", ">= 1 and <= 1024"),
+        ("MKG_WORKERS__CPU", "workers.cpu", "'0'", "> 0 and <= 64"),
+    ],
+)
+def test_out_of_range_env_value_names_field_value_and_range(env: str, dotted: str, shown: str, allowed: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(environ={env: shown.strip("'")})
+    message = str(info.value)
+    assert f"{dotted} = {shown}" in message
+    assert f"allowed: {allowed}" in message
+    assert f"from env {env}" in message
+
+
+def test_out_of_range_yaml_value_names_field_value_and_range(tmp_path: Path) -> None:
+    path = write_yaml(tmp_path, "http_client:\n  pool_size: 0\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, environ={})
+    message = str(info.value)
+    assert "http_client.pool_size = 0" in message
+    assert "allowed: >= 1 and <= 1000" in message
+
+
+def test_every_bad_value_is_reported_at_once() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(environ={"MKG_HTTP_CLIENT__POOL_SIZE": "0", "MKG_HTTP_CLIENT__KEEPALIVE": "-1"})
+    assert "http_client.pool_size" in str(info.value)
+    assert "http_client.keepalive" in str(info.value)
+
+
+def test_non_http_url_is_rejected() -> None:
+    with pytest.raises(ConfigError, match=r"vllm\.url = 'ftp://gpu'.*http:// or https://"):
+        load_config(environ={"MKG_VLLM__URL": "ftp://gpu"})
+
+
+def test_unknown_env_field_is_an_error_naming_the_variable() -> None:
+    with pytest.raises(ConfigError, match="Extra inputs are not permitted") as info:
+        load_config(environ={"MKG_HTTP_CLIENT__POOL_SIZ": "3"})
+    assert "http_client.pool_siz" in str(info.value)
+    assert "MKG_HTTP_CLIENT__POOL_SIZ" in str(info.value)
+
+
+def test_unknown_env_section_is_an_error() -> None:
+    with pytest.raises(ConfigError, match=r"nosuchsection = .*Extra inputs are not permitted"):
+        load_config(environ={"MKG_NOSUCHSECTION__FIELD": "1"})
+
+
+def test_unknown_yaml_key_is_an_error(tmp_path: Path) -> None:
+    path = write_yaml(tmp_path, "http_client:\n  pool_sise: 3\n")
+    with pytest.raises(ConfigError, match=r"http_client\.pool_sise"):
+        load_config(path, environ={})
+
+
+def test_config_error_is_a_value_error() -> None:
+    assert issubclass(ConfigError, ValueError)
+
+
+# -- secrets -----------------------------------------------------------------------------------
+
+
+def test_api_key_is_a_secret_not_shown_in_repr() -> None:
+    cfg = load_config(environ={"MKG_VLLM__API_KEY": SECRET})
+    assert isinstance(cfg.vllm.api_key, SecretStr)
+    assert cfg.vllm.api_key.get_secret_value() == SECRET
+    for text in (repr(cfg), str(cfg), repr(cfg.vllm), cfg.model_dump_json()):
+        assert SECRET not in text
+
+
+def test_empty_api_key_means_none() -> None:
+    assert load_config(environ={"MKG_VLLM__API_KEY": ""}).vllm.api_key is None
+
+
+def test_secret_not_echoed_in_config_errors() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(environ={"MKG_VLLM__API_KEY": SECRET, "MKG_VLLM__API_KEY_TYPO": SECRET})
+    assert SECRET not in str(info.value)
+    assert "vllm.api_key_typo = <secret>" in str(info.value)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="config.py masks values only when the error location contains 'key'; an unknown section "
+    "is reported as the whole nested dict, secrets included (e.g. MKG_VLLMM__API_KEY)",
+)
+def test_secret_under_a_misspelt_section_is_not_echoed() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(environ={"MKG_VLLMM__API_KEY": SECRET})
+    assert SECRET not in str(info.value)

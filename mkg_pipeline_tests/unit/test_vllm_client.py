@@ -1,0 +1,774 @@
+"""VLLMClient against respx-mocked HTTP: retries, error mapping, breaker, semaphore, metrics, secrets.
+
+No test sleeps: the client's ``sleep`` is a recorder and breakers get a fake clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
+from typing import Any
+
+import httpx
+import pytest
+import respx
+
+from mkg_pipeline.config import CircuitBreakerConfig, HTTPClientConfig, MinerUConfig, VLLMServerConfig
+from mkg_pipeline.vllm import (
+    ChatResult,
+    CircuitOpenError,
+    VLLMAuthError,
+    VLLMClient,
+    VLLMClientError,
+    VLLMConnectionError,
+    VLLMRateLimitedError,
+    VLLMRequestError,
+    VLLMResponseError,
+    VLLMServerError,
+    VLLMTimeoutError,
+)
+from mkg_pipeline.vllm.breaker import BreakerState, CircuitBreaker, breaker_for, reset_breakers
+from mkg_pipeline.vllm.metrics import REGISTRY
+
+URL = "http://vlm.test:8000"
+MODEL = "Qwen/Qwen2.5-VL-7B-Instruct"
+KEY = "sk-very-secret-test-key-0123456789"
+LABEL = "doc=0123abcd page=7"
+CHAT = f"{URL}/v1/chat/completions"
+PNG = b"\x89PNG\r\n\x1a\n" + b"\x00fake-png-body\xff" * 4
+
+
+def ok_body(text: str = "# Title\n\nHello", **extra: Any) -> dict[str, Any]:
+    return {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "model": MODEL,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 11, "completion_tokens": 5, "total_tokens": 16},
+        **extra,
+    }
+
+
+def ok() -> httpx.Response:
+    return httpx.Response(200, json=ok_body())
+
+
+class SleepRecorder:
+    """Stands in for asyncio.sleep: records every requested delay, returns at once."""
+
+    def __init__(self) -> None:
+        self.delays: list[float] = []
+
+    async def __call__(self, seconds: float) -> None:
+        self.delays.append(float(seconds))
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture(autouse=True)
+def _fresh_breaker_registry() -> Iterator[None]:
+    reset_breakers()
+    yield
+    reset_breakers()
+
+
+@pytest.fixture
+def router() -> Iterator[respx.MockRouter]:
+    with respx.mock(base_url=URL, assert_all_called=False) as mock:
+        yield mock
+
+
+@pytest.fixture
+def sleeps() -> SleepRecorder:
+    return SleepRecorder()
+
+
+def make_client(
+    sleep: SleepRecorder,
+    *,
+    api_key: str | None = None,
+    max_attempts: int = 3,
+    max_in_flight: int = 16,
+    breaker: CircuitBreaker | None = None,
+    **http: Any,
+) -> VLLMClient:
+    server = VLLMServerConfig(url=URL, model=MODEL, api_key=api_key, max_in_flight=max_in_flight)
+    http_config = HTTPClientConfig(max_attempts=max_attempts, **http)
+    # A private breaker that never opens unless a test asks for one: retry tests must not trip it.
+    breaker = breaker or CircuitBreaker(URL, CircuitBreakerConfig(failure_threshold=1000), clock=FakeClock())
+    return VLLMClient(server, http_config, breaker=breaker, sleep=sleep)
+
+
+def sample(name: str, labels: dict[str, str] | None = None) -> float:
+    return REGISTRY.get_sample_value(name, labels or {}) or 0.0
+
+
+# -- retry rules -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [httpx.ReadTimeout("read timed out"), httpx.ConnectError("connection refused"), httpx.RemoteProtocolError("eof")],
+    ids=["timeout", "connect-error", "disconnected"],
+)
+async def test_network_failures_are_retried(
+    router: respx.MockRouter, sleeps: SleepRecorder, failure: Exception
+) -> None:
+    route = router.post("/v1/chat/completions").mock(side_effect=[failure, ok()])
+    async with make_client(sleeps) as client:
+        result = await client.chat_completion("hi", label=LABEL)
+    assert route.call_count == 2
+    assert result.attempts == 2
+    assert len(sleeps.delays) == 1
+
+
+@pytest.mark.parametrize("status", [500, 502, 503, 504])
+async def test_5xx_is_retried(router: respx.MockRouter, sleeps: SleepRecorder, status: int) -> None:
+    route = router.post("/v1/chat/completions").mock(side_effect=[httpx.Response(status, text="busy"), ok()])
+    async with make_client(sleeps) as client:
+        result = await client.chat_completion("hi", label=LABEL)
+    assert route.call_count == 2
+    assert result.text == "# Title\n\nHello"
+
+
+@pytest.mark.parametrize(("retry_after", "expected"), [("7", 7.0), ("0.5", 0.5), ("3600", 60.0)])
+async def test_429_waits_exactly_retry_after_capped(
+    router: respx.MockRouter, sleeps: SleepRecorder, retry_after: str, expected: float
+) -> None:
+    limited = httpx.Response(429, headers={"Retry-After": retry_after}, text="slow down")
+    route = router.post("/v1/chat/completions").mock(side_effect=[limited, ok()])
+    async with make_client(sleeps, retry_after_max_s=60) as client:
+        await client.chat_completion("hi", label=LABEL)
+    assert route.call_count == 2
+    assert sleeps.delays == [expected]
+
+
+async def test_429_retry_after_as_http_date_is_honoured_and_capped(
+    router: respx.MockRouter, sleeps: SleepRecorder
+) -> None:
+    when = format_datetime(datetime.now(UTC) + timedelta(hours=2), usegmt=True)
+    router.post("/v1/chat/completions").mock(side_effect=[httpx.Response(429, headers={"Retry-After": when}), ok()])
+    async with make_client(sleeps, retry_after_max_s=45) as client:
+        await client.chat_completion("hi")
+    assert sleeps.delays == [45.0]
+
+
+async def test_429_without_retry_after_uses_backoff(router: respx.MockRouter, sleeps: SleepRecorder) -> None:
+    router.post("/v1/chat/completions").mock(side_effect=[httpx.Response(429), ok()])
+    async with make_client(sleeps, backoff_initial_s=2, backoff_max_s=30) as client:
+        await client.chat_completion("hi")
+    assert len(sleeps.delays) == 1
+    assert 0 <= sleeps.delays[0] <= 2
+
+
+async def test_429_exhausted_raises_rate_limited(router: respx.MockRouter, sleeps: SleepRecorder) -> None:
+    router.post("/v1/chat/completions").mock(return_value=httpx.Response(429, headers={"Retry-After": "1"}))
+    async with make_client(sleeps, max_attempts=3) as client:
+        with pytest.raises(VLLMRateLimitedError) as info:
+            await client.chat_completion("hi", label=LABEL)
+    assert isinstance(info.value, VLLMServerError)
+    assert info.value.retry_after == 1.0
+    assert sleeps.delays == [1.0, 1.0]
+
+
+@pytest.mark.parametrize("status", [400, 404, 422])
+async def test_other_4xx_is_not_retried(router: respx.MockRouter, sleeps: SleepRecorder, status: int) -> None:
+    error = {"object": "error", "message": "This model's maximum context length is 32768 tokens", "code": status}
+    route = router.post("/v1/chat/completions").mock(return_value=httpx.Response(status, json=error))
+    async with make_client(sleeps) as client:
+        with pytest.raises(VLLMRequestError) as info:
+            await client.chat_completion("hi", label=LABEL)
+    assert route.call_count == 1
+    assert sleeps.delays == []
+    assert not isinstance(info.value, VLLMAuthError)
+    assert info.value.status_code == status
+    assert "maximum context length" in str(info.value)  # the server's reason, in a short snippet
+
+
+@pytest.mark.parametrize("status", [401, 403])
+async def test_auth_errors_are_not_retried(router: respx.MockRouter, sleeps: SleepRecorder, status: int) -> None:
+    route = router.post("/v1/chat/completions").mock(
+        return_value=httpx.Response(status, json={"error": "Unauthorized"})
+    )
+    async with make_client(sleeps) as client:
+        with pytest.raises(VLLMAuthError) as info:
+            await client.chat_completion("hi", label=LABEL)
+    assert route.call_count == 1
+    assert sleeps.delays == []
+    assert info.value.retryable is False
+
+
+async def test_long_error_body_is_cut_to_a_snippet(router: respx.MockRouter, sleeps: SleepRecorder) -> None:
+    router.post("/v1/chat/completions").mock(return_value=httpx.Response(400, text="x" * 10_000))
+    async with make_client(sleeps) as client:
+        with pytest.raises(VLLMRequestError) as info:
+            await client.chat_completion("hi")
+    assert len(str(info.value)) < 600
+
+
+@pytest.mark.parametrize("max_attempts", [1, 2, 5])
+async def test_attempts_are_bounded_by_max_attempts(
+    router: respx.MockRouter, sleeps: SleepRecorder, max_attempts: int
+) -> None:
+    route = router.post("/v1/chat/completions").mock(return_value=httpx.Response(503, text="overloaded"))
+    async with make_client(sleeps, max_attempts=max_attempts) as client:
+        with pytest.raises(VLLMServerError) as info:
+            await client.chat_completion("hi", label=LABEL)
+    assert route.call_count == max_attempts
+    assert len(sleeps.delays) == max_attempts - 1
+    assert f"attempt {max_attempts}/{max_attempts}" in str(info.value)
+
+
+async def test_backoff_delays_stay_within_bounds(router: respx.MockRouter, sleeps: SleepRecorder) -> None:
+    router.post("/v1/chat/completions").mock(return_value=httpx.Response(500))
+    async with make_client(
+        sleeps, max_attempts=8, backoff_initial_s=1, backoff_multiplier=2, backoff_max_s=10
+    ) as client:
+        for _ in range(5):
+            with pytest.raises(VLLMServerError):
+                await client.chat_completion("hi")
+    assert len(sleeps.delays) == 5 * 7
+    for i, delay in enumerate(sleeps.delays):
+        assert 0 <= delay <= min(10, 2 ** (i % 7))
+
+
+@pytest.mark.parametrize(("pick", "expected"), [("high", [1, 2, 4, 8, 10, 10]), ("low", [0, 0, 0, 0, 0, 0])])
+async def test_backoff_bound_grows_exponentially_up_to_max(
+    router: respx.MockRouter, sleeps: SleepRecorder, monkeypatch: pytest.MonkeyPatch, pick: str, expected: list[int]
+) -> None:
+    # Pin the jitter to either end of its range to see the bound itself.
+    monkeypatch.setattr("random.uniform", lambda low, high: high if pick == "high" else low)
+    router.post("/v1/chat/completions").mock(return_value=httpx.Response(502))
+    async with make_client(
+        sleeps, max_attempts=7, backoff_initial_s=1, backoff_multiplier=2, backoff_max_s=10
+    ) as client:
+        with pytest.raises(VLLMServerError):
+            await client.chat_completion("hi")
+    assert sleeps.delays == expected
+
+
+# -- error mapping -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("effect", "error_class", "status"),
+    [
+        (httpx.ReadTimeout("timed out"), VLLMTimeoutError, None),
+        (httpx.WriteTimeout("timed out"), VLLMTimeoutError, None),
+        (httpx.ConnectTimeout("timed out"), VLLMConnectionError, None),
+        (httpx.ConnectError("refused"), VLLMConnectionError, None),
+        (httpx.Response(500, text="boom"), VLLMServerError, 500),
+        (httpx.Response(429, text="later"), VLLMRateLimitedError, 429),
+        (httpx.Response(400, text="bad"), VLLMRequestError, 400),
+        (httpx.Response(401, text="no"), VLLMAuthError, 401),
+        (httpx.Response(200, text="<html>not json</html>"), VLLMResponseError, 200),
+    ],
+    ids=["read-timeout", "write-timeout", "connect-timeout", "connect", "500", "429", "400", "401", "not-json"],
+)
+async def test_errors_map_to_classes_naming_server_and_label(
+    router: respx.MockRouter, sleeps: SleepRecorder, effect: Any, error_class: type[VLLMClientError], status: int | None
+) -> None:
+    router.post("/v1/chat/completions").mock(side_effect=[effect])
+    async with make_client(sleeps, max_attempts=1) as client:
+        with pytest.raises(VLLMClientError) as info:
+            await client.chat_completion("hi", label=LABEL)
+    error = info.value
+    assert type(error) is error_class
+    assert URL in str(error)
+    assert LABEL in str(error)
+    assert error.server == URL
+    assert error.label == LABEL
+    assert error.status_code == status
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"not json at all",
+        b"[1, 2, 3]",
+        json.dumps({"id": "x"}).encode(),
+        json.dumps({"choices": []}).encode(),
+        json.dumps({"choices": "nope"}).encode(),
+    ],
+    ids=["not-json", "json-list", "no-choices", "empty-choices", "choices-not-a-list"],
+)
+async def test_malformed_200_raises_response_error_after_retries(
+    router: respx.MockRouter, sleeps: SleepRecorder, body: bytes
+) -> None:
+    route = router.post("/v1/chat/completions").mock(return_value=httpx.Response(200, content=body))
+    async with make_client(sleeps, max_attempts=3) as client:
+        with pytest.raises(VLLMResponseError) as info:
+            await client.post_chat_completion({"model": MODEL, "messages": []}, label=LABEL)
+    assert route.call_count == 3
+    assert info.value.retryable
+    assert LABEL in str(info.value)
+
+
+async def test_malformed_then_good_answer_succeeds(router: respx.MockRouter, sleeps: SleepRecorder) -> None:
+    route = router.post("/v1/chat/completions").mock(
+        side_effect=[httpx.Response(200, json={"choices": []}), httpx.Response(200, json=ok_body("fine"))]
+    )
+    async with make_client(sleeps) as client:
+        data = await client.post_chat_completion({"model": MODEL, "messages": []})
+    assert data["choices"][0]["message"]["content"] == "fine"
+    assert route.call_count == 2
+
+
+async def test_chat_completion_without_text_content_is_malformed(
+    router: respx.MockRouter, sleeps: SleepRecorder
+) -> None:
+    body = ok_body()
+    body["choices"][0]["message"]["content"] = None
+    router.post("/v1/chat/completions").mock(return_value=httpx.Response(200, json=body))
+    async with make_client(sleeps, max_attempts=2) as client:
+        with pytest.raises(VLLMResponseError):
+            await client.chat_completion("hi")
+
+
+async def test_non_retryable_unexpected_exception_is_not_wrapped(
+    router: respx.MockRouter, sleeps: SleepRecorder
+) -> None:
+    router.post("/v1/chat/completions").mock(side_effect=RuntimeError("bug in a transport"))
+    async with make_client(sleeps) as client:
+        with pytest.raises(Exception, match="bug in a transport"):
+            await client.chat_completion("hi")
+    assert sleeps.delays == []
+
+
+# -- request shape -----------------------------------------------------------------------------
+
+
+async def test_chat_body_has_images_before_text_as_png_data_urls(
+    router: respx.MockRouter, sleeps: SleepRecorder
+) -> None:
+    route = router.post("/v1/chat/completions").mock(return_value=ok())
+    second = PNG + b"second"
+    async with make_client(sleeps) as client:
+        result = await client.chat_completion(
+            "Convert this page to Markdown.",
+            [PNG, second],
+            system_prompt="You are an OCR engine.",
+            max_tokens=256,
+            temperature=0.1,
+            extra_body={"top_p": 0.9, "repetition_penalty": 1.05},
+            label=LABEL,
+        )
+    body = json.loads(route.calls.last.request.content)
+    assert body["model"] == MODEL
+    assert body["max_tokens"] == 256
+    assert body["temperature"] == 0.1
+    assert body["top_p"] == 0.9 and body["repetition_penalty"] == 1.05
+    system, user = body["messages"]
+    assert system == {"role": "system", "content": "You are an OCR engine."}
+    assert user["role"] == "user"
+    parts = user["content"]
+    assert [p["type"] for p in parts] == ["image_url", "image_url", "text"]
+    assert parts[-1]["text"] == "Convert this page to Markdown."
+    for part, png in zip(parts[:2], [PNG, second], strict=True):
+        url = part["image_url"]["url"]
+        assert url.startswith("data:image/png;base64,")
+        assert base64.b64decode(url.removeprefix("data:image/png;base64,")) == png
+    assert result == ChatResult(
+        text="# Title\n\nHello",
+        finish_reason="stop",
+        model=MODEL,
+        prompt_tokens=11,
+        completion_tokens=5,
+        latency_s=result.latency_s,
+        attempts=1,
+    )
+    assert result.latency_s >= 0
+
+
+async def test_chat_body_without_system_prompt_or_max_tokens(router: respx.MockRouter, sleeps: SleepRecorder) -> None:
+    route = router.post("/v1/chat/completions").mock(return_value=ok())
+    async with make_client(sleeps) as client:
+        await client.chat_completion("text only")
+    body = json.loads(route.calls.last.request.content)
+    assert "max_tokens" not in body
+    assert body["messages"] == [{"role": "user", "content": [{"type": "text", "text": "text only"}]}]
+
+
+async def test_post_chat_completion_sends_the_callers_body_unchanged(
+    router: respx.MockRouter, sleeps: SleepRecorder
+) -> None:
+    route = router.post("/v1/chat/completions").mock(return_value=ok())
+    body = {
+        "model": "mineru",
+        "messages": [{"role": "user", "content": "Layout Detection:"}],
+        "skip_special_tokens": False,
+    }
+    async with make_client(sleeps) as client:
+        data = await client.post_chat_completion(body, label=LABEL)
+    assert json.loads(route.calls.last.request.content) == body
+    assert data == ok_body()
+
+
+# -- secrets -----------------------------------------------------------------------------------
+
+
+async def test_authorization_header_present_with_key(router: respx.MockRouter, sleeps: SleepRecorder) -> None:
+    route = router.post("/v1/chat/completions").mock(return_value=ok())
+    models = router.get("/v1/models").mock(return_value=httpx.Response(200, json={"data": [{"id": MODEL}]}))
+    async with make_client(sleeps, api_key=KEY) as client:
+        await client.chat_completion("hi")
+        await client.list_models()
+    assert route.calls.last.request.headers["Authorization"] == f"Bearer {KEY}"
+    assert models.calls.last.request.headers["Authorization"] == f"Bearer {KEY}"
+
+
+async def test_authorization_header_absent_without_key(router: respx.MockRouter, sleeps: SleepRecorder) -> None:
+    route = router.post("/v1/chat/completions").mock(return_value=ok())
+    async with make_client(sleeps, api_key=None) as client:
+        await client.chat_completion("hi")
+    assert "Authorization" not in route.calls.last.request.headers
+
+
+async def test_empty_key_means_no_header(router: respx.MockRouter, sleeps: SleepRecorder) -> None:
+    route = router.post("/v1/chat/completions").mock(return_value=ok())
+    async with make_client(sleeps, api_key="") as client:
+        await client.chat_completion("hi")
+    assert "Authorization" not in route.calls.last.request.headers
+
+
+async def test_key_never_in_messages_repr_or_logs(
+    router: respx.MockRouter, sleeps: SleepRecorder, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The server echoes the header back, as a misconfigured proxy might: the key must still not leak.
+    router.post("/v1/chat/completions").mock(
+        side_effect=[
+            httpx.ReadTimeout("timed out"),
+            httpx.Response(503, text=f"upstream rejected Authorization: Bearer {KEY}"),
+            httpx.Response(401, text=f"invalid key {KEY}"),
+        ]
+    )
+    router.get("/health").mock(side_effect=httpx.ConnectError("refused"))
+    errors: list[BaseException] = []
+    with caplog.at_level(logging.DEBUG):
+        async with make_client(sleeps, api_key=KEY) as client:
+            text = repr(client)
+            with pytest.raises(VLLMAuthError) as info:
+                await client.chat_completion("hi", label=LABEL)
+            errors.append(info.value)
+            assert await client.health_check() is False
+    assert KEY not in text
+    assert "api_key=set" in text
+    for error in errors:
+        assert KEY not in str(error)
+        assert KEY not in repr(error)
+    assert caplog.records, "expected debug/warning records"
+    for record in caplog.records:
+        assert KEY not in record.getMessage()
+        assert KEY not in str(record.args)
+        assert KEY not in (record.exc_text or "")
+
+
+def test_repr_without_key() -> None:
+    client = VLLMClient(VLLMServerConfig(url=URL, model=MODEL))
+    assert "api_key=none" in repr(client)
+    assert URL in repr(client)
+    asyncio.run(client.aclose())
+
+
+# -- logs and metrics --------------------------------------------------------------------------
+
+
+async def test_debug_per_attempt_warning_per_retry(
+    router: respx.MockRouter, sleeps: SleepRecorder, caplog: pytest.LogCaptureFixture
+) -> None:
+    router.post("/v1/chat/completions").mock(side_effect=[httpx.Response(503), httpx.Response(503), ok()])
+    with caplog.at_level(logging.DEBUG, logger="mkg_pipeline.vllm.client"):
+        async with make_client(sleeps) as client:
+            await client.chat_completion("hi", label=LABEL)
+    records = [r for r in caplog.records if r.name == "mkg_pipeline.vllm.client"]
+    debug = [r for r in records if r.levelno == logging.DEBUG and "attempt" in r.getMessage()]
+    warnings = [r for r in records if r.levelno == logging.WARNING]
+    assert len(debug) == 3
+    assert len(warnings) == 2
+    assert all(LABEL in r.getMessage() and URL in r.getMessage() for r in warnings)
+
+
+async def test_metrics_count_retries_failures_and_durations(router: respx.MockRouter, sleeps: SleepRecorder) -> None:
+    endpoint = "/v1/chat/completions"
+    retries = "mineru_vllm_client_retries_total"
+    failures = "mineru_vllm_client_failures_total"
+    count = "mineru_vllm_request_duration_seconds_count"
+    before = {
+        "retries": sample(retries),
+        "timeout": sample(failures, {"error_type": "timeout"}),
+        "server_error": sample(failures, {"error_type": "server_error"}),
+        "client_error": sample(failures, {"error_type": "client_error"}),
+        "ok": sample(count, {"endpoint": endpoint, "outcome": "success"}),
+        "t_obs": sample(count, {"endpoint": endpoint, "outcome": "timeout"}),
+        "s_obs": sample(count, {"endpoint": endpoint, "outcome": "server_error"}),
+    }
+    router.post("/v1/chat/completions").mock(
+        side_effect=[httpx.ReadTimeout("slow"), httpx.Response(500), ok(), httpx.Response(400)]
+    )
+    async with make_client(sleeps) as client:
+        await client.chat_completion("hi")
+        with pytest.raises(VLLMRequestError):
+            await client.chat_completion("hi")
+    assert sample(retries) - before["retries"] == 2
+    assert sample(failures, {"error_type": "timeout"}) - before["timeout"] == 1
+    assert sample(failures, {"error_type": "server_error"}) - before["server_error"] == 1
+    assert sample(failures, {"error_type": "client_error"}) - before["client_error"] == 1
+    assert sample(count, {"endpoint": endpoint, "outcome": "success"}) - before["ok"] == 1
+    assert sample(count, {"endpoint": endpoint, "outcome": "timeout"}) - before["t_obs"] == 1
+    assert sample(count, {"endpoint": endpoint, "outcome": "server_error"}) - before["s_obs"] == 1
+
+
+# -- breaker integration -----------------------------------------------------------------------
+
+
+def small_breaker(threshold: int = 3) -> CircuitBreaker:
+    return CircuitBreaker(
+        URL,
+        CircuitBreakerConfig(failure_threshold=threshold, recovery_timeout_s=60, success_threshold=1),
+        clock=FakeClock(),
+    )
+
+
+async def test_open_breaker_stops_calls_without_http(router: respx.MockRouter, sleeps: SleepRecorder) -> None:
+    route = router.post("/v1/chat/completions").mock(return_value=httpx.Response(503))
+    breaker = small_breaker(threshold=3)
+    open_before = sample("mineru_vllm_client_failures_total", {"error_type": "circuit_open"})
+    async with make_client(sleeps, max_attempts=1, breaker=breaker) as client:
+        for _ in range(3):
+            with pytest.raises(VLLMServerError):
+                await client.chat_completion("hi", label=LABEL)
+        assert breaker.state is BreakerState.OPEN
+        calls = route.call_count
+        for _ in range(10):
+            with pytest.raises(CircuitOpenError) as info:
+                await client.chat_completion("hi", label=LABEL)
+        assert route.call_count == calls == 3
+    assert URL in str(info.value) and LABEL in str(info.value)
+    assert sample("mineru_vllm_client_failures_total", {"error_type": "circuit_open"}) - open_before == 10
+
+
+async def test_breaker_opening_mid_retry_stops_retrying(router: respx.MockRouter, sleeps: SleepRecorder) -> None:
+    route = router.post("/v1/chat/completions").mock(return_value=httpx.Response(502))
+    breaker = small_breaker(threshold=2)
+    async with make_client(sleeps, max_attempts=5, breaker=breaker) as client:
+        with pytest.raises(CircuitOpenError):
+            await client.chat_completion("hi", label=LABEL)
+    assert route.call_count == 2
+    # No point backing off before an attempt the open breaker will refuse at once.
+    assert len(sleeps.delays) == 2 and sleeps.delays[-1] == 0
+
+
+async def test_4xx_is_not_a_breaker_failure(router: respx.MockRouter, sleeps: SleepRecorder) -> None:
+    router.post("/v1/chat/completions").mock(return_value=httpx.Response(422, text="bad request"))
+    breaker = small_breaker(threshold=2)
+    async with make_client(sleeps, breaker=breaker) as client:
+        for _ in range(5):
+            with pytest.raises(VLLMRequestError):
+                await client.chat_completion("hi")
+    assert breaker.state is BreakerState.CLOSED
+    assert breaker.consecutive_failures == 0
+
+
+async def test_malformed_body_is_a_breaker_failure(router: respx.MockRouter, sleeps: SleepRecorder) -> None:
+    router.post("/v1/chat/completions").mock(return_value=httpx.Response(200, text="garbage"))
+    breaker = small_breaker(threshold=2)
+    async with make_client(sleeps, max_attempts=2, breaker=breaker) as client:
+        with pytest.raises(VLLMResponseError):
+            await client.post_chat_completion({"messages": []})
+    assert breaker.state is BreakerState.OPEN
+
+
+def test_clients_of_one_url_share_the_registered_breaker() -> None:
+    cfg = MinerUConfig(vllm=VLLMServerConfig(url=URL))
+    first, second = VLLMClient.from_config(cfg), VLLMClient.from_config(cfg)
+    assert first.breaker is second.breaker is breaker_for(URL)
+    assert first.breaker.config == cfg.circuit_breaker
+    for client in (first, second):
+        asyncio.run(client.aclose())
+
+
+# -- in-flight bound ---------------------------------------------------------------------------
+
+
+async def test_semaphore_bounds_concurrent_requests(router: respx.MockRouter, sleeps: SleepRecorder) -> None:
+    gate = asyncio.Event()
+    active = 0
+    peak = 0
+
+    async def slow_endpoint(request: httpx.Request) -> httpx.Response:
+        nonlocal active, peak
+        active += 1
+        peak = max(peak, active)
+        await gate.wait()
+        active -= 1
+        return ok()
+
+    router.post("/v1/chat/completions").mock(side_effect=slow_endpoint)
+    gauge_before = sample("mineru_vllm_requests_in_flight")
+    async with make_client(sleeps, max_in_flight=2) as client:
+        tasks = [asyncio.create_task(client.chat_completion("hi", label=f"page={i}")) for i in range(8)]
+        for _ in range(50):  # let every task run as far as it can
+            await asyncio.sleep(0)
+        assert active == 2
+        assert sample("mineru_vllm_requests_in_flight") - gauge_before == 2
+        gate.set()
+        results = await asyncio.gather(*tasks)
+    assert len(results) == 8
+    assert peak == 2
+    assert sample("mineru_vllm_requests_in_flight") == gauge_before
+
+
+async def test_semaphore_not_held_during_backoff(router: respx.MockRouter) -> None:
+    # max_in_flight=1: while one call sleeps before its retry, another call must get the slot.
+    backoff_started = asyncio.Event()
+    backoff_release = asyncio.Event()
+
+    async def blocking_sleep(seconds: float) -> None:
+        backoff_started.set()
+        await backoff_release.wait()
+
+    router.post("/v1/chat/completions").mock(side_effect=[httpx.Response(503), ok(), ok()])
+    async with make_client(blocking_sleep, max_in_flight=1) as client:  # type: ignore[arg-type]
+        first = asyncio.create_task(client.chat_completion("first"))
+        await backoff_started.wait()
+        second = await asyncio.wait_for(client.chat_completion("second"), timeout=5)
+        backoff_release.set()
+        assert (await first).attempts == 2
+    assert second.attempts == 1
+
+
+async def test_cancelled_request_frees_semaphore_gauge_and_probe_slot(
+    router: respx.MockRouter, sleeps: SleepRecorder
+) -> None:
+    entered = asyncio.Event()
+
+    async def hanging(request: httpx.Request) -> httpx.Response:
+        entered.set()
+        await asyncio.Event().wait()
+        return ok()  # pragma: no cover
+
+    route = router.post("/v1/chat/completions").mock(side_effect=hanging)
+    clock = FakeClock()
+    breaker = CircuitBreaker(
+        URL,
+        CircuitBreakerConfig(failure_threshold=1, recovery_timeout_s=10, success_threshold=1, half_open_max_calls=1),
+        clock=clock,
+    )
+    breaker.acquire("setup").record_failure()
+    clock.now += 10  # next acquire probes
+    gauge_before = sample("mineru_vllm_requests_in_flight")
+    async with make_client(sleeps, max_in_flight=1, breaker=breaker) as client:
+        task = asyncio.create_task(client.chat_completion("probe"))
+        await entered.wait()
+        assert breaker.probes_in_flight == 1
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert breaker.probes_in_flight == 0
+        assert sample("mineru_vllm_requests_in_flight") == gauge_before
+        route.mock(side_effect=None, return_value=ok())
+        result = await asyncio.wait_for(client.chat_completion("after"), timeout=5)  # semaphore slot is free
+    assert result.attempts == 1
+    assert breaker.state is BreakerState.CLOSED
+
+
+def test_client_built_outside_a_loop_binds_its_semaphore_in_the_running_loop(sleeps: SleepRecorder) -> None:
+    # Resources may build the client before asyncio.run starts the step's loop.
+    with respx.mock(base_url=URL) as mock:
+        mock.get("/v1/models").mock(return_value=httpx.Response(200, json={"data": [{"id": "a"}, {"id": "b"}]}))
+        client = make_client(sleeps, max_in_flight=1)
+
+        async def step() -> list[list[str]]:
+            async with client:
+                return list(await asyncio.gather(client.list_models(), client.list_models()))
+
+        assert asyncio.run(step()) == [["a", "b"], ["a", "b"]]
+
+
+# -- other endpoints ---------------------------------------------------------------------------
+
+
+async def test_list_models(router: respx.MockRouter, sleeps: SleepRecorder) -> None:
+    route = router.get("/v1/models").mock(
+        side_effect=[httpx.Response(503), httpx.Response(200, json={"object": "list", "data": [{"id": MODEL}]})]
+    )
+    async with make_client(sleeps) as client:
+        assert await client.list_models() == [MODEL]
+    assert route.call_count == 2
+
+
+async def test_list_models_malformed(router: respx.MockRouter, sleeps: SleepRecorder) -> None:
+    router.get("/v1/models").mock(return_value=httpx.Response(200, json={"data": "x"}))
+    async with make_client(sleeps, max_attempts=1) as client:
+        with pytest.raises(VLLMResponseError):
+            await client.list_models()
+
+
+@pytest.mark.parametrize(
+    ("effect", "healthy"),
+    [
+        (httpx.Response(200), True),
+        (httpx.Response(503), False),
+        (httpx.Response(404), False),
+        (httpx.ConnectError("refused"), False),
+        (httpx.ReadTimeout("slow"), False),
+    ],
+    ids=["200", "503", "404", "connect-error", "timeout"],
+)
+async def test_health_check(router: respx.MockRouter, sleeps: SleepRecorder, effect: Any, healthy: bool) -> None:
+    route = router.get("/health").mock(side_effect=[effect])
+    async with make_client(sleeps) as client:
+        assert await client.health_check() is healthy
+    assert route.call_count == 1  # no retries
+    assert sleeps.delays == []
+
+
+async def test_health_check_bypasses_an_open_breaker(router: respx.MockRouter, sleeps: SleepRecorder) -> None:
+    route = router.get("/health").mock(return_value=httpx.Response(200))
+    breaker = small_breaker(threshold=1)
+    breaker.acquire("t").record_failure()
+    async with make_client(sleeps, breaker=breaker) as client:
+        assert await client.health_check() is True
+    assert route.call_count == 1
+    assert breaker.state is BreakerState.OPEN
+
+
+async def test_fetch_server_metrics(router: respx.MockRouter, sleeps: SleepRecorder) -> None:
+    text = "# HELP vllm:num_requests_waiting x\nvllm:num_requests_waiting 3.0\n"
+    router.get("/metrics").mock(side_effect=[httpx.Response(200, text=text), httpx.Response(500)])
+    async with make_client(sleeps) as client:
+        assert await client.fetch_server_metrics() == text
+        with pytest.raises(VLLMServerError):
+            await client.fetch_server_metrics()
+
+
+# -- construction ------------------------------------------------------------------------------
+
+
+def test_from_config_uses_pool_and_timeouts_from_config() -> None:
+    cfg = MinerUConfig(
+        vllm=VLLMServerConfig(url=URL + "/", model="m", connection_timeout_s=3, max_in_flight=4),
+        http_client=HTTPClientConfig(pool_size=7, keepalive=2, timeout_s=120),
+    )
+    client = VLLMClient.from_config(cfg)
+    try:
+        assert client.server_url == URL
+        assert client.model == "m"
+        timeout = client._http.timeout  # the pool itself is httpx's; its settings are ours
+        assert (timeout.connect, timeout.read, timeout.write) == (3, 120, 120)
+        pool = client._http._transport._pool  # type: ignore[attr-defined]
+        assert pool._max_connections == 7
+        assert pool._max_keepalive_connections == 2
+    finally:
+        asyncio.run(client.aclose())
