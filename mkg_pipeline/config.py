@@ -26,6 +26,9 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 ENV_PREFIX = "MKG_"
 ENV_NESTED_DELIMITER = "__"
 CONFIG_FILE_ENV = "MKG_CONFIG_FILE"
+# MKG_* variables that are not configuration fields (read by other parts of the project).
+NON_CONFIG_ENV = frozenset({CONFIG_FILE_ENV, "MKG_PUSHGATEWAY_URL", "MKG_CORPUS_DIR"})
+_SECRET_MARKERS = ("key", "secret", "password", "token")
 DEFAULT_CONFIG_FILE = Path(__file__).resolve().parent.parent / "config" / "mineru.yaml"
 
 EngineName = Literal["mineru", "page_markdown"]
@@ -49,7 +52,7 @@ class VLLMServerConfig(_Section):
     health_check_interval_s: float = Field(30.0, ge=1, le=3600, description="Seconds between health probes.")
     connection_timeout_s: float = Field(10.0, ge=0.1, le=300, description="TCP connect timeout in seconds.")
     max_in_flight: int = Field(
-        16, ge=1, le=1024, description="Requests one process may have outstanding at once (semaphore)."
+        10, ge=1, le=1024, description="Requests one process may have outstanding at once (semaphore)."
     )
 
     @field_validator("url")
@@ -177,13 +180,24 @@ def _field_bounds(model: type[BaseModel], path: tuple[str | int, ...]) -> str:
     return " and ".join(bounds)
 
 
+def _shown_value(loc: tuple[str | int, ...], value: Any) -> str:
+    """The offending value for an error message, never a secret.
+
+    A whole mapping is reported by its keys only: under a misspelt section it may hold an API key.
+    """
+    if any(marker in str(part).lower() for part in loc for marker in _SECRET_MARKERS):
+        return "<secret>"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: ..." for k in value) + "}"
+    return repr(value)
+
+
 def _format_validation_error(error: ValidationError, sources: dict[str, str]) -> str:
     lines = []
     for item in error.errors():
         loc = tuple(item["loc"])
         dotted = ".".join(str(p) for p in loc)
-        value = item.get("input")
-        shown = "<secret>" if any("key" in str(p) for p in loc) else repr(value)
+        shown = _shown_value(loc, item.get("input"))
         bounds = _field_bounds(MinerUConfig, loc)
         allowed = f"; allowed: {bounds}" if bounds else ""
         source = sources.get(dotted, "")
@@ -197,7 +211,7 @@ def _env_overrides(environ: dict[str, str]) -> tuple[dict[str, Any], dict[str, s
     overrides: dict[str, Any] = {}
     sources: dict[str, str] = {}
     for name, raw in environ.items():
-        if not name.startswith(ENV_PREFIX) or name == CONFIG_FILE_ENV:
+        if not name.startswith(ENV_PREFIX) or name in NON_CONFIG_ENV:
             continue
         parts = name[len(ENV_PREFIX) :].lower().split(ENV_NESTED_DELIMITER)
         if not all(parts):
