@@ -1,0 +1,174 @@
+"""Render PDF pages to PNG one at a time, with the text layer of each page.
+
+:func:`iter_rendered_pages` is a generator: it yields one page, and the caller
+uploads and drops it before the next one is drawn, so memory stays at one page
+image whatever the length of the document (a 2000-page book is fine on a 4 GiB
+pod). One page that cannot be loaded or drawn yields a :class:`PageFailure`
+and the document carries on.
+
+Images are what a human sees: the page's /Rotate is applied (``page.rect`` is
+the rotated page, and MuPDF draws through the page's rotation matrix), RGB
+without alpha (a VLM has no use for transparency, and PNGs are smaller).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Final
+
+import pymupdf
+
+from mkg_pipeline.pdf.validate import open_pdf
+
+log = logging.getLogger(__name__)
+
+#: a page's shorter side gets at least this many pixels: degenerate pages (the corpus has 3.84 pt ones)
+#: would otherwise become 1-2 px images, or an empty pixmap that MuPDF refuses to encode
+MIN_SIDE_PX: Final = 16
+
+#: PageFailure.reason codes
+LOAD_FAILED: Final = "load_failed"
+EMPTY_PAGE: Final = "empty_page"
+RENDER_FAILED: Final = "render_failed"
+
+
+@dataclass(frozen=True)
+class RenderedPage:
+    """One page as an image plus its embedded text layer."""
+
+    number: int  # 1-based
+    png: bytes
+    width_px: int
+    height_px: int
+    dpi: float  # effective: lowered for huge pages (max_render_pixels), raised for degenerate ones
+    width_pt: float  # as displayed, i.e. after /Rotate
+    height_pt: float
+    rotation: int  # the page's /Rotate in degrees (0, 90, 180, 270)
+    text_layer: str  # PyMuPDF get_text(); empty for scans
+    png_sha256: str
+
+    def __repr__(self) -> str:  # never dump megabytes of PNG into a log line
+        return (
+            f"RenderedPage(number={self.number}, {self.width_px}x{self.height_px}px @ {self.dpi} dpi, "
+            f"png={len(self.png)} bytes, text_layer={len(self.text_layer)} chars)"
+        )
+
+
+@dataclass(frozen=True)
+class PageFailure:
+    """A page that could not be rendered; the rest of the document still is."""
+
+    number: int  # 1-based
+    reason: str  # load_failed | empty_page | render_failed
+    error: str  # exception type and message, for the page manifest and logs
+
+
+def effective_dpi(width_pt: float, height_pt: float, dpi: float, max_render_pixels: int) -> float:
+    """The DPI a ``width_pt`` x ``height_pt`` page is rendered at, given the requested ``dpi``.
+
+    Raised so the shorter side gets at least :data:`MIN_SIDE_PX` pixels, then lowered (this wins) so that
+    the image, as MuPDF rounds it (outwards, to whole pixels), holds at most ``max_render_pixels``.
+    Rounded to 0.01 DPI so the value stored in manifests is the one actually used.
+    """
+    if width_pt <= 0 or height_pt <= 0:
+        raise ValueError(f"page size must be positive, got {width_pt} x {height_pt} pt")
+    chosen = float(dpi)
+    shorter = min(width_pt, height_pt)
+    if shorter * chosen / 72 < MIN_SIDE_PX:
+        chosen = math.ceil(MIN_SIDE_PX * 72 / shorter * 100) / 100
+
+    def pixels(d: float) -> int:
+        # MuPDF's own rounding of the transformed page rect (outwards, with a small tolerance): exact sizes.
+        box = (pymupdf.Rect(0, 0, width_pt, height_pt) * pymupdf.Matrix(d / 72, d / 72)).irect
+        return box.width * box.height
+
+    if pixels(chosen) > max_render_pixels:
+        chosen = math.floor(72 * math.sqrt(max_render_pixels / (width_pt * height_pt)) * 100) / 100
+        # Outward rounding can add a row and a column: step down until the rounded image fits.
+        while chosen > 0.01 and pixels(chosen) > max_render_pixels:
+            chosen = math.floor(chosen * 0.995 * 100) / 100
+    return max(chosen, 0.01)
+
+
+def _render_png(page: pymupdf.Page, dpi: float) -> tuple[bytes, int, int]:
+    zoom = dpi / 72
+    pix = page.get_pixmap(matrix=pymupdf.Matrix(zoom, zoom), colorspace=pymupdf.csRGB, alpha=False)
+    try:
+        return pix.tobytes("png"), pix.width, pix.height
+    finally:
+        # Free the raw samples (up to max_render_pixels x 3 bytes) now, not when the GC gets to it.
+        del pix
+
+
+def _error_text(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _render_one(
+    doc: pymupdf.Document, number: int, source: str, dpi: float, max_render_pixels: int
+) -> RenderedPage | PageFailure:
+    try:
+        page = doc.load_page(number - 1)
+        rect = page.rect
+        rotation = int(page.rotation)
+    except Exception as exc:
+        log.warning("%s page %d: cannot be loaded: %s", source, number, exc)
+        return PageFailure(number, LOAD_FAILED, _error_text(exc))
+    if rect.width <= 0 or rect.height <= 0:
+        return PageFailure(number, EMPTY_PAGE, f"page area is empty ({rect.width} x {rect.height} pt)")
+    used_dpi = effective_dpi(rect.width, rect.height, dpi, max_render_pixels)
+    try:
+        png, width_px, height_px = _render_png(page, used_dpi)
+    except Exception as exc:
+        log.warning("%s page %d: rendering at %s dpi failed: %s", source, number, used_dpi, exc)
+        return PageFailure(number, RENDER_FAILED, _error_text(exc))
+    try:
+        text = page.get_text("text")
+    except Exception as exc:  # the image is the product; a broken text layer only loses the cross-check
+        log.warning("%s page %d: text layer unreadable, keeping the image only: %s", source, number, exc)
+        text = ""
+    return RenderedPage(
+        number=number,
+        png=png,
+        width_px=width_px,
+        height_px=height_px,
+        dpi=used_dpi,
+        width_pt=float(rect.width),
+        height_pt=float(rect.height),
+        rotation=rotation,
+        text_layer=text,
+        png_sha256=hashlib.sha256(png).hexdigest(),
+    )
+
+
+def iter_rendered_pages(
+    data: bytes,
+    source: str,
+    dpi: int,
+    max_render_pixels: int,
+    page_numbers: Iterable[int] | None = None,
+) -> Iterator[RenderedPage | PageFailure]:
+    """Yield each page of the PDF in ``data`` (or only ``page_numbers``, 1-based) as it is rendered.
+
+    Raises :class:`~mkg_pipeline.pdf.validate.PDFRejected` if the document itself cannot be opened
+    (not a PDF, encrypted) and ``ValueError`` for page numbers outside the document. The document is
+    closed when the generator is exhausted or closed early.
+    """
+    if dpi <= 0:
+        raise ValueError(f"dpi must be positive, got {dpi}")
+    if max_render_pixels <= 0:
+        raise ValueError(f"max_render_pixels must be positive, got {max_render_pixels}")
+    with open_pdf(data, source) as doc:
+        count = doc.page_count
+        numbers = range(1, count + 1) if page_numbers is None else list(page_numbers)
+        outside = [n for n in numbers if not 1 <= n <= count]
+        if outside:
+            raise ValueError(f"{source}: page number(s) {outside[:10]} outside 1..{count}")
+        for number in numbers:
+            # Only the current page is referenced here; the caller owns the yielded bytes.
+            yield _render_one(doc, number, source, dpi, max_render_pixels)
