@@ -47,7 +47,7 @@ def incoming_pdfs_sensor(context: dg.SensorEvaluationContext, s3: S3StorageResou
     run_requests = []
     for objects in plan.batches:
         batch_id = new_batch_id(objects)
-        write_batch_manifest(storage, batch_id, objects, origin=f"sensor {context.sensor_name}")
+        write_batch_manifest(storage, batch_id, objects, origin="incoming_pdfs_sensor")
         batch_ids.append(batch_id)
         run_requests.append(
             dg.RunRequest(

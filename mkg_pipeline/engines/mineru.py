@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextvars
 import io
+import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -101,8 +102,13 @@ class MinerUEngine:
     name = ENGINE_NAME
 
     def __init__(self, client: VLLMClient, prompt_version: str, max_concurrency: int = 16) -> None:
+        from loguru import logger as loguru_logger
         from mineru_vl_utils import MinerUClient
 
+        if not os.environ.get("MINERU_VL_DEBUG_ENABLE"):
+            # MinerU logs every raw layout answer at DEBUG through loguru's stderr sink: in a Dagster
+            # step that is megabytes of compute log per batch. Its own switch turns it back on.
+            loguru_logger.disable("mineru_vl_utils")
         self._client = client
         self._prompt_version = prompt_version
         self._mineru = MinerUClient(
