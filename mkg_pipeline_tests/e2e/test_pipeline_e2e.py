@@ -81,7 +81,8 @@ def test_server_stopped_mid_run_loses_nothing(pipeline_env: PipelineEnv, start_l
     monkeypatch.setenv("MKG_VLLM__URL", server.url)
     monkeypatch.setenv("MKG_VLLM__API_KEY", server.api_key or "")
     monkeypatch.setenv("MKG_VLLM__MAX_IN_FLIGHT", "1")  # pages one after another, so the stop lands mid-document
-    monkeypatch.setenv("MKG_CIRCUIT_BREAKER__RECOVERY_TIMEOUT_S", "3600")
+    # The breaker is per process and outlives the run, as in a long-lived worker: keep its probe delay short.
+    monkeypatch.setenv("MKG_CIRCUIT_BREAKER__RECOVERY_TIMEOUT_S", "1")
     pipeline_env.upload("pdflatex-4-pages.pdf")
     batch = pipeline_env.tick().run_requests[0].partition_key
     storage = pipeline_env.storage
@@ -112,7 +113,7 @@ def test_server_stopped_mid_run_loses_nothing(pipeline_env: PipelineEnv, start_l
     assert all(f["reason"] in {"connect", "circuit_open", "timeout", "server_error"} for f in status["failed_pages"])
 
     server.start()  # back on the same port, fresh metrics
-    monkeypatch.setenv("MKG_CIRCUIT_BREAKER__RECOVERY_TIMEOUT_S", "60")
+    time.sleep(1.2)  # past the breaker's recovery timeout: the retry run's first page is its probe
     before = server.read_metric("vllm:request_success_total")
     retry = pipeline_env.materialize(batch)
     assert retry.success
