@@ -160,6 +160,8 @@ def run(args: argparse.Namespace) -> int:
                 instance=instance,
                 resources={"s3": s3, "vllm": VLLMResource()},
                 tags={**request.tags, "dagster/sensor_name": "incoming_pdfs_sensor"},
+                # progress per document and page is INFO; Dagster's step bookkeeping is DEBUG
+                run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}},
                 raise_on_error=False,
             )
             ok = ok and outcome.success
