@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-def _populate(client, bucket: str, prefix: str, n: int) -> None:  # noqa: ANN001 - boto3 client
+def _populate(client, bucket: str, prefix: str, n: int) -> None:
     def put(i: int) -> None:
         client.put_object(Bucket=bucket, Key=f"{prefix}{i:07d}.pdf", Body=b"%PDF-1.4 stub")
 
@@ -82,7 +82,10 @@ def main() -> None:
             }
         )
         client = boto3.client(
-            "s3", endpoint_url=s3.url, aws_access_key_id="testing", aws_secret_access_key="testing",
+            "s3",
+            endpoint_url=s3.url,
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
             region_name="us-east-1",
         )
         for bucket in ("bench-empty", "bench-processed", "bench-backlog"):

@@ -58,8 +58,13 @@ def evaluate_page_accounting(summary: VLMSummary) -> list[dg.AssetCheckResult]:
     return [
         dg.AssetCheckResult(
             check_name=PAGES_ACCOUNTED_FOR,
-            passed=accounted == expected,
-            metadata={"pages_expected": expected, "pages_accounted": accounted, "pages_failed": failed},
+            passed=accounted == expected and not summary.unrendered,
+            metadata={
+                "pages_expected": expected,
+                "pages_accounted": accounted,
+                "pages_failed": failed,
+                "documents_without_pages": dg.MetadataValue.json(summary.unrendered),
+            },
         ),
         dg.AssetCheckResult(
             check_name=NO_FAILED_PAGES,
@@ -70,9 +75,7 @@ def evaluate_page_accounting(summary: VLMSummary) -> list[dg.AssetCheckResult]:
     ]
 
 
-def evaluate_quality(
-    report: QualityReport, min_baseline: float, min_text_layer: float
-) -> list[dg.AssetCheckResult]:
+def evaluate_quality(report: QualityReport, min_baseline: float, min_text_layer: float) -> list[dg.AssetCheckResult]:
     baseline = report.mean_baseline_similarity
     text_layer = report.mean_text_layer_similarity
     return [

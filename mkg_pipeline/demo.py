@@ -14,6 +14,7 @@ results, copies the outputs to ``.demo/outputs/`` and stops what it started.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import secrets
@@ -39,9 +40,13 @@ log = logging.getLogger("mkg_pipeline.demo")
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="mkg-demo", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="mkg-demo", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     parser.add_argument("--all", action="store_true", help="run every PDF of the shared corpus")
-    parser.add_argument("--files", nargs="+", metavar="NAME", help="corpus file names to run instead of the default set")
+    parser.add_argument(
+        "--files", nargs="+", metavar="NAME", help="corpus file names to run instead of the default set"
+    )
     parser.add_argument("--corpus", type=Path, default=Path(os.environ.get("MKG_CORPUS_DIR", DEFAULT_CORPUS)))
     parser.add_argument("--workdir", type=Path, default=REPO_ROOT / ".demo", help="instance, logs and outputs")
     parser.add_argument("--engine", choices=["page_markdown", "mineru"], default="page_markdown")
@@ -130,10 +135,9 @@ def run(args: argparse.Namespace) -> int:
                 "DAGSTER_HOME": str(_fresh_instance_dir(workdir)),
             }
         )
-        from mkg_pipeline.assets import ingest_batches, pipeline_assets
-        from mkg_pipeline.definitions import defs
+        from mkg_pipeline.assets import pipeline_assets
+        from mkg_pipeline.batch_cli import run_sensor_tick
         from mkg_pipeline.resources import S3StorageResource, VLLMResource
-        from mkg_pipeline.sensors import incoming_pdfs_sensor
 
         s3 = S3StorageResource()
         storage = s3.storage()
@@ -143,10 +147,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"uploaded {len(files)} file(s) to {storage.uri(storage.incoming_prefix)}")
 
         instance = dg.DagsterInstance.get()
-        with dg.build_sensor_context(instance=instance, resources={"s3": s3}, definitions=defs) as context:
-            result = incoming_pdfs_sensor(context)
-        for request in result.dynamic_partitions_requests or []:
-            instance.add_dynamic_partitions(ingest_batches.name, list(request.partition_keys))
+        result = run_sensor_tick(instance)
         print(f"sensor tick: {len(result.run_requests or [])} batch(es) requested")
 
         requests_before = _server_requests(vlm_server.url)
@@ -174,7 +175,9 @@ def run(args: argparse.Namespace) -> int:
             f"\n{pages_done} page(s) in {wall:.1f}s ({pages_done / wall if wall else 0:.2f} pages/s end to end), "
             f"{requests_made:.0f} chat-completion request(s) to the VLM server"
         )
-        print(f"outputs copied to {workdir / 'outputs'} ({exported} files: vlm/<doc_id>/document.md, rejected/, quality/)")
+        print(
+            f"outputs copied to {workdir / 'outputs'} ({exported} files: vlm/<doc_id>/document.md, rejected/, quality/)"
+        )
         home = os.environ["DAGSTER_HOME"]
         print(
             "Dagster UI on these runs (history, metadata, previews, checks):\n"
@@ -220,10 +223,8 @@ def _serve_ui(port: int) -> None:
     if not Path(argv[0]).exists():
         argv[0] = "dagster-webserver"
     print(f"serving the Dagster UI on http://127.0.0.1:{port} — Ctrl-C to stop everything")
-    try:
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C ends the UI; `finally` then stops the servers
         subprocess.run(argv, check=False)
-    except KeyboardInterrupt:
-        pass
 
 
 def main(argv: list[str] | None = None) -> int:

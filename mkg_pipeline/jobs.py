@@ -59,7 +59,11 @@ def promote_baseline(
             for key, r in manifest.get("results", {}).items()
             if r.get("status") == "accepted"
         }
-        doc_ids = list(dict.fromkeys(by_source.values())) if not sources else [by_source[s] for s in sources if s in by_source]
+        doc_ids = (
+            list(dict.fromkeys(by_source.values()))
+            if not sources
+            else [by_source[s] for s in sources if s in by_source]
+        )
         if not doc_ids:
             raise dg.Failure(
                 description=f"batch {config.batch_id} holds none of {sources}; it holds {sorted(by_source)}"

@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from mkg_pipeline.engines.base import Block, PageResult, engine_identity, blocks_to_markdown
+from mkg_pipeline.engines.base import Block, PageResult, blocks_to_markdown, engine_identity
 from mkg_pipeline.vllm.errors import VLLMResponseError
 
 if TYPE_CHECKING:

@@ -58,7 +58,7 @@ def read_batch_manifest(storage: Storage, batch_id: str) -> dict[str, Any]:
     except FileNotFoundError:
         raise FileNotFoundError(
             f"batch {batch_id!r} has no manifest at {storage.uri(storage.batch_key(batch_id))}; "
-            "batches are created by the incoming_pdfs_sensor or `python -m mkg_pipeline.batches_cli`"
+            "batches are created by the incoming_pdfs_sensor (daemon) or `python -m mkg_pipeline.batch_cli`"
         ) from None
 
 

@@ -105,7 +105,10 @@ class QualityReport:
                 f"{fmt(p.text_layer_similarity)} | {_cell(p.output_snippet)} | {_cell(p.reference_snippet)} |"
             )
         if self.missing_outputs:
-            lines += ["", f"{self.missing_outputs} page(s) have no output yet (failed or pending) and were not compared."]
+            lines += [
+                "",
+                f"{self.missing_outputs} page(s) have no output yet (failed or pending) and were not compared.",
+            ]
         return "\n".join(lines)
 
 
@@ -122,7 +125,11 @@ def compare_documents(
 ) -> QualityReport:
     report = QualityReport(batch_id=batch_id, baseline_set=baseline_set, engine=identity)
     for doc_id in doc_ids:
-        manifest = read_page_manifest(storage, doc_id)
+        try:
+            manifest = read_page_manifest(storage, doc_id)
+        except FileNotFoundError as exc:  # reported by vlm_outputs' accounting check; nothing to compare here
+            log.warning("%s", exc)
+            continue
         baseline_keys = {o.key for o in storage.list_objects(storage.baseline_key(baseline_set, doc_id, "pages/"))}
         for page in manifest["pages"]:
             n = page["page"]
@@ -130,7 +137,9 @@ def compare_documents(
             try:
                 output = storage.get_json(result_key)["markdown"]
             except FileNotFoundError:
-                report.pages.append(PageDiff(doc_id, manifest.get("source", ""), n, "missing_output", None, None, "", ""))
+                report.pages.append(
+                    PageDiff(doc_id, manifest.get("source", ""), n, "missing_output", None, None, "", "")
+                )
                 continue
             baseline_key = baseline_page_key(storage, baseline_set, doc_id, n)
             baseline = storage.get_bytes(baseline_key).decode() if baseline_key in baseline_keys else None

@@ -71,6 +71,8 @@ class VLMSummary:
     documents: list[DocumentStatus] = field(default_factory=list)
     wall_s: float = 0.0
     previews: dict[str, str] = field(default_factory=dict)
+    #: documents of the batch with no page manifest (rendering failed): nothing could be sent for them
+    unrendered: list[str] = field(default_factory=list)
 
     def count(self, status: str) -> int:
         return sum(1 for o in self.outcomes if o.status == status)
@@ -123,7 +125,13 @@ async def process_documents(
 ) -> VLMSummary:
     started = time.monotonic()
     summary = VLMSummary(engine=engine.identity, model=model, server_url=server_url)
-    manifests = {d: await asyncio.to_thread(read_page_manifest, storage, d) for d in doc_ids}
+    manifests: dict[str, dict[str, Any]] = {}
+    for doc_id in doc_ids:
+        try:
+            manifests[doc_id] = await asyncio.to_thread(read_page_manifest, storage, doc_id)
+        except FileNotFoundError as exc:  # one unrendered document must not stop the batch
+            summary.unrendered.append(doc_id)
+            progress(f"{doc_id}: SKIPPED, {exc}")
 
     jobs: list[_PageJob] = []
     cached: list[PageOutcome] = []
@@ -140,8 +148,7 @@ async def process_documents(
                 jobs.append(_PageJob(doc_id, page["page"], page["png_key"], key, result_key))
         if doc_cached:
             progress(f"{doc_id} ({manifest.get('source', '')}): {doc_cached}/{len(manifest['pages'])} pages cached")
-    for outcome in cached:
-        PAGES_CACHED.labels(engine=engine.name).inc()
+    PAGES_CACHED.labels(engine=engine.name).inc(len(cached))
     summary.outcomes.extend(cached)
 
     totals = {d: len(m["pages"]) for d, m in manifests.items()}

@@ -38,19 +38,22 @@ class PipelineEnv:
 
     def tick(self) -> dg.SensorResult:
         """One evaluation of the real sensor against this instance, carrying the cursor like the daemon."""
-        from mkg_pipeline.assets import ingest_batches
-        from mkg_pipeline.definitions import defs
-        from mkg_pipeline.resources import S3StorageResource
-        from mkg_pipeline.sensors import incoming_pdfs_sensor
+        from mkg_pipeline.batch_cli import run_sensor_tick
 
-        with dg.build_sensor_context(
-            instance=self.instance, cursor=self.cursor, resources={"s3": S3StorageResource()}, definitions=defs
-        ) as context:
-            result = incoming_pdfs_sensor(context)
+        result = run_sensor_tick(self.instance, self.cursor)
         self.cursor = result.cursor
-        for request in result.dynamic_partitions_requests or []:
-            self.instance.add_dynamic_partitions(ingest_batches.name, list(request.partition_keys))
         return result
+
+    def batch_cli(self) -> subprocess.CompletedProcess[str]:
+        """`python -m mkg_pipeline.batch_cli`: one sensor tick from the shell, as CI creates a batch."""
+        return subprocess.run(
+            [sys.executable, "-m", "mkg_pipeline.batch_cli"],
+            cwd=REPO_ROOT,
+            env={**os.environ, **self.env},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
 
     def materialize_cli(
         self, partition: str, select: str = ALL_ASSETS, extra_env: dict[str, str] | None = None

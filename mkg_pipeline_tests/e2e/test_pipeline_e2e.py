@@ -15,15 +15,16 @@ GOOD = ["minimal-document.pdf", "blank-page.pdf"]
 BAD = {"bad-not-a-pdf.pdf": "not_a_pdf", "bad-encrypted-password.pdf": "encrypted"}
 
 
-def _requests(server) -> float:  # noqa: ANN001 - fixture object
+def _requests(server) -> float:
     return server.read_metric("vllm:request_success_total")
 
 
 def test_cli_materialize_good_and_bad_batch(pipeline_env: PipelineEnv, local_vlm_server, corpus) -> None:
     pipeline_env.upload(*GOOD, *BAD)
-    result = pipeline_env.tick()
-    assert len(result.run_requests) == 1
-    batch = result.run_requests[0].partition_key
+    created = pipeline_env.batch_cli()  # the CI path: shell out for the batch, then the Dagster CLI
+    assert created.returncode == 0, created.stderr[-3000:]
+    (batch,) = created.stdout.split()
+    assert pipeline_env.batch_cli().returncode == 1  # the cursor remembers: no second batch of the same files
 
     process = pipeline_env.materialize_cli(batch)
     assert process.returncode == 0, process.stdout[-4000:] + process.stderr[-4000:]

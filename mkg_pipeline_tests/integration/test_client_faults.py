@@ -28,7 +28,7 @@ def _blank_png() -> bytes:
     return buffer.getvalue()
 
 
-def _client(server, breaker: CircuitBreaker, attempts: int = 1) -> VLLMClient:  # noqa: ANN001
+def _client(server, breaker: CircuitBreaker, attempts: int = 1) -> VLLMClient:
     return VLLMClient(
         VLLMServerConfig(url=server.url, model=server.model, api_key=server.api_key, connection_timeout_s=2),
         HTTPClientConfig(max_attempts=attempts, backoff_initial_s=0, backoff_max_s=0.05, timeout_s=30),

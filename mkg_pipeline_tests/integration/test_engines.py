@@ -18,7 +18,7 @@ pytestmark = pytest.mark.integration
 ENGINES = ["page_markdown", "mineru"]
 
 
-def _client(server) -> VLLMClient:  # noqa: ANN001 - fixture object
+def _client(server) -> VLLMClient:
     return VLLMClient(VLLMServerConfig(url=server.url, model=server.model, api_key=server.api_key))
 
 
