@@ -32,12 +32,12 @@ promtool:
 demo: $(STAMP)
 	$(PY) -m mkg_pipeline.demo $(DEMO_ARGS)
 
-test: $(STAMP) promtool
+test: $(STAMP) promtool lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check mkg_pipeline mkg_pipeline_tests benchmarks
-	$(VENV)/bin/ruff format --check mkg_pipeline mkg_pipeline_tests benchmarks
+	$(VENV)/bin/ruff check --quiet mkg_pipeline mkg_pipeline_tests benchmarks
+	$(VENV)/bin/ruff format --check --quiet mkg_pipeline mkg_pipeline_tests benchmarks
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache .ruff_cache
