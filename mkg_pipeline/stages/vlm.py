@@ -45,6 +45,8 @@ class PageOutcome:
     requests: int = 0
     reason: str | None = None
     message: str | None = None
+    #: the stored result of a page computed in this run, so assembly need not download it again
+    record: dict[str, Any] | None = None
 
 
 @dataclass
@@ -222,7 +224,9 @@ async def _process_page(storage: Storage, engine: PageEngine, job: _PageJob, *, 
     # Written only after the whole answer is in hand: an interrupted page leaves no result that looks finished.
     await asyncio.to_thread(storage.put_json, job.result_key, record)
     PAGES_PROCESSED.labels(engine=engine.name).inc()
-    return PageOutcome(job.doc_id, job.page, "done", job.cache_key, latency_s=latency, requests=result.requests)
+    return PageOutcome(
+        job.doc_id, job.page, "done", job.cache_key, latency_s=latency, requests=result.requests, record=record
+    )
 
 
 def _assemble_document(
@@ -240,7 +244,7 @@ def _assemble_document(
         n = page["page"]
         outcome = by_page.get(n)
         if outcome is not None and outcome.status in {"done", "cached"}:
-            record = storage.get_json(storage.vlm_page_key(doc_id, n, outcome.cache_key or ""))
+            record = outcome.record or storage.get_json(storage.vlm_page_key(doc_id, n, outcome.cache_key or ""))
             md_parts.append(f"<!-- page {n} -->\n\n{record['markdown']}".rstrip())
             content.extend(record.get("blocks", []))
             done += 1
