@@ -52,7 +52,16 @@ class VLLMServerConfig(_Section):
     health_check_interval_s: float = Field(30.0, ge=1, le=3600, description="Seconds between health probes.")
     connection_timeout_s: float = Field(10.0, ge=0.1, le=300, description="TCP connect timeout in seconds.")
     max_in_flight: int = Field(
-        10, ge=1, le=1024, description="Requests one process may have outstanding at once (semaphore)."
+        256,
+        ge=1,
+        le=4096,
+        description="Hard ceiling on requests one process has outstanding; the adaptive limiter stays below it.",
+    )
+    min_in_flight: int = Field(
+        2, ge=1, le=1024, description="Floor of the adaptive limiter: it never backs off below this many requests."
+    )
+    adaptive: bool = Field(
+        True, description="Find the server's capacity by itself (true) or always allow max_in_flight (false)."
     )
 
     @field_validator("url")
@@ -81,6 +90,12 @@ class HTTPClientConfig(_Section):
     retry_after_max_s: float = Field(
         60.0, ge=0, le=3600, description="Longest server-requested Retry-After honoured on 429, seconds."
     )
+    max_response_bytes: int = Field(
+        32 * 1024 * 1024,
+        ge=64 * 1024,
+        le=1024**3,
+        description="Largest answer body read from the server when the request sets no max_tokens, bytes.",
+    )
 
 
 class CircuitBreakerConfig(_Section):
@@ -100,7 +115,18 @@ class WorkersConfig(_Section):
     cpu: float = Field(2.0, gt=0, le=64, description="CPU request per worker (cores).")
     memory_gib: float = Field(4.0, gt=0, le=512, description="Memory request per worker (GiB).")
     batch_size: int = Field(50, ge=1, le=10000, description="Documents per ingestion batch (sensor).")
-    timeout_s: float = Field(3600.0, ge=10, le=86400, description="Wall-clock limit of one document, seconds.")
+    timeout_s: float = Field(
+        600.0,
+        ge=1,
+        le=86400,
+        description="Wall-clock limit of one document's validation, and of its rendering, seconds.",
+    )
+    render_processes: int = Field(
+        0, ge=0, le=256, description="Processes rendering pages; 0 means one per CPU available to the pod."
+    )
+    lease_ttl_s: float = Field(
+        300.0, ge=1, le=86400, description="How long a run's claim on a batch lasts without being renewed, seconds."
+    )
 
 
 class PDFConfig(_Section):
@@ -136,9 +162,27 @@ class QualityConfig(_Section):
     min_text_layer_similarity: float = Field(
         0.80, ge=0, le=1, description="Mean similarity vs the PDF text layer, where one exists."
     )
+    max_failed_page_rate: float = Field(
+        0.004,
+        ge=0,
+        le=1,
+        description="Share of a batch's pages that may fail before the run fails (olmOCR's 0.4 %).",
+    )
     golden_set: list[str] = Field(
         default_factory=lambda: ["pdflatex-4-pages.pdf", "minimal-document.pdf"],
         description="Source names of the documents the daily baseline job re-checks.",
+    )
+
+
+class AnswersConfig(_Section):
+    """What the engines ask of the model, and when an answer is good enough to cache."""
+
+    max_tokens: int = Field(8192, ge=16, le=131072, description="Completion budget of one page-to-Markdown answer.")
+    max_reasks: int = Field(
+        1,
+        ge=0,
+        le=5,
+        description="Immediate re-asks, with twice the max_tokens, of a page whose answer was cut off.",
     )
 
 
@@ -154,6 +198,7 @@ class MinerUConfig(_Section):
     pdf: PDFConfig = Field(default_factory=PDFConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     quality: QualityConfig = Field(default_factory=QualityConfig)
+    answers: AnswersConfig = Field(default_factory=AnswersConfig)
 
 
 def _field_bounds(model: type[BaseModel], path: tuple[str | int, ...]) -> str:

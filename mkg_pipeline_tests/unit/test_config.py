@@ -154,7 +154,7 @@ def test_unrelated_env_variables_are_ignored() -> None:
         ("MKG_HTTP_CLIENT__MAX_ATTEMPTS", "http_client.max_attempts", "'0'", ">= 1 and <= 10"),
         ("MKG_HTTP_CLIENT__TIMEOUT_S", "http_client.timeout_s", "'99999'", ">= 1 and <= 3600"),
         ("MKG_CIRCUIT_BREAKER__FAILURE_THRESHOLD", "circuit_breaker.failure_threshold", "'0'", ">= 1 and <= 1000"),
-        ("MKG_VLLM__MAX_IN_FLIGHT", "vllm.max_in_flight", "'5000'", ">= 1 and <= 1024"),
+        ("MKG_VLLM__MAX_IN_FLIGHT", "vllm.max_in_flight", "'5000'", ">= 1 and <= 4096"),
         ("MKG_WORKERS__CPU", "workers.cpu", "'0'", "> 0 and <= 64"),
     ],
 )
@@ -240,4 +240,4 @@ def test_secret_under_a_misspelt_section_is_not_echoed() -> None:
 
 def test_non_config_mkg_variables_are_not_read_as_fields() -> None:
     environ = {"MKG_CORPUS_DIR": "/data/corpus", "MKG_PUSHGATEWAY_URL": "http://pgw:9091"}
-    assert load_config(environ=environ).vllm.max_in_flight == 10
+    assert load_config(environ=environ).vllm.max_in_flight == 256
