@@ -18,6 +18,7 @@ if TYPE_CHECKING:  # the stages import storage/pdf code that the code location d
 
 PAGES_ACCOUNTED_FOR = "pages_accounted_for"
 NO_FAILED_PAGES = "no_failed_pages"
+PAGE_FAILURE_RATE = "page_failure_rate"
 BASELINE_SIMILARITY = "baseline_similarity"
 TEXT_LAYER_SIMILARITY = "text_layer_similarity"
 
@@ -31,6 +32,13 @@ vlm_output_check_specs = [
         NO_FAILED_PAGES,
         asset="vlm_outputs",
         description="No page is waiting for a retry (warning: failed pages retry on the next materialization).",
+    ),
+    dg.AssetCheckSpec(
+        PAGE_FAILURE_RATE,
+        asset="vlm_outputs",
+        blocking=True,
+        description="At most quality.max_failed_page_rate of the batch's pages failed (olmOCR drops a document "
+        "above 0.4 %). Failing it fails the run after every finished page was stored; re-materialize to retry.",
     ),
 ]
 
@@ -50,27 +58,36 @@ quality_check_specs = [
 ]
 
 
-def evaluate_page_accounting(summary: VLMSummary) -> list[dg.AssetCheckResult]:
-    accounted = sum(d.done + len(d.failed_pages) for d in summary.documents)
-    expected = sum(d.pages_total for d in summary.documents)
-    failed = sum(len(d.failed_pages) for d in summary.documents)
-    failed_docs = {d.doc_id: len(d.failed_pages) for d in summary.documents if d.failed_pages}
+def evaluate_vlm_checks(summary: VLMSummary, max_failed_page_rate: float) -> list[dg.AssetCheckResult]:
+    accounted = summary.processed + summary.cached + summary.failed
+    reasons = dg.MetadataValue.json(dict(summary.failure_reasons))
     return [
         dg.AssetCheckResult(
             check_name=PAGES_ACCOUNTED_FOR,
-            passed=accounted == expected and not summary.unrendered,
+            passed=accounted == summary.pages_total and not summary.unrendered,
             metadata={
-                "pages_expected": expected,
+                "pages_expected": summary.pages_total,
                 "pages_accounted": accounted,
-                "pages_failed": failed,
+                "pages_failed": summary.failed,
                 "documents_without_pages": dg.MetadataValue.json(summary.unrendered),
             },
         ),
         dg.AssetCheckResult(
             check_name=NO_FAILED_PAGES,
-            passed=failed == 0,
+            passed=summary.failed == 0,
             severity=dg.AssetCheckSeverity.WARN,
-            metadata={"pages_failed": failed, "failed_by_document": dg.MetadataValue.json(failed_docs)},
+            metadata={"pages_failed": summary.failed, "failure_reasons": reasons},
+        ),
+        dg.AssetCheckResult(
+            check_name=PAGE_FAILURE_RATE,
+            passed=summary.failed_page_rate <= max_failed_page_rate,
+            metadata={
+                "failed_page_rate": round(summary.failed_page_rate, 5),
+                "threshold": max_failed_page_rate,
+                "pages_failed": summary.failed,
+                "pages": summary.pages_total,
+                "failure_reasons": reasons,
+            },
         ),
     ]
 

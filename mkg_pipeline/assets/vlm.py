@@ -1,4 +1,4 @@
-"""vlm_outputs: Markdown and a MinerU-style content list per document, one cached page at a time."""
+"""vlm_outputs: Markdown and MinerU's content list per document, streamed page by page through the server."""
 
 # No `from __future__ import annotations`: Dagster reads the config/context annotations at definition time.
 import asyncio
@@ -7,7 +7,7 @@ import dagster as dg
 
 from mkg_pipeline.assets.pages import parsed_pages
 from mkg_pipeline.assets.partitions import ingest_batches
-from mkg_pipeline.checks import evaluate_page_accounting, vlm_output_check_specs
+from mkg_pipeline.checks import evaluate_vlm_checks, vlm_output_check_specs
 from mkg_pipeline.resources import S3StorageResource, VLLMResource
 
 PREVIEW_CHARS = 3000
@@ -28,25 +28,24 @@ class VLMOutputsConfig(dg.Config):
     pool="vllm",
     check_specs=vlm_output_check_specs,
     description="Every page sent through the VLLMResource's engine (cached by page image + model + engine + "
-    "prompt version); failed pages are recorded with their reason and retried next time; document.md and "
-    "content.json assembled per document.",
+    "prompt version); failed pages are recorded with their reason and retried next time; document.md, "
+    "content_list.json and status.json assembled per document as soon as its last page finishes.",
 )
 def vlm_outputs(
     context: dg.AssetExecutionContext, config: VLMOutputsConfig, s3: S3StorageResource, vllm: VLLMResource
 ) -> dg.MaterializeResult:
+    from mkg_pipeline.markdown_tables import markdown_table
+    from mkg_pipeline.outputs import preview_markdown
     from mkg_pipeline.pipeline_metrics import push_metrics
     from mkg_pipeline.stages.batches import accepted_doc_ids, read_batch_manifest
-    from mkg_pipeline.stages.vlm import process_documents
+    from mkg_pipeline.stages.vlm import StorageUnavailable, process_documents
 
     storage = s3.storage()
-    settings = vllm.pipeline_config()
     doc_ids = accepted_doc_ids(read_batch_manifest(storage, context.partition_key), config.doc_ids)
-    context.log.info(
-        f"{len(doc_ids)} document(s) → {settings.engine} engine, model {settings.vllm.model} at {settings.vllm.url}"
-    )
 
     async def run():  # type: ignore[no-untyped-def]
         async with vllm.open_engine() as (client, engine):
+            context.log.info(f"{len(doc_ids)} document(s) → {engine.identity} at {client.server_url}")
             if not await client.health_check():
                 context.log.warning(
                     f"{client.server_url}/health is not answering 200; pages will fail fast and be retried later"
@@ -55,37 +54,40 @@ def vlm_outputs(
                 storage,
                 engine,
                 doc_ids,
+                client.limiter,
                 server_url=client.server_url,
                 model=client.model,
-                max_pages_in_flight=settings.vllm.max_in_flight,
+                run_id=context.run_id,
                 force_refresh=config.force_refresh,
                 progress=context.log.info,
             )
 
-    summary = asyncio.run(run())
-    push_metrics(grouping_key={"partition": context.partition_key, "asset": "vlm_outputs"})
+    try:
+        summary = asyncio.run(run())
+    except StorageUnavailable as exc:
+        raise dg.Failure(description=str(exc)) from None
+    finally:
+        push_metrics(grouping_key={"partition": context.partition_key, "asset": "vlm_outputs"})
 
     def seconds(value: float | None) -> float | str:
         return round(value, 3) if value is not None else "n/a"
 
-    failed_rows = "\n".join(
-        f"| {d.source} | {f['page']} | {f['reason']} | {f['attempts']} | {f['message'][:200]} |"
-        for d in summary.documents
-        for f in d.failed_pages
-    )
-    preview = next(iter(summary.previews.values()), "")
+    failed_rows = [
+        [row["source"], row["page"], row["reason"], row["attempts"], row["message"][:200]]
+        for row in summary.failure_rows
+    ]
     return dg.MaterializeResult(
         metadata={
             "documents": len(summary.documents),
-            "pages": sum(d.pages_total for d in summary.documents),
-            "pages_processed": summary.count("done"),
-            "pages_cached": summary.count("cached"),
-            "pages_failed": sum(len(d.failed_pages) for d in summary.documents),
-            "failure_reasons": dg.MetadataValue.json(summary.failure_reasons),
+            "pages": summary.pages_total,
+            "pages_processed": summary.processed,
+            "pages_cached": summary.cached,
+            "pages_failed": summary.failed,
+            "failed_page_rate": round(summary.failed_page_rate, 5),
+            "failure_reasons": dg.MetadataValue.json(dict(summary.failure_reasons)),
             "failed_pages": dg.MetadataValue.md(
-                "| document | page | reason | attempts | message |\n|---|---|---|---|---|\n" + failed_rows
-                if failed_rows
-                else "none"
+                markdown_table(["document", "page", "reason", "attempts", "message"], failed_rows)
+                + (f"\n\n(first {len(failed_rows)} of {summary.failed})" if summary.failed > len(failed_rows) else "")
             ),
             "requests": summary.requests,
             "pages_per_second": round(summary.pages_per_s, 3),
@@ -94,8 +96,8 @@ def vlm_outputs(
             "model": summary.model,
             "engine": summary.engine,
             "server_url": summary.server_url,
-            "documents_state": dg.MetadataValue.json({d.doc_id: d.state for d in summary.documents}),
-            "preview": dg.MetadataValue.md(preview[:PREVIEW_CHARS] or "(no output yet)"),
+            "documents_state": dg.MetadataValue.json(summary.documents),
+            "preview": dg.MetadataValue.md(preview_markdown(summary.preview[:PREVIEW_CHARS]) or "(no output yet)"),
         },
-        check_results=evaluate_page_accounting(summary),
+        check_results=evaluate_vlm_checks(summary, vllm.pipeline_config().quality.max_failed_page_rate),
     )

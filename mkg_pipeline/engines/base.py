@@ -28,13 +28,36 @@ class Block:
 
 
 @dataclass(frozen=True)
+class PageInput:
+    """One page as the stage hands it to an engine."""
+
+    png: bytes
+    page_idx: int  # 0-based, as in MinerU's content list
+    text_layer_chars: int  # > 0: the page has text, so an empty answer is wrong
+    label: str  # "doc=<id> page=<n>", for logs and errors
+
+
+@dataclass(frozen=True)
 class PageResult:
     """An engine's answer for one page."""
 
     markdown: str
-    blocks: tuple[Block, ...] = field(default_factory=tuple)
+    content_list: list[dict[str, Any]] = field(default_factory=list)
+    #: "images/<sha256>.jpg" -> JPEG bytes of the figures cropped from the page
+    images: dict[str, bytes] = field(default_factory=dict)
     #: chat-completion requests this page cost (MinerU: 1 layout + 1 per block)
     requests: int = 1
+    raw_answer: str = ""
+    finish_reason: str | None = None
+
+
+class AnswerRejected(Exception):
+    """The server answered, but the answer must not be cached (truncated, empty, repetition)."""
+
+    def __init__(self, reason: str, message: str, *, requests: int = 1) -> None:
+        self.reason = reason
+        self.requests = requests
+        super().__init__(message)
 
 
 class PageEngine(Protocol):
@@ -47,7 +70,7 @@ class PageEngine(Protocol):
         """Engine + model + prompt version: what makes an earlier answer reusable."""
         ...
 
-    async def extract(self, png: bytes, *, label: str) -> PageResult: ...
+    async def extract(self, page: PageInput) -> PageResult: ...
 
 
 def engine_identity(engine: str, model: str, prompt_version: str) -> str:

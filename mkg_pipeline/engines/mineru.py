@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from mkg_pipeline.engines.base import Block, PageResult, blocks_to_markdown, engine_identity
+from mkg_pipeline.engines.base import Block, PageInput, PageResult, blocks_to_markdown, engine_identity
 from mkg_pipeline.vllm.errors import VLLMResponseError
 
 if TYPE_CHECKING:
@@ -128,12 +128,12 @@ class MinerUEngine:
     def identity(self) -> str:
         return engine_identity(self.name, self._client.model, self._prompt_version)
 
-    async def extract(self, png: bytes, *, label: str) -> PageResult:
+    async def extract(self, page: PageInput) -> PageResult:
         from PIL import Image
 
-        with Image.open(io.BytesIO(png)) as opened:
+        with Image.open(io.BytesIO(page.png)) as opened:
             image = opened.convert("RGB")
-        call = _PageCall(label=label)
+        call = _PageCall(label=page.label)
         token = _current_page.set(call)
         try:
             extracted = await self._mineru.aio_two_step_extract(image)
@@ -148,7 +148,11 @@ class MinerUEngine:
             )
             for block in extracted
         )
-        return PageResult(markdown=blocks_to_markdown(blocks), blocks=blocks, requests=call.requests)
+        return PageResult(
+            markdown=blocks_to_markdown(blocks),
+            content_list=[b.to_content_item(page.page_idx) for b in blocks],
+            requests=call.requests,
+        )
 
     async def aclose(self) -> None:
         # Our routed client never opened an async pool; MinerU's aclose would try to close one.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from mkg_pipeline.engines.base import Block, PageResult, engine_identity
+from mkg_pipeline.engines.base import Block, PageInput, PageResult, engine_identity
 from mkg_pipeline.engines.prompts import PAGE_MARKDOWN_PROMPT, PAGE_MARKDOWN_SYSTEM_PROMPT
 from mkg_pipeline.vllm.client import VLLMClient
 
@@ -50,13 +50,18 @@ class PageMarkdownEngine:
     def identity(self) -> str:
         return engine_identity(self.name, self._client.model, self._prompt_version)
 
-    async def extract(self, png: bytes, *, label: str) -> PageResult:
+    async def extract(self, page: PageInput) -> PageResult:
         result = await self._client.chat_completion(
             PAGE_MARKDOWN_PROMPT,
-            [png],
+            [page.png],
             system_prompt=PAGE_MARKDOWN_SYSTEM_PROMPT,
             max_tokens=self._max_tokens,
-            label=label,
+            label=page.label,
         )
         markdown = strip_markdown_fence(result.text).strip()
-        return PageResult(markdown=markdown, blocks=markdown_to_blocks(markdown), requests=1)
+        return PageResult(
+            markdown=markdown,
+            content_list=[b.to_content_item(page.page_idx) for b in markdown_to_blocks(markdown)],
+            raw_answer=result.text,
+            finish_reason=result.finish_reason,
+        )

@@ -1,0 +1,313 @@
+"""The vlm stage in-process: MemoryStorage, a scripted engine and a scripted limiter; no network, no Dagster."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from mkg_pipeline.engines.base import AnswerRejected, PageInput, PageResult, engine_identity
+from mkg_pipeline.stages.vlm import StorageUnavailable, VLMSummary, process_documents
+from mkg_pipeline.storage import MemoryStorage
+from mkg_pipeline.vllm.errors import CircuitOpenError, VLLMConnectionError
+
+IDENTITY = engine_identity("scripted", "test-model", "v1")
+
+Behaviour = Callable[[PageInput], Awaitable[PageResult]]
+
+
+@dataclass
+class ScriptedGate:
+    """The limiter as the stage sees it: a fixed limit; the engine counts its requests in flight."""
+
+    limit: int = 4
+    in_flight: int = 0
+    waiting: int = 0
+    peak: int = 0
+
+
+@dataclass
+class ScriptedEngine:
+    gate: ScriptedGate
+    name: str = "scripted"
+    identity: str = IDENTITY
+    behaviours: dict[str, Behaviour] = field(default_factory=dict)  # label -> behaviour
+    calls: list[str] = field(default_factory=list)
+
+    async def extract(self, page: PageInput) -> PageResult:
+        self.calls.append(page.label)
+        self.gate.in_flight += 1
+        self.gate.peak = max(self.gate.peak, self.gate.in_flight)
+        try:
+            behaviour = self.behaviours.get(page.label)
+            if behaviour is not None:
+                return await behaviour(page)
+            await asyncio.sleep(0)
+            return PageResult(
+                markdown=f"text of {page.label}",
+                content_list=[{"type": "text", "text": f"text of {page.label}", "page_idx": page.page_idx}],
+                raw_answer=f"text of {page.label}",
+                finish_reason="stop",
+            )
+        finally:
+            self.gate.in_flight -= 1
+
+
+def seed_document(storage: MemoryStorage, doc_id: str, pages: int, source: str | None = None) -> None:
+    entries = []
+    for n in range(1, pages + 1):
+        png = f"png {doc_id} {n}".encode()
+        key = storage.page_png_key(doc_id, n)
+        storage.put_bytes(key, png, "image/png")
+        entries.append(
+            {"page": n, "png_key": key, "png_sha256": hashlib.sha256(png).hexdigest(), "text_layer_chars": 100}
+        )
+    storage.put_json(
+        storage.page_manifest_key(doc_id),
+        {"doc_id": doc_id, "source": source or f"{doc_id}.pdf", "pages": entries, "failed_pages": []},
+    )
+
+
+def run(storage: MemoryStorage, engine: ScriptedEngine, doc_ids: list[str], **kwargs: Any) -> VLMSummary:
+    return asyncio.run(
+        process_documents(
+            storage, engine, doc_ids, engine.gate, server_url="http://vlm", model="test-model", run_id="r1", **kwargs
+        )
+    )
+
+
+def label(doc_id: str, page: int) -> str:
+    return f"doc={doc_id} page={page}"
+
+
+@pytest.fixture
+def storage() -> MemoryStorage:
+    return MemoryStorage()
+
+
+@pytest.fixture
+def engine() -> ScriptedEngine:
+    return ScriptedEngine(ScriptedGate())
+
+
+def test_first_run_processes_every_page_and_records_the_document(
+    storage: MemoryStorage, engine: ScriptedEngine
+) -> None:
+    seed_document(storage, "doca", 3)
+    summary = run(storage, engine, ["doca"])
+    assert sorted(engine.calls) == [label("doca", n) for n in (1, 2, 3)]
+    assert (summary.processed, summary.cached, summary.failed, summary.pages_total) == (3, 0, 0, 3)
+    assert summary.documents == {"doca": "complete"}
+    assert len(storage.keys(storage.vlm_page_prefix("doca"))) == 3
+    status = storage.get_json(storage.vlm_status_key("doca"))
+    assert (status["state"], status["pages_done"], status["failed_pages"]) == ("complete", 3, [])
+    assert status["run_id"] == "r1"
+    markdown = storage.get_bytes(storage.document_md_key("doca")).decode()
+    assert markdown.index("page=1") < markdown.index("page=2") < markdown.index("page=3")
+    assert [item["page_idx"] for item in storage.get_json(storage.content_list_key("doca"))] == [0, 1, 2]
+
+
+def test_second_run_is_all_cache_hits_and_rewrites_nothing(storage: MemoryStorage, engine: ScriptedEngine) -> None:
+    seed_document(storage, "doca", 3)
+    run(storage, engine, ["doca"])
+    engine.calls.clear()
+    puts = storage.memory.calls["put"]
+    summary = run(storage, engine, ["doca"])
+    assert engine.calls == []
+    assert (summary.processed, summary.cached) == (0, 3)
+    assert summary.documents == {"doca": "complete"}
+    assert storage.memory.calls["put"] == puts  # a complete, current document is left as it is
+
+
+def test_failed_pages_are_recorded_with_attempts_and_retried_alone(
+    storage: MemoryStorage, engine: ScriptedEngine
+) -> None:
+    seed_document(storage, "doca", 3)
+
+    async def refused(page: PageInput) -> PageResult:
+        raise VLLMConnectionError("connection refused", server="http://vlm", label=page.label)
+
+    engine.behaviours[label("doca", 2)] = refused
+    first = run(storage, engine, ["doca"])
+    assert (first.processed, first.failed, dict(first.failure_reasons)) == (2, 1, {"connect": 1})
+    status = storage.get_json(storage.vlm_status_key("doca"))
+    assert status["state"] == "partial"
+    (failure,) = status["failed_pages"]
+    assert (failure["page"], failure["reason"], failure["attempts"]) == (2, "connect", 1)
+    assert "connection refused" in failure["message"]
+    assert "not processed yet (connect)" in storage.get_bytes(storage.document_md_key("doca")).decode()
+
+    engine.calls.clear()
+    run(storage, engine, ["doca"])  # still failing: one more attempt counted
+    assert engine.calls == [label("doca", 2)]
+    assert storage.get_json(storage.vlm_status_key("doca"))["failed_pages"][0]["attempts"] == 2
+
+    del engine.behaviours[label("doca", 2)]
+    engine.calls.clear()
+    run(storage, engine, ["doca"])
+    assert engine.calls == [label("doca", 2)]
+    status = storage.get_json(storage.vlm_status_key("doca"))
+    assert (status["state"], status["pages_done"], status["failed_pages"]) == ("complete", 3, [])
+
+
+def test_rejected_answers_are_failures_with_their_reason_and_cost(
+    storage: MemoryStorage, engine: ScriptedEngine
+) -> None:
+    seed_document(storage, "doca", 2)
+
+    async def truncated(page: PageInput) -> PageResult:
+        raise AnswerRejected("truncated", "finish_reason=length twice", requests=2)
+
+    engine.behaviours[label("doca", 1)] = truncated
+    summary = run(storage, engine, ["doca"])
+    assert dict(summary.failure_reasons) == {"truncated": 1}
+    assert summary.requests == 3  # the rejected page's two requests are counted, not hidden
+    assert storage.keys(storage.vlm_page_prefix("doca")) == [k for k in storage.keys("vlm/") if "/pages/2." in k]
+
+
+def test_breaker_failures_record_the_first_real_cause(storage: MemoryStorage, engine: ScriptedEngine) -> None:
+    seed_document(storage, "doca", 1)
+
+    async def breaker_open(page: PageInput) -> PageResult:
+        error = CircuitOpenError("circuit open", server="http://vlm", label=page.label)
+        error.first_cause = "timeout"  # type: ignore[attr-defined]
+        raise error
+
+    engine.behaviours[label("doca", 1)] = breaker_open
+    run(storage, engine, ["doca"])
+    (failure,) = storage.get_json(storage.vlm_status_key("doca"))["failed_pages"]
+    assert failure["reason"] == "timeout"
+    assert "circuit_open" in failure["message"]
+
+
+def test_one_unstorable_answer_fails_its_page_only(storage: MemoryStorage, engine: ScriptedEngine) -> None:
+    seed_document(storage, "doca", 3)
+
+    async def lone_surrogate(page: PageInput) -> PageResult:
+        return PageResult(markdown="bad \ud800 text", raw_answer="bad \ud800 text")
+
+    engine.behaviours[label("doca", 2)] = lone_surrogate
+    summary = run(storage, engine, ["doca"])
+    assert (summary.processed, summary.failed) == (2, 1)
+    (failure,) = storage.get_json(storage.vlm_status_key("doca"))["failed_pages"]
+    assert failure["reason"] == "storage_error" and "UnicodeEncodeError" in failure["message"]
+
+
+def test_a_failing_page_put_fails_that_page_and_the_rerun_retries_it(
+    storage: MemoryStorage, engine: ScriptedEngine
+) -> None:
+    seed_document(storage, "doca", 3)
+    broken = storage.vlm_page_prefix("doca") + "2."
+
+    def fail_page_two(op: str, key: str) -> None:
+        if op == "put" and key.startswith(broken):
+            raise ConnectionError("S3 refused the PUT")
+
+    storage.memory.fault = fail_page_two
+    first = run(storage, engine, ["doca"])
+    assert (first.processed, first.failed, dict(first.failure_reasons)) == (2, 1, {"storage_error": 1})
+    storage.memory.fault = None
+    engine.calls.clear()
+    run(storage, engine, ["doca"])
+    assert engine.calls == [label("doca", 2)]
+    assert storage.get_json(storage.vlm_status_key("doca"))["state"] == "complete"
+
+
+def test_crash_between_page_put_and_status_put_resumes_without_requests(
+    storage: MemoryStorage, engine: ScriptedEngine
+) -> None:
+    seed_document(storage, "doca", 3)
+
+    def status_unwritable(op: str, key: str) -> None:
+        if op == "put" and key == storage.vlm_status_key("doca"):
+            raise ConnectionError("S3 went away")
+
+    storage.memory.fault = status_unwritable
+    with pytest.raises(StorageUnavailable, match="re-materialize vlm_outputs to resume"):
+        run(storage, engine, ["doca"])
+    assert len(storage.keys(storage.vlm_page_prefix("doca"))) == 3  # every answer was kept
+    assert not storage.exists(storage.vlm_status_key("doca"))
+
+    storage.memory.fault = None
+    engine.calls.clear()
+    summary = run(storage, engine, ["doca"])
+    assert engine.calls == []
+    assert summary.cached == 3
+    assert storage.get_json(storage.vlm_status_key("doca"))["state"] == "complete"
+
+
+def test_a_step_that_dies_leaves_the_old_status_marked_stale(storage: MemoryStorage, engine: ScriptedEngine) -> None:
+    seed_document(storage, "doca", 2)
+    run(storage, engine, ["doca"])
+    assert storage.get_json(storage.vlm_status_key("doca"))["state"] == "complete"
+
+    def outputs_unwritable(op: str, key: str) -> None:
+        if op == "put" and key.endswith(("document.md", "content_list.json")):
+            raise ConnectionError("S3 went away")
+
+    storage.memory.fault = outputs_unwritable
+    with pytest.raises(StorageUnavailable):
+        run(storage, engine, ["doca"], force_refresh=True)
+    status = storage.get_json(storage.vlm_status_key("doca"))
+    assert (status["state"], status["run_id"]) == ("stale", "r1")
+
+
+def test_force_refresh_asks_again(storage: MemoryStorage, engine: ScriptedEngine) -> None:
+    seed_document(storage, "doca", 2)
+    run(storage, engine, ["doca"])
+    engine.calls.clear()
+    summary = run(storage, engine, ["doca"], force_refresh=True)
+    assert sorted(engine.calls) == [label("doca", 1), label("doca", 2)]
+    assert (summary.processed, summary.cached) == (2, 0)
+
+
+def test_unrendered_documents_are_reported_and_do_not_stop_the_others(
+    storage: MemoryStorage, engine: ScriptedEngine
+) -> None:
+    seed_document(storage, "doca", 1)
+    summary = run(storage, engine, ["nomanifest", "doca"])
+    assert summary.unrendered == ["nomanifest"]
+    assert summary.documents == {"doca": "complete"}
+
+
+def test_documents_are_assembled_as_soon_as_their_last_page_finishes(
+    storage: MemoryStorage, engine: ScriptedEngine
+) -> None:
+    seed_document(storage, "doca", 1)
+    seed_document(storage, "docb", 2)
+    saw_doca_done = asyncio.Event()
+
+    async def wait_for_doca(page: PageInput) -> PageResult:
+        # docb's last page holds until doca's outputs exist: only a streaming stage gets past this.
+        for _ in range(1000):
+            if storage.exists(storage.vlm_status_key("doca")):
+                saw_doca_done.set()
+                break
+            await asyncio.sleep(0.001)
+        return PageResult(markdown="late page", raw_answer="late page")
+
+    engine.behaviours[label("docb", 2)] = wait_for_doca
+    summary = run(storage, engine, ["docb", "doca"])
+    assert saw_doca_done.is_set()
+    assert summary.documents == {"doca": "complete", "docb": "complete"}
+
+
+def test_pages_in_flight_follow_the_limiter(storage: MemoryStorage) -> None:
+    gate = ScriptedGate(limit=8)
+    engine = ScriptedEngine(gate)
+
+    async def slow(page: PageInput) -> PageResult:
+        await asyncio.sleep(0.01)
+        return PageResult(markdown="x", raw_answer="x")
+
+    for n in range(1, 61):
+        engine.behaviours[label("doca", n)] = slow
+    seed_document(storage, "doca", 60)
+    summary = run(storage, engine, ["doca"])
+    assert summary.processed == 60
+    # The stage fills the limiter's room and never more than it plus the image prefetch (here 2).
+    assert gate.limit <= gate.peak <= gate.limit + 2
