@@ -3,5 +3,6 @@
 pytest_plugins = [
     "mkg_pipeline_tests.fixtures.corpus",
     "mkg_pipeline_tests.fixtures.local_server",
+    "mkg_pipeline_tests.fixtures.proxy",
     "mkg_pipeline_tests.fixtures.s3",
 ]

@@ -49,6 +49,8 @@ LATENCY_SAMPLES = 4096
 SUMMARY_EVERY_S = 10.0
 #: cached page records of one document read at once while assembling it
 ASSEMBLY_READS = 32
+#: consecutive failed S3 calls on the page path after which the bucket is taken as down for this step
+S3_DOWN_AFTER = 8
 
 
 class CapacityGate(Protocol):
@@ -209,6 +211,8 @@ class _BatchRun:
         self.progress = progress
         self.preparing = 0  # page tasks that have not reached the engine yet (not seen by the limiter)
         self.page_tasks: set[asyncio.Task[None]] = set()
+        self.storage_errors_in_a_row = 0
+        self.last_storage_error = ""
         self.assembly_tasks: set[asyncio.Task[None]] = set()
         self.changed = asyncio.Event()
 
@@ -294,9 +298,23 @@ class _BatchRun:
         stale = {**previous, "state": "stale", "stale_since": _now(), "run_id": self.run_id}
         await self.s3.put_json(self.s3.vlm_status_key(doc_id), stale)
 
+    @property
+    def s3_down(self) -> bool:
+        return self.storage_errors_in_a_row >= S3_DOWN_AFTER
+
+    def s3_ok(self) -> None:
+        self.storage_errors_in_a_row = 0
+
+    def s3_failed(self, exc: BaseException) -> None:
+        self.storage_errors_in_a_row += 1
+        self.last_storage_error = f"{type(exc).__name__}: {exc}"
+
     async def run_document(self, doc: _Document, todo: list[_PageJob]) -> None:
         for job in todo:
             await self._wait_for_room()
+            if self.s3_down:  # no point queueing pages that cannot be read or recorded; the next run resumes
+                self.summary.unrecorded.append(doc.doc_id)
+                return
             self._spawn(job)
         doc.scheduled_all = True
         self._maybe_assemble(doc)
@@ -311,8 +329,11 @@ class _BatchRun:
             try:
                 png = await self.s3.get_bytes(job.page["png_key"])
             except Exception as exc:  # the image is gone or S3 failed: this page only
+                if not isinstance(exc, FileNotFoundError):
+                    self.s3_failed(exc)
                 self._fail(job, "storage_error", f"reading the page image failed: {type(exc).__name__}: {exc}")
                 return
+            self.s3_ok()
             self.preparing -= 1
             reached_engine = True
             self.changed.set()
@@ -357,8 +378,11 @@ class _BatchRun:
             try:
                 await self._store_page(job, record, result.images)
             except Exception as exc:  # an unencodable answer or S3 failing: this page only
+                if not isinstance(exc, UnicodeError):
+                    self.s3_failed(exc)
                 self._fail(job, "storage_error", f"storing the result failed: {type(exc).__name__}: {exc}")
                 return
+            self.s3_ok()
             doc.records[n] = record
             self.summary.processed += 1
             self.summary.observe_latency(latency)
@@ -530,10 +554,14 @@ async def process_documents(
         reporter = asyncio.create_task(batch.report_progress(started))
         try:
             for doc_id in doc_ids:
+                if batch.s3_down:
+                    summary.unrecorded.append(doc_id)
+                    continue
                 try:
                     opened = await batch.open_document(doc_id)
                 except Exception as exc:  # S3 failing on one document's manifest/status: not the others
                     log.exception("%s: could not be opened", doc_id)
+                    batch.s3_failed(exc)
                     summary.unrecorded.append(doc_id)
                     progress(f"{doc_id}: NOT STARTED, {type(exc).__name__}: {exc}")
                     continue
@@ -547,9 +575,10 @@ async def process_documents(
                 task.cancel()
     summary.wall_s = time.monotonic() - started
     if summary.unrecorded:
+        cause = f"; last error: {batch.last_storage_error}" if batch.last_storage_error else ""
         raise StorageUnavailable(
             f"the outcome of {len(summary.unrecorded)} document(s) could not be recorded in s3://{storage.bucket} "
-            f"({', '.join(summary.unrecorded[:10])}): is S3 reachable? Every page result that was stored is kept; "
-            "re-materialize vlm_outputs to resume (only the missing pages are requested)"
+            f"({', '.join(summary.unrecorded[:10])}): is S3 reachable?{cause}. Every page result that was stored "
+            "is kept; re-materialize vlm_outputs to resume (only the missing pages are requested)"
         )
     return summary

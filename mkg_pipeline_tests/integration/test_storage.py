@@ -271,3 +271,18 @@ def test_sanitize_source_name() -> None:
 
 def test_doc_id_for_is_reexported() -> None:
     assert doc_id_for(b"abc") == "ba7816bf8f01cfea"
+
+
+def test_s3_going_down_and_coming_back_through_a_proxy(storage_config: StorageConfig, tcp_proxy) -> None:
+    proxy = tcp_proxy(str(storage_config.endpoint_url))
+    through = Storage.from_config(storage_config.model_copy(update={"endpoint_url": proxy.url}))
+    through.ensure_bucket()
+    through.put_bytes("k", b"before")
+    proxy.down()
+    with pytest.raises(Exception) as caught:
+        through.get_bytes("k")
+    assert not isinstance(caught.value, FileNotFoundError)  # "down" must never read as "missing"
+    proxy.up()
+    assert through.get_bytes("k") == b"before"
+    through.delete("k")
+    through.backend.fs.call_s3("delete_bucket", Bucket=through.bucket)

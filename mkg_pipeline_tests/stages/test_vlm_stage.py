@@ -311,3 +311,25 @@ def test_pages_in_flight_follow_the_limiter(storage: MemoryStorage) -> None:
     assert summary.processed == 60
     # The stage fills the limiter's room and never more than it plus the image prefetch (here 2).
     assert gate.limit <= gate.peak <= gate.limit + 2
+
+
+def test_s3_down_for_the_whole_step_fails_once_and_the_next_run_resumes(
+    storage: MemoryStorage, engine: ScriptedEngine
+) -> None:
+    for doc_id in ("doca", "docb"):
+        seed_document(storage, doc_id, 40)
+
+    def s3_down(op: str, key: str) -> None:
+        raise ConnectionError("Connection refused")
+
+    storage.memory.fault = s3_down
+    with pytest.raises(StorageUnavailable, match=r"is S3 reachable.*Connection refused"):
+        run(storage, engine, ["doca", "docb"])
+    assert engine.calls == []
+    # It gave up after a handful of failed calls instead of failing all 80 pages one by one.
+    assert storage.memory.calls["get"] < 20
+
+    storage.memory.fault = None
+    summary = run(storage, engine, ["doca", "docb"])
+    assert summary.processed == 80
+    assert summary.documents == {"doca": "complete", "docb": "complete"}
