@@ -1,6 +1,7 @@
 # The two entry points a fresh machine needs (see README.md):
 #   make demo   - install, start moto S3 + the local VLM server, run the pipeline end to end
 #   make test   - install (pip + promtool from Debian's prometheus package) and run every test
+#   (make test-fast - unit and in-process stage tests only, while editing)
 # Both create .venv themselves; nothing has to be installed by hand first.
 
 PYTHON ?= python3
@@ -10,7 +11,7 @@ STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 
-.PHONY: install demo test lint promtool clean
+.PHONY: install demo test test-fast lint promtool clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +35,10 @@ demo: $(STAMP)
 
 test: $(STAMP) promtool lint
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Unit and in-process stage tests only: no servers, no Dagster instance; under a minute.
+test-fast: $(STAMP) lint
+	$(PY) -m pytest mkg_pipeline_tests/unit mkg_pipeline_tests/stages $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check --quiet mkg_pipeline mkg_pipeline_tests benchmarks
