@@ -8,6 +8,7 @@ import dagster as dg
 from mkg_pipeline.assets.pages import parsed_pages
 from mkg_pipeline.assets.partitions import ingest_batches
 from mkg_pipeline.checks import evaluate_vlm_checks, vlm_output_check_specs
+from mkg_pipeline.config import get_settings
 from mkg_pipeline.resources import S3StorageResource, VLLMResource
 
 PREVIEW_CHARS = 3000
@@ -99,5 +100,5 @@ def vlm_outputs(
             "documents_state": dg.MetadataValue.json(summary.documents),
             "preview": dg.MetadataValue.md(preview_markdown(summary.preview[:PREVIEW_CHARS]) or "(no output yet)"),
         },
-        check_results=evaluate_vlm_checks(summary, vllm.pipeline_config().quality.max_failed_page_rate),
+        check_results=evaluate_vlm_checks(summary, get_settings().quality.max_failed_page_rate),
     )
