@@ -4,25 +4,22 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from mkg_pipeline.engines.base import Block, PageEngine, PageResult, blocks_to_markdown, page_cache_key
+from mkg_pipeline.engines.base import AnswerRejected, PageEngine, PageInput, PageResult, page_cache_key
 
 if TYPE_CHECKING:
+    from mkg_pipeline.config import MinerUConfig
     from mkg_pipeline.vllm.client import VLLMClient
 
 ENGINE_NAMES = ("mineru", "page_markdown")
 
 
-def build_engine(name: str, client: VLLMClient, prompt_version: str) -> PageEngine:
+def build_engine(name: str, client: VLLMClient, settings: MinerUConfig) -> PageEngine:
     """The engine called ``name``, sending every request through ``client``."""
     if name == "page_markdown":
         from mkg_pipeline.engines.page_markdown import PageMarkdownEngine
 
-        return PageMarkdownEngine(client, prompt_version)
-    if name == "mineru":
-        from mkg_pipeline.engines.mineru import MinerUEngine
-
-        return MinerUEngine(client, prompt_version)
+        return PageMarkdownEngine(client, settings)
     raise ValueError(f"unknown engine {name!r}; expected one of {', '.join(ENGINE_NAMES)}")
 
 
-__all__ = ["ENGINE_NAMES", "Block", "PageEngine", "PageResult", "blocks_to_markdown", "build_engine", "page_cache_key"]
+__all__ = ["ENGINE_NAMES", "AnswerRejected", "PageEngine", "PageInput", "PageResult", "build_engine", "page_cache_key"]

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import re
 
-from mkg_pipeline.engines.base import Block, PageResult, engine_identity
+from mkg_pipeline.engines.base import PageInput, PageResult, engine_identity
 from mkg_pipeline.engines.prompts import PAGE_MARKDOWN_PROMPT, PAGE_MARKDOWN_SYSTEM_PROMPT
+from mkg_pipeline.config import MinerUConfig
 from mkg_pipeline.vllm.client import VLLMClient
 
 ENGINE_NAME = "page_markdown"
@@ -19,44 +20,42 @@ def strip_markdown_fence(text: str) -> str:
     return match.group("body") if match else text
 
 
-def markdown_to_blocks(markdown: str) -> tuple[Block, ...]:
-    """Split a page's Markdown into content-list blocks (no positions: the model gives none)."""
-    blocks: list[Block] = []
+def markdown_to_content_list(markdown: str, page_idx: int) -> list[dict]:
+    """Split a page's Markdown into content-list items (no positions: the model gives none)."""
+    items: list[dict] = []
     for chunk in re.split(r"\n\s*\n", markdown.strip()):
         chunk = chunk.strip()
-        if not chunk:
-            continue
-        if chunk.startswith("#"):
-            level = len(chunk) - len(chunk.lstrip("#"))
-            blocks.append(Block("title" if level == 1 else "paragraph_title", chunk.lstrip("#").strip()))
-        elif chunk.startswith("|") or chunk.lower().startswith("<table"):
-            blocks.append(Block("table", chunk))
-        elif chunk.startswith("$$"):
-            blocks.append(Block("equation", chunk.strip("$").strip()))
-        else:
-            blocks.append(Block("text", chunk))
-    return tuple(blocks)
+        if chunk:
+            items.append({"type": "text", "text": chunk, "page_idx": page_idx})
+    return items
 
 
 class PageMarkdownEngine:
     name = ENGINE_NAME
 
-    def __init__(self, client: VLLMClient, prompt_version: str, max_tokens: int | None = 8192) -> None:
+    def __init__(self, client: VLLMClient, settings: MinerUConfig) -> None:
         self._client = client
-        self._prompt_version = prompt_version
-        self._max_tokens = max_tokens
+        self._prompt_version = settings.prompt_version
+        self._max_tokens = settings.answers.max_tokens
 
     @property
     def identity(self) -> str:
         return engine_identity(self.name, self._client.model, self._prompt_version)
 
-    async def extract(self, png: bytes, *, label: str) -> PageResult:
+    async def extract(self, page: PageInput) -> PageResult:
         result = await self._client.chat_completion(
             PAGE_MARKDOWN_PROMPT,
-            [png],
+            [page.png],
             system_prompt=PAGE_MARKDOWN_SYSTEM_PROMPT,
             max_tokens=self._max_tokens,
-            label=label,
+            label=page.label,
         )
         markdown = strip_markdown_fence(result.text).strip()
-        return PageResult(markdown=markdown, blocks=markdown_to_blocks(markdown), requests=1)
+        return PageResult(
+            markdown=markdown,
+            content_list=markdown_to_content_list(markdown, page.page_idx),
+            images={},
+            requests=1,
+            raw_answer=result.text,
+            finish_reason=result.finish_reason,
+        )
