@@ -4,11 +4,12 @@
 - :func:`clean_text`: lone surrogates and NULs -> U+FFFD, applied to every model answer before it is
   stored or encoded (issue 9 row 7).
 - :func:`safe_page_markdown`: one page's Markdown with everything that could reach past the page made
-  inert (issue 9 row 10): raw HTML is escaped except a small allowlist (table markup, a few inline
-  tags), balanced and re-serialised; comments are escaped; code fences and ``$$`` blocks left open
-  are closed at the end of the page; lines inside fences that look like our page markers are indented
-  so that they no longer match :data:`PAGE_MARKER_RE`; ``javascript:``/``data:`` link targets are
-  defused. It is idempotent, so assembling already-safe pages changes nothing.
+  inert (issue 9 row 10). The page is read with a CommonMark parser, as a viewer reads it: raw HTML
+  is escaped except a small allowlist (table markup, a few inline tags), balanced and
+  re-serialised; comments are escaped; a code fence left open is closed at the end of the page and a
+  ``$$`` block left open loses its opening delimiter; lines inside code that look like our page
+  markers are indented so that they no longer match :data:`PAGE_MARKER_RE`; ``javascript:``/``data:``
+  link targets are defused. It is idempotent, so assembling already-safe pages changes nothing.
 - :func:`assemble_document`: page records in page order -> (document Markdown, content list), with a
   visible marker for every page that is not done.
 - :func:`preview_markdown`: a document for the Dagster UI: no raw HTML at all.
@@ -227,7 +228,6 @@ def html_to_text(fragment: str) -> str:
 PAGE_MARKER_RE = re.compile(r"^<!-- page (\d+)(?::[^\n]*)? -->$", re.MULTILINE)
 
 _FENCE_OPEN_RE = re.compile(r"^( {0,3})(`{3,}|~{3,})(.*)$")
-_TABLE_START_RE = re.compile(r"^ {0,3}<table\b", re.IGNORECASE)
 _INLINE_TAG_RE = re.compile(r"<(/?)([A-Za-z][A-Za-z0-9]*)\s*(/?)>")
 _MARKUP_START_RE = re.compile(r"<(?=[A-Za-z/!?])")
 _AUTOLINK_RE = re.compile(r"<https?://[^\s<>]*>", re.IGNORECASE)
@@ -328,80 +328,129 @@ def _safe_text_line(line: str, *, in_math: bool) -> str:
     line = "".join(_escape_markup(piece, in_math=is_math) for piece, is_math in pieces)
     for token, markup in kept.items():
         line = line.replace(token, markup)
-    return line + "".join(f"</{tag}>" for tag in reversed(open_tags))
+    closers = "".join(f"</{tag}>" for tag in reversed(open_tags))
+    if closers and (len(line) - len(line.rstrip("\\"))) % 2:
+        line += " "  # a trailing backslash would escape the closer's "<"
+    return line + closers
 
 
-def _take_table(lines: list[str], index: int) -> tuple[str, int, str]:
-    """An HTML table starting on line ``index``, up to its balanced ``</table>``.
+def _parse(markdown: str) -> list[Any]:
+    """Block tokens of ``markdown`` as a CommonMark renderer (raw HTML on, GFM tables) sees them."""
+    from markdown_it import MarkdownIt
 
-    Returns (table html, index of the last line used, text after the table on that line). Without a
-    close, the table ends at the first blank line, as a Markdown HTML block would.
-    """
-    depth = 0
-    for current in range(index, len(lines)):
-        for match in re.finditer(r"<table\b|</table\s*>", lines[current], re.IGNORECASE):
-            depth += -1 if match.group(0).startswith("</") else 1
-            if depth == 0:
-                table = "\n".join([*lines[index:current], lines[current][: match.end()]])
-                return table, current, lines[current][match.end() :]
-    end = index
-    while end + 1 < len(lines) and lines[end + 1].strip():
-        end += 1
-    return "\n".join(lines[index : end + 1]), end, ""
+    return MarkdownIt("commonmark").enable("table").parse(markdown)
+
+
+def _is_safe_table(block: str) -> bool:
+    return "\n" not in block and block.lower().startswith("<table") and sanitize_table_html(block) == block
+
+
+def _defuse_html_blocks(text: str) -> str:
+    """Every HTML block made inert: a top-level table re-serialised by the allowlist and set apart by
+    blank lines, any other block's lines escaped. Repeated until nothing changes, because an escaped
+    block becomes Markdown again (and may hold, say, a code fence of its own)."""
+    for _ in range(50):
+        lines = text.split("\n")
+        replacements: list[tuple[int, int, list[str]]] = []
+        for token in _parse(text):
+            if token.type != "html_block" or token.map is None:
+                continue
+            start, end = token.map
+            block = "\n".join(lines[start:end]).strip("\n")
+            if token.level == 0 and _is_safe_table(block):
+                continue
+            if token.level == 0 and block.lstrip(" ").lower().startswith("<table"):
+                table = sanitize_table_html(block)
+                replacement = ["", table, ""] if table else [""]
+            else:
+                replacement = [_escape_markup(line, in_math=False) for line in lines[start:end]]
+            replacements.append((start, end, replacement))
+        if not replacements:
+            return text
+        for start, end, replacement in reversed(replacements):
+            lines[start:end] = replacement
+        text = "\n".join(lines)
+    return "\n".join(_escape_markup(line, in_math=False) for line in text.split("\n"))
+
+
+def _literal_lines(tokens: list[Any], lines: list[str]) -> tuple[set[int], set[int]]:
+    """(code lines, table lines): the content of fenced and indented code blocks, which a CommonMark
+    renderer shows literally, and our allowlisted tables, which stay as they are."""
+    code: set[int] = set()
+    tables: set[int] = set()
+    for token in tokens:
+        if token.map is None:
+            continue
+        start, end = token.map
+        if token.type in {"fence", "code_block"}:
+            code.update(range(start + 1 if token.type == "fence" else start, end))
+        elif token.type == "html_block" and token.level == 0 and _is_safe_table("\n".join(lines[start:end]).strip()):
+            tables.update(index for index in range(start, end) if lines[index].strip())
+    return code, tables
+
+
+def _math_opener(line: str) -> bool:
+    """A line that opens a ``$$`` display block (and does not close it on the same line)."""
+    stripped = line.strip()
+    return stripped.startswith("$$") and not _MATH_DELIM_RE.search(stripped, 2)
+
+
+def _swallows(text: str) -> Any | None:
+    """The unclosed top-level fence that would swallow what follows this page, if any."""
+    probe = "mkg-pipeline-probe"
+    tokens = _parse(text + "\n\n" + probe)
+    last = tokens[-2] if len(tokens) >= 2 else None
+    if last is not None and last.type == "inline" and last.content == probe and last.level == 1:
+        return None
+    fences = [t for t in tokens if t.type == "fence" and t.level == 0]
+    return fences[-1] if fences else tokens[-1]
 
 
 def safe_page_markdown(markdown: str) -> str:
-    """One page's Markdown made inert towards other pages and browsers (see the module docstring)."""
-    lines = clean_text(markdown).replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    """One page's Markdown made inert towards other pages and browsers (see the module docstring).
+
+    The structure is read with a CommonMark parser (markdown-it), as a Markdown viewer reads it:
+
+    1. HTML blocks: tables are re-serialised by the allowlist, anything else is escaped;
+    2. every line outside code blocks is escaped (allowlisted inline tags kept, balanced per line);
+       lines inside code stay as written, except that one looking like our page marker is indented;
+    3. ``$$`` display math: inside it ``<`` is escaped with a space (invisible in LaTeX); an opening
+       ``$$`` never closed on the page is escaped itself, so no math block runs into the next page;
+    4. a code fence still open at the end of the page is closed.
+    """
+    text = clean_text(markdown).replace("\r\n", "\n").replace("\r", "\n")
+    text = _defuse_html_blocks(text)
+    lines = text.split("\n")
+    code, tables = _literal_lines(_parse(text), lines)
     out: list[str] = []
-    fence: tuple[str, int] | None = None  # (char, length) of the open fence
-    in_math = False
-    index = 0
-    while index < len(lines):
-        line = lines[index]
-        if fence is not None:
-            char, length = fence
-            stripped = line.strip()
-            if (
-                len(line) - len(line.lstrip(" ")) <= 3
-                and stripped
-                and set(stripped) == {char}
-                and len(stripped) >= length
-            ):
-                fence = None
-                out.append(line)
-            else:
-                # Code is shown literally, but a line there must still not read as one of our markers.
-                out.append(" " + line if line.startswith("<!--") else line)
-            index += 1
-            continue
-        opened = _FENCE_OPEN_RE.match(line)
-        if opened and not (opened.group(2)[0] == "`" and "`" in opened.group(3)) and not in_math:
-            fence = (opened.group(2)[0], len(opened.group(2)))
-            out.append(_escape_markup(line, in_math=False))  # the info string is not code
-            index += 1
-            continue
-        if not in_math and _TABLE_START_RE.match(line):
-            table, index, after = _take_table(lines, index)
-            safe_table = sanitize_table_html(table)
-            if safe_table:
-                out.extend(["", safe_table, ""])  # an HTML block of its own, ended by blank lines
-            if after.strip():
-                lines[index] = after
-            else:
-                index += 1
-            continue
-        delimiters = len(_MATH_DELIM_RE.findall(line))
-        out.append(_safe_text_line(line, in_math=in_math or delimiters > 0))
-        if delimiters % 2:
-            in_math = not in_math
-        index += 1
-    if fence is not None:
-        out.append(fence[0] * fence[1])
-    if in_math:
-        out.append("$$")
-    text = "\n".join(out)
-    return re.sub(r"\n{3,}", "\n\n", text).strip("\n")
+    math_opened_at: int | None = None
+    for index, line in enumerate(lines):
+        if math_opened_at is not None:
+            out.append(_safe_text_line(line, in_math=True))
+            if _MATH_DELIM_RE.search(line):
+                math_opened_at = None
+        elif index in code:
+            # Shown literally, but a line there must still not read as one of our markers.
+            out.append(" " + line if line.startswith("<!--") else line)
+        elif index in tables:
+            out.append(line)
+        elif _math_opener(line):
+            math_opened_at = len(out)
+            out.append(_safe_text_line(line, in_math=True))
+        else:
+            out.append(_safe_text_line(line, in_math=False))
+    if math_opened_at is not None:
+        out[math_opened_at] = out[math_opened_at].replace("$$", "\\$\\$", 1)
+    text = "\n".join(out).strip("\n")
+    for _ in range(10):
+        fence = _swallows(text)
+        if fence is None:
+            return text
+        if fence.type != "fence":
+            break
+        text += "\n" + fence.markup
+    # Cannot happen with the steps above; if it does, no line may open a fence at all.
+    return "\n".join("\\" + line.lstrip() if _FENCE_OPEN_RE.match(line) else line for line in text.split("\n"))
 
 
 # --------------------------------------------------------------------------- documents
@@ -562,42 +611,36 @@ def preview_markdown(markdown: str, max_chars: int | None = None) -> str:
     """A document for the Dagster UI's Markdown preview: no raw HTML at all.
 
     Page markers become visible rules, our HTML tables become pipe tables, every other ``<`` that
-    could start markup is escaped, fences are closed. With ``max_chars`` the preview is cut at a
-    line boundary and says so.
+    could start markup outside code is escaped, a fence left open by the cut is closed. With
+    ``max_chars`` the preview is cut at a line boundary and says so.
     """
     text = clean_text(markdown)
     truncated = max_chars is not None and len(text) > max_chars
     if truncated:
-        text = text[: text.rfind("\n", 0, max_chars) if "\n" in text[:max_chars] else max_chars]
+        cut = text.rfind("\n", 0, max_chars)
+        text = text[: cut if cut > 0 else max_chars]
+    lines = text.split("\n")
+    code, tables = _literal_lines(_parse(text), lines)
     out: list[str] = []
-    fence: tuple[str, int] | None = None
-    for line in text.split("\n"):
-        if fence is not None:
-            stripped = line.strip()
-            if stripped and set(stripped) == {fence[0]} and len(stripped) >= fence[1]:
-                fence = None
-            out.append(line)
-            continue
-        opened = _FENCE_OPEN_RE.match(line)
-        if opened:
-            fence = (opened.group(2)[0], len(opened.group(2)))
-            out.append(_escape_markup(line, in_math=False))
-            continue
+    for index, line in enumerate(lines):
         marker = PAGE_MARKER_RE.match(line)
-        if marker:
+        if index in code:
+            out.append(line)
+        elif marker:
             out.append(f"**— page {marker.group(1)} —**")
-            continue
-        if line.lower().startswith("<table"):
-            pipes = _table_as_pipes(line)
-            if pipes:
-                out.append(pipes)
-                continue
-        out.append(_escape_markup(line, in_math=False))
-    if fence is not None:
-        out.append(fence[0] * fence[1])
+        elif index in tables and (pipes := _table_as_pipes(line)):
+            out.append(pipes)
+        else:
+            out.append(_escape_markup(line, in_math=False))
+    text = "\n".join(out)
+    for _ in range(10):
+        fence = _swallows(text)
+        if fence is None or fence.type != "fence":
+            break
+        text += "\n" + fence.markup
     if truncated:
-        out.append(f"\n*… preview cut at {max_chars:,} characters; the full document is in document.md*")
-    return "\n".join(out)
+        text += f"\n\n*… preview cut at {max_chars:,} characters; the full document is in document.md*"
+    return text
 
 
 def iter_text(items: Iterable[Mapping[str, Any]]) -> Iterable[str]:

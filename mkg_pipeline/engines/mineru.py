@@ -91,7 +91,15 @@ def _build_routed_client_class() -> type:
     class RoutedHttpVlmClient(HttpVlmClient):  # type: ignore[misc]
         """MinerU's HTTP client with every request sent through our guarded VLLMClient, answers validated."""
 
-        def __init__(self, vllm_client: VLLMClient, *, system_prompt: str, max_tokens: int, max_reasks: int) -> None:
+        def __init__(
+            self,
+            vllm_client: VLLMClient,
+            *,
+            system_prompt: str,
+            max_tokens: int,
+            max_reasks: int,
+            max_concurrency: int,
+        ) -> None:
             self._vllm = vllm_client
             self._max_tokens = max_tokens
             self._max_reasks = max_reasks
@@ -100,6 +108,7 @@ def _build_routed_client_class() -> type:
                 server_url=vllm_client.server_url,
                 system_prompt=system_prompt,
                 allow_truncated_content=True,  # we judge finish_reason ourselves
+                max_concurrency=max_concurrency,  # its own semaphore, if MinerU ever passes none
                 skip_model_name_checking=True,  # no network I/O at construction
                 max_retries=0,  # retries happen once, in VLLMClient
                 use_tqdm=False,
@@ -197,6 +206,7 @@ class MinerUEngine:
             system_prompt=original.system_prompt,
             max_tokens=settings.answers.max_tokens,
             max_reasks=settings.answers.max_reasks,
+            max_concurrency=settings.vllm.max_in_flight,
         )
         original._client.close()  # the unused sync pool MinerU opened; its async pools are never created
 

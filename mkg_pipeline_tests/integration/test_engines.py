@@ -10,7 +10,7 @@ import pymupdf
 import pytest
 
 from mkg_pipeline.config import MinerUConfig, VLLMServerConfig
-from mkg_pipeline.engines import PageInput, PageResult, build_engine
+from mkg_pipeline.engines import AnswerRejected, PageInput, PageResult, build_engine
 from mkg_pipeline.outputs import CONTENT_LIST_SCHEMA
 from mkg_pipeline.quality import similarity
 from mkg_pipeline.vllm.client import VLLMClient
@@ -122,3 +122,17 @@ async def test_tiny_image_pages_neither_crash_nor_hang(engine_name: str, local_v
             result = await engine.extract(_page("scanned-images-6p.pdf", index))
             assert isinstance(result.markdown, str)
             assert_mineru_compatible(result, index)
+
+
+@pytest.mark.parametrize("engine_name", ENGINES)
+async def test_answer_cut_at_max_tokens_is_rejected_not_returned(engine_name: str, local_vlm_server) -> None:
+    """Issue 9 row 11 through the real server: it stops at max_tokens with finish_reason "length"."""
+    settings = MinerUConfig.model_validate({"answers": {"max_tokens": 16, "max_reasks": 1}})
+    page = _page("minimal-document.pdf", 0)  # a sparse page: cheap to read twice
+    before = _requests_sent()
+    async with _client(local_vlm_server) as client:
+        with pytest.raises(AnswerRejected) as caught:
+            await build_engine(engine_name, client, settings).extract(page)
+    assert caught.value.reason == "truncated"
+    assert caught.value.requests == _requests_sent() - before
+    assert caught.value.requests >= 2  # the first ask and one re-ask with 32 tokens, at least

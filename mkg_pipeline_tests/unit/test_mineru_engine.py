@@ -250,7 +250,7 @@ async def test_mineru_concurrency_is_not_capped_below_the_limiter() -> None:
     )
     async with client:
         engine = build_engine("mineru", client, config)
-        assert engine._mineru.max_concurrency == config.vllm.max_in_flight
+        assert engine._mineru.max_concurrency == engine._mineru.client.max_concurrency == config.vllm.max_in_flight
         result = await engine.extract(PageInput(buffer.getvalue(), 0, 10, "doc=c page=1"))
     assert peak == blocks and result.requests == blocks + 1
 

@@ -59,6 +59,15 @@ def render(markdown: str) -> tuple[str, _Reader]:
     return html, reader
 
 
+def raw_html(markdown: str) -> list[str]:
+    """The raw HTML a CommonMark renderer would pass through (blocks and inline)."""
+    found = []
+    for token in MarkdownIt("commonmark").enable("table").parse(markdown):
+        found += [token.content] if token.type == "html_block" else []
+        found += [child.content for child in token.children or [] if child.type == "html_inline"]
+    return found
+
+
 def document(first_page: str) -> tuple[str, list[dict]]:
     pages = [
         {"page": 1, "markdown": first_page, "content_list": [{"type": "text", "text": first_page, "page_idx": 0}]},
@@ -97,6 +106,10 @@ def assert_pages_intact(markdown: str) -> _Reader:
         pytest.param("<div>\n<table><tr><td>cell", id="unclosed-table"),
         pytest.param("```\n<!-- page 2 -->\n```", id="marker-inside-fence"),
         pytest.param("$$\nx = 1", id="unclosed-display-math"),
+        pytest.param("$$\n```\n$$\n<script>alert(1)</script>", id="fence-inside-math"),
+        pytest.param("- item\n  ```\n<script>alert(1)</script>", id="list-item-fence-ends-with-the-item"),
+        pytest.param("> ```\n> <!--\n\n<script>", id="blockquote-fence"),
+        pytest.param("<div>\n```\n</div>\n<script>", id="fence-revealed-by-escaping"),
     ],
 )
 def test_hostile_page_text_cannot_hide_or_forge_pages(hostile: str) -> None:
@@ -198,6 +211,7 @@ def test_preview_has_no_raw_html_and_shows_pages_and_tables() -> None:
         ]
     )
     preview = preview_markdown(markdown)
+    assert not raw_html(preview)
     _, reader = render(preview)
     assert "— page 1 —" in "".join(reader.visible) and "— page 2 —" in "".join(reader.visible)
     assert not reader.comments and "script" not in reader.tags
@@ -229,3 +243,71 @@ def test_page_record_round_trips_through_json_and_assembles() -> None:
     stored = json.loads(json.dumps(record, ensure_ascii=False).encode("utf-8"))
     assert stored["images"] == ["images/" + "a" * 64 + ".jpg"] and stored["requests"] == 3
     assert assemble_document([stored]) == ("<!-- page 1 -->\n\nText\n", result.content_list)
+
+
+FRAGMENTS = [
+    "<!--",
+    "-->",
+    "<!-- page 2 -->",
+    "```",
+    "````js",
+    "~~~",
+    "    code",
+    "- ```",
+    "> <!--",
+    "$$",
+    "\\[",
+    "<script>",
+    "</script>",
+    "<pre>",
+    "<style>",
+    "<textarea>",
+    "<table>",
+    "<table><tr><td>",
+    "</table>",
+    "<td>",
+    "<div>",
+    "<sup>",
+    "</sup>",
+    "<img src=x onerror=alert(1)>",
+    "<a href=javascript:x>",
+    "`",
+    "``",
+    "\\",
+    "[x](javascript:x)",
+    "<![CDATA[",
+    "<?",
+    "<!X",
+    "plain words",
+    "",
+    "\ud800",
+    "| a | b |",
+    "|---|---|",
+    "* item",
+    "1. item",
+    "<http://example.com>",
+    "&lt;script&gt;",
+    "\t<!--",
+    "   <table>",
+    "  ```",
+    "- item",
+    "<br>",
+    "\\$$",
+]
+
+
+def test_random_hostile_pages_never_swallow_the_next_page() -> None:
+    """A seeded fuzz over fragments that open things: every document keeps its pages."""
+    import random
+
+    rng = random.Random(20240610)
+    allowed = {"p", "table", "tr", "td", "th", "thead", "tbody", "sup", "sub", "br", "b", "i", "em", "strong"}
+    allowed |= {"u", "code", "pre", "a", "ul", "ol", "li", "blockquote", "h1", "h2", "hr", "img"}
+    for _ in range(400):
+        lines = [" ".join(rng.choice(FRAGMENTS) for _ in range(rng.randint(1, 3))) for _ in range(rng.randint(1, 8))]
+        hostile = "\n".join(lines)
+        markdown, _ = document(hostile)
+        reader = assert_pages_intact(markdown)
+        assert set(reader.tags) <= allowed, (hostile, reader.tags)
+        assert safe_page_markdown(safe_page_markdown(hostile)) == safe_page_markdown(hostile), hostile
+        assert not raw_html(preview_markdown(markdown)), hostile
