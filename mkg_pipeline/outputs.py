@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import html
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from html.parser import HTMLParser
 from typing import TYPE_CHECKING, Any
@@ -641,15 +641,3 @@ def preview_markdown(markdown: str, max_chars: int | None = None) -> str:
     if truncated:
         text += f"\n\n*… preview cut at {max_chars:,} characters; the full document is in document.md*"
     return text
-
-
-def iter_text(items: Iterable[Mapping[str, Any]]) -> Iterable[str]:
-    """Every piece of text a content list holds (captions, table cells, code), for emptiness checks."""
-    for item in items:
-        for key in ("text", "code_body"):
-            if item.get(key):
-                yield str(item[key])
-        if item.get("table_body"):
-            yield html_to_text(str(item["table_body"]))
-        for key in ("image_caption", "image_footnote", "table_caption", "table_footnote", "code_caption"):
-            yield from (str(v) for v in item.get(key) or [])
