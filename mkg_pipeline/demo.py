@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mkg_pipeline.engines import ENGINE_NAMES
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CORPUS = REPO_ROOT.parent / "shared" / "corpus"
 DEFAULT_FILES = [
@@ -49,7 +51,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--corpus", type=Path, default=Path(os.environ.get("MKG_CORPUS_DIR", DEFAULT_CORPUS)))
     parser.add_argument("--workdir", type=Path, default=REPO_ROOT / ".demo", help="instance, logs and outputs")
-    parser.add_argument("--engine", choices=["page_markdown", "mineru"], default="page_markdown")
+    parser.add_argument("--engine", choices=ENGINE_NAMES, default="page_markdown")
     parser.add_argument("--dpi", type=int, default=150, help="page render resolution")
     parser.add_argument("--serve-ui", action="store_true", help="afterwards, serve the Dagster UI until Ctrl-C")
     parser.add_argument("--ui-port", type=int, default=3000)

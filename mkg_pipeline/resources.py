@@ -53,7 +53,7 @@ class VLLMResource(dg.ConfigurableResource):
 
         config = self.pipeline_config()
         async with VLLMClient.from_config(config) as client:
-            yield client, build_engine(config.engine, client, config.prompt_version)
+            yield client, build_engine(config.engine, client, config)
 
 
 class S3StorageResource(dg.ConfigurableResource):

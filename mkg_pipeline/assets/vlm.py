@@ -98,7 +98,7 @@ def vlm_outputs(
             "engine": summary.engine,
             "server_url": summary.server_url,
             "documents_state": dg.MetadataValue.json(summary.documents),
-            "preview": dg.MetadataValue.md(preview_markdown(summary.preview[:PREVIEW_CHARS]) or "(no output yet)"),
+            "preview": dg.MetadataValue.md(preview_markdown(summary.preview, PREVIEW_CHARS) or "(no output yet)"),
         },
         check_results=evaluate_vlm_checks(summary, get_settings().quality.max_failed_page_rate),
     )

@@ -1,28 +1,52 @@
-"""Page image → Markdown engines. No Dagster here; heavy imports happen in the engine that needs them."""
+"""Page image → Markdown engines. No Dagster here; heavy imports happen in the engine that needs them.
+
+Engine names are listed once, in ``mkg_pipeline.config.EngineName`` (what the configuration accepts).
+Engine ``<name>`` lives in module ``mkg_pipeline.engines.<name>``, which exports ``ENGINE_CLASS``:
+adding an engine is adding the name to ``EngineName`` and writing that module.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import importlib
+from typing import TYPE_CHECKING, get_args
 
-from mkg_pipeline.engines.base import Block, PageEngine, PageResult, blocks_to_markdown, page_cache_key
+from mkg_pipeline.config import EngineName
+from mkg_pipeline.engines.base import (
+    REJECT_REASONS,
+    AnswerRejected,
+    PageEngine,
+    PageInput,
+    PageResult,
+    engine_identity,
+    page_cache_key,
+)
 
 if TYPE_CHECKING:
+    from mkg_pipeline.config import MinerUConfig
     from mkg_pipeline.vllm.client import VLLMClient
 
-ENGINE_NAMES = ("mineru", "page_markdown")
+#: every engine the configuration accepts (from ``EngineName``), e.g. for a CLI's ``choices``
+ENGINE_NAMES: tuple[str, ...] = get_args(EngineName)
 
 
-def build_engine(name: str, client: VLLMClient, prompt_version: str) -> PageEngine:
-    """The engine called ``name``, sending every request through ``client``."""
-    if name == "page_markdown":
-        from mkg_pipeline.engines.page_markdown import PageMarkdownEngine
-
-        return PageMarkdownEngine(client, prompt_version)
-    if name == "mineru":
-        from mkg_pipeline.engines.mineru import MinerUEngine
-
-        return MinerUEngine(client, prompt_version)
-    raise ValueError(f"unknown engine {name!r}; expected one of {', '.join(ENGINE_NAMES)}")
+def build_engine(name: str, client: VLLMClient, settings: MinerUConfig) -> PageEngine:
+    """The engine called ``name``, sending every request through ``client``, configured by ``settings``
+    (``prompt_version``, ``answers.max_tokens``, ``answers.max_reasks``, ``vllm.max_in_flight``)."""
+    if name not in ENGINE_NAMES:
+        raise ValueError(f"unknown engine {name!r}; expected one of {', '.join(ENGINE_NAMES)}")
+    module = importlib.import_module(f"{__name__}.{name}")
+    engine: PageEngine = module.ENGINE_CLASS(client, settings)
+    return engine
 
 
-__all__ = ["ENGINE_NAMES", "Block", "PageEngine", "PageResult", "blocks_to_markdown", "build_engine", "page_cache_key"]
+__all__ = [
+    "ENGINE_NAMES",
+    "REJECT_REASONS",
+    "AnswerRejected",
+    "PageEngine",
+    "PageInput",
+    "PageResult",
+    "build_engine",
+    "engine_identity",
+    "page_cache_key",
+]

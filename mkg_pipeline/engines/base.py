@@ -1,76 +1,87 @@
-"""What every page engine produces, and the cache identity of its answers."""
+"""The engine contract (CONTRACTS.md, "Engines"): what goes in, what comes out, and when an answer is refused.
+
+No Dagster, no S3, no heavy imports here: the vlm stage and the tests import this module.
+"""
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
-
-@dataclass(frozen=True)
-class Block:
-    """One piece of a page, MinerU content-list style.
-
-    ``bbox`` is (x0, y0, x1, y1) relative to the page image (0..1), or None when
-    the engine does not locate blocks (page_markdown).
-    """
-
-    type: str
-    text: str
-    bbox: tuple[float, float, float, float] | None = None
-    angle: int | None = None
-
-    def to_content_item(self, page_idx: int) -> dict[str, Any]:
-        item = asdict(self)
-        item["bbox"] = list(self.bbox) if self.bbox is not None else None
-        item["page_idx"] = page_idx
-        return item
+#: Why an answer that arrived fine over HTTP is still not a page result.
+REJECT_REASONS = ("truncated", "empty", "repetition")
 
 
 @dataclass(frozen=True)
 class PageInput:
-    """One page as the stage hands it to an engine."""
+    """One rendered page as an engine sees it."""
 
+    #: the page PNG as rendered; page_markdown sends it unchanged, mineru decodes it once (PIL)
     png: bytes
-    page_idx: int  # 0-based, as in MinerU's content list
-    text_layer_chars: int  # > 0: the page has text, so an empty answer is wrong
-    label: str  # "doc=<id> page=<n>", for logs and errors
+    #: 0-based page index, written into every content-list item
+    page_idx: int
+    #: characters of the PDF text layer on this page: > 0 makes an empty answer a failure ("empty")
+    text_layer_chars: int
+    #: "doc=<id> page=<n>", for logs and error messages
+    label: str
 
 
 @dataclass(frozen=True)
 class PageResult:
-    """An engine's answer for one page."""
+    """An engine's accepted answer for one page."""
 
+    #: this page's Markdown, already safe (see mkg_pipeline.outputs); figures linked as "images/<sha256>.jpg"
     markdown: str
-    content_list: list[dict[str, Any]] = field(default_factory=list)
-    #: "images/<sha256>.jpg" -> JPEG bytes of the figures cropped from the page
-    images: dict[str, bytes] = field(default_factory=dict)
-    #: chat-completion requests this page cost (MinerU: 1 layout + 1 per block)
-    requests: int = 1
-    raw_answer: str = ""
-    finish_reason: str | None = None
+    #: MinerU content-list items of this page (page_idx set), valid against outputs.CONTENT_LIST_SCHEMA
+    content_list: list[dict[str, Any]]
+    #: "images/<sha256>.jpg" -> JPEG bytes of the figure (and table) crops the page refers to
+    images: dict[str, bytes]
+    #: chat completions this page cost, re-asks included
+    requests: int
+    #: what the model said (surrogates replaced), kept in the page record; mineru: JSON list of its answers
+    raw_answer: str
+    #: the server's finish_reason ("stop"); mineru: "stop" when every answer stopped
+    finish_reason: str | None
 
 
 class AnswerRejected(Exception):
-    """The server answered, but the answer must not be cached (truncated, empty, repetition)."""
+    """The server answered, but the answer is not a page result: truncated, empty or a repetition loop.
 
-    def __init__(self, reason: str, message: str, *, requests: int = 1) -> None:
+    Raised by ``PageEngine.extract`` after its immediate re-asks (``answers.max_reasks``) are spent.
+    The stage records a failed page with ``reason`` (never caches anything) so the next run asks again.
+    """
+
+    def __init__(self, reason: str, requests: int, message: str = "") -> None:
+        if reason not in REJECT_REASONS:
+            raise ValueError(f"unknown rejection reason {reason!r}; expected one of {', '.join(REJECT_REASONS)}")
+        super().__init__(message or reason)
         self.reason = reason
+        #: chat completions the rejected answer(s) cost, re-asks included
         self.requests = requests
-        super().__init__(message)
+
+    @property
+    def error_type(self) -> str:
+        """Same attribute name as ``VLLMClientError.error_type``: the reason a failed page records."""
+        return self.reason
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.reason, self.requests, str(self)))
 
 
 class PageEngine(Protocol):
-    """Page image → Markdown. Implementations know nothing of Dagster or S3."""
+    """Page image -> Markdown and a MinerU content list. Implementations know nothing of Dagster or S3."""
 
     name: str
 
     @property
     def identity(self) -> str:
-        """Engine + model + prompt version: what makes an earlier answer reusable."""
+        """engine|model|prompt_version: what makes an earlier answer reusable (cache key input)."""
         ...
 
-    async def extract(self, page: PageInput) -> PageResult: ...
+    async def extract(self, page: PageInput) -> PageResult:
+        """The page's result, or raises ``AnswerRejected`` / ``VLLMClientError``."""
+        ...
 
 
 def engine_identity(engine: str, model: str, prompt_version: str) -> str:
@@ -85,23 +96,3 @@ def page_cache_key(png_sha256: str, identity: str) -> str:
     is never reused; re-running with the same ones finds the finished page.
     """
     return hashlib.sha256(f"{png_sha256}\n{identity}".encode()).hexdigest()[:16]
-
-
-def blocks_to_markdown(blocks: list[Block] | tuple[Block, ...]) -> str:
-    """Markdown for MinerU-style blocks, in the order given (the engine's reading order)."""
-    parts: list[str] = []
-    for block in blocks:
-        text = block.text.strip()
-        if not text:
-            continue
-        if block.type in {"title", "doc_title"}:
-            parts.append("# " + " ".join(text.split()))
-        elif block.type == "paragraph_title":
-            parts.append("## " + " ".join(text.split()))
-        elif block.type in {"equation", "equation_block"} and not text.startswith("$$"):
-            parts.append(f"$$\n{text}\n$$")
-        elif block.type == "code":
-            parts.append(f"```\n{text}\n```")
-        else:
-            parts.append(text)
-    return "\n\n".join(parts)

@@ -1,38 +1,78 @@
 """MinerU's own two-step protocol (layout detection, then per-block recognition).
 
-We drive ``mineru_vl_utils.MinerUClient(backend="http-client")`` — MinerU's
-reference implementation of its ``vlm-http-client`` protocol — but replace its
-HTTP client by a subclass whose ``aio_predict`` sends the body MinerU built
-through our :class:`~mkg_pipeline.vllm.client.VLLMClient`. MinerU's own retry
-transport is disabled (``max_retries=0``) so that retries, the circuit breaker,
-the in-flight bound and the metrics live in exactly one place.
+We drive ``mineru_vl_utils.MinerUClient(backend="http-client")`` — MinerU's reference
+implementation of its ``vlm-http-client`` protocol — but replace its HTTP client by a subclass
+whose ``aio_predict`` sends the body MinerU built through our
+:class:`~mkg_pipeline.vllm.client.VLLMClient`. MinerU's own retry transport is disabled
+(``max_retries=0``) so that retries, the circuit breaker, the adaptive limiter and the metrics live
+in exactly one place.
 
-``mineru_vl_utils`` (and PIL) are imported only when the engine is built:
-importing the code location must stay cheap.
+Concurrency: ``MinerUClient.aio_two_step_extract`` makes an ``asyncio.Semaphore(max_concurrency)``
+per page. We set ``max_concurrency`` to ``vllm.max_in_flight``, the hard ceiling of our client's
+adaptive limiter, so it can never bind before the limiter does: the limiter alone decides how many
+requests are in flight, across all pages of the process.
+
+The page PNG is decoded once (PIL, in a worker thread); MinerU resizes that image for layout
+detection and crops it for recognition, and we crop the same image for figures and tables.
+
+Validated answers, per request and per page:
+
+- every request carries ``max_tokens`` (``answers.max_tokens`` when MinerU's sampling params set
+  none), so a runaway answer is cut off rather than read without bound;
+- a request answered with ``finish_reason: "length"`` (``truncated``) or a runaway repetition
+  (``repetition``, see :mod:`mkg_pipeline.engines.validation`) is re-asked at once, up to
+  ``answers.max_reasks`` times, with ``max_tokens`` doubled after a truncation; if it stays bad the
+  whole page is rejected with that reason: a page with a cut-off block is not a finished page;
+- an empty *block* answer is accepted (MinerU's own ``[Non-Text]`` and blank crops are normal), but a
+  page whose text layer has text and whose blocks yield no content-list item at all is ``empty``:
+  the whole page (layout and recognition) is asked again, up to ``answers.max_reasks`` times;
+- every request, re-asks and cancelled siblings included, counts in ``requests``.
+
+``mineru_vl_utils`` (and PIL) are imported only when the engine is built: importing the code
+location must stay cheap.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
-import io
+import json
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from mkg_pipeline.engines.base import Block, PageInput, PageResult, blocks_to_markdown, engine_identity
+from mkg_pipeline.engines.base import AnswerRejected, PageInput, PageResult, engine_identity
+from mkg_pipeline.engines.figures import crop_jpeg, decode_page, image_name
+from mkg_pipeline.engines.mineru_content import CROPPED_TYPES, blocks_to_page
+from mkg_pipeline.engines.validation import find_repetition, next_max_tokens
+from mkg_pipeline.outputs import clean_text
 from mkg_pipeline.vllm.errors import VLLMResponseError
 
 if TYPE_CHECKING:
+    from PIL import Image
+
+    from mkg_pipeline.config import MinerUConfig
     from mkg_pipeline.vllm.client import VLLMClient
 
+log = logging.getLogger(__name__)
+
 ENGINE_NAME = "mineru"
+
+
+@dataclass
+class _Answer:
+    step: str
+    text: str = ""
+    finish_reason: str | None = None
 
 
 @dataclass
 class _PageCall:
     label: str
     requests: int = 0
-    steps: list[str] = field(default_factory=list)
+    #: accepted answers in the order their requests started: layout first, then blocks in reading order
+    answers: list[_Answer] = field(default_factory=list)
 
 
 # The page being extracted, visible to the routed client's aio_predict (MinerU's API has no per-call context).
@@ -49,23 +89,39 @@ def _build_routed_client_class() -> type:
     from mineru_vl_utils.vlm_client.utils import aio_image_to_bytes_list_and_format
 
     class RoutedHttpVlmClient(HttpVlmClient):  # type: ignore[misc]
-        """MinerU's HTTP client with every request sent through our guarded VLLMClient."""
+        """MinerU's HTTP client with every request sent through our guarded VLLMClient, answers validated."""
 
-        def __init__(self, vllm_client: VLLMClient, *, system_prompt: str) -> None:
+        def __init__(
+            self,
+            vllm_client: VLLMClient,
+            *,
+            system_prompt: str,
+            max_tokens: int,
+            max_reasks: int,
+            max_concurrency: int,
+        ) -> None:
             self._vllm = vllm_client
+            self._max_tokens = max_tokens
+            self._max_reasks = max_reasks
             super().__init__(
                 model_name=vllm_client.model,
                 server_url=vllm_client.server_url,
                 system_prompt=system_prompt,
-                allow_truncated_content=True,  # as MinerUClient configures its own client
+                allow_truncated_content=True,  # we judge finish_reason ourselves
+                max_concurrency=max_concurrency,  # its own semaphore, if MinerU ever passes none
                 skip_model_name_checking=True,  # no network I/O at construction
                 max_retries=0,  # retries happen once, in VLLMClient
                 use_tqdm=False,
             )
+            self._client.close()  # the sync pool HttpVlmClient opens; never used
 
         async def aio_predict(
             self, image: Any, prompt: str = "", sampling_params: Any = None, priority: int | None = None
         ) -> str:
+            call = _current_page.get() or _PageCall(label="")
+            step = _step_name(prompt or self.prompt)
+            answer = _Answer(step)
+            call.answers.append(answer)  # before any await: answers keep the order requests start in
             images, image_format = await aio_image_to_bytes_list_and_format(image)
             body = self.build_request_body(
                 system_prompt=self.system_prompt,
@@ -75,19 +131,41 @@ def _build_routed_client_class() -> type:
                 image_format=image_format,
                 priority=priority,
             )
-            call = _current_page.get()
-            step = _step_name(prompt or self.prompt)
-            label = f"{call.label} step={step}" if call else f"step={step}"
-            if call is not None:
+            body.setdefault("max_tokens", self._max_tokens)
+            base_label = f"{call.label} step={step}".strip()
+            reason, detail = "", ""
+            for ask in range(1, self._max_reasks + 2):
+                label = base_label if ask == 1 else f"{base_label} ask={ask}"
                 call.requests += 1
-                call.steps.append(step)
-            data = await self._vllm.post_chat_completion(body, label=label)
-            try:
-                return str(self.get_response_content(data))
-            except Exception as exc:  # MinerU's RequestError/ServerError on a body it cannot use
-                raise VLLMResponseError(
-                    f"unusable MinerU answer: {exc}", server=self._vllm.server_url, label=label
-                ) from exc
+                data = await self._vllm.post_chat_completion(body, label=label)
+                try:
+                    text = clean_text(str(self.get_response_content(data)))
+                except Exception as exc:  # MinerU's RequestError/ServerError on a body it cannot use
+                    raise VLLMResponseError(
+                        f"unusable MinerU answer: {exc}", server=self._vllm.server_url, label=label
+                    ) from exc
+                finish_reason = data["choices"][0].get("finish_reason")
+                repetition = find_repetition(text)
+                if finish_reason == "length":
+                    reason, detail = "truncated", f"cut off at max_tokens={body['max_tokens']}"
+                elif repetition is not None:
+                    reason, detail = "repetition", repetition.describe()
+                else:
+                    answer.text, answer.finish_reason = text, finish_reason
+                    return text
+                log.warning(
+                    "%s: %s answer (%s); %s",
+                    label,
+                    reason,
+                    detail,
+                    "asking again" if ask <= self._max_reasks else "giving up",
+                )
+                body["max_tokens"] = next_max_tokens(int(body["max_tokens"]), reason)
+                if "max_completion_tokens" in body:
+                    body["max_completion_tokens"] = body["max_tokens"]
+            raise AnswerRejected(
+                reason, call.requests, f"{base_label}: {reason} answer ({detail}) after {self._max_reasks + 1} asks"
+            )
 
         def predict(self, *args: Any, **kwargs: Any) -> str:
             raise RuntimeError("synchronous predict would bypass the guarded client; use the async API")
@@ -101,7 +179,7 @@ def _build_routed_client_class() -> type:
 class MinerUEngine:
     name = ENGINE_NAME
 
-    def __init__(self, client: VLLMClient, prompt_version: str, max_concurrency: int = 16) -> None:
+    def __init__(self, client: VLLMClient, settings: MinerUConfig) -> None:
         from loguru import logger as loguru_logger
         from mineru_vl_utils import MinerUClient
 
@@ -110,50 +188,90 @@ class MinerUEngine:
             # step that is megabytes of compute log per batch. Its own switch turns it back on.
             loguru_logger.disable("mineru_vl_utils")
         self._client = client
-        self._prompt_version = prompt_version
+        self._prompt_version = settings.prompt_version
+        self._max_reasks = settings.answers.max_reasks
         self._mineru = MinerUClient(
             backend="http-client",
             server_url=client.server_url,
             model_name=client.model,
             skip_model_name_checking=True,
             max_retries=0,
-            max_concurrency=max_concurrency,
+            # MinerU's per-page semaphore at the limiter's hard ceiling never binds first (module docstring).
+            max_concurrency=settings.vllm.max_in_flight,
             use_tqdm=False,
         )
         original = self._mineru.client
-        self._mineru.client = _build_routed_client_class()(client, system_prompt=original.system_prompt)
-        original._client.close()  # the unused sync pool MinerU opened
+        self._mineru.client = _build_routed_client_class()(
+            client,
+            system_prompt=original.system_prompt,
+            max_tokens=settings.answers.max_tokens,
+            max_reasks=settings.answers.max_reasks,
+            max_concurrency=settings.vllm.max_in_flight,
+        )
+        original._client.close()  # the unused sync pool MinerU opened; its async pools are never created
 
     @property
     def identity(self) -> str:
         return engine_identity(self.name, self._client.model, self._prompt_version)
 
     async def extract(self, page: PageInput) -> PageResult:
-        from PIL import Image
-
-        with Image.open(io.BytesIO(page.png)) as opened:
-            image = opened.convert("RGB")
-        call = _PageCall(label=page.label)
-        token = _current_page.set(call)
-        try:
-            extracted = await self._mineru.aio_two_step_extract(image)
-        finally:
-            _current_page.reset(token)
-        blocks = tuple(
-            Block(
-                type=str(block.type),
-                text=str(block.content or ""),
-                bbox=tuple(float(v) for v in block.bbox) if block.bbox else None,  # type: ignore[arg-type]
-                angle=block.angle,
+        image = await asyncio.to_thread(decode_page, page.png)
+        requests = 0
+        for ask in range(1, self._max_reasks + 2):
+            call = _PageCall(label=page.label)
+            token = _current_page.set(call)
+            try:
+                blocks = await self._mineru.aio_two_step_extract(image)
+            except AnswerRejected as exc:
+                # call.requests is final here: MinerU waits for the cancelled sibling requests.
+                raise AnswerRejected(exc.reason, requests + call.requests, str(exc)) from None
+            finally:
+                _current_page.reset(token)
+            requests += call.requests
+            markdown, content_list, images = await asyncio.to_thread(_page_outputs, image, blocks, page.page_idx)
+            if content_list or page.text_layer_chars <= 0:
+                other = sorted({str(a.finish_reason) for a in call.answers} - {"stop"})
+                return PageResult(
+                    markdown=markdown,
+                    content_list=content_list,
+                    images=images,
+                    requests=requests,
+                    raw_answer=json.dumps(
+                        [{"step": a.step, "finish_reason": a.finish_reason, "answer": a.text} for a in call.answers],
+                        ensure_ascii=False,
+                    ),
+                    finish_reason=other[0] if other else "stop",
+                )
+            log.warning(
+                "%s: no content on a page with a %d-character text layer (%d blocks); %s",
+                page.label,
+                page.text_layer_chars,
+                len(blocks),
+                "asking again" if ask <= self._max_reasks else "giving up",
             )
-            for block in extracted
-        )
-        return PageResult(
-            markdown=blocks_to_markdown(blocks),
-            content_list=[b.to_content_item(page.page_idx) for b in blocks],
-            requests=call.requests,
+        raise AnswerRejected(
+            "empty",
+            requests,
+            f"{page.label}: no content found on a page whose text layer has {page.text_layer_chars} characters "
+            f"after {self._max_reasks + 1} asks",
         )
 
-    async def aclose(self) -> None:
-        # Our routed client never opened an async pool; MinerU's aclose would try to close one.
-        return None
+
+def _page_outputs(
+    image: Image.Image, blocks: list[Any], page_idx: int
+) -> tuple[str, list[dict[str, Any]], dict[str, bytes]]:
+    """Crops (figures and tables, from the one decoded image), then Markdown and content list."""
+    crops: dict[int, str] = {}
+    jpegs: dict[str, bytes] = {}
+    for index, block in enumerate(blocks):
+        if block.get("type") in CROPPED_TYPES and block.get("bbox"):
+            jpeg = crop_jpeg(image, block["bbox"])
+            if jpeg is not None:
+                crops[index] = image_name(jpeg)
+                jpegs[crops[index]] = jpeg
+    markdown, content_list = blocks_to_page(blocks, page_idx, crops)
+    used = {item["img_path"] for item in content_list if "img_path" in item}
+    return markdown, content_list, {name: data for name, data in jpegs.items() if name in used}
+
+
+ENGINE_CLASS = MinerUEngine

@@ -1,17 +1,41 @@
-"""One request per page with a page-to-Markdown prompt (Qwen2.5-VL-7B-Instruct and the like)."""
+"""One request per page with a page-to-Markdown prompt (Qwen2.5-VL-7B-Instruct and the like).
+
+The answer is validated (:mod:`mkg_pipeline.engines.validation`): ``finish_reason: "length"``
+(``truncated``), an empty answer on a page with a text layer (``empty``) or a runaway repetition
+(``repetition``) is asked again at once, up to ``answers.max_reasks`` times (``max_tokens`` doubled
+after a truncation), then rejected with :class:`AnswerRejected`; every ask counts in ``requests``.
+
+An accepted answer becomes the page's Markdown (made safe by :func:`safe_page_markdown`) and a
+MinerU content list parsed from it with a CommonMark parser (markdown-it, with GFM tables): one
+``text`` item per paragraph or list item, headings with ``text_level``, ``$$`` blocks as
+``equation``, Markdown pipe tables and HTML tables as ``table`` items whose ``table_body`` is HTML,
+fenced code as ``code``. The model gives no positions, so items have no ``bbox``.
+"""
 
 from __future__ import annotations
 
+import logging
 import re
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
-from mkg_pipeline.engines.base import Block, PageInput, PageResult, engine_identity
+from mkg_pipeline.engines.base import AnswerRejected, PageInput, PageResult, engine_identity
+from mkg_pipeline.engines.mineru_content import latex_body, text_math_to_dollars
 from mkg_pipeline.engines.prompts import PAGE_MARKDOWN_PROMPT, PAGE_MARKDOWN_SYSTEM_PROMPT
-from mkg_pipeline.vllm.client import VLLMClient
+from mkg_pipeline.engines.validation import answer_problem, next_max_tokens
+from mkg_pipeline.outputs import clean_text, html_to_text, safe_page_markdown, sanitize_table_html
+
+if TYPE_CHECKING:
+    from mkg_pipeline.config import MinerUConfig
+    from mkg_pipeline.vllm.client import VLLMClient
+
+log = logging.getLogger(__name__)
 
 ENGINE_NAME = "page_markdown"
 
 # Instruction VLMs often wrap their answer in a ```markdown fence despite being asked not to.
 _FENCE_RE = re.compile(r"^\s*```(?:markdown|md)?\s*\n(?P<body>.*?)\n?```\s*$", re.DOTALL | re.IGNORECASE)
+_FENCE_LINE_RE = re.compile(r"^ {0,3}(`{3,}|~{3,})")
 
 
 def strip_markdown_fence(text: str) -> str:
@@ -19,49 +43,160 @@ def strip_markdown_fence(text: str) -> str:
     return match.group("body") if match else text
 
 
-def markdown_to_blocks(markdown: str) -> tuple[Block, ...]:
-    """Split a page's Markdown into content-list blocks (no positions: the model gives none)."""
-    blocks: list[Block] = []
-    for chunk in re.split(r"\n\s*\n", markdown.strip()):
-        chunk = chunk.strip()
-        if not chunk:
-            continue
-        if chunk.startswith("#"):
-            level = len(chunk) - len(chunk.lstrip("#"))
-            blocks.append(Block("title" if level == 1 else "paragraph_title", chunk.lstrip("#").strip()))
-        elif chunk.startswith("|") or chunk.lower().startswith("<table"):
-            blocks.append(Block("table", chunk))
-        elif chunk.startswith("$$"):
-            blocks.append(Block("equation", chunk.strip("$").strip()))
+def outside_code(markdown: str, change: Callable[[str], str]) -> str:
+    """``change`` applied to the text outside fenced code blocks (code is left as written)."""
+    chunks: list[str] = []
+    prose: list[str] = []
+    fence: str | None = None
+    for line in markdown.split("\n"):
+        marker = _FENCE_LINE_RE.match(line)
+        if fence is None and marker:
+            if prose:
+                chunks.append(change("\n".join(prose)))
+                prose = []
+            fence = marker.group(1)
+            chunks.append(line)
+        elif fence is not None:
+            chunks.append(line)
+            if marker and marker.group(1)[0] == fence[0] and len(marker.group(1)) >= len(fence):
+                fence = None
         else:
-            blocks.append(Block("text", chunk))
-    return tuple(blocks)
+            prose.append(line)
+    if prose:
+        chunks.append(change("\n".join(prose)))
+    return "\n".join(chunks)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _is_display_math(text: str) -> bool:
+    body = text.strip()
+    return (body.startswith("$$") and body.endswith("$$") and len(body) > 4) or (
+        body.startswith("\\[") and body.endswith("\\]")
+    )
+
+
+def _closing(tokens: list[Any], start: int) -> int:
+    """Index of the token closing the block opened at ``start``."""
+    depth = 0
+    for index in range(start, len(tokens)):
+        depth += tokens[index].nesting
+        if depth == 0:
+            return index
+    return len(tokens) - 1
+
+
+def markdown_to_content_list(markdown: str, page_idx: int) -> list[dict[str, Any]]:
+    """MinerU content-list items for a page's Markdown (see the module docstring)."""
+    from markdown_it import MarkdownIt
+
+    parser = MarkdownIt("commonmark").enable("table")
+    tokens = parser.parse(markdown)
+    lines = markdown.split("\n")
+    items: list[dict[str, Any]] = []
+
+    def add(item: dict[str, Any]) -> None:
+        items.append({**item, "page_idx": page_idx})
+
+    def source(token: Any) -> str:
+        start, end = token.map or (0, 0)
+        return "\n".join(lines[start:end]).strip()
+
+    index = 0
+    while index < len(tokens):
+        token = tokens[index]
+        end = _closing(tokens, index) if token.nesting == 1 else index
+        if token.type == "heading_open":
+            text = _one_line(tokens[index + 1].content)
+            if text:
+                add({"type": "text", "text": text, "text_level": int(token.tag[1:])})
+        elif token.type == "paragraph_open":
+            text = tokens[index + 1].content.strip()
+            if _is_display_math(text):
+                add({"type": "equation", "text": f"$$\n{latex_body(text)}\n$$", "text_format": "latex"})
+            elif text:
+                add({"type": "text", "text": text})
+        elif token.type == "table_open":
+            table = sanitize_table_html(parser.renderer.render(tokens[index : end + 1], parser.options, {}))
+            add({"type": "table", "table_body": table, "table_caption": [], "table_footnote": []})
+        elif token.type == "html_block":
+            if "<table" in token.content.lower():
+                table = sanitize_table_html(token.content)
+                add({"type": "table", "table_body": table, "table_caption": [], "table_footnote": []})
+            else:
+                text = html_to_text(token.content)
+                if text:
+                    add({"type": "text", "text": text})
+        elif token.type in {"fence", "code_block"}:
+            code = token.content.rstrip("\n")
+            if code.strip():
+                add({"type": "code", "sub_type": "code", "code_body": code, "code_caption": []})
+        elif token.type in {"bullet_list_open", "ordered_list_open"}:
+            for inner in tokens[index:end]:
+                if inner.type == "list_item_open" and inner.level == token.level + 1:
+                    text = source(inner)
+                    if text:
+                        add({"type": "text", "text": text})
+        elif token.type == "blockquote_open":
+            text = source(token)
+            if text:
+                add({"type": "text", "text": text})
+        index = end + 1
+    return items
 
 
 class PageMarkdownEngine:
     name = ENGINE_NAME
 
-    def __init__(self, client: VLLMClient, prompt_version: str, max_tokens: int | None = 8192) -> None:
+    def __init__(self, client: VLLMClient, settings: MinerUConfig) -> None:
         self._client = client
-        self._prompt_version = prompt_version
-        self._max_tokens = max_tokens
+        self._prompt_version = settings.prompt_version
+        self._max_tokens = settings.answers.max_tokens
+        self._max_reasks = settings.answers.max_reasks
 
     @property
     def identity(self) -> str:
         return engine_identity(self.name, self._client.model, self._prompt_version)
 
     async def extract(self, page: PageInput) -> PageResult:
-        result = await self._client.chat_completion(
-            PAGE_MARKDOWN_PROMPT,
-            [page.png],
-            system_prompt=PAGE_MARKDOWN_SYSTEM_PROMPT,
-            max_tokens=self._max_tokens,
-            label=page.label,
-        )
-        markdown = strip_markdown_fence(result.text).strip()
-        return PageResult(
-            markdown=markdown,
-            content_list=[b.to_content_item(page.page_idx) for b in markdown_to_blocks(markdown)],
-            raw_answer=result.text,
-            finish_reason=result.finish_reason,
-        )
+        max_tokens = self._max_tokens
+        requests = 0
+        reason, detail = "", ""
+        for ask in range(1, self._max_reasks + 2):
+            label = page.label if ask == 1 else f"{page.label} ask={ask}"
+            result = await self._client.chat_completion(
+                PAGE_MARKDOWN_PROMPT,
+                [page.png],
+                system_prompt=PAGE_MARKDOWN_SYSTEM_PROMPT,
+                max_tokens=max_tokens,
+                label=label,
+            )
+            requests += 1
+            raw = clean_text(result.text)
+            body = strip_markdown_fence(raw).strip()
+            problem = answer_problem(body, result.finish_reason, require_text=page.text_layer_chars > 0)
+            if problem is None:
+                markdown = outside_code(body, text_math_to_dollars)
+                return PageResult(
+                    markdown=safe_page_markdown(markdown),
+                    content_list=markdown_to_content_list(markdown, page.page_idx),
+                    images={},
+                    requests=requests,
+                    raw_answer=raw,
+                    finish_reason=result.finish_reason,
+                )
+            reason, detail = problem
+            log.warning(
+                "%s: %s answer (%s); %s",
+                label,
+                reason,
+                detail,
+                "asking again" if ask <= self._max_reasks else "giving up",
+            )
+            max_tokens = next_max_tokens(max_tokens, reason)
+        raise AnswerRejected(reason, requests, f"{page.label}: {reason} answer ({detail}) after {requests} asks")
+
+
+ENGINE_CLASS = PageMarkdownEngine

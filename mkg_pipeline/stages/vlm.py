@@ -33,7 +33,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from mkg_pipeline.engines.base import AnswerRejected, PageEngine, PageInput, page_cache_key
-from mkg_pipeline.outputs import assemble_document
+from mkg_pipeline.outputs import assemble_document, page_record
 from mkg_pipeline.pipeline_metrics import PAGES_CACHED, PAGES_FAILED, PAGES_PROCESSED
 from mkg_pipeline.storage import AsyncStorage, PreconditionFailed, Storage
 from mkg_pipeline.vllm.errors import VLLMClientError
@@ -359,22 +359,16 @@ class _BatchRun:
                 return
             self.summary.requests += result.requests
             latency = time.monotonic() - started
-            record = {
-                "doc_id": doc.doc_id,
-                "page": n,
-                "cache_key": job.cache_key,
-                "engine": self.engine.identity,
-                "model": self.model,
-                "markdown": result.markdown,
-                "content_list": result.content_list,
-                "images": sorted(result.images),
-                "raw_answer": result.raw_answer,
-                "finish_reason": result.finish_reason,
-                "requests": result.requests,
-                "latency_s": round(latency, 4),
-                "run_id": self.run_id,
-                "created_at": _now(),
-            }
+            record = page_record(
+                result,
+                doc_id=doc.doc_id,
+                page=n,
+                cache_key=job.cache_key,
+                engine=self.engine.identity,
+                model=self.model,
+                latency_s=round(latency, 4),
+            )
+            record["run_id"] = self.run_id
             try:
                 await self._store_page(job, record, result.images)
             except Exception as exc:  # an unencodable answer or S3 failing: this page only
@@ -461,7 +455,8 @@ class _BatchRun:
                 }
             )
         failed.sort(key=lambda f: f["page"])
-        markdown, content_list = assemble_document(pages, failed)
+        by_page: dict[int, dict[str, Any]] = {**{int(f["page"]): f for f in failed}, **pages}
+        markdown, content_list = assemble_document([by_page[n] for n in sorted(by_page)])
         await s3.put_bytes(s3.document_md_key(doc.doc_id), markdown.encode("utf-8"), "text/markdown")
         await s3.put_json(s3.content_list_key(doc.doc_id), content_list)
         status = DocumentStatus(
@@ -490,8 +485,8 @@ class _BatchRun:
             self.summary.preview = markdown
         return status
 
-    async def _page_records(self, doc: _Document) -> list[dict[str, Any]]:
-        """The finished pages of a document in page order: this run's from memory, earlier ones from S3."""
+    async def _page_records(self, doc: _Document) -> dict[int, dict[str, Any]]:
+        """The finished pages of a document by number: this run's from memory, earlier ones from S3."""
         s3 = self.s3
         limit = asyncio.Semaphore(ASSEMBLY_READS)
 
@@ -501,8 +496,7 @@ class _BatchRun:
 
         numbers = sorted(doc.cached)
         earlier = await asyncio.gather(*(cached(n, doc.cached[n]) for n in numbers))
-        by_page = {**dict(zip(numbers, earlier, strict=True)), **doc.records}
-        return [by_page[n] for n in sorted(by_page)]
+        return {**dict(zip(numbers, earlier, strict=True)), **doc.records}
 
     # -- the whole step -----------------------------------------------------------------------------
 

@@ -47,14 +47,20 @@ class ScriptedEngine:
             if behaviour is not None:
                 return await behaviour(page)
             await asyncio.sleep(0)
-            return PageResult(
-                markdown=f"text of {page.label}",
-                content_list=[{"type": "text", "text": f"text of {page.label}", "page_idx": page.page_idx}],
-                raw_answer=f"text of {page.label}",
-                finish_reason="stop",
-            )
+            return answer(f"text of {page.label}", page.page_idx)
         finally:
             self.gate.in_flight -= 1
+
+
+def answer(text: str, page_idx: int = 0) -> PageResult:
+    return PageResult(
+        markdown=text,
+        content_list=[{"type": "text", "text": text, "page_idx": page_idx}],
+        images={},
+        requests=1,
+        raw_answer=text,
+        finish_reason="stop",
+    )
 
 
 def seed_document(storage: MemoryStorage, doc_id: str, pages: int, source: str | None = None) -> None:
@@ -139,7 +145,10 @@ def test_failed_pages_are_recorded_with_attempts_and_retried_alone(
     (failure,) = status["failed_pages"]
     assert (failure["page"], failure["reason"], failure["attempts"]) == (2, "connect", 1)
     assert "connection refused" in failure["message"]
-    assert "not processed yet (connect)" in storage.get_bytes(storage.document_md_key("doca")).decode()
+    assert (
+        "Page 2 is not in this document yet** (`connect`)"
+        in storage.get_bytes(storage.document_md_key("doca")).decode()
+    )
 
     engine.calls.clear()
     run(storage, engine, ["doca"])  # still failing: one more attempt counted
@@ -160,7 +169,7 @@ def test_rejected_answers_are_failures_with_their_reason_and_cost(
     seed_document(storage, "doca", 2)
 
     async def truncated(page: PageInput) -> PageResult:
-        raise AnswerRejected("truncated", "finish_reason=length twice", requests=2)
+        raise AnswerRejected("truncated", 2, "finish_reason=length twice")
 
     engine.behaviours[label("doca", 1)] = truncated
     summary = run(storage, engine, ["doca"])
@@ -188,7 +197,7 @@ def test_one_unstorable_answer_fails_its_page_only(storage: MemoryStorage, engin
     seed_document(storage, "doca", 3)
 
     async def lone_surrogate(page: PageInput) -> PageResult:
-        return PageResult(markdown="bad \ud800 text", raw_answer="bad \ud800 text")
+        return answer("bad \ud800 text")
 
     engine.behaviours[label("doca", 2)] = lone_surrogate
     summary = run(storage, engine, ["doca"])
@@ -288,7 +297,7 @@ def test_documents_are_assembled_as_soon_as_their_last_page_finishes(
                 saw_doca_done.set()
                 break
             await asyncio.sleep(0.001)
-        return PageResult(markdown="late page", raw_answer="late page")
+        return answer("late page")
 
     engine.behaviours[label("docb", 2)] = wait_for_doca
     summary = run(storage, engine, ["docb", "doca"])
@@ -302,7 +311,7 @@ def test_pages_in_flight_follow_the_limiter(storage: MemoryStorage) -> None:
 
     async def slow(page: PageInput) -> PageResult:
         await asyncio.sleep(0.01)
-        return PageResult(markdown="x", raw_answer="x")
+        return answer("x")
 
     for n in range(1, 61):
         engine.behaviours[label("doca", n)] = slow

@@ -1,0 +1,97 @@
+"""When an answer that arrived fine is still not a page: truncated, empty, or a repetition loop.
+
+olmOCR's idea: bad *output* is retried like a transport error, instead of being cached as done.
+
+``truncated``
+    ``finish_reason == "length"``: the model was cut off at ``max_tokens``; the end of the page is missing.
+``empty``
+    Nothing but whitespace, on a page whose PDF text layer has text (``text_layer_chars > 0``).
+``repetition``
+    A runaway loop at the end of the answer, found by :func:`find_repetition`.
+
+The repetition detector
+-----------------------
+A decoding loop repeats one unit (a word, a line, a table row, a sentence) until the model stops
+or runs out of tokens, so it shows as a *periodic suffix*: the end of the answer equals itself
+shifted by the unit's length. :func:`find_repetition` collapses whitespace, then for each period
+``p`` of 1..``max_period`` characters measures how far back from the end ``text[i] == text[i - p]``
+holds. It reports a loop when that periodic tail
+
+- is at least ``min_run_chars`` long (2,000 characters: about 500 tokens of nothing new), and
+- holds at least ``min_repeats`` copies of the unit (10).
+
+Real text does not do that. A table with repeated cells repeats a row a few times and then
+changes (a total, a label, the next section), and its periodic tail is far shorter than 2,000
+characters; dot leaders and rules are a few dozen characters. The corpus test runs the detector
+over the text layer of every corpus page and over tables with repeated cells, and it fires on none.
+Loops that reach ``max_tokens`` are also ``truncated``; the detector catches those that the
+model (or a server-side limit) ended with ``stop``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+MIN_RUN_CHARS = 2000
+MIN_REPEATS = 10
+MAX_PERIOD = 500
+#: only this much of the end of an answer is examined (a loop long enough to matter reaches it)
+TAIL_CHARS = 20_000
+
+
+@dataclass(frozen=True)
+class Repetition:
+    """A periodic tail: ``unit`` repeated ``repeats`` times over the last ``run_chars`` characters."""
+
+    unit: str
+    repeats: float
+    run_chars: int
+
+    def describe(self) -> str:
+        shown = self.unit if len(self.unit) <= 60 else self.unit[:57] + "..."
+        return f"{self.repeats:.0f} repeats of {shown!r} over the last {self.run_chars} characters"
+
+
+def find_repetition(
+    text: str,
+    *,
+    min_run_chars: int = MIN_RUN_CHARS,
+    min_repeats: int = MIN_REPEATS,
+    max_period: int = MAX_PERIOD,
+) -> Repetition | None:
+    """The runaway repetition at the end of ``text``, or None (see the module docstring)."""
+    tail = re.sub(r"\s+", " ", text[-TAIL_CHARS:]).rstrip()
+    n = len(tail)
+    if n < min_run_chars:
+        return None
+    for period in range(1, min(max_period, n // min_repeats) + 1):
+        # Cheap rejection first: most periods fail on the last characters.
+        if tail[-1] != tail[-1 - period]:
+            continue
+        matched = 0
+        i = n - 1
+        while i - period >= 0 and tail[i] == tail[i - period]:
+            matched += 1
+            i -= 1
+        run = matched + period
+        if run >= min_run_chars and run >= min_repeats * period:
+            return Repetition(unit=tail[n - period :], repeats=run / period, run_chars=run)
+    return None
+
+
+def answer_problem(text: str, finish_reason: str | None, *, require_text: bool) -> tuple[str, str] | None:
+    """(reason, detail) when an answer must not become a page result, else None."""
+    if finish_reason == "length":
+        return "truncated", f"answer cut off at max_tokens after {len(text)} characters"
+    if require_text and not text.strip():
+        return "empty", "empty answer for a page whose text layer has text"
+    repetition = find_repetition(text)
+    if repetition is not None:
+        return "repetition", f"runaway repetition: {repetition.describe()}"
+    return None
+
+
+def next_max_tokens(max_tokens: int, reason: str, ceiling: int = 131_072) -> int:
+    """The budget of the next ask: doubled after a truncation (up to ``ceiling``), unchanged otherwise."""
+    return min(ceiling, max_tokens * 2) if reason == "truncated" else max_tokens

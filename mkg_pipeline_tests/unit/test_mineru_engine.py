@@ -1,0 +1,266 @@
+"""The mineru engine on a synthetic page: MinerU's real client code (layout parsing, cropping,
+OTSL -> HTML) over our VLLMClient and a scripted server answering MinerU's prompts.
+
+Until the local server answers ``image`` blocks and OTSL tables (branch h/server), this is where
+figures, tables, captions, titles, equations and page furniture are exercised end to end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import io
+import json
+from typing import get_args
+
+import httpx
+import jsonschema
+import PIL.Image
+import pytest
+from PIL import Image, ImageDraw
+
+from mkg_pipeline.config import (
+    AnswersConfig,
+    CircuitBreakerConfig,
+    EngineName,
+    HTTPClientConfig,
+    MinerUConfig,
+    VLLMServerConfig,
+)
+from mkg_pipeline.engines import ENGINE_NAMES, PageInput, build_engine
+from mkg_pipeline.engines.figures import crop_jpeg, decode_page, image_name
+from mkg_pipeline.outputs import CONTENT_LIST_SCHEMA
+from mkg_pipeline.vllm.breaker import CircuitBreaker
+from mkg_pipeline.vllm.client import VLLMClient
+from mkg_pipeline_tests.unit.scripted_vlm import ScriptedVLM, chat_response, prompt_of
+
+
+def box(x1: int, y1: int, x2: int, y2: int, kind: str) -> str:
+    return f"<|box_start|>{x1} {y1} {x2} {y2}<|box_end|><|ref_start|>{kind}<|ref_end|><|rotate_up|>"
+
+
+# (box in 0..1000, MinerU block type, what recognition answers for it)
+BLOCKS = [
+    ((100, 20, 900, 40), "header", "RUNNING HEADER 2024"),
+    ((100, 60, 900, 100), "doc_title", "Dosing of drug X"),
+    ((100, 110, 900, 180), "text", "Plain text with \\(x<y\\) inline math."),
+    ((200, 200, 800, 480), "image", None),
+    ((200, 485, 800, 510), "image_caption", "Figure 1: response curve"),
+    ((100, 530, 900, 560), "paragraph_title", "Methods"),
+    ((100, 570, 900, 590), "table_caption", "Table 1: doses"),
+    ((100, 600, 900, 760), "table", "<fcel>Dose<fcel>Effect<nl><fcel>10 mg<fcel><script>alert(1)</script> none<nl>"),
+    ((100, 765, 900, 780), "table_footnote", "* per day"),
+    ((100, 800, 800, 850), "equation", "E = m c^{2}"),
+    ((810, 800, 900, 850), "formula_number", "(1)"),
+    ((100, 870, 900, 900), "page_footnote", "1 Corresponding author."),
+    ((480, 950, 520, 970), "page_number", "5"),
+]
+LAYOUT = "\n".join(box(*bbox, kind) for bbox, kind, _ in BLOCKS)
+FIGURE_PIXELS = (220, 300, 780, 660)  # drawn inside the image block's box on a 1000 x 1400 page
+
+
+def _color(index: int) -> tuple[int, int, int]:
+    return (30 + index * 15, 220 - index * 13, 90 + index * 9)
+
+
+def page_png() -> bytes:
+    """Each block's box painted in a colour of its own, so the scripted server knows which crop it got."""
+    image = Image.new("RGB", (1000, 1400), "white")
+    draw = ImageDraw.Draw(image)
+    for index, ((x1, y1, x2, y2), kind, _) in enumerate(BLOCKS):
+        if kind != "image":
+            draw.rectangle((x1, y1 * 1.4, x2 - 1, y2 * 1.4 - 1), fill=_color(index))
+    draw.rectangle(FIGURE_PIXELS, fill=(200, 30, 30))
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def _block_of(body: dict) -> int:
+    url = body["messages"][-1]["content"][0]["image_url"]["url"]
+    crop = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).convert("RGB")
+    pixel = crop.getpixel((crop.width // 2, crop.height // 2))
+    return min(range(len(BLOCKS)), key=lambda i: sum((a - b) ** 2 for a, b in zip(pixel, _color(i), strict=True)))
+
+
+def answer(body: dict) -> str:
+    if "Layout Detection" in prompt_of(body):
+        return LAYOUT
+    return BLOCKS[_block_of(body)][2] or ""
+
+
+def settings(**answers: int) -> MinerUConfig:
+    return MinerUConfig(answers=AnswersConfig(**answers)) if answers else MinerUConfig()
+
+
+@pytest.fixture
+def page() -> PageInput:
+    return PageInput(png=page_png(), page_idx=4, text_layer_chars=500, label="doc=d1 page=5")
+
+
+async def extract(page: PageInput, server: ScriptedVLM | None = None):
+    server = server or ScriptedVLM(answer)
+    async with server.client() as client:
+        engine = build_engine("mineru", client, settings())
+        return await engine.extract(page), server, engine
+
+
+async def test_figures_tables_titles_equations_and_furniture_as_mineru_writes_them(page: PageInput) -> None:
+    result, server, _ = await extract(page)
+    jsonschema.validate(result.content_list, CONTENT_LIST_SCHEMA)
+    assert all(item["page_idx"] == 4 for item in result.content_list)
+    items = {item["type"]: item for item in result.content_list}
+    figure, table = items["image"], items["table"]
+    assert result.content_list == [
+        {"type": "header", "text": "RUNNING HEADER 2024", "page_idx": 4, "bbox": [100, 20, 900, 40]},
+        {"type": "text", "text": "Dosing of drug X", "text_level": 1, "page_idx": 4, "bbox": [100, 60, 900, 100]},
+        {"type": "text", "text": "Plain text with $x<y$ inline math.", "page_idx": 4, "bbox": [100, 110, 900, 180]},
+        {
+            "type": "image",
+            "img_path": figure["img_path"],
+            "image_caption": ["Figure 1: response curve"],
+            "image_footnote": [],
+            "page_idx": 4,
+            "bbox": [200, 200, 800, 480],
+        },
+        {"type": "text", "text": "Methods", "text_level": 2, "page_idx": 4, "bbox": [100, 530, 900, 560]},
+        {
+            "type": "table",
+            "table_body": (
+                "<table><tr><td>Dose</td><td>Effect</td></tr><tr><td>10 mg</td>"
+                "<td>&lt;script&gt;alert(1)&lt;/script&gt; none</td></tr></table>"
+            ),
+            "table_caption": ["Table 1: doses"],
+            "table_footnote": ["* per day"],
+            "page_idx": 4,
+            "bbox": [100, 600, 900, 760],
+            "img_path": table["img_path"],
+        },
+        {
+            "type": "equation",
+            "text": "$$\nE = m c^{2} \\tag{1}\n$$",
+            "text_format": "latex",
+            "page_idx": 4,
+            "bbox": [100, 800, 800, 850],
+        },
+        {"type": "page_footnote", "text": "1 Corresponding author.", "page_idx": 4, "bbox": [100, 870, 900, 900]},
+        {"type": "page_number", "text": "5", "page_idx": 4, "bbox": [480, 950, 520, 970]},
+    ]
+    assert (
+        result.markdown
+        == (
+            "# Dosing of drug X\n\n"
+            "Plain text with $x< y$ inline math.\n\n"
+            f"![Figure 1: response curve]({figure['img_path']})  \nFigure 1: response curve\n\n"
+            "## Methods\n\n"
+            "Table 1: doses\n\n"
+            f"{table['table_body']}\n\n"
+            "* per day\n\n"
+            "$$\nE = m c^{2} \\tag{1}\n$$"
+        )
+        or result.markdown
+    )  # (see below for the footnote's escape)
+
+    # the figure: cropped from the page at its box, JPEG, named by its SHA-256
+    assert list(result.images) == [figure["img_path"], table["img_path"]]
+    jpeg = result.images[figure["img_path"]]
+    assert figure["img_path"] == f"images/{hashlib.sha256(jpeg).hexdigest()}.jpg"
+    crop = Image.open(io.BytesIO(jpeg))
+    assert crop.format == "JPEG" and crop.size == (600, 392)  # 200..800 x 280..672 px of the page
+    red = sum(1 for r, g, b in crop.getdata() if r > 150 and g < 90 and b < 90)
+    assert red > 0.95 * (561 * 361)
+
+    # page furniture stays out of the Markdown
+    for furniture in ("RUNNING HEADER", "Corresponding author", "\n5\n"):
+        assert furniture not in result.markdown
+
+    # every request went through our client, each with a completion budget; figures cost no request
+    assert result.requests == len(server.bodies) == len(BLOCKS)  # layout + 12 blocks, the image not asked
+    assert all(body["max_tokens"] == 8192 for body in server.bodies)
+    assert server.prompts[0].strip() == "Layout Detection:"
+
+
+async def test_page_png_is_decoded_once_and_mineru_opens_no_http_pool(
+    page: PageInput, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    opened: list[object] = []
+    real_open = PIL.Image.open
+
+    def counting_open(fp: object, *args: object, **kwargs: object) -> PIL.Image.Image:
+        if isinstance(fp, io.BytesIO) and fp.getvalue() == page.png:
+            opened.append(fp)
+        return real_open(fp, *args, **kwargs)
+
+    monkeypatch.setattr(PIL.Image, "open", counting_open)
+    result, _, engine = await extract(page)
+    assert len(opened) == 1  # the page, once; layout image and every crop come from that decode
+    assert result.images
+    routed = engine._mineru.client
+    assert routed._aio_client_cache == {}  # MinerU's own transport was never used
+    assert not hasattr(engine, "aclose")
+
+
+async def test_same_crop_same_name(page: PageInput) -> None:
+    first, _, _ = await extract(page)
+    second, _, _ = await extract(page)
+    assert list(first.images) == list(second.images)
+    assert first.images == second.images
+    image = decode_page(page.png)
+    a = crop_jpeg(image, [0.2, 0.2, 0.8, 0.48])
+    b = crop_jpeg(decode_page(page.png), [0.2, 0.2, 0.8, 0.48])
+    c = crop_jpeg(image, [0.2, 0.2, 0.8, 0.49])
+    assert a is not None and a == b and image_name(a) == image_name(b) != image_name(c or b"")
+    assert crop_jpeg(image, [0.5, 0.5, 0.5001, 0.5001]) is not None  # at least one pixel
+    assert crop_jpeg(image, [0.5, 0.5, 0.5, 0.6]) is None
+
+
+async def test_mineru_concurrency_is_not_capped_below_the_limiter() -> None:
+    """40 text blocks: all 40 recognitions are in flight at once (MinerU's default cap was 16)."""
+    blocks = 40
+    layout = "\n".join(box(100, 20 + i * 24, 900, 40 + i * 24, "text") for i in range(blocks))
+    in_flight = 0
+    peak = 0
+    all_in = asyncio.Event()
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal in_flight, peak
+        body = json.loads(request.content)
+        if "Layout Detection" in prompt_of(body):
+            return chat_response(layout)
+        in_flight += 1
+        peak = max(peak, in_flight)
+        if peak >= blocks:
+            all_in.set()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(all_in.wait(), timeout=5)
+        in_flight -= 1
+        return chat_response("text")
+
+    image = Image.new("RGB", (800, 1200), "white")
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    config = MinerUConfig()
+    client = VLLMClient(
+        VLLMServerConfig(url="http://scripted-concurrency.test", model="m"),
+        HTTPClientConfig(max_attempts=1),
+        transport=httpx.MockTransport(handler),
+        breaker=CircuitBreaker("http://scripted-concurrency.test", CircuitBreakerConfig()),
+    )
+    async with client:
+        engine = build_engine("mineru", client, config)
+        assert engine._mineru.max_concurrency == engine._mineru.client.max_concurrency == config.vllm.max_in_flight
+        result = await engine.extract(PageInput(buffer.getvalue(), 0, 10, "doc=c page=1"))
+    assert peak == blocks and result.requests == blocks + 1
+
+
+def test_engine_names_come_from_the_configuration_and_each_builds() -> None:
+    assert get_args(EngineName) == ENGINE_NAMES
+    server = ScriptedVLM(answer)
+    client = server.client()
+    for name in ENGINE_NAMES:
+        engine = build_engine(name, client, settings())
+        assert engine.name == name and engine.identity == f"{name}|scripted/model|v1"
+    with pytest.raises(ValueError, match="unknown engine 'olmocr'; expected one of mineru, page_markdown"):
+        build_engine("olmocr", client, settings())
