@@ -19,6 +19,7 @@ from PIL import Image
 
 from mkg_pipeline.engines.prompts import PAGE_MARKDOWN_PROMPT
 from mkg_pipeline.quality import normalise_text, similarity
+from mkg_pipeline_tests.fixtures.corpus import corpus_pdf
 from mkg_pipeline_tests.fixtures.local_server import (
     LocalVLMServer,
     chat_body,
@@ -26,6 +27,7 @@ from mkg_pipeline_tests.fixtures.local_server import (
     mineru_layout_parser,
     render_corpus_page,
 )
+from mkg_pipeline_tests.fixtures.reading_order import column_order_agreement, text_layer_lines
 
 pytestmark = pytest.mark.integration
 
@@ -136,6 +138,35 @@ def test_page_markdown_matches_the_text_layer(local_vlm_server: LocalVLMServer, 
     assert body["choices"][0]["finish_reason"] == "stop"
     usage = body["usage"]
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"] > 0
+
+
+# Two-column pages: a full-width title and abstract over two columns (multicolumn-3p p1, arXiv p1), a
+# right column with a large gap in it (multicolumn-3p p2), figures inside the columns (arXiv p3) and a
+# second two-column band (the references) under the body text, below a rule (arXiv p4).
+READING_ORDER_PAGES = [
+    ("multicolumn-3p.pdf", 0),
+    ("multicolumn-3p.pdf", 1),
+    ("arxiv-0908.0054-4p.pdf", 0),
+    ("arxiv-0908.0054-4p.pdf", 2),
+    ("arxiv-0908.0054-4p.pdf", 3),
+]
+
+
+@pytest.mark.parametrize(("name", "page"), READING_ORDER_PAGES)
+def test_page_markdown_reads_each_column_top_to_bottom(local_vlm_server: LocalVLMServer, name: str, page: int) -> None:
+    """Column order agreement with the text layer (see fixtures/reading_order.py), overall and per column."""
+    markdown = content_of(local_vlm_server.chat(PAGE_MARKDOWN_PROMPT, render_corpus_page(name, page, dpi=150)))
+    agreement = column_order_agreement(markdown, text_layer_lines(str(corpus_pdf(name)), page))
+    columns = {column: round(agreement.column_share(column), 3) for column in agreement.column_names()}
+    print(
+        f"{name} page {page + 1}: column order agreement {agreement.share:.3f} "
+        f"({agreement.in_order}/{agreement.lines} lines, {agreement.lost} lost), per column {columns}"
+    )
+    assert agreement.lines >= 20
+    assert agreement.lost <= 0.05 * agreement.lines
+    assert agreement.share >= 0.95
+    for column, share in columns.items():
+        assert share >= 0.95, f"the {column} column is out of order"
 
 
 def test_scanned_page_without_text_layer_is_read(local_vlm_server: LocalVLMServer) -> None:
