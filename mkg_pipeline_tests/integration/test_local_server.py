@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import secrets
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -76,6 +78,19 @@ def test_api_key_guards_v1_only(local_vlm_server: LocalVLMServer) -> None:
     # Like vLLM: health and metrics are open to probes and scrapers.
     assert httpx.get(f"{local_vlm_server.url}/health", timeout=10).status_code == 200
     assert httpx.get(f"{local_vlm_server.url}/metrics", timeout=10).status_code == 200
+
+
+def test_api_key_never_on_the_command_line(start_local_vlm_server: StartServer) -> None:
+    """Issue 9 row 15b: a key starting with '-' works, and ``ps`` (the process's cmdline) never shows it."""
+    key = "-" + secrets.token_urlsafe(16)  # token_urlsafe yields such a key about once in 64 runs
+    server = start_local_vlm_server(api_key=key)
+    assert server.process.process is not None
+    cmdline = Path(f"/proc/{server.process.process.pid}/cmdline").read_bytes()
+    assert b"mkg_pipeline.local_server" in cmdline
+    assert key.encode() not in cmdline
+    models = f"{server.base_url}/models"
+    assert httpx.get(models, headers={"Authorization": f"Bearer {key}"}, timeout=10).status_code == 200
+    assert httpx.get(models, timeout=10).status_code == 401
 
 
 def test_bad_requests_get_openai_error_objects(local_vlm_server: LocalVLMServer) -> None:
