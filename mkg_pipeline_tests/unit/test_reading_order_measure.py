@@ -48,3 +48,4 @@ def test_missing_text_counts_as_lost_and_out_of_order() -> None:
     agreement = column_order_agreement("\n".join(LEFT), LAYER)
     assert agreement.lost == len(RIGHT)
     assert agreement.share == 0.5
+    assert agreement.column_share("right") == 1.0  # nothing read, nothing out of order: `lost` says it
