@@ -20,6 +20,9 @@ from mineru_vl_utils.mineru_client import DEFAULT_PROMPTS
 from PIL import Image
 
 from mkg_pipeline.engines.prompts import PAGE_MARKDOWN_PROMPT
+from mkg_pipeline.local_server.blocks import BlockType
+from mkg_pipeline.local_server.faults import REPEATED_PHRASE
+from mkg_pipeline.local_server.settings import ANSWER_FAULTS
 from mkg_pipeline.quality import normalise_text, similarity
 from mkg_pipeline_tests.fixtures.corpus import corpus_pdf
 from mkg_pipeline_tests.fixtures.local_server import (
@@ -34,6 +37,7 @@ from mkg_pipeline_tests.fixtures.reading_order import column_order_agreement, te
 pytestmark = pytest.mark.integration
 
 StartServer = Callable[..., LocalVLMServer]
+ANSWERED_TYPES = {kind.value for kind in BlockType}  # the MinerU 2.x block types the stand-in answers
 
 
 def content_of(response: httpx.Response) -> str:
@@ -210,7 +214,8 @@ def test_layout_detection_answers_in_mineru_format(local_vlm_server: LocalVLMSer
     output = content_of(local_vlm_server.chat(DEFAULT_PROMPTS["[layout]"], buffer.getvalue()))
     blocks = mineru_layout_parser().parse_layout_output(output)
     assert len(blocks) == len(output.splitlines()) >= 5
-    assert {block.type for block in blocks} <= {"text", "title", "page_number"}
+    assert {block.type for block in blocks} <= ANSWERED_TYPES
+    assert "text" in {block.type for block in blocks}
     for block in blocks:
         x1, y1, x2, y2 = block.bbox
         assert 0 <= x1 < x2 <= 1 and 0 <= y1 < y2 <= 1
@@ -350,6 +355,76 @@ def test_fault_injection_when_enabled(start_local_vlm_server: StartServer) -> No
     # Bad settings are refused.
     response = httpx.post(f"{server.url}/fault-injection", json={"error_rate": 2}, timeout=10)
     assert response.status_code == 400
+
+
+def test_hostile_answers_when_enabled(start_local_vlm_server: StartServer) -> None:
+    """Issue 9's hostile answers, each forced by its rate at run time, each counted in the fault metric."""
+    server = start_local_vlm_server(api_key="fault-key", enable_fault_injection=True)
+    png = render_corpus_page("minimal-document.pdf", 0, dpi=72)
+    prompt = PAGE_MARKDOWN_PROMPT
+
+    def with_only(fault: str) -> httpx.Response:
+        server.set_faults(**{f"{other}_rate": float(other == fault) for other in ANSWER_FAULTS})
+        response = server.chat(prompt, png, timeout=60)
+        assert response.status_code == 200, response.text
+        return response
+
+    real = content_of(server.chat(prompt, png, timeout=60))
+    assert "Lorem ipsum" in real
+
+    truncated = with_only("truncated").json()["choices"][0]
+    assert truncated["finish_reason"] == "length"
+    assert real.startswith(truncated["message"]["content"]) and len(truncated["message"]["content"]) < len(real)
+    assert with_only("empty").json()["choices"][0]["message"]["content"] == ""
+    assert with_only("repetition").json()["choices"][0]["message"]["content"].count(REPEATED_PHRASE) >= 100
+    surrogate = with_only("lone_surrogate")
+    assert b"\\ud800" in surrogate.content
+    assert "\ud800" in surrogate.json()["choices"][0]["message"]["content"]
+    html = with_only("html").json()["choices"][0]["message"]["content"]
+    assert "<!-- page 99 -->" in html and "<script>" in html and html.rstrip().endswith("an unclosed code fence")
+    for fault in ("truncated", "empty", "repetition", "lone_surrogate", "html"):
+        assert server.read_metric("mkg_local_server_faults_injected_total", {"fault": fault}) == 1, fault
+
+
+def test_trickle_never_finishes_and_huge_is_streamed_in_bounded_memory(start_local_vlm_server: StartServer) -> None:
+    server = start_local_vlm_server(enable_fault_injection=True, trickle_rate=1.0, trickle_interval_s=0.2)
+    url = f"{server.base_url}/chat/completions"
+    body = chat_body(DEFAULT_PROMPTS["[default]"], [tiny_png()], server.model)
+
+    # Trickle: a 200 whose body keeps coming, one byte at a time, and never ends (hang_s: an hour).
+    # A per-read timeout (here 5 s) never fires; only a total deadline stops the client.
+    received: list[bytes] = []
+    with httpx.stream("POST", url, json=body, timeout=5) as response:
+        assert response.status_code == 200
+        for chunk in response.iter_raw():
+            received.append(chunk)
+            if len(received) >= 5:
+                break
+    assert b"".join(received).strip() == b""  # whitespace so far: no answer yet
+    assert server.read_metric("mkg_local_server_faults_injected_total", {"fault": "trickle"}) == 1
+
+    # Huge: 400 MB, streamed without a Content-Length; the server does not hold it.
+    server.set_faults(trickle_rate=0.0, huge_rate=1.0, huge_bytes=400_000_000)
+    assert server.process.process is not None
+    status = Path(f"/proc/{server.process.process.pid}/status")
+
+    def rss_bytes() -> int:
+        line = next(line for line in status.read_text().splitlines() if line.startswith("VmRSS:"))
+        return int(line.split()[1]) * 1024
+
+    before = rss_bytes()
+    read = 0
+    with httpx.stream("POST", url, json=body, timeout=60) as response:
+        assert response.status_code == 200 and "content-length" not in response.headers
+        for chunk in response.iter_raw(1 << 20):
+            read += len(chunk)
+            if read >= 64 << 20:
+                break
+    assert read >= 64 << 20
+    assert rss_bytes() - before < 64 << 20  # 64 MB went out; the server did not hold them
+    assert server.read_metric("mkg_local_server_faults_injected_total", {"fault": "huge"}) == 1
+    server.set_faults(huge_rate=0.0)
+    assert server.chat(DEFAULT_PROMPTS["[default]"], tiny_png(), timeout=60).status_code == 200
 
 
 def test_server_killed_and_started_again_on_the_same_port(start_local_vlm_server: StartServer) -> None:
