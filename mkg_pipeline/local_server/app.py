@@ -385,7 +385,7 @@ async def _chat_completions(state: ServerState, request: Request) -> Response:
         faults = state.faults.settings
         if hostile == "trickle":
             log.warning("fault injection: trickling the answer, one byte every %.1fs", faults.trickle_interval_s)
-            return responses.trickle_response(completion, faults.trickle_interval_s, faults.hang_s)
+            return responses.trickle_response(completion, faults.trickle_interval_s, faults.hang_s, bool(chat.stream))
         log.warning("fault injection: a %d-byte answer", faults.huge_bytes)
         return responses.huge_response(completion, faults.huge_bytes, bool(chat.stream))
     if chat.stream:

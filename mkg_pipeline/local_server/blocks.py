@@ -320,7 +320,9 @@ def build_page(
     blocks = _furniture_blocks(top, BlockType.HEADER, body)
     for region in reading_order(middle, visuals, rules):
         blocks += _region_blocks(region, owned, scale, body)
-    blocks += [Block(type=BlockType.ASIDE_TEXT, rows=[Row([line])]) for line in sideways]
+    # Vertical text beside a body is margin text (an arXiv stamp); on a page with nothing else, it is the text.
+    aside = BlockType.ASIDE_TEXT if upright else BlockType.TEXT
+    blocks += [Block(type=aside, rows=[Row([line])]) for line in sideways]
     blocks += _furniture_blocks(bottom, BlockType.FOOTER, body)
     return PageLayout(blocks, body)
 

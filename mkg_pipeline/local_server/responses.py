@@ -76,39 +76,52 @@ def _choice(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
     return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
 
 
-async def _events(completion: Completion, include_usage: bool) -> AsyncIterator[bytes]:
+def _events(completion: Completion, include_usage: bool) -> list[bytes]:
     """Server-sent events as vLLM streams them: role, content pieces, finish, [usage], [DONE]."""
-    yield completion.chunk([_choice({"role": "assistant", "content": ""})])
     content = completion.content
-    for start in range(0, len(content), STREAM_PIECE):
-        yield completion.chunk([_choice({"content": content[start : start + STREAM_PIECE]})])
-    yield completion.chunk([_choice({}, completion.finish_reason)])
+    events = [completion.chunk([_choice({"role": "assistant", "content": ""})])]
+    events += [
+        completion.chunk([_choice({"content": content[start : start + STREAM_PIECE]})])
+        for start in range(0, len(content), STREAM_PIECE)
+    ]
+    events.append(completion.chunk([_choice({}, completion.finish_reason)]))
     if include_usage:
-        yield completion.chunk([], usage=completion.usage)
-    yield b"data: [DONE]\n\n"
+        events.append(completion.chunk([], usage=completion.usage))
+    events.append(b"data: [DONE]\n\n")
+    return events
+
+
+async def _iterate(chunks: list[bytes]) -> AsyncIterator[bytes]:
+    for chunk in chunks:
+        yield chunk
 
 
 def stream_response(completion: Completion, include_usage: bool) -> StreamingResponse:
-    return StreamingResponse(_events(completion, include_usage), media_type="text/event-stream")
+    return StreamingResponse(_iterate(_events(completion, include_usage)), media_type="text/event-stream")
 
 
-async def _trickle(body: bytes, interval_s: float, duration_s: float) -> AsyncIterator[bytes]:
-    """One byte of leading whitespace (valid before JSON) per ``interval_s`` for ``duration_s``, then ``body``."""
+async def _trickle(filler: bytes, body: bytes, interval_s: float, duration_s: float) -> AsyncIterator[bytes]:
+    """One ``filler`` byte per ``interval_s`` for ``duration_s``, then ``body``."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + duration_s
     while loop.time() < deadline:
-        yield b" "
+        yield filler
         await asyncio.sleep(interval_s)
     yield body
 
 
-def trickle_response(completion: Completion, interval_s: float, duration_s: float) -> StreamingResponse:
+def trickle_response(completion: Completion, interval_s: float, duration_s: float, stream: bool) -> StreamingResponse:
     """A 200 whose body dribbles in one byte every ``interval_s``: a server that never finishes.
 
-    Starlette stops the generator when the client goes away.
+    The bytes are leading whitespace of the JSON body, or empty lines of the
+    event stream, so whatever finally arrives is well formed. Starlette stops the
+    generator when the client goes away.
     """
-    body = _dumps(completion.body()).encode()
-    return StreamingResponse(_trickle(body, interval_s, duration_s), media_type="application/json")
+    if stream:
+        body, filler, media_type = b"".join(_events(completion, True)), b"\n", "text/event-stream"
+    else:
+        body, filler, media_type = _dumps(completion.body()).encode(), b" ", "application/json"
+    return StreamingResponse(_trickle(filler, body, interval_s, duration_s), media_type=media_type)
 
 
 async def _huge_json(completion: Completion, size: int) -> AsyncIterator[bytes]:

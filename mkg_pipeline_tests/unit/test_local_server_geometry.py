@@ -127,6 +127,8 @@ def test_vertical_lines_are_margin_text_read_after_the_body() -> None:
     blocks = build_page([stamp, *body], height=PAGE_H).blocks
     assert blocks[-1].type is BlockType.ASIDE_TEXT and blocks[-1].text == stamp.text
     assert all(stamp.text not in block.text for block in blocks[:-1])
+    # Alone on its page, vertical text is the page's text, not margin paratext a client may drop.
+    assert [block.type for block in build_page([stamp], height=PAGE_H).blocks] == [BlockType.TEXT]
 
 
 # --------------------------------------------------------------------------- paragraphs and titles

@@ -472,6 +472,8 @@ async def test_app_trickles_and_streams_a_huge_answer_without_content_length() -
         trickled = await _answer(client)
         assert trickled.content.startswith(b"   ")  # leading whitespace, one byte at a time
         assert trickled.json()["choices"][0]["message"]["content"] == "hello"  # then the answer, if one waits
+        trickled_events = await _answer(client, stream=True)
+        assert trickled_events.text.startswith("\n\n") and trickled_events.text.endswith("data: [DONE]\n\n")
 
         size = 3_000_000
         await client.post("/fault-injection", json={"trickle_rate": 0.0, "huge_rate": 1.0, "huge_bytes": size})
@@ -483,4 +485,4 @@ async def test_app_trickles_and_streams_a_huge_answer_without_content_length() -
         assert streamed.headers["content-type"].startswith("text/event-stream")
         assert len(streamed.content) >= size and streamed.text.endswith("data: [DONE]\n\n")
         metrics = (await client.get("/metrics")).text
-        assert _fault_count(metrics, "trickle") == 1.0 and _fault_count(metrics, "huge") == 2.0
+        assert _fault_count(metrics, "trickle") == 2.0 and _fault_count(metrics, "huge") == 2.0
