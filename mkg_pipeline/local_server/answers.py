@@ -39,13 +39,13 @@ def layout_answer(engine: OcrEngine, image: np.ndarray) -> str:
     if candidates:
         read = {id(box): line for box, line in zip(candidates, engine.read_boxes(upright, candidates), strict=True)}
         lines = [read.get(id(line), line) for line in lines]
-    layout = build_page(lines, height=reading.height, visuals=regions.visuals, rules=regions.rules)
+    blocks = build_page(lines, height=reading.height, visuals=regions.visuals, rules=regions.rules)
     pad_x, pad_y = layout_padding(lines)
-    boxes = layout_boxes(layout.blocks, pad_x=pad_x, pad_y=pad_y)
+    boxes = layout_boxes(blocks, pad_x=pad_x, pad_y=pad_y)
     if reading.turn:
         # Blocks were found on the page turned upright; MinerU crops the page as sent, then turns each crop.
         boxes = [unturn_box(box, reading.turn, reading.width, reading.height) for box in boxes]
-    types = [block.type for block in layout.blocks]
+    types = [block.type for block in blocks]
     return format_layout_boxes(boxes, types, width, height, _ANGLE_OF_TURN[reading.turn])
 
 
@@ -70,8 +70,9 @@ def page_markdown_answer(engine: OcrEngine, image: np.ndarray) -> str:
     if not reading.lines:
         return ""
     regions = find_regions(_upright(image, reading), reading.lines)
-    layout = build_page(reading.lines, height=reading.height, visuals=regions.visuals, rules=regions.rules)
-    return blocks_to_markdown(layout.blocks)
+    return blocks_to_markdown(
+        build_page(reading.lines, height=reading.height, visuals=regions.visuals, rules=regions.rules)
+    )
 
 
 def answer(route: Route, engine: OcrEngine, image: np.ndarray) -> str:

@@ -64,7 +64,6 @@ class BlockType(enum.StrEnum):
 
 
 TITLE_TYPES = {1: BlockType.DOC_TITLE, 2: BlockType.PARAGRAPH_TITLE}
-FURNITURE_TYPES = {BlockType.HEADER, BlockType.FOOTER, BlockType.PAGE_NUMBER}
 
 
 @dataclass
@@ -271,12 +270,6 @@ def mark_page_number(block: Block) -> Block:
     return block
 
 
-@dataclass(frozen=True)
-class PageLayout:
-    blocks: list[Block]
-    body: float
-
-
 def _assign(lines: Sequence[OcrLine], visuals: Sequence[Visual]) -> tuple[list[OcrLine], dict[int, list[OcrLine]]]:
     """(free lines, lines owned by each visual): a line mostly inside a figure or table is the visual's."""
     owned: dict[int, list[OcrLine]] = {id(visual): [] for visual in visuals}
@@ -305,7 +298,7 @@ def build_page(
     height: float,
     visuals: Sequence[Visual] = (),
     rules: Sequence[Rect] = (),
-) -> PageLayout:
+) -> list[Block]:
     """The page's blocks in reading order: header zone, body (column by column), margin text, footer zone.
 
     Lines inside an image are the image's (axis labels); lines inside a table
@@ -324,7 +317,7 @@ def build_page(
     aside = BlockType.ASIDE_TEXT if upright else BlockType.TEXT
     blocks += [Block(type=aside, rows=[Row([line])]) for line in sideways]
     blocks += _furniture_blocks(bottom, BlockType.FOOTER, body)
-    return PageLayout(blocks, body)
+    return blocks
 
 
 def build_blocks(lines: Sequence[OcrLine], height: float | None = None) -> list[Block]:
@@ -332,7 +325,7 @@ def build_blocks(lines: Sequence[OcrLine], height: float | None = None) -> list[
     if not lines:
         return []
     page_height = height if height is not None else max(line.y2 for line in lines)
-    return build_page(lines, height=page_height).blocks
+    return build_page(lines, height=page_height)
 
 
 # --------------------------------------------------------------------------- answers

@@ -271,8 +271,8 @@ def _zone_rows(rows: Sequence[Rect], body: float, limit: float, *, top: bool) ->
         row = rows[index]
         gap = row.y1 - reach if top else reach - row.y2
         if gap >= FURNITURE_GAP * body:
-            inside = reach <= limit if top else reach >= limit
-            return index if inside else 0
+            near_edge = reach <= limit if top else reach >= limit
+            return index if near_edge else 0
         reach = max(reach, row.y2) if top else min(reach, row.y1)
     return 0
 
@@ -341,9 +341,9 @@ def _regions(items: Sequence[Item], rules: Sequence[Rect], depth: int) -> list[l
     gutter = find_gutter(text) if depth < MAX_COLUMN_DEPTH else None
     if gutter is None:
         return [list(items)]
-    # Cuts: spanning items (kept, read in place) and rules across the gutter (only cut).
-    cuts: list[tuple[Rect, bool]] = [(item, True) for item in items if gutter.spans(item)]
-    cuts += [(rule, False) for rule in rules if crosses(rule, gutter.x, gutter.tolerance)]
+    # Cuts: spanning items (read in place) and rules across the gutter (no text of their own).
+    cuts: list[tuple[Rect, Item | None]] = [(item, item) for item in items if gutter.spans(item)]
+    cuts += [(rule, None) for rule in rules if crosses(rule, gutter.x, gutter.tolerance)]
     cuts.sort(key=lambda cut: cut[0].cy)
     columns = [item for item in items if not gutter.spans(item)]
 
@@ -363,9 +363,7 @@ def _regions(items: Sequence[Item], rules: Sequence[Rect], depth: int) -> list[l
             index += 1
             group.append(cuts[index])
         regions += split([item for item in columns if previous_y <= item.cy < group[0][0].cy])
-        kept = [item for item, keep in group if keep]
-        if kept:
-            regions.append(kept)  # type: ignore[arg-type]
+        regions.append([item for _box, item in group if item is not None])
         previous_y = group[-1][0].cy
         index += 1
     regions += split([item for item in columns if item.cy >= previous_y])

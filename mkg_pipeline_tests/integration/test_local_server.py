@@ -182,8 +182,8 @@ def test_page_markdown_reads_each_column_top_to_bottom(local_vlm_server: LocalVL
         f"({agreement.in_order}/{agreement.lines} lines, {agreement.lost} lost), per column {columns}"
     )
     assert agreement.lines >= 20
-    assert agreement.lost <= 0.05 * agreement.lines
-    assert agreement.share >= 0.95
+    assert agreement.lost <= 0.1 * agreement.lines  # OCR misses are not the point here, but few are allowed
+    assert agreement.share >= 0.9  # before the column-aware reading order: 0.87, 0.79 and 0.71 on three pages
     for column, share in columns.items():
         assert share >= 0.95, f"the {column} column is out of order"
 

@@ -56,7 +56,7 @@ def paragraph(
 
 def order(lines: list[OcrLine], **page: Any) -> list[str]:
     """Texts of the page's rows in reading order."""
-    return [row.text for block in build_page(lines, height=PAGE_H, **page).blocks for row in block.rows]
+    return [row.text for block in build_page(lines, height=PAGE_H, **page) for row in block.rows]
 
 
 def texts(lines: list[OcrLine]) -> list[str]:
@@ -124,11 +124,11 @@ def test_one_column_and_narrow_table_cells_are_not_split_into_columns() -> None:
 def test_vertical_lines_are_margin_text_read_after_the_body() -> None:
     stamp = OcrLine(10, 100, 30, 400, "arXiv:0000.0000v1 [cs.XX] 1 Jan 2000", vertical=True)
     body = paragraph(100, 100, "body", 5)
-    blocks = build_page([stamp, *body], height=PAGE_H).blocks
+    blocks = build_page([stamp, *body], height=PAGE_H)
     assert blocks[-1].type is BlockType.ASIDE_TEXT and blocks[-1].text == stamp.text
     assert all(stamp.text not in block.text for block in blocks[:-1])
     # Alone on its page, vertical text is the page's text, not margin paratext a client may drop.
-    assert [block.type for block in build_page([stamp], height=PAGE_H).blocks] == [BlockType.TEXT]
+    assert [block.type for block in build_page([stamp], height=PAGE_H)] == [BlockType.TEXT]
 
 
 # --------------------------------------------------------------------------- paragraphs and titles
@@ -140,7 +140,7 @@ def test_paragraphs_split_at_gaps_and_indents_and_titles_are_typed_by_size() -> 
     first = paragraph(100, 170, "first", 3)
     second = paragraph(100, 170 + 3 * 24, "second", 3, indent=30.0)  # no gap, but an indented first line
     third = paragraph(100, 170 + 6 * 24 + 25, "third", 2)  # a blank gap before it
-    blocks = build_page([title, section, *first, *second, *third], height=PAGE_H).blocks
+    blocks = build_page([title, section, *first, *second, *third], height=PAGE_H)
     assert [block.type for block in blocks] == [
         BlockType.DOC_TITLE,
         BlockType.PARAGRAPH_TITLE,
@@ -165,7 +165,7 @@ def test_hanging_indents_split_at_each_item_not_at_each_continuation() -> None:
         y = 200 + item * 2 * 24
         rows.append(OcrLine(100, y, 484, y + BODY_H, f"[{item}] Author, Title of work {item}".ljust(48, "x")))
         rows.append(OcrLine(130, y + 24, 484, y + 24 + BODY_H, f"continued {item}".ljust(44, "y")))
-    blocks = build_page(rows, height=PAGE_H).blocks
+    blocks = build_page(rows, height=PAGE_H)
     assert len(blocks) == 4
     assert all(block.text.startswith(f"[{index}]") for index, block in enumerate(blocks))
 
@@ -174,7 +174,7 @@ def test_a_centred_formula_stands_alone_and_the_text_after_it_is_a_new_block() -
     before = paragraph(100, 200, "before", 3)
     formula = line(250, 272, "E = mc2 (1)", advance=9.0)
     after = paragraph(100, 296, "after", 2)
-    blocks = build_page([*before, formula, *after], height=PAGE_H).blocks
+    blocks = build_page([*before, formula, *after], height=PAGE_H)
     assert [block.text for block in blocks] == [" ".join(texts(before)), formula.text, " ".join(texts(after))]
 
 
@@ -220,7 +220,7 @@ def test_running_head_page_number_and_footer_are_typed_and_read_at_the_edges() -
     body = paragraph(100, 140, "body", 40)
     footer = line(100, 1340, "Copyright 2024, some publisher")
     page_of = line(800, 1340, "Page 2 of 6")
-    blocks = build_page([footer, *body, number, head, page_of], height=PAGE_H).blocks
+    blocks = build_page([footer, *body, number, head, page_of], height=PAGE_H)
     typed = {block.text: block.type for block in blocks}
     assert typed[head.text] is BlockType.HEADER
     assert typed["12"] is BlockType.PAGE_NUMBER
@@ -232,13 +232,13 @@ def test_running_head_page_number_and_footer_are_typed_and_read_at_the_edges() -
 def test_a_centred_page_number_under_two_columns_is_read_last() -> None:
     left, right = paragraph(100, 140, "left", 40), paragraph(540, 140, "right", 40)
     number = line(496, 1180, "3")  # centred on the gutter, under both columns (83% of the page height)
-    blocks = build_page([number, *left, *right], height=PAGE_H).blocks
+    blocks = build_page([number, *left, *right], height=PAGE_H)
     assert blocks[-1].type is BlockType.PAGE_NUMBER and blocks[-1].text == "3"
 
 
 def test_a_title_at_the_top_of_the_page_is_not_a_running_head() -> None:
     title = line(200, 60, "Ultra Light Title", advance=18.0, height=36.0)
-    blocks = build_page([title, *paragraph(100, 130, "body", 30)], height=PAGE_H).blocks
+    blocks = build_page([title, *paragraph(100, 130, "body", 30)], height=PAGE_H)
     assert blocks[0].type is BlockType.DOC_TITLE
 
 
@@ -251,7 +251,7 @@ def test_a_figure_is_an_image_block_in_its_column_and_owns_its_labels() -> None:
     right = paragraph(540, 580, "right", 10)
     figure = Visual(540, 200, 924, 480, VisualKind.IMAGE)
     label = line(700, 300, "10^3")  # a tick label inside the figure
-    blocks = build_page([*left, *caption, *right, label], height=PAGE_H, visuals=[figure]).blocks
+    blocks = build_page([*left, *caption, *right, label], height=PAGE_H, visuals=[figure])
     kinds = [block.type for block in blocks]
     assert kinds.count(BlockType.IMAGE) == 1
     image = kinds.index(BlockType.IMAGE)
@@ -307,7 +307,7 @@ def test_table_cells_wrap_between_rules_and_a_wide_line_spans_columns() -> None:
 
 def test_a_table_block_renders_as_a_markdown_table_in_the_page() -> None:
     region = Visual(90, 95, 700, 170, VisualKind.TABLE)
-    blocks = build_page([*table_lines(), *paragraph(100, 300, "body", 3)], height=PAGE_H, visuals=[region]).blocks
+    blocks = build_page([*table_lines(), *paragraph(100, 300, "body", 3)], height=PAGE_H, visuals=[region])
     assert blocks[0].type is BlockType.TABLE
     assert blocks_to_markdown(blocks).startswith("| Country | Population | Capital |\n|---|---|---|")
 
@@ -341,7 +341,7 @@ def test_regions_find_a_plot_with_its_labels_but_not_its_caption() -> None:
     figure = images[0]
     assert figure.x1 <= 155 and figure.x2 >= 800 and figure.y1 <= 280 and figure.y2 >= 660  # frame and labels
     assert figure.y2 < caption[0].y1  # the caption stays text
-    blocks = build_page([*body, *caption, *labels], height=1400, visuals=regions.visuals).blocks
+    blocks = build_page([*body, *caption, *labels], height=1400, visuals=regions.visuals)
     assert [block.type for block in blocks] == [BlockType.TEXT, BlockType.IMAGE, BlockType.TEXT]
 
 
@@ -416,3 +416,22 @@ def test_layout_boxes_never_collapse_and_an_empty_page_is_empty() -> None:
     edge = Block(BlockType.TEXT, [Row([OcrLine(999.8, 10, 1000, 10.2, ".")])])
     assert len(mineru_layout_parser().parse_layout_output(format_layout([edge], 1000, 1000))) == 1
     assert format_layout([], 1036, 1036) == ""
+
+
+# --------------------------------------------------------------------------- OCR line clean-up (ocr.py, no model)
+
+
+def test_a_box_reaching_into_the_gutter_loses_its_neighbours_sliver() -> None:
+    from mkg_pipeline.local_server.ocr import _plausible, _split_at_gaps
+
+    gray = np.full((60, 400), 255, np.uint8)
+    gray[20:40, 100:104] = 0  # the last glyph's edge of the left column's line, inside the box
+    for word in range(130, 370, 36):  # the right column's line after a 26 px gutter: words with 8 px spaces
+        for x in range(word, word + 28, 7):
+            gray[20:40, x : x + 5] = 0
+    box = np.array([[100, 18], [380, 18], [380, 42], [100, 42]], np.float32)
+    pieces = _split_at_gaps(gray, box, gutter=117.0, tolerance=10.0)
+    assert len(pieces) == 1 and pieces[0][:, 0].min() >= 126  # the sliver is gone, the line starts at its text
+    # Text read into a box too narrow to hold it is noise ("N" in 2 px), a real digit is not.
+    assert not _plausible(np.array([[0, 0], [2, 0], [2, 20], [0, 20]], np.float32), "N", False)
+    assert _plausible(np.array([[0, 0], [9, 0], [9, 20], [0, 20]], np.float32), "1", False)
