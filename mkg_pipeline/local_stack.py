@@ -60,7 +60,7 @@ class ManagedProcess:
     port: int
     health_path: str
     log_path: Path
-    env: dict[str, str] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict, repr=False)  # may hold a secret (VLLM_API_KEY)
     startup_timeout_s: float = 60.0
     process: subprocess.Popen[bytes] | None = None
 
@@ -134,11 +134,15 @@ def local_vlm_server(
     max_num_seqs: int | None = None,
     extra_args: Sequence[str] = (),
 ) -> ManagedProcess:
-    """The project's OpenAI-compatible local VLM server (not started yet)."""
+    """The project's OpenAI-compatible local VLM server (not started yet).
+
+    The API key travels in the child's environment (``VLLM_API_KEY``, which the
+    server reads as vLLM does), never on its command line: ``ps`` would show it,
+    and a key starting with ``-`` would be taken for a flag. Without a key, an
+    inherited ``VLLM_API_KEY`` is blanked so that the server really is open.
+    """
     port = port or free_port()
     argv = [sys.executable, "-m", "mkg_pipeline.local_server", "--host", LOOPBACK, "--port", str(port)]
-    if api_key:
-        argv += ["--api-key", api_key]
     if served_model_name:
         argv += ["--served-model-name", served_model_name]
     if max_num_seqs:
@@ -151,6 +155,7 @@ def local_vlm_server(
         port=port,
         health_path="/health",
         log_path=log_dir / f"local-vlm-server-{port}.log",
+        env={"VLLM_API_KEY": api_key or ""},
         startup_timeout_s=120.0,
     )
 

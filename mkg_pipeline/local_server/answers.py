@@ -1,53 +1,85 @@
-"""One image to one answer, per route: the glue between the OCR model and the protocol."""
+"""One image to one answer, per route: the glue between the OCR model, the geometry and the formats."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from mkg_pipeline.local_server import protocol
-from mkg_pipeline.local_server.ocr import PAGE_MIN_LONG_SIDE, OcrEngine, unturn_box
+from mkg_pipeline.local_server.blocks import blocks_to_markdown, build_page, edge_zone_lines, lines_to_text
+from mkg_pipeline.local_server.geometry import body_height, drop_edge_slivers
+from mkg_pipeline.local_server.mineru_format import format_layout_boxes, format_table, layout_boxes, layout_padding
+from mkg_pipeline.local_server.ocr import PAGE_MIN_LONG_SIDE, OcrEngine, Reading, unturn_box
 from mkg_pipeline.local_server.protocol import Route
+from mkg_pipeline.local_server.regions import find_regions, table_rules
+from mkg_pipeline.local_server.tables import table_grid
 
 # np.rot90 k that set the page upright -> MinerU's angle (PIL's counter-clockwise rotate).
 _ANGLE_OF_TURN = {0: 0, 1: 90, -1: 270}
+PAGE_NUMBER_MAX_WIDTH = 8.0  # edge-zone lines wider than this many body heights are not read in layout
+
+
+def _upright(image: np.ndarray, reading: Reading) -> np.ndarray:
+    return np.ascontiguousarray(np.rot90(image, reading.turn)) if reading.turn else image
 
 
 def layout_answer(engine: OcrEngine, image: np.ndarray) -> str:
-    """MinerU layout blocks from text detection; only page-number candidates are read."""
+    """MinerU layout blocks from text detection and image analysis; only page-number candidates are read."""
     height, width = image.shape[:2]
     reading = engine.detect(image)
     lines = reading.lines
     if not lines:
         return ""
-    candidates = protocol.page_number_candidates(lines, reading.width, reading.height)
+    upright = _upright(image, reading)
+    regions = find_regions(upright, lines)
+    body = body_height(lines)
+    candidates = [
+        line
+        for line in edge_zone_lines(lines, visuals=regions.visuals, height=reading.height)
+        if line.width <= max(PAGE_NUMBER_MAX_WIDTH * body, 0.1 * reading.width)
+    ]
     if candidates:
-        upright = np.ascontiguousarray(np.rot90(image, reading.turn)) if reading.turn else image
-        read = {(line.x1, line.y1, line.x2, line.y2): line for line in engine.read_boxes(upright, candidates)}
-        lines = [read.get((line.x1, line.y1, line.x2, line.y2), line) for line in lines]
-    blocks = protocol.build_blocks(lines, protocol.body_height(lines))
-    blocks = protocol.mark_page_numbers(blocks, reading.width, reading.height)
-    pad_x, pad_y = protocol.layout_padding(lines)
-    boxes = protocol.layout_boxes(blocks, pad_x=pad_x, pad_y=pad_y)
+        read = {id(box): line for box, line in zip(candidates, engine.read_boxes(upright, candidates), strict=True)}
+        lines = [read.get(id(line), line) for line in lines]
+    blocks = build_page(lines, height=reading.height, visuals=regions.visuals, rules=regions.rules)
+    pad_x, pad_y = layout_padding(lines)
+    boxes = layout_boxes(blocks, pad_x=pad_x, pad_y=pad_y)
     if reading.turn:
         # Blocks were found on the page turned upright; MinerU crops the page as sent, then turns each crop.
         boxes = [unturn_box(box, reading.turn, reading.width, reading.height) for box in boxes]
     types = [block.type for block in blocks]
-    return protocol.format_layout_boxes(boxes, types, width, height, _ANGLE_OF_TURN[reading.turn])
+    return format_layout_boxes(boxes, types, width, height, _ANGLE_OF_TURN[reading.turn])
 
 
 def recognition_answer(engine: OcrEngine, image: np.ndarray) -> str:
     """Text of a cropped block: rows joined with a space, paragraphs with a newline."""
     reading = engine.read(image)
-    return protocol.lines_to_text(protocol.drop_edge_slivers(reading.lines, reading.width, reading.height))
+    return lines_to_text(drop_edge_slivers(reading.lines, reading.width, reading.height))
+
+
+def table_answer(engine: OcrEngine, image: np.ndarray) -> str:
+    """The cells of a cropped table in OTSL, cut by the table's own rules where it has them."""
+    reading = engine.read(image)
+    if not reading.lines:
+        return ""
+    row_rules, column_rules = table_rules(_upright(image, reading))
+    return format_table(table_grid(reading.lines, row_rules=row_rules, column_rules=column_rules))
 
 
 def page_markdown_answer(engine: OcrEngine, image: np.ndarray) -> str:
-    return protocol.lines_to_markdown(engine.read(image, min_long_side=PAGE_MIN_LONG_SIDE).lines)
+    """The whole page as Markdown, in reading order; figures left out, tables as Markdown tables."""
+    reading = engine.read(image, min_long_side=PAGE_MIN_LONG_SIDE)
+    if not reading.lines:
+        return ""
+    regions = find_regions(_upright(image, reading), reading.lines)
+    return blocks_to_markdown(
+        build_page(reading.lines, height=reading.height, visuals=regions.visuals, rules=regions.rules)
+    )
 
 
 def answer(route: Route, engine: OcrEngine, image: np.ndarray) -> str:
     if route is Route.LAYOUT:
         return layout_answer(engine, image)
+    if route is Route.TABLE:
+        return table_answer(engine, image)
     if route is Route.RECOGNITION:
         return recognition_answer(engine, image)
     return page_markdown_answer(engine, image)

@@ -1,10 +1,11 @@
 """The ASGI application: vLLM's OpenAI-compatible endpoints over the OCR model.
 
 Request path of ``POST /v1/chat/completions``: gate (down? authorised?) →
-parse and validate the body (400/404) → injected faults, if enabled → decode
-the images off the event loop (400 if corrupt) → wait for one of
+parse and validate the body (400/404) → injected transport faults, if enabled
+→ decode the images off the event loop (400 if corrupt) → wait for one of
 ``--max-num-seqs`` slots (FIFO; counted in ``vllm:num_requests_waiting``) →
-OCR in a worker thread (500 for this request only if it fails) → answer.
+OCR in a worker thread (500 for this request only if it fails) → answer (or
+an injected hostile answer made from it).
 """
 
 from __future__ import annotations
@@ -23,13 +24,14 @@ from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
-from mkg_pipeline.local_server import protocol
-from mkg_pipeline.local_server.faults import FaultDecision, FaultInjector
+from mkg_pipeline.local_server import protocol, responses
+from mkg_pipeline.local_server.faults import FaultDecision, FaultInjector, hostile_content
 from mkg_pipeline.local_server.metrics import ServerMetrics
 from mkg_pipeline.local_server.ocr import EnginePool, ImageDecodeError, decode_image
-from mkg_pipeline.local_server.protocol import ChatRequest, RequestError, Route
+from mkg_pipeline.local_server.protocol import RequestError, Route
+from mkg_pipeline.local_server.responses import Completion
 from mkg_pipeline.local_server.settings import ServerSettings
 from mkg_pipeline.local_server.slots import SlotScheduler
 
@@ -260,27 +262,27 @@ def create_app(settings: ServerSettings, *, pool: EnginePool | None = None) -> F
     return app
 
 
-async def _apply_faults(state: ServerState, request: Request) -> Response | None:
-    """The response an injected fault dictates, or None to proceed normally."""
+async def _apply_faults(state: ServerState, request: Request) -> tuple[Response | None, FaultDecision | None]:
+    """(the response a transport fault dictates or None, the decision) — None, None without injection."""
     if state.faults is None:
-        return None
+        return None, None
     decision: FaultDecision = state.faults.decide()
     if decision.hang_s:
         state.metrics.record_fault("hang")
         log.warning("fault injection: hanging for up to %.0fs", decision.hang_s)
         if await _sleep_unless_disconnected(request, decision.hang_s):
-            return error_response(503, "client went away during an injected hang")
+            return error_response(503, "client went away during an injected hang"), decision
     if decision.latency_s:
         state.metrics.record_fault("latency")
         if await _sleep_unless_disconnected(request, decision.latency_s):
-            return error_response(503, "client went away during injected latency")
+            return error_response(503, "client went away during injected latency"), decision
     if decision.error_status is not None:
         state.metrics.record_fault("error")
-        return error_response(decision.error_status, "injected fault: server error")
+        return error_response(decision.error_status, "injected fault: server error"), decision
     if decision.malformed:
         state.metrics.record_fault("malformed")
-        return Response(MALFORMED_BODY, status_code=200, media_type="application/json")
-    return None
+        return Response(MALFORMED_BODY, status_code=200, media_type="application/json"), decision
+    return None, decision
 
 
 async def _chat_completions(state: ServerState, request: Request) -> Response:
@@ -302,7 +304,7 @@ async def _chat_completions(state: ServerState, request: Request) -> Response:
     if not state.ready.is_set():
         return error_response(503, "model is loading")
 
-    fault = await _apply_faults(state, request)
+    fault, decision = await _apply_faults(state, request)
     if fault is not None:
         return fault
 
@@ -315,14 +317,15 @@ async def _chat_completions(state: ServerState, request: Request) -> Response:
     except ImageDecodeError as exc:
         return error_response(400, f"invalid image: {exc}")
 
+    limit = chat.token_limit
     prompt_tokens = protocol.estimate_text_tokens(chat.text_chars) + sum(
         protocol.estimate_image_tokens(image.shape[1], image.shape[0]) for image in images
     )
-    if chat.max_tokens is not None and prompt_tokens + chat.max_tokens > settings.max_model_len:
+    if limit is not None and prompt_tokens + limit > settings.max_model_len:
         return error_response(
             400,
             f"This model's maximum context length is {settings.max_model_len} tokens. However, you requested "
-            f"{prompt_tokens + chat.max_tokens} tokens ({prompt_tokens} in the messages, {chat.max_tokens} in "
+            f"{prompt_tokens + limit} tokens ({prompt_tokens} in the messages, {limit} in "
             "the completion). Please reduce the length of the messages or completion.",
         )
 
@@ -336,8 +339,18 @@ async def _chat_completions(state: ServerState, request: Request) -> Response:
             return error_response(500, f"OCR failed: {type(exc).__name__}: {exc}")
     answered = time.monotonic()
 
-    content, finish_reason = protocol.truncate_to_tokens(content, chat.max_tokens)
+    hostile = decision.answer if decision is not None else None
+    forced_finish: str | None = None
+    if hostile in ("truncated", "empty", "repetition", "lone_surrogate", "html"):
+        state.metrics.record_fault(hostile)
+        log.warning("fault injection: a %s answer", hostile)
+        content, forced_finish = hostile_content(hostile, content)
+    content, finish_reason = protocol.truncate_to_tokens(content, limit)
+    if forced_finish == "length":
+        finish_reason = "length"
     completion_tokens = max(1, protocol.estimate_text_tokens(len(content)))
+    if hostile == "huge":
+        completion_tokens = protocol.estimate_text_tokens(state.faults.settings.huge_bytes) if state.faults else 1
     state.metrics.record_success(
         finished_reason=finish_reason,
         prompt_tokens=prompt_tokens,
@@ -355,68 +368,26 @@ async def _chat_completions(state: ServerState, request: Request) -> Response:
         queued_s,
         answered - arrived,
     )
-    model = chat.model or settings.model_name
-    usage = {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-    }
-    completion_id = f"chatcmpl-{uuid.uuid4().hex}"
-    created = int(time.time())
-    if chat.stream:
-        return StreamingResponse(
-            _stream(completion_id, created, model, content, finish_reason, usage, chat),
-            media_type="text/event-stream",
-        )
-    return JSONResponse(
-        {
-            "id": completion_id,
-            "object": "chat.completion",
-            "created": created,
-            "model": model,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": content, "tool_calls": []},
-                    "logprobs": None,
-                    "finish_reason": finish_reason,
-                    "stop_reason": None,
-                }
-            ],
-            "usage": usage,
-        }
+    completion = Completion(
+        completion_id=f"chatcmpl-{uuid.uuid4().hex}",
+        created=int(time.time()),
+        model=chat.model or settings.model_name,
+        content=content,
+        finish_reason=finish_reason,
+        usage={
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        },
     )
-
-
-async def _stream(
-    completion_id: str,
-    created: int,
-    model: str,
-    content: str,
-    finish_reason: str,
-    usage: dict[str, int],
-    chat: ChatRequest,
-) -> AsyncIterator[bytes]:
-    """Server-sent events as vLLM streams them: role, content pieces, finish, [usage], [DONE]."""
-
-    def event(choices: list[dict[str, Any]], **extra: Any) -> bytes:
-        chunk = {
-            "id": completion_id,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": model,
-            "choices": choices,
-            **extra,
-        }
-        return f"data: {json.dumps(chunk)}\n\n".encode()
-
-    def choice(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
-        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-
-    yield event([choice({"role": "assistant", "content": ""})])
-    for start in range(0, len(content), 64):
-        yield event([choice({"content": content[start : start + 64]})])
-    yield event([choice({}, finish_reason)])
-    if chat.include_usage:
-        yield event([], usage=usage)
-    yield b"data: [DONE]\n\n"
+    if hostile in ("trickle", "huge") and state.faults is not None:
+        state.metrics.record_fault(hostile)
+        faults = state.faults.settings
+        if hostile == "trickle":
+            log.warning("fault injection: trickling the answer, one byte every %.1fs", faults.trickle_interval_s)
+            return responses.trickle_response(completion, faults.trickle_interval_s, faults.hang_s, bool(chat.stream))
+        log.warning("fault injection: a %d-byte answer", faults.huge_bytes)
+        return responses.huge_response(completion, faults.huge_bytes, bool(chat.stream))
+    if chat.stream:
+        return responses.stream_response(completion, chat.include_usage)
+    return responses.json_response(completion)

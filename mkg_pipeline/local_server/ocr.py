@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from mkg_pipeline.local_server.protocol import OcrLine, find_gutter, gutter_tolerance
+from mkg_pipeline.local_server.geometry import OcrLine, find_gutter, gutter_tolerance
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +32,10 @@ MIN_SIDE = 32  # images smaller than this are upscaled before detection
 MIN_USEFUL_SIDE = 12  # below this no glyph can be drawn legibly: answer empty text at once
 BORDER = 16  # white border so glyphs touching a crop's edge are still detected
 REC_MIN_SCORE = 0.5  # RapidOCR's own text_score: below it a line is noise
+MIN_ADVANCE = 0.15  # a "line" narrower than this many line heights per character is a sliver, not text
 CROP_PAD_Y = 0.15  # padding of a line crop, as a fraction of its height (spaces survive)
 CROP_PAD_X = 0.3
+SLIVER = 0.5  # a piece split off a line narrower than this many line heights is dropped
 SPLIT_GAP = 1.2  # a blank run this many line-heights wide inside one detected line splits it
 SMALL_TEXT = 12  # text lines thinner than this many pixels are enlarged and detected again…
 TARGET_TEXT = 24  # …to about this thickness
@@ -153,7 +155,9 @@ def _split_at_gaps(
         return [quad]
     cuts = [run for run in runs if run[1] - run[0] >= max(SPLIT_GAP * height, 8)]
     x1, x2 = float(quad[:, 0].min()), float(quad[:, 0].max())
-    if gutter is not None and x1 < gutter - tolerance and x2 > gutter + tolerance:
+    # Lines reaching into the gutter band, not only across it: a box of the right column may start with
+    # the last glyph of its left neighbour (and read "1e eros" for "eros").
+    if gutter is not None and x1 < gutter + tolerance and x2 > gutter - tolerance:
         # Only a blank clearly wider than this line's word spaces: a title that spans both
         # columns has an ordinary word space near the gutter and must stay whole.
         word_gaps = [run[1] - run[0] for run in runs if run[1] - run[0] >= 0.2 * height]
@@ -167,6 +171,20 @@ def _split_at_gaps(
         if near:
             closest = min(near, key=lambda run: abs(left + (run[0] + run[1]) / 2 - gutter))
             cuts = sorted({*cuts, closest})
+            pieces = _split_quad(quad, cuts, left)
+            # An end piece cut off at the gutter and narrower than a glyph is a neighbour's sliver.
+            sliver = SLIVER * height
+            return [
+                piece
+                for index, piece in enumerate(pieces)
+                if not (
+                    float(piece[:, 0].max() - piece[:, 0].min()) < sliver
+                    and (
+                        (index == 0 and piece[:, 0].max() == left + closest[0])
+                        or (index == len(pieces) - 1 and piece[:, 0].min() == left + closest[1])
+                    )
+                )
+            ]
     return _split_quad(quad, cuts, left) if cuts else [quad]
 
 
@@ -311,7 +329,7 @@ class OcrEngine:
         lines = []
         recognised = self._recognise(work.bgr, work.quads, work.flags)
         for quad, flag, (text, score) in zip(work.quads, work.flags, recognised, strict=True):
-            if score >= REC_MIN_SCORE and text.strip():
+            if score >= REC_MIN_SCORE and _plausible(quad, text.strip(), flag):
                 lines.append(_to_line(quad, work.scale, rgb.shape, text.strip(), score, flag))
         return Reading(lines, 0, width, height)
 
@@ -346,7 +364,8 @@ class OcrEngine:
             for q, vertical in zip(quads, flags, strict=True)
             if not vertical
         ]
-        gutter, tolerance = find_gutter(upright), gutter_tolerance(upright)
+        found = find_gutter(upright)
+        gutter, tolerance = (found.x if found else None), gutter_tolerance(upright)
         out_quads: list[np.ndarray] = []
         out_flags: list[bool] = []
         for quad, vertical in zip(quads, flags, strict=True):
@@ -381,6 +400,19 @@ class OcrEngine:
             for index, (text, score) in zip(valid, recognised, strict=True):
                 results[index] = (str(text), float(score))
         return results
+
+
+def _plausible(quad: np.ndarray, text: str, vertical: bool) -> bool:
+    """Text that fits its box: a glyph is at least ``MIN_ADVANCE`` line heights wide.
+
+    Splitting a line at a gutter can leave a sliver of the next column's first
+    glyph; the recogniser still reads a letter or two into it ("N", "Se").
+    """
+    if not text:
+        return False
+    width, height = _quad_size(quad)
+    along, across = (height, width) if vertical else (width, height)
+    return along >= MIN_ADVANCE * across * len(text)
 
 
 def _median_thickness(quads: Sequence[np.ndarray]) -> float:

@@ -41,9 +41,27 @@ IGNORED_VLLM_FLAGS: dict[str, bool] = {
 }
 
 
+DEFAULT_TRICKLE_INTERVAL_S = 2.0  # one byte every two seconds: slower than any read timeout notices
+DEFAULT_HUGE_BYTES = 400_000_000  # the 400 MB answer of the fault campaign
+
+ANSWER_FAULTS = ("trickle", "huge", "truncated", "empty", "repetition", "lone_surrogate", "html")
+"""Hostile answers, drawn in this order after the model answered (see faults.py)."""
+
+
 @dataclass
 class FaultSettings:
-    """Fault injection knobs; all zero means no fault (also changeable at run time)."""
+    """Fault injection knobs; all zero means no fault (also changeable at run time).
+
+    Rates are shares of requests (0..1). Transport faults act before the
+    model: ``hang``, ``error``, ``malformed``. Hostile answers act after it, on
+    a real answer: ``truncated_rate`` (cut, ``finish_reason: "length"``),
+    ``empty_rate``, ``repetition_rate`` (a runaway repeated phrase),
+    ``trickle_rate`` (a 200 whose body dribbles one byte every
+    ``trickle_interval_s`` for ``hang_s``), ``huge_rate`` (an answer of
+    ``huge_bytes``, streamed), ``lone_surrogate_rate`` (``"\\ud800"`` in the
+    content) and ``html_rate`` (fake page markers, unclosed comments and fences,
+    a script).
+    """
 
     error_rate: float = 0.0
     latency_s: float = 0.0
@@ -52,17 +70,33 @@ class FaultSettings:
     down: bool = False
     error_status: int = 500
     hang_s: float = DEFAULT_HANG_S
+    trickle_rate: float = 0.0
+    trickle_interval_s: float = DEFAULT_TRICKLE_INTERVAL_S
+    huge_rate: float = 0.0
+    huge_bytes: int = DEFAULT_HUGE_BYTES
+    truncated_rate: float = 0.0
+    empty_rate: float = 0.0
+    repetition_rate: float = 0.0
+    lone_surrogate_rate: float = 0.0
+    html_rate: float = 0.0
 
     def to_dict(self) -> dict[str, float | int | bool]:
         return asdict(self)
 
+    def rate(self, fault: str) -> float:
+        return float(getattr(self, f"{fault}_rate"))
+
     def validate(self) -> None:
-        for name in ("error_rate", "hang_rate", "malformed_rate"):
+        for name in ("error_rate", "hang_rate", "malformed_rate", *(f"{fault}_rate" for fault in ANSWER_FAULTS)):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be between 0 and 1, got {value}")
         if self.latency_s < 0 or self.hang_s < 0:
             raise ValueError("latency_s and hang_s must not be negative")
+        if self.trickle_interval_s <= 0:
+            raise ValueError(f"trickle_interval_s must be positive, got {self.trickle_interval_s}")
+        if not 1 <= self.huge_bytes <= 1 << 40:
+            raise ValueError(f"huge_bytes must be between 1 and 2**40, got {self.huge_bytes}")
         if not 400 <= self.error_status <= 599:
             raise ValueError(f"error_status must be an HTTP error status (400-599), got {self.error_status}")
 
@@ -106,6 +140,13 @@ def _non_negative(text: str) -> float:
     value = float(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must not be negative, got {text}")
+    return value
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
     return value
 
 
@@ -176,6 +217,25 @@ def build_parser() -> argparse.ArgumentParser:
     faults.add_argument(
         "--fault-malformed-rate", type=_rate, default=0.0, help="share of requests answered 200 with a non-JSON body"
     )
+    for fault, what in (
+        ("trickle", "answered 200 with a body that dribbles in one byte at a time"),
+        ("huge", "answered with a huge body (--fault-huge-bytes), streamed"),
+        ("truncated", "whose answer is cut short (finish_reason length)"),
+        ("empty", "whose answer is empty"),
+        ("repetition", "whose answer ends in a runaway repeated phrase"),
+        ("lone-surrogate", "whose answer holds a lone surrogate (\\ud800)"),
+        ("html", "whose answer holds fake page markers, unclosed comments/fences and a script"),
+    ):
+        faults.add_argument(f"--fault-{fault}-rate", type=_rate, default=0.0, help=f"share of requests {what}")
+    faults.add_argument(
+        "--fault-trickle-interval-s",
+        type=_positive,
+        default=DEFAULT_TRICKLE_INTERVAL_S,
+        help="seconds between two bytes of a trickling body",
+    )
+    faults.add_argument(
+        "--fault-huge-bytes", type=_positive_int, default=DEFAULT_HUGE_BYTES, help="size of a huge answer in bytes"
+    )
     faults.add_argument("--fault-seed", type=int, default=None, help="seed for reproducible random faults")
     return parser
 
@@ -214,6 +274,9 @@ def parse_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None
         malformed_rate=args.fault_malformed_rate,
         error_status=args.fault_error_status,
         hang_s=args.fault_hang_s,
+        trickle_interval_s=args.fault_trickle_interval_s,
+        huge_bytes=args.fault_huge_bytes,
+        **{f"{fault}_rate": getattr(args, f"fault_{fault}_rate") for fault in ANSWER_FAULTS},
     )
     try:
         faults.validate()

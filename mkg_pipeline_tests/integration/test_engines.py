@@ -1,4 +1,11 @@
-"""Both engines against the real local VLM server, on real corpus pages."""
+"""Both engines against the real local VLM server: every request goes through our guarded client, and
+what they return is MinerU-compatible (a valid content list, figures that exist and are linked).
+
+OCR quality is asserted once per engine route, elsewhere: the page-to-Markdown route in
+test_local_server.py (similarity and reading order), MinerU's layout + recognition route in
+test_mineru_reference_client.py (MinerU's own client, figures and tables). Here, cheap pages only,
+and one figure page for the MinerU engine's crops.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +19,6 @@ import pytest
 from mkg_pipeline.config import MinerUConfig, VLLMServerConfig
 from mkg_pipeline.engines import AnswerRejected, PageInput, PageResult, build_engine
 from mkg_pipeline.outputs import CONTENT_LIST_SCHEMA
-from mkg_pipeline.quality import similarity
 from mkg_pipeline.vllm.client import VLLMClient
 from mkg_pipeline.vllm.metrics import REGISTRY
 from mkg_pipeline_tests.fixtures.corpus import corpus_pdf
@@ -33,9 +39,9 @@ def _text_layer(name: str, index: int) -> str:
         return doc[index].get_text()
 
 
-def _page(name: str, index: int) -> PageInput:
+def _page(name: str, index: int, dpi: int = 150) -> PageInput:
     return PageInput(
-        png=render_corpus_page(name, index, dpi=150),
+        png=render_corpus_page(name, index, dpi=dpi),
         page_idx=index,
         text_layer_chars=len(_text_layer(name, index).strip()),
         label=f"test {name} page={index + 1}",
@@ -69,15 +75,12 @@ def assert_mineru_compatible(result: PageResult, page_idx: int) -> None:
 
 
 @pytest.mark.parametrize("engine_name", ENGINES)
-@pytest.mark.parametrize("name", ["pdflatex-4-pages.pdf", "wang-answer-validation-5p.pdf"])
-async def test_born_digital_page_matches_text_layer(engine_name: str, name: str, local_vlm_server) -> None:
-    page = _page(name, 0)
+async def test_every_request_goes_through_the_guarded_client(engine_name: str, local_vlm_server) -> None:
+    page = _page("minimal-document.pdf", 0, dpi=100)
     before = _requests_sent()
     async with _client(local_vlm_server) as client:
         result = await build_engine(engine_name, client, SETTINGS).extract(page)
-    score = similarity(result.markdown, _text_layer(name, 0))
-    print(f"{engine_name} {name} p1: similarity {score:.3f}, {result.requests} request(s)")
-    assert score >= 0.90
+    assert "Lorem ipsum" in result.markdown
     assert result.content_list and result.finish_reason == "stop"
     assert_mineru_compatible(result, 0)
     # Every request went through our guarded client (MinerU's own transport is never used).
@@ -88,30 +91,15 @@ async def test_born_digital_page_matches_text_layer(engine_name: str, name: str,
 
 
 async def test_mineru_figure_page_end_to_end(local_vlm_server) -> None:
-    """zfn-chemistry-2p page 2 holds a figure. Today's local server answers text blocks only; once it
-    answers ``image`` blocks (branch h/server) the same test checks the crop and its link."""
+    """zfn-chemistry-2p page 2 holds a figure: cropped, content-addressed, linked from the Markdown."""
     page = _page("zfn-chemistry-2p.pdf", 1)
     async with _client(local_vlm_server) as client:
         result = await build_engine("mineru", client, SETTINGS).extract(page)
     assert_mineru_compatible(result, 1)
-    assert similarity(result.markdown, _text_layer("zfn-chemistry-2p.pdf", 1)) >= 0.5
     figures = [item for item in result.content_list if item["type"] == "image"]
-    print(
-        f"zfn-chemistry-2p p2: {len(result.content_list)} items, {len(figures)} figure(s), {result.requests} requests"
-    )
+    assert figures, [item["type"] for item in result.content_list]
     for figure in figures:
         assert re.fullmatch(r"images/[0-9a-f]{64}\.jpg", figure["img_path"])
-    if not figures:  # everything else above holds already; remove this once h/server is merged
-        pytest.xfail("the local server does not answer image blocks yet (branch h/server)")
-
-
-@pytest.mark.parametrize("engine_name", ENGINES)
-async def test_scanned_page_returns_its_text(engine_name: str, local_vlm_server) -> None:
-    page = _page("edgar-scanned.pdf", 0)  # no text layer
-    async with _client(local_vlm_server) as client:
-        result = await build_engine(engine_name, client, SETTINGS).extract(page)
-    assert len(result.markdown.split()) > 50
-    assert_mineru_compatible(result, 0)
 
 
 @pytest.mark.parametrize("engine_name", ENGINES)

@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import secrets
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -18,7 +20,11 @@ from mineru_vl_utils.mineru_client import DEFAULT_PROMPTS
 from PIL import Image
 
 from mkg_pipeline.engines.prompts import PAGE_MARKDOWN_PROMPT
+from mkg_pipeline.local_server.blocks import BlockType
+from mkg_pipeline.local_server.faults import REPEATED_PHRASE
+from mkg_pipeline.local_server.settings import ANSWER_FAULTS
 from mkg_pipeline.quality import normalise_text, similarity
+from mkg_pipeline_tests.fixtures.corpus import corpus_pdf
 from mkg_pipeline_tests.fixtures.local_server import (
     LocalVLMServer,
     chat_body,
@@ -26,10 +32,12 @@ from mkg_pipeline_tests.fixtures.local_server import (
     mineru_layout_parser,
     render_corpus_page,
 )
+from mkg_pipeline_tests.fixtures.reading_order import column_order_agreement, text_layer_lines
 
 pytestmark = pytest.mark.integration
 
 StartServer = Callable[..., LocalVLMServer]
+ANSWERED_TYPES = {kind.value for kind in BlockType}  # the MinerU 2.x block types the stand-in answers
 
 
 def content_of(response: httpx.Response) -> str:
@@ -74,6 +82,19 @@ def test_api_key_guards_v1_only(local_vlm_server: LocalVLMServer) -> None:
     # Like vLLM: health and metrics are open to probes and scrapers.
     assert httpx.get(f"{local_vlm_server.url}/health", timeout=10).status_code == 200
     assert httpx.get(f"{local_vlm_server.url}/metrics", timeout=10).status_code == 200
+
+
+def test_api_key_never_on_the_command_line(start_local_vlm_server: StartServer) -> None:
+    """Issue 9 row 15b: a key starting with '-' works, and ``ps`` (the process's cmdline) never shows it."""
+    key = "-" + secrets.token_urlsafe(16)  # token_urlsafe yields such a key about once in 64 runs
+    server = start_local_vlm_server(api_key=key)
+    assert server.process.process is not None
+    cmdline = Path(f"/proc/{server.process.process.pid}/cmdline").read_bytes()
+    assert b"mkg_pipeline.local_server" in cmdline
+    assert key.encode() not in cmdline
+    models = f"{server.base_url}/models"
+    assert httpx.get(models, headers={"Authorization": f"Bearer {key}"}, timeout=10).status_code == 200
+    assert httpx.get(models, timeout=10).status_code == 401
 
 
 def test_bad_requests_get_openai_error_objects(local_vlm_server: LocalVLMServer) -> None:
@@ -138,6 +159,35 @@ def test_page_markdown_matches_the_text_layer(local_vlm_server: LocalVLMServer, 
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"] > 0
 
 
+# Two-column pages: a full-width title and abstract over two columns (multicolumn-3p p1, arXiv p1), a
+# right column with a large gap in it (multicolumn-3p p2), figures inside the columns (arXiv p3) and a
+# second two-column band (the references) under the body text, below a rule (arXiv p4).
+READING_ORDER_PAGES = [
+    ("multicolumn-3p.pdf", 0),
+    ("multicolumn-3p.pdf", 1),
+    ("arxiv-0908.0054-4p.pdf", 0),
+    ("arxiv-0908.0054-4p.pdf", 2),
+    ("arxiv-0908.0054-4p.pdf", 3),
+]
+
+
+@pytest.mark.parametrize(("name", "page"), READING_ORDER_PAGES)
+def test_page_markdown_reads_each_column_top_to_bottom(local_vlm_server: LocalVLMServer, name: str, page: int) -> None:
+    """Column order agreement with the text layer (see fixtures/reading_order.py), overall and per column."""
+    markdown = content_of(local_vlm_server.chat(PAGE_MARKDOWN_PROMPT, render_corpus_page(name, page, dpi=150)))
+    agreement = column_order_agreement(markdown, text_layer_lines(str(corpus_pdf(name)), page))
+    columns = {column: round(agreement.column_share(column), 3) for column in agreement.column_names()}
+    print(
+        f"{name} page {page + 1}: column order agreement {agreement.share:.3f} "
+        f"({agreement.in_order}/{agreement.lines} lines, {agreement.lost} lost), per column {columns}"
+    )
+    assert agreement.lines >= 20
+    assert agreement.lost <= 0.1 * agreement.lines  # OCR misses are not the point here, but few are allowed
+    assert agreement.share >= 0.9  # before the column-aware reading order: 0.87, 0.79 and 0.71 on three pages
+    for column, share in columns.items():
+        assert share >= 0.95, f"the {column} column is out of order"
+
+
 def test_scanned_page_without_text_layer_is_read(local_vlm_server: LocalVLMServer) -> None:
     assert corpus_page_text("edgar-scanned.pdf", 0).strip() == ""
     response = local_vlm_server.chat(PAGE_MARKDOWN_PROMPT, render_corpus_page("edgar-scanned.pdf", 0))
@@ -164,7 +214,8 @@ def test_layout_detection_answers_in_mineru_format(local_vlm_server: LocalVLMSer
     output = content_of(local_vlm_server.chat(DEFAULT_PROMPTS["[layout]"], buffer.getvalue()))
     blocks = mineru_layout_parser().parse_layout_output(output)
     assert len(blocks) == len(output.splitlines()) >= 5
-    assert {block.type for block in blocks} <= {"text", "title", "page_number"}
+    assert {block.type for block in blocks} <= ANSWERED_TYPES
+    assert "text" in {block.type for block in blocks}
     for block in blocks:
         x1, y1, x2, y2 = block.bbox
         assert 0 <= x1 < x2 <= 1 and 0 <= y1 < y2 <= 1
@@ -304,6 +355,76 @@ def test_fault_injection_when_enabled(start_local_vlm_server: StartServer) -> No
     # Bad settings are refused.
     response = httpx.post(f"{server.url}/fault-injection", json={"error_rate": 2}, timeout=10)
     assert response.status_code == 400
+
+
+def test_hostile_answers_when_enabled(start_local_vlm_server: StartServer) -> None:
+    """Issue 9's hostile answers, each forced by its rate at run time, each counted in the fault metric."""
+    server = start_local_vlm_server(api_key="fault-key", enable_fault_injection=True)
+    png = render_corpus_page("minimal-document.pdf", 0, dpi=72)
+    prompt = PAGE_MARKDOWN_PROMPT
+
+    def with_only(fault: str) -> httpx.Response:
+        server.set_faults(**{f"{other}_rate": float(other == fault) for other in ANSWER_FAULTS})
+        response = server.chat(prompt, png, timeout=60)
+        assert response.status_code == 200, response.text
+        return response
+
+    real = content_of(server.chat(prompt, png, timeout=60))
+    assert "Lorem ipsum" in real
+
+    truncated = with_only("truncated").json()["choices"][0]
+    assert truncated["finish_reason"] == "length"
+    assert real.startswith(truncated["message"]["content"]) and len(truncated["message"]["content"]) < len(real)
+    assert with_only("empty").json()["choices"][0]["message"]["content"] == ""
+    assert with_only("repetition").json()["choices"][0]["message"]["content"].count(REPEATED_PHRASE) >= 100
+    surrogate = with_only("lone_surrogate")
+    assert b"\\ud800" in surrogate.content
+    assert "\ud800" in surrogate.json()["choices"][0]["message"]["content"]
+    html = with_only("html").json()["choices"][0]["message"]["content"]
+    assert "<!-- page 99 -->" in html and "<script>" in html and html.rstrip().endswith("an unclosed code fence")
+    for fault in ("truncated", "empty", "repetition", "lone_surrogate", "html"):
+        assert server.read_metric("mkg_local_server_faults_injected_total", {"fault": fault}) == 1, fault
+
+
+def test_trickle_never_finishes_and_huge_is_streamed_in_bounded_memory(start_local_vlm_server: StartServer) -> None:
+    server = start_local_vlm_server(enable_fault_injection=True, trickle_rate=1.0, trickle_interval_s=0.2)
+    url = f"{server.base_url}/chat/completions"
+    body = chat_body(DEFAULT_PROMPTS["[default]"], [tiny_png()], server.model)
+
+    # Trickle: a 200 whose body keeps coming, one byte at a time, and never ends (hang_s: an hour).
+    # A per-read timeout (here 5 s) never fires; only a total deadline stops the client.
+    received: list[bytes] = []
+    with httpx.stream("POST", url, json=body, timeout=5) as response:
+        assert response.status_code == 200
+        for chunk in response.iter_raw():
+            received.append(chunk)
+            if len(received) >= 5:
+                break
+    assert b"".join(received).strip() == b""  # whitespace so far: no answer yet
+    assert server.read_metric("mkg_local_server_faults_injected_total", {"fault": "trickle"}) == 1
+
+    # Huge: 400 MB, streamed without a Content-Length; the server does not hold it.
+    server.set_faults(trickle_rate=0.0, huge_rate=1.0, huge_bytes=400_000_000)
+    assert server.process.process is not None
+    status = Path(f"/proc/{server.process.process.pid}/status")
+
+    def rss_bytes() -> int:
+        line = next(line for line in status.read_text().splitlines() if line.startswith("VmRSS:"))
+        return int(line.split()[1]) * 1024
+
+    before = rss_bytes()
+    read = 0
+    with httpx.stream("POST", url, json=body, timeout=60) as response:
+        assert response.status_code == 200 and "content-length" not in response.headers
+        for chunk in response.iter_raw(1 << 20):
+            read += len(chunk)
+            if read >= 64 << 20:
+                break
+    assert read >= 64 << 20
+    assert rss_bytes() - before < 64 << 20  # 64 MB went out; the server did not hold them
+    assert server.read_metric("mkg_local_server_faults_injected_total", {"fault": "huge"}) == 1
+    server.set_faults(huge_rate=0.0)
+    assert server.chat(DEFAULT_PROMPTS["[default]"], tiny_png(), timeout=60).status_code == 200
 
 
 def test_server_killed_and_started_again_on_the_same_port(start_local_vlm_server: StartServer) -> None:

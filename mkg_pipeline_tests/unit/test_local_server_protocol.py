@@ -1,6 +1,7 @@
-"""The local server's pure parts: routing, request parsing, layout format, Markdown assembly.
+"""The local server without its model: routing, the request model, settings, fault injection, slots,
+and the ASGI app in process with a fake OCR engine (hostile answers included).
 
-No model and no server here: OCR lines are synthetic boxes with text.
+Page geometry and MinerU's formats are in test_local_server_geometry.py.
 """
 
 from __future__ import annotations
@@ -23,32 +24,20 @@ from PIL import Image
 from mkg_pipeline.engines.prompts import PAGE_MARKDOWN_PROMPT
 from mkg_pipeline.local_server import protocol
 from mkg_pipeline.local_server.app import create_app
-from mkg_pipeline.local_server.faults import FaultInjector
+from mkg_pipeline.local_server.faults import REPEATED_PHRASE, FaultInjector, hostile_content
+from mkg_pipeline.local_server.geometry import OcrLine
 from mkg_pipeline.local_server.ocr import EnginePool, Reading
-from mkg_pipeline.local_server.protocol import Block, BlockType, OcrLine, RequestError, Route, Row
-from mkg_pipeline.local_server.settings import DEFAULT_MODEL_NAME, FaultSettings, ServerSettings, parse_args
+from mkg_pipeline.local_server.protocol import RequestError, Route
+from mkg_pipeline.local_server.settings import (
+    ANSWER_FAULTS,
+    DEFAULT_MODEL_NAME,
+    FaultSettings,
+    ServerSettings,
+    parse_args,
+)
 from mkg_pipeline.local_server.slots import SlotScheduler
 from mkg_pipeline.quality import normalise_text, similarity
 from mkg_pipeline_tests.fixtures.local_server import mineru_layout_parser
-
-BODY_H = 20.0  # synthetic body text: 20 px tall rows, 8 px per character
-
-
-def line(x1: float, y1: float, text: str, *, advance: float = 8.0, height: float = BODY_H) -> OcrLine:
-    """A synthetic OCR line whose width follows its text, like real type."""
-    return OcrLine(x1, y1, x1 + advance * len(text), y1 + height, text)
-
-
-def paragraph(
-    x1: float, y1: float, words: str, rows: int, *, indent: float = 0.0, pitch: float = 24.0
-) -> list[OcrLine]:
-    """``rows`` justified rows of 48 characters, the first indented by ``indent`` px."""
-    lines = []
-    for index in range(rows):
-        text = f"{words} {index}".ljust(48, "x")
-        left = x1 + (indent if index == 0 else 0.0)
-        lines.append(OcrLine(left, y1 + index * pitch, x1 + 8.0 * 48, y1 + index * pitch + BODY_H, text))
-    return lines
 
 
 def mineru_helper() -> Any:
@@ -63,7 +52,7 @@ def mineru_helper() -> Any:
     [
         (DEFAULT_PROMPTS["[layout]"], Route.LAYOUT),
         (DEFAULT_PROMPTS["[default]"], Route.RECOGNITION),
-        (DEFAULT_PROMPTS["table"], Route.RECOGNITION),
+        (DEFAULT_PROMPTS["table"], Route.TABLE),
         (DEFAULT_PROMPTS["equation"], Route.RECOGNITION),
         (DEFAULT_PROMPTS["image"], Route.RECOGNITION),
         (PAGE_MARKDOWN_PROMPT, Route.PAGE_MARKDOWN),
@@ -107,7 +96,8 @@ def test_parse_chat_request_mineru_body_routes_on_last_user_text() -> None:
     assert chat.model == "m"
     assert chat.image_urls == (PNG_URL,)
     assert protocol.route_for_prompt(chat.prompt) is Route.LAYOUT
-    assert chat.max_tokens == 50  # max_completion_tokens wins, as in vLLM
+    assert chat.token_limit == 50  # max_completion_tokens wins, as in vLLM
+    assert isinstance(chat, protocol.ChatCompletionRequest)  # a pydantic model, as vLLM's protocol.py has
     assert chat.text_chars == len("You are a helpful assistant.") + len("\nLayout Detection:")
 
 
@@ -123,7 +113,7 @@ def test_parse_chat_request_accepts_string_content_and_bare_image_url() -> None:
     assert chat.model is None
     assert chat.prompt == "go"
     assert chat.image_urls == (PNG_URL,)
-    assert chat.max_tokens is None
+    assert chat.token_limit is None
 
 
 @pytest.mark.parametrize(
@@ -143,6 +133,13 @@ def test_parse_chat_request_accepts_string_content_and_bare_image_url() -> None:
 def test_parse_chat_request_rejects_malformed_bodies(body: object) -> None:
     with pytest.raises(RequestError):
         protocol.parse_chat_request(body)
+
+
+def test_request_errors_name_the_field() -> None:
+    with pytest.raises(RequestError, match=r"messages\.0\.content"):
+        protocol.parse_chat_request({"messages": [{"role": "user", "content": [{"type": "audio"}]}]})
+    with pytest.raises(RequestError, match="max_tokens"):
+        protocol.parse_chat_request({"messages": [{"role": "user", "content": "x"}], "max_tokens": -1})
 
 
 def test_decode_data_url() -> None:
@@ -165,141 +162,6 @@ def test_tokens_and_truncation() -> None:
     assert protocol.truncate_to_tokens("abcdefgh", None) == ("abcdefgh", "stop")
     assert protocol.truncate_to_tokens("abcdefgh", 2) == ("abcdefgh", "stop")
     assert protocol.truncate_to_tokens("abcdefghij", 2) == ("abcdefgh", "length")
-
-
-# --------------------------------------------------------------------------- rows and reading order
-
-
-def test_rows_join_pieces_left_to_right_with_a_space() -> None:
-    lines = [line(300, 101, "world"), line(100, 100, "hello"), line(100, 140, "next row")]
-    rows = protocol.group_rows(lines)
-    assert [row.text for row in rows] == ["hello world", "next row"]
-
-
-def test_two_columns_read_column_by_column_under_a_spanning_title() -> None:
-    title = line(150, 20, "A Two Column Title", advance=16.0, height=34.0)
-    left = paragraph(100, 100, "left", 10)
-    right = paragraph(540, 100, "right", 10)
-    footer = line(100, 400, "a footnote spanning the whole page width", advance=20.0)  # below both columns
-    lines = [title, *right, *left, footer]
-    assert protocol.find_gutter(lines) is not None
-    order = [row.text for block in protocol.build_blocks(lines) for row in block.rows]
-    assert order[0] == title.text
-    assert order[1:11] == [item.text for item in left]
-    assert order[11:21] == [item.text for item in right]
-    assert order[21] == footer.text
-
-
-def test_one_column_and_narrow_table_cells_are_not_split_into_columns() -> None:
-    assert protocol.find_gutter(paragraph(100, 100, "body", 12)) is None
-    # A two-cell table: narrow items on both sides keep reading row by row.
-    table = [line(100, 100 + 24 * i, f"name {i}") for i in range(8)] + [
-        line(600, 100 + 24 * i, f"value {i}") for i in range(8)
-    ]
-    assert protocol.find_gutter(table) is None
-    rows = protocol.group_rows(table)
-    assert rows[0].text == "name 0 value 0"
-
-
-def test_vertical_lines_are_read_last_each_on_its_own() -> None:
-    stamp = OcrLine(10, 100, 30, 400, "arXiv:0000.0000v1 [cs.XX] 1 Jan 2000", vertical=True)
-    body = paragraph(100, 100, "body", 5)
-    blocks = protocol.build_blocks([stamp, *body])
-    assert blocks[-1].text == stamp.text
-    assert all(stamp.text not in block.text for block in blocks[:-1])
-
-
-# --------------------------------------------------------------------------- blocks and Markdown
-
-
-def test_markdown_headings_paragraphs_and_indent() -> None:
-    title = line(100, 20, "Big Title", advance=18.0, height=36.0)  # >= 1.75x body: level 1
-    section = line(100, 90, "1 Introduction", advance=11.0, height=24.0)  # >= 1.3x body: level 2
-    first = paragraph(100, 130, "first", 3)
-    second = paragraph(100, 130 + 3 * 24, "second", 3, indent=30.0)  # no gap, but an indented first line
-    third = paragraph(100, 130 + 6 * 24 + 25, "third", 2)  # a blank gap before it
-    markdown = protocol.lines_to_markdown([title, section, *first, *second, *third])
-    parts = markdown.split("\n\n")
-    assert parts[0] == "# Big Title"
-    assert parts[1] == "## 1 Introduction"
-    assert parts[2] == " ".join(item.text for item in first)
-    assert parts[3] == " ".join(item.text for item in second)
-    assert parts[4] == " ".join(item.text for item in third)
-    assert len(parts) == 5
-
-
-def test_formula_sized_rows_are_not_headings() -> None:
-    formula = line(100, 20, "ds2=a2{-(1+2w)dt2}(1)", advance=14.0)
-    body = paragraph(100, 60, "body", 4)
-    assert protocol.lines_to_markdown([formula, *body]).startswith("ds2=")
-
-
-def test_recognition_text_joins_rows_with_spaces_and_paragraphs_with_newlines() -> None:
-    first = paragraph(0, 0, "one", 2)
-    second = paragraph(0, 2 * 24 + 30, "two", 2)
-    assert protocol.lines_to_text([*first, *second]) == "\n".join(
-        [" ".join(item.text for item in first), " ".join(item.text for item in second)]
-    )
-    assert protocol.lines_to_text([]) == ""
-    assert protocol.lines_to_markdown([]) == ""
-
-
-def test_page_numbers_are_marked_only_when_numeric_and_at_the_edge() -> None:
-    body = paragraph(100, 200, "body", 10)
-    number = line(490, 960, "12")
-    footer = line(100, 10, "Journal")  # a running head: stays text
-    blocks = protocol.mark_page_numbers(protocol.build_blocks([*body, number, footer]), 1000, 1000)
-    types = {block.text: block.type for block in blocks}
-    assert types["12"] is BlockType.PAGE_NUMBER
-    assert types["Journal"] is BlockType.TEXT
-    candidates = protocol.page_number_candidates([*body, number], 1000, 1000)
-    assert candidates == [number]
-
-
-def test_edge_slivers_of_neighbouring_lines_are_dropped() -> None:
-    sliver = OcrLine(0, 0, 500, 6, "noise")
-    lines = [sliver, *paragraph(0, 10, "kept", 3)]
-    assert protocol.drop_edge_slivers(lines, 500, 90)[0].text.startswith("kept")
-
-
-# --------------------------------------------------------------------------- MinerU layout format
-
-
-def test_layout_output_parses_back_with_mineru_to_the_same_boxes() -> None:
-    width, height = 1036, 1036
-    blocks = [
-        Block(BlockType.TITLE, [Row([OcrLine(100, 50, 900, 90, "Title")])], level=1),
-        Block(BlockType.TEXT, [Row([OcrLine(100, 120, 900, 140, "a")]), Row([OcrLine(100, 144, 880, 164, "b")])]),
-        Block(BlockType.PAGE_NUMBER, [Row([OcrLine(500, 1000, 520, 1020, "3")])]),
-    ]
-    output = protocol.format_layout(blocks, width, height)
-    assert len(output.splitlines()) == 3
-    parsed = mineru_helper().parse_layout_output(output)
-    assert [block.type for block in parsed] == ["title", "text", "page_number"]
-    for original, back in zip(blocks, parsed, strict=True):
-        expected = [original.x1 / width, original.y1 / height, original.x2 / width, original.y2 / height]
-        assert back.bbox == pytest.approx(expected, abs=0.0011)
-        assert back.angle == 0
-
-
-def test_layout_padding_grows_boxes_but_not_into_the_next_block() -> None:
-    upper = Block(BlockType.TEXT, [Row([OcrLine(100, 100, 900, 130, "upper")])])
-    lower = Block(BlockType.TEXT, [Row([OcrLine(100, 128, 900, 160, "lower")])])  # detection boxes overlap
-    parsed = mineru_helper().parse_layout_output(protocol.format_layout([upper, lower], 1000, 1000, pad_x=5, pad_y=5))
-    assert parsed[0].bbox[0] == pytest.approx(0.095)  # padded sideways
-    assert parsed[0].bbox[1] == pytest.approx(0.095)  # and upwards, where nothing is
-    assert parsed[0].bbox[3] <= parsed[1].bbox[1]  # but the two crops do not overlap
-
-
-def test_layout_boxes_never_collapse() -> None:
-    edge = Block(BlockType.TEXT, [Row([OcrLine(999.8, 10, 1000, 10.2, ".")])])
-    parsed = mineru_helper().parse_layout_output(protocol.format_layout([edge], 1000, 1000))
-    assert len(parsed) == 1
-
-
-def test_empty_page_gives_empty_layout() -> None:
-    assert protocol.format_layout([], 1036, 1036) == ""
-    assert mineru_helper().parse_layout_output("") == []
 
 
 # --------------------------------------------------------------------------- settings, faults, slots
@@ -344,6 +206,55 @@ def test_faults_are_reproducible_with_a_seed_and_updatable() -> None:
     assert injector.update({"error_rate": 1.0, "down": True}).down
     assert injector.decide().error_status == 500
     for bad in ({"error_rate": 1.5}, {"nope": 1}, {"down": "yes"}, []):
+        with pytest.raises(ValueError):
+            injector.update(bad)
+
+
+def test_cli_hostile_answer_flags() -> None:
+    argv = ["--enable-fault-injection", "--fault-trickle-rate", "1", "--fault-trickle-interval-s", "0.5"]
+    argv += ["--fault-huge-rate", "0.5", "--fault-huge-bytes", "1000", "--fault-lone-surrogate-rate", "0.25"]
+    faults = parse_args(argv, environ={}).faults
+    assert (faults.trickle_rate, faults.trickle_interval_s) == (1.0, 0.5)
+    assert (faults.huge_rate, faults.huge_bytes, faults.lone_surrogate_rate) == (0.5, 1000, 0.25)
+    for fault in ANSWER_FAULTS:
+        flag = f"--fault-{fault.replace('_', '-')}-rate"
+        assert parse_args(["--enable-fault-injection", flag, "1"], environ={}).faults.rate(fault) == 1.0
+    with pytest.raises(SystemExit):
+        parse_args(["--enable-fault-injection", "--fault-trickle-interval-s", "0"], environ={})
+
+
+@pytest.mark.parametrize("fault", ANSWER_FAULTS)
+def test_each_hostile_answer_is_drawn_at_its_rate_and_updatable(fault: str) -> None:
+    injector = FaultInjector(FaultSettings(), 3)
+    assert all(injector.decide().answer is None for _ in range(10))
+    injector.update({f"{fault}_rate": 1.0})
+    assert injector.decide().answer == fault
+    with pytest.raises(ValueError):
+        injector.update({f"{fault}_rate": 2})
+
+
+def test_hostile_contents() -> None:
+    answer = "A real answer of the model, long enough to be cut in the middle."
+    cut, finish = hostile_content("truncated", answer)
+    assert finish == "length" and answer.startswith(cut) and 0 < len(cut) < len(answer)
+    assert hostile_content("truncated", "")[0]  # cut short even when the model said nothing
+    assert hostile_content("empty", answer) == ("", "stop")
+    loop, finish = hostile_content("repetition", answer)
+    assert finish == "stop" and loop.count(REPEATED_PHRASE) >= 100
+    surrogate, _ = hostile_content("lone_surrogate", answer)
+    assert "\ud800" in surrogate and len(surrogate) == len(answer) + 1
+    html, _ = hostile_content("html", answer)
+    assert html.startswith(answer)
+    for hostile in ("<!-- page 99 -->", "<script>", "<!--", "```"):
+        assert hostile in html[len(answer) :]
+    assert html.count("<!--") == 2 and html.count("-->") == 1  # one comment is left open
+    assert html.count("```") == 1  # and one fence
+
+
+def test_fault_settings_update_checks_integers() -> None:
+    injector = FaultInjector(FaultSettings(), 1)
+    assert injector.update({"huge_bytes": 2048, "trickle_interval_s": 0.1}).huge_bytes == 2048
+    for bad in ({"huge_bytes": 1.5}, {"huge_bytes": 0}, {"trickle_interval_s": 0}):
         with pytest.raises(ValueError):
             injector.update(bad)
 
@@ -404,11 +315,13 @@ def test_normalise_and_similarity() -> None:
     assert 0.0 <= similarity("abc", "xyz") < 0.5
 
 
-def test_importing_the_package_loads_no_model_runtime() -> None:
+def test_importing_the_package_and_its_pure_modules_loads_no_model_runtime() -> None:
     # In a fresh interpreter: this session may have imported onnxruntime for other reasons.
+    pure = ["protocol", "settings", "geometry", "blocks", "tables", "mineru_format", "faults"]
     code = (
-        "import sys, mkg_pipeline.local_server.protocol, mkg_pipeline.local_server.settings\n"
-        "heavy = [m for m in sys.modules if m.split('.')[0] in ('onnxruntime', 'rapidocr_onnxruntime', 'cv2')]\n"
+        f"import sys, mkg_pipeline.local_server, {', '.join(f'mkg_pipeline.local_server.{m}' for m in pure)}\n"
+        "heavy = [m for m in sys.modules if m.split('.')[0] in "
+        "('onnxruntime', 'rapidocr_onnxruntime', 'cv2', 'numpy', 'PIL')]\n"
         "assert not heavy, heavy"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -510,3 +423,66 @@ async def test_app_health_is_503_until_the_model_is_loaded() -> None:
         release.set()
         await _wait_healthy(client)
         assert (await client.get("/v1/models")).status_code == 200  # no key configured: open
+
+
+async def _answer(client: httpx.AsyncClient, **extra: Any) -> httpx.Response:
+    response = await client.post("/v1/chat/completions", json=_body(_png(40), **extra))
+    assert response.status_code == 200, response.text
+    return response
+
+
+def _fault_count(metrics: str, fault: str) -> float:
+    for line in metrics.splitlines():
+        if line.startswith(f'mkg_local_server_faults_injected_total{{fault="{fault}"}}'):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+async def test_app_answers_each_hostile_answer_and_counts_it() -> None:
+    settings = ServerSettings(fault_injection=True)
+    async with _in_process(settings, _FakePool(settings.max_num_seqs)) as client:
+        await _wait_healthy(client)
+        assert (await _answer(client)).json()["choices"][0]["message"]["content"] == "hello"
+
+        async def hostile(fault: str) -> httpx.Response:
+            reset = {f"{other}_rate": 0.0 for other in ANSWER_FAULTS}
+            assert (await client.post("/fault-injection", json={**reset, f"{fault}_rate": 1.0})).status_code == 200
+            return await _answer(client)
+
+        truncated = (await hostile("truncated")).json()["choices"][0]
+        assert truncated["finish_reason"] == "length" and truncated["message"]["content"] == "he"
+        assert (await hostile("empty")).json()["choices"][0]["message"]["content"] == ""
+        repetition = (await hostile("repetition")).json()["choices"][0]
+        assert repetition["finish_reason"] == "stop" and repetition["message"]["content"].count(REPEATED_PHRASE) > 100
+        surrogate = await hostile("lone_surrogate")
+        assert b"\\ud800" in surrogate.content  # the JSON escape: a lone surrogate has no UTF-8 form
+        assert "\ud800" in surrogate.json()["choices"][0]["message"]["content"]
+        html = (await hostile("html")).json()["choices"][0]["message"]["content"]
+        assert "<!-- page 99 -->" in html and "<script>" in html and html.count("```") == 1
+        metrics = (await client.get("/metrics")).text
+        for fault in ("truncated", "empty", "repetition", "lone_surrogate", "html"):
+            assert _fault_count(metrics, fault) == 1.0, fault
+
+
+async def test_app_trickles_and_streams_a_huge_answer_without_content_length() -> None:
+    settings = ServerSettings(fault_injection=True)
+    async with _in_process(settings, _FakePool(settings.max_num_seqs)) as client:
+        await _wait_healthy(client)
+        await client.post("/fault-injection", json={"trickle_rate": 1.0, "trickle_interval_s": 0.02, "hang_s": 0.2})
+        trickled = await _answer(client)
+        assert trickled.content.startswith(b"   ")  # leading whitespace, one byte at a time
+        assert trickled.json()["choices"][0]["message"]["content"] == "hello"  # then the answer, if one waits
+        trickled_events = await _answer(client, stream=True)
+        assert trickled_events.text.startswith("\n\n") and trickled_events.text.endswith("data: [DONE]\n\n")
+
+        size = 3_000_000
+        await client.post("/fault-injection", json={"trickle_rate": 0.0, "huge_rate": 1.0, "huge_bytes": size})
+        huge = await _answer(client)
+        assert "content-length" not in huge.headers
+        assert abs(len(huge.content) - size) < 1000
+        assert len(huge.json()["choices"][0]["message"]["content"]) > size - 1000
+        streamed = await _answer(client, stream=True)
+        assert streamed.headers["content-type"].startswith("text/event-stream")
+        assert len(streamed.content) >= size and streamed.text.endswith("data: [DONE]\n\n")
+        metrics = (await client.get("/metrics")).text
+        assert _fault_count(metrics, "trickle") == 2.0 and _fault_count(metrics, "huge") == 2.0
