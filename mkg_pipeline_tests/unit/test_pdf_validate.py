@@ -151,3 +151,27 @@ def test_metadata_and_page_sizes() -> None:
     assert (info.page_sizes[0].width_pt, info.page_sizes[0].height_pt, info.page_sizes[0].pages) == (3.8, 3.8, 6)
     mixed = validate_pdf(corpus_pdf("zfn-chemistry-2p.pdf").read_bytes(), "zfn-chemistry-2p.pdf", LIMITS)
     assert mixed.page_size_kinds == 2
+
+
+def _zip_holding(member: bytes) -> bytes:
+    import io
+    import zipfile
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as archive:
+        archive.writestr("report.pdf", member)
+    return buffer.getvalue()
+
+
+def test_pdf_header_must_start_the_file() -> None:
+    pdf = corpus_pdf("minimal-document.pdf").read_bytes()
+    # A ZIP whose member is a stored (uncompressed) PDF carries '%PDF-' 40 bytes in: readers refuse it.
+    zipped = _zip_holding(pdf)
+    assert b"%PDF-" in zipped[:100]
+    with pytest.raises(PDFRejected) as caught:
+        validate_pdf(zipped, "report.pdf", LIMITS)
+    assert caught.value.reason == "not_a_pdf"
+    assert "starts with b'PK" in str(caught.value)
+    # Leading whitespace and a UTF-8 byte order mark are tolerated, as readers do.
+    for prefix in (b"\xef\xbb\xbf", b"\r\n  \t", b"\xef\xbb\xbf\n"):
+        assert validate_pdf(prefix + pdf, "padded.pdf", LIMITS).page_count == 1
