@@ -18,8 +18,11 @@ workers untouched, and a worker that dies (segfault, OOM kill) reported as ``Pro
 hanging the pool. Writing that by hand is about as much code as this module, with the hard parts
 (races between completion and kill, replacing workers) untested.
 
-Workers start from a ``forkserver``: never ``fork`` a process that runs threads (Dagster's, s3fs's event
-loop), and the server imports the worker modules once, so a new worker costs a fork, not an interpreter.
+Workers are started with ``spawn``: never ``fork`` a process that runs threads (Dagster's, s3fs's event
+loop). A worker imports the stage modules once when it starts and then takes document after document; it
+asks the kernel to kill it when the process that started it dies (``PR_SET_PDEATHSIG``), so a run that is
+itself killed leaves no worker grinding on a pathological page. (A ``forkserver`` would start workers
+faster, but its workers are the forkserver's children: they would outlive a killed run.)
 
 :class:`InlinePool` has the same interface and runs calls in the calling process, without the limit: for
 storage that other processes cannot reach (the in-memory storage of stage tests) and for debugging.
@@ -28,10 +31,14 @@ storage that other processes cannot reach (the in-memory storage of stage tests)
 from __future__ import annotations
 
 import concurrent.futures
+import ctypes
+import importlib
 import logging
 import math
 import multiprocessing
 import os
+import signal
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +54,8 @@ K = TypeVar("K")
 _CGROUP_V2_CPU_MAX: Final = Path("/sys/fs/cgroup/cpu.max")
 _CGROUP_V1_QUOTA: Final = Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us")
 _CGROUP_V1_PERIOD: Final = Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us")
+#: prctl(2) option: the signal this process gets when the thread that created it exits
+_PR_SET_PDEATHSIG: Final = 1
 
 
 @dataclass(frozen=True)
@@ -99,6 +108,17 @@ def pool_size(configured: int, tasks: int) -> int:
     return max(1, min(wanted, tasks))
 
 
+def _start_worker(parent_pid: int, preload: tuple[str, ...]) -> None:
+    """Runs first in each worker process: die with the parent, import what the tasks need."""
+    if sys.platform == "linux":
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent_pid:  # the parent died before prctl took effect
+            os._exit(1)
+    for module in preload:
+        importlib.import_module(module)
+
+
 class WorkerPool(Generic[K]):
     """``processes`` worker processes; each call gets at most ``timeout_s`` seconds of wall clock.
 
@@ -112,10 +132,12 @@ class WorkerPool(Generic[K]):
             raise ValueError(f"a worker pool needs at least one process, got {processes}")
         self.processes = processes
         self.timeout_s = timeout_s
-        context = multiprocessing.get_context("forkserver")
-        # Takes effect when the forkserver starts (the first pool of this process); later pools share it.
-        context.set_forkserver_preload(["mkg_pipeline.pdf.pool", *preload])
-        self._pool = pebble.ProcessPool(max_workers=processes, context=context)
+        self._pool = pebble.ProcessPool(
+            max_workers=processes,
+            initializer=_start_worker,
+            initargs=(os.getpid(), tuple(preload)),
+            context=multiprocessing.get_context("spawn"),
+        )
 
     def __enter__(self) -> WorkerPool[K]:
         return self

@@ -58,3 +58,64 @@ def test_inline_pool_turns_exceptions_into_failures_but_not_kills() -> None:
         assert next(results) == ("2", TaskFailed("error", "ValueError: two is broken"))
         with pytest.raises(_Boom):
             next(results)
+
+
+_KILLED_RUN = """
+import os, sys, time
+from mkg_pipeline.pdf.pool import WorkerPool
+
+def main():
+    with WorkerPool(1, timeout_s=None) as pool:
+        for _ in pool.run(_stuck, [("doc", (sys.argv[1],))]):
+            pass
+
+if __name__ == "__main__":
+    from killed_run import _stuck
+    main()
+"""
+
+_STUCK = """
+import os, time
+
+def _stuck(pid_file):
+    with open(pid_file, "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(600)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie waiting for its (dead) parent to reap it is gone for our purpose.
+    return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+
+
+def test_a_killed_run_leaves_no_worker_behind(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    (tmp_path / "killed_run.py").write_text(_STUCK)
+    (tmp_path / "run.py").write_text(_KILLED_RUN)
+    pid_file = tmp_path / "worker.pid"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+    run = subprocess.Popen([sys.executable, str(tmp_path / "run.py"), str(pid_file)], env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while not pid_file.exists() or not pid_file.read_text():
+            assert time.monotonic() < deadline and run.poll() is None, "the worker never started its task"
+            time.sleep(0.1)
+        worker = int(pid_file.read_text())
+        assert _alive(worker)
+        run.send_signal(signal.SIGKILL)  # kill -9 of the run: no cleanup code runs in it
+        run.wait()
+        deadline = time.monotonic() + 60
+        while _alive(worker):
+            assert time.monotonic() < deadline, f"worker {worker} outlived its killed run"
+            time.sleep(0.1)
+    finally:
+        run.kill()
