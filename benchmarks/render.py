@@ -20,11 +20,13 @@ printed with the results; say what else was running when you quote them.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import resource
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -143,21 +145,47 @@ def levels(args: argparse.Namespace) -> None:
         print(f"{label:<22}{statistics.median(times):>10.1f}{size / len(pixmaps) / 1024:>10.0f}")
 
 
+def _build_book(path: Path, pages: int) -> None:
+    """A ``pages``-page PDF made of the corpus files' pages, over and over."""
+    book = pymupdf.open()
+    sources = [pymupdf.open(CORPUS / name) for name in FILES]
+    while book.page_count < pages:
+        for src in sources:
+            take = min(src.page_count, pages - book.page_count)
+            if take > 0:
+                book.insert_pdf(src, to_page=take - 1)
+    book.save(path, garbage=1, deflate=True)
+
+
+def _children_peak_rss(stop: threading.Event, peaks: dict[int, int]) -> None:
+    """Sample the peak RSS (VmHWM, KiB) of this process's worker children until ``stop`` is set."""
+    me = str(os.getpid())
+    while not stop.wait(0.2):
+        for proc in Path("/proc").iterdir():
+            try:
+                status = (proc / "status").read_text()
+                if f"\nPPid:\t{me}\n" not in status or b"spawn_main" not in (proc / "cmdline").read_bytes():
+                    continue
+                hwm = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:"))
+            except (OSError, StopIteration, ValueError):
+                continue
+            peaks[int(proc.name)] = max(peaks.get(int(proc.name), 0), hwm)
+
+
 def rss(args: argparse.Namespace) -> None:
     from mkg_pipeline.config import PDFConfig, StorageConfig, WorkersConfig
     from mkg_pipeline.local_stack import moto_s3_server
     from mkg_pipeline.stages.pages import render_documents
     from mkg_pipeline.storage import Storage
 
-    book = pymupdf.open()
-    sources = [pymupdf.open(CORPUS / name) for name in FILES]
-    while book.page_count < args.rss_pages:
-        for src in sources:
-            take = min(src.page_count, args.rss_pages - book.page_count)
-            if take > 0:
-                book.insert_pdf(src, to_page=take - 1)
-    data = book.tobytes(garbage=1, deflate=True)
-    print(f"{book.page_count}-page document, {len(data) / 2**20:.1f} MiB, at {args.dpi} dpi; load {os.getloadavg()}")
+    with tempfile.TemporaryDirectory() as scratch:
+        # Built in a child process, so this process's peak RSS is the stage's own, not the builder's.
+        path = Path(scratch) / "book.pdf"
+        builder = multiprocessing.get_context("spawn").Process(target=_build_book, args=(path, args.rss_pages))
+        builder.start()
+        builder.join()
+        data = path.read_bytes()
+    print(f"{args.rss_pages}-page document, {len(data) / 2**20:.1f} MiB, at {args.dpi} dpi; load {os.getloadavg()}")
     with tempfile.TemporaryDirectory() as logs:
         server = moto_s3_server(Path(logs)).start()
         try:
@@ -167,20 +195,26 @@ def rss(args: argparse.Namespace) -> None:
             storage = Storage.from_config(cfg)
             storage.ensure_bucket()
             storage.put_bytes(storage.raw_key("book"), data)
-            del data, book
+            del data
+            stop, peaks = threading.Event(), {}
+            sampler = threading.Thread(target=_children_peak_rss, args=(stop, peaks), daemon=True)
+            sampler.start()
             started = time.perf_counter()
             summary = render_documents(
                 storage, ["book"], PDFConfig(dpi=args.dpi), WorkersConfig(render_processes=1), progress=print
             )
             elapsed = time.perf_counter() - started
-            # The pool's workers have been joined (they count as waited-for children), moto is still running
-            # (it does not): the children's peak is the render worker's.
-            worker = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # KiB on Linux
-            parent = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            stop.set()
+            sampler.join()
+            worker = max(peaks.values(), default=0) / 1024
+            parent = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
         finally:
             server.stop()
     print(f"rendered {summary.pages} pages in {elapsed:.0f} s ({summary.pages / elapsed:.1f} pages/s, S3 = moto)")
-    print(f"peak RSS: render worker {worker:.0f} MiB (largest child, moto excluded), this process {parent:.0f} MiB")
+    print(
+        f"peak RSS (VmHWM): render worker {worker:.0f} MiB, the stage's own process {parent:.0f} MiB "
+        "(moto's not counted)"
+    )
 
 
 def main() -> None:
