@@ -11,10 +11,11 @@ the rotated page, and MuPDF draws through the page's rotation matrix), RGB
 without alpha (a VLM has no use for transparency, and PNGs are smaller).
 
 The per-page path is lean: one pixmap, one PNG encode, one text extraction, one
-hash. PNG encoding is most of the cost of a page (MuPDF's own encoder deflates
-at zlib's default level 6: about 40 ms of a 45 ms page at 150 DPI), so pages are
-encoded here at :data:`PNG_COMPRESSION` (level 3: 2-2.5x faster, files about 9 %
-larger; ``benchmarks/render.py --levels`` prints the trade-off). The bytes are a
+hash. PNG encoding is most of the cost of a page (MuPDF's own encoder deflates at
+zlib's default level 6), so pages are encoded here at :data:`PNG_COMPRESSION`:
+level 3 took 19 ms instead of MuPDF's 54 ms per 150 DPI page, for files 4 % larger;
+level 1 saves 1.5 ms more for 8 %, level 4 costs 11 ms more for 1 %
+(``benchmarks/render.py --levels``, 33 corpus pages). The bytes are a
 deterministic function of the page, as the VLM cache key requires.
 """
 
