@@ -5,6 +5,7 @@ import dagster as dg
 
 from mkg_pipeline.assets.ingest import raw_pdfs
 from mkg_pipeline.assets.partitions import ingest_batches
+from mkg_pipeline.config import get_settings
 from mkg_pipeline.resources import S3StorageResource
 
 
@@ -31,7 +32,7 @@ def parsed_pages(
     from mkg_pipeline.stages.pages import NothingRendered, render_batch
 
     storage = s3.storage()
-    settings = s3.pipeline_config()
+    settings = get_settings()
     try:
         summary = render_batch(
             storage,
