@@ -2,7 +2,8 @@
 
 Issue 9, row 4: a 760-byte tiling-pattern PDF and an 88 KB PDF of 2 M path operations each keep MuPDF busy
 for minutes. Validation and rendering run in worker processes that are killed at ``workers.timeout_s``
-(3 s here), the document is recorded (rejected ``validation_timeout`` / ``render_timeout``) and the others
+(10 s here: far below the minutes these files take, far above what a normal document needs even on a
+loaded 2-core machine), the document is recorded (rejected ``validation_timeout`` / ``render_timeout``) and the others
 carry on. Assertions are on outcomes, never on durations.
 """
 
@@ -22,7 +23,9 @@ from mkg_pipeline_tests.stages.conftest import drop
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 PDF = PDFConfig(dpi=36)
-WORKERS = WorkersConfig(timeout_s=3, render_processes=2)
+WORKERS = WorkersConfig(timeout_s=10, render_processes=2)
+#: for tests about parallelism, not about the limit
+GENEROUS = WorkersConfig(timeout_s=600, render_processes=2)
 TWO = corpus_pdf("two-pages.pdf").read_bytes()
 
 
@@ -63,8 +66,8 @@ def test_rendering_past_the_time_limit_is_recorded_with_attempts(storage: Storag
 def test_documents_render_in_parallel_processes_that_write_their_own_pages(storage: Storage) -> None:
     names = ["two-pages.pdf", "pdflatex-4-pages.pdf", "rotated-arabic-4p.pdf", "minimal-document.pdf"]
     batch = drop(storage, {name: name for name in names})
-    ingest_batch(storage, batch, PDF, WORKERS)
-    summary = render_batch(storage, batch, PDF, WORKERS)
+    ingest_batch(storage, batch, PDF, GENEROUS)
+    summary = render_batch(storage, batch, PDF, GENEROUS)
     assert summary.rendered == 4 and summary.pages == 11 and not summary.failures
     for name in names:
         manifest = storage.get_json(storage.page_manifest_key(doc_id_for(corpus_pdf(name).read_bytes())))
