@@ -17,8 +17,10 @@ class RawPdfsConfig(dg.Config):
     partitions_def=ingest_batches,
     group_name="pdf_to_markdown",
     kinds={"s3", "pdf"},
-    description="Objects of the batch validated (not a PDF, encrypted, no readable pages, limits) and stored as "
-    "raw/<doc_id>.pdf by content hash; refused ones get rejected/<name>.json with the reason.",
+    description="Objects of the batch validated (not a PDF, encrypted, no readable pages, limits, "
+    "workers.timeout_s) in worker processes and stored as raw/<doc_id>.pdf by content hash; refused ones get "
+    "rejected/<name>.json with the reason. Each outcome is in the batch manifest before its object leaves "
+    "incoming/.",
 )
 def raw_pdfs(context: dg.AssetExecutionContext, config: RawPdfsConfig, s3: S3StorageResource) -> dg.MaterializeResult:
     from mkg_pipeline.stages.ingest import ingest_batch
@@ -26,7 +28,12 @@ def raw_pdfs(context: dg.AssetExecutionContext, config: RawPdfsConfig, s3: S3Sto
     storage = s3.storage()
     settings = get_settings()
     summary = ingest_batch(
-        storage, context.partition_key, settings.pdf, drain_incoming=config.drain_incoming, progress=context.log.info
+        storage,
+        context.partition_key,
+        settings.pdf,
+        settings.workers,
+        drain_incoming=config.drain_incoming,
+        progress=context.log.info,
     )
     if summary.errors:
         context.log.warning(f"{len(summary.errors)} object(s) hit errors and will be retried: {summary.errors}")
@@ -40,6 +47,7 @@ def raw_pdfs(context: dg.AssetExecutionContext, config: RawPdfsConfig, s3: S3Sto
             "rejected": len(summary.rejected),
             "errors": len(summary.errors),
             "duplicates": summary.duplicates,
+            "drained": summary.drained,
             "doc_ids": dg.MetadataValue.json(summary.accepted),
             "rejections": dg.MetadataValue.md(
                 "| file | reason | message |\n|---|---|---|\n" + rejected_rows if rejected_rows else "none"

@@ -21,40 +21,38 @@ class ParsedPagesConfig(dg.Config):
     deps=[raw_pdfs],
     group_name="pdf_to_markdown",
     kinds={"s3", "pymupdf"},
-    description="Each page rendered to PNG at the configured DPI (one page in memory at a time), its text layer "
-    "extracted, and pages/<doc_id>/manifest.json written last.",
+    description="Each page rendered to PNG at the configured DPI by a pool of worker processes (one per CPU, "
+    "pages streamed to S3 as they are drawn, each document limited to workers.timeout_s), its text layer "
+    "extracted, and pages/<doc_id>/manifest.json written last; a document that cannot be rendered gets "
+    "pages/<doc_id>/failure.json.",
 )
 def parsed_pages(
     context: dg.AssetExecutionContext, config: ParsedPagesConfig, s3: S3StorageResource
 ) -> dg.MaterializeResult:
-    from mkg_pipeline.stages.batches import accepted_doc_ids, read_batch_manifest
-    from mkg_pipeline.stages.pages import render_document
+    from mkg_pipeline.stages.pages import NothingRendered, render_batch
 
     storage = s3.storage()
     settings = get_settings()
-    doc_ids = accepted_doc_ids(read_batch_manifest(storage, context.partition_key), config.doc_ids)
-    rendered, skipped, pages, failed = 0, 0, 0, []
-    for index, doc_id in enumerate(doc_ids, start=1):
-        context.log.info(f"[{index}/{len(doc_ids)}] rendering {doc_id}")
-        try:
-            result = render_document(storage, doc_id, settings.pdf, force=config.force, progress=context.log.info)
-        except Exception as exc:  # one broken document must not stop the others
-            context.log.error(f"{doc_id}: rendering failed: {type(exc).__name__}: {exc}")
-            failed.append({"doc_id": doc_id, "error": f"{type(exc).__name__}: {exc}"})
-            continue
-        skipped += result.skipped
-        rendered += not result.skipped
-        pages += result.pages
-        failed.extend({"doc_id": doc_id, **f} for f in result.failed)
-    if failed and len(failed) == len(doc_ids) and not pages:
-        raise dg.Failure(description=f"no document of batch {context.partition_key} could be rendered: {failed}")
+    try:
+        summary = render_batch(
+            storage,
+            context.partition_key,
+            settings.pdf,
+            settings.workers,
+            doc_ids=config.doc_ids or None,
+            force=config.force,
+            progress=context.log.info,
+        )
+    except NothingRendered as exc:
+        raise dg.Failure(description=f"batch {context.partition_key}: {exc}") from exc
     return dg.MaterializeResult(
         metadata={
-            "documents": len(doc_ids),
-            "rendered": rendered,
-            "already_rendered": skipped,
-            "pages": pages,
+            "documents": len(summary.documents) + len(summary.failures),
+            "rendered": summary.rendered,
+            "already_rendered": summary.skipped,
+            "pages": summary.pages,
             "dpi": settings.pdf.dpi,
-            "failures": dg.MetadataValue.json(failed),
+            "failed_pages": dg.MetadataValue.json(summary.failed_pages),
+            "failed_documents": dg.MetadataValue.json(summary.failures),
         }
     )

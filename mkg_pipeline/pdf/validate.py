@@ -6,15 +6,23 @@
 dropped the file. Every document-level PyMuPDF failure becomes a
 ``PDFRejected``: one bad file must never crash the batch it arrived in.
 
-Checks run cheapest first: size limits before parsing, page count before
-touching any page, and only then one page load + thumbnail render to prove at
-least one page is readable.
+Checks run cheapest first: size limits and the header before parsing, page
+count before touching any page, and only then one page load + thumbnail render
+to prove at least one page is readable. No check walks every page: the cost of
+validating a document does not grow with its length (the readability probe only
+moves on when a page fails). A document that is slow to interpret anyway (a
+pathological content stream) is bounded by the caller, which runs validation in
+a worker process killed after ``workers.timeout_s`` (``validation_timeout``).
 
-What PyMuPDF (MuPDF 1.26 / PyMuPDF 2.0) does with the corpus's bad files, and
-why the checks look the way they do:
+What PyMuPDF 1.x (the pinned ``pymupdf<2``; MuPDF 1.2x) does with the corpus's
+bad files, and why the checks look the way they do:
 
 * ``bad-not-a-pdf.pdf`` (17 bytes of text): no ``%PDF-`` header; ``open``
-  raises ``FileDataError``. We reject on the header before calling MuPDF.
+  raises ``FileDataError``. We reject on the header before calling MuPDF. The
+  header must start the file (after optional whitespace or a UTF-8 byte order
+  mark), as strict readers require: MuPDF itself would also find a header
+  further in, e.g. in a ZIP archive holding an uncompressed PDF, and open the
+  member as if it were the file.
 * ``bad-encrypted-password.pdf``: opens, ``needs_pass`` is true, every page
   access fails until authenticated.
 * ``bad-truncated.pdf`` (first 40 kB of a 5-page paper) and
@@ -30,7 +38,6 @@ why the checks look the way they do:
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -50,17 +57,22 @@ NO_READABLE_PAGES: Final = "no_readable_pages"
 TOO_MANY_PAGES: Final = "too_many_pages"
 TOO_LARGE: Final = "too_large"
 EMPTY_FILE: Final = "empty_file"
-REJECT_REASONS: Final = frozenset({NOT_A_PDF, ENCRYPTED, NO_READABLE_PAGES, TOO_MANY_PAGES, TOO_LARGE, EMPTY_FILE})
+#: validation did not finish within workers.timeout_s (set by the ingest stage, which runs the worker)
+VALIDATION_TIMEOUT: Final = "validation_timeout"
+REJECT_REASONS: Final = frozenset(
+    {NOT_A_PDF, ENCRYPTED, NO_READABLE_PAGES, TOO_MANY_PAGES, TOO_LARGE, EMPTY_FILE, VALIDATION_TIMEOUT}
+)
 
-#: the PDF spec lets a header follow some leading junk; readers (and MuPDF) look within the first 1 KiB
 _HEADER: Final = b"%PDF-"
+#: what may precede the header: a UTF-8 byte order mark, then PDF whitespace (NUL, HT, LF, FF, CR, space)
+_BOM: Final = b"\xef\xbb\xbf"
+_LEADING_WHITESPACE: Final = b"\x00\t\n\x0c\r "
+#: only this much of the file is looked at for the header (whitespace before it is bounded too)
 _HEADER_WINDOW: Final = 1024
 #: pages sampled for the text-layer check, spread over the document (first, last and between)
 TEXT_SAMPLE_PAGES: Final = 5
 #: the readability probe renders a thumbnail at most this many pixels on its long side
 _PROBE_PX: Final = 32
-#: distinct page sizes kept in PDFInfo.page_sizes (most common first)
-_MAX_SIZE_KINDS: Final = 10
 
 
 class PDFRejected(Exception):
@@ -80,29 +92,15 @@ class PDFRejected(Exception):
 
 
 @dataclass(frozen=True)
-class PageSizeCount:
-    """How many pages share one size (CropBox in points, before /Rotate, rounded to 0.1 pt)."""
-
-    width_pt: float
-    height_pt: float
-    pages: int
-
-
-@dataclass(frozen=True)
 class PDFInfo:
-    """What validation learned about an accepted PDF."""
+    """What validation learned about an accepted PDF (what ``raw/<doc_id>.json`` records)."""
 
     source: str
     page_count: int
     byte_size: int
     sha256: str
     doc_id: str
-    title: str | None
-    producer: str | None
     has_text_layer: bool  # any of up to TEXT_SAMPLE_PAGES sampled pages has extractable text
-    page_sizes: tuple[PageSizeCount, ...]  # most common first, at most _MAX_SIZE_KINDS entries
-    page_size_kinds: int  # number of distinct sizes, including those not listed in page_sizes
-    repaired: bool  # MuPDF had to repair a damaged xref to open the file
 
 
 def _describe_bytes(n: int) -> str:
@@ -112,7 +110,8 @@ def _describe_bytes(n: int) -> str:
     return f"{n} bytes"
 
 
-def _error_text(exc: BaseException) -> str:
+def error_text(exc: BaseException) -> str:
+    """``Type: message`` of an exception, for records and logs (the type alone when the message is empty)."""
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
@@ -133,7 +132,9 @@ def check_byte_limits(data: bytes, source: str, limits: PDFConfig) -> None:
 
 
 def _check_header(data: bytes, source: str) -> None:
-    if _HEADER not in data[:_HEADER_WINDOW]:
+    head = data[:_HEADER_WINDOW]
+    head = head[len(_BOM) :] if head.startswith(_BOM) else head
+    if not head.lstrip(_LEADING_WHITESPACE).startswith(_HEADER):
         raise PDFRejected(
             source, NOT_A_PDF, f"is not a PDF: a PDF starts with '%PDF-' but this file starts with {data[:16]!r}"
         )
@@ -151,7 +152,7 @@ def open_pdf(data: bytes, source: str) -> Iterator[pymupdf.Document]:
         doc = pymupdf.open(stream=data, filetype="pdf")
     except Exception as exc:  # FileDataError and friends: MuPDF could not even repair it
         raise PDFRejected(
-            source, NOT_A_PDF, f"starts like a PDF but is too damaged to be opened as one ({_error_text(exc)})"
+            source, NOT_A_PDF, f"starts like a PDF but is too damaged to be opened as one ({error_text(exc)})"
         ) from exc
     with doc:
         if doc.needs_pass:
@@ -173,8 +174,7 @@ def _probe_page(doc: pymupdf.Document, index: int) -> None:
         raise ValueError(f"page has an empty area ({rect})")
     zoom = min(1.0, _PROBE_PX / longest)
     # Rendering (not just loading) interprets the content stream, which is where damaged pages fail.
-    pix = page.get_pixmap(matrix=pymupdf.Matrix(zoom, zoom), alpha=False)
-    del pix
+    page.get_pixmap(matrix=pymupdf.Matrix(zoom, zoom), alpha=False)
 
 
 def _require_readable_page(doc: pymupdf.Document, source: str, page_count: int) -> int:
@@ -188,7 +188,7 @@ def _require_readable_page(doc: pymupdf.Document, source: str, page_count: int) 
             _probe_page(doc, index)
         except Exception as exc:
             if not first_error:
-                first_error = f"page {index + 1}: {_error_text(exc)}"
+                first_error = f"page {index + 1}: {error_text(exc)}"
             log.debug("%s: page %d is unreadable: %s", source, index + 1, exc)
             continue
         return index
@@ -215,27 +215,6 @@ def _has_text_layer(doc: pymupdf.Document, source: str, page_count: int) -> bool
     return False
 
 
-def _page_sizes(doc: pymupdf.Document, page_count: int) -> tuple[tuple[PageSizeCount, ...], int]:
-    # page_cropbox reads the page tree without loading pages: about 20 us a page, fine for 100k pages.
-    sizes: Counter[tuple[float, float]] = Counter()
-    for index in range(page_count):
-        try:
-            box = doc.page_cropbox(index)
-        except Exception:
-            continue
-        sizes[(round(box.width, 1), round(box.height, 1))] += 1
-    common = tuple(PageSizeCount(w, h, n) for (w, h), n in sizes.most_common(_MAX_SIZE_KINDS))
-    return common, len(sizes)
-
-
-def _clean_metadata(value: object) -> str | None:
-    if not isinstance(value, str):
-        return None
-    # Producers leave NULs and padding in Info strings (e.g. ImageMagick's 'imagemagick-images\x00').
-    cleaned = value.replace("\x00", "").strip()
-    return cleaned or None
-
-
 def validate_pdf(data: bytes, source: str, limits: PDFConfig) -> PDFInfo:
     """Validate one PDF's bytes against ``limits``; raise :class:`PDFRejected` if it cannot be processed.
 
@@ -247,7 +226,7 @@ def validate_pdf(data: bytes, source: str, limits: PDFConfig) -> PDFInfo:
             page_count = doc.page_count
             repaired = bool(doc.is_repaired)
         except Exception as exc:
-            raise PDFRejected(source, NOT_A_PDF, f"has an unreadable page tree ({_error_text(exc)})") from exc
+            raise PDFRejected(source, NOT_A_PDF, f"has an unreadable page tree ({error_text(exc)})") from exc
         if page_count == 0:
             why = " after MuPDF repaired its damaged structure (the file is likely truncated or corrupt)"
             detail = "has no readable pages: 0 pages found" + (why if repaired else "")
@@ -260,12 +239,7 @@ def validate_pdf(data: bytes, source: str, limits: PDFConfig) -> PDFInfo:
                 "split the document or raise the limit",
             )
         _require_readable_page(doc, source, page_count)
-        try:
-            metadata = doc.metadata or {}
-        except Exception:  # a broken Info dictionary is no reason to refuse the content
-            metadata = {}
         has_text = _has_text_layer(doc, source, page_count)
-        sizes, kinds = _page_sizes(doc, page_count)
     # Hash last: rejected files (possibly huge) never pay for it.
     digest = sha256_hex(data)
     return PDFInfo(
@@ -274,10 +248,5 @@ def validate_pdf(data: bytes, source: str, limits: PDFConfig) -> PDFInfo:
         byte_size=len(data),
         sha256=digest,
         doc_id=doc_id_from_sha256(digest),
-        title=_clean_metadata(metadata.get("title")),
-        producer=_clean_metadata(metadata.get("producer")),
         has_text_layer=has_text,
-        page_sizes=sizes,
-        page_size_kinds=kinds,
-        repaired=repaired,
     )

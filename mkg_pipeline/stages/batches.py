@@ -6,16 +6,23 @@ objects of ``incoming/`` into batches of up to ``workers.batch_size``. A batch
 manifest ``batches/<batch_id>.json`` records the objects (key + ETag) and, once
 ``raw_pdfs`` ran, what became of each: the per-document status lives in S3,
 not in the partition store.
+
+The stages work on a batch's documents in worker processes (:func:`document_pool`); each worker reaches
+the bucket with its own client (:func:`storage_for`), so document bytes and page images never travel
+between processes.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from mkg_pipeline.config import StorageConfig, WorkersConfig
+    from mkg_pipeline.pdf.pool import InlinePool, WorkerPool
     from mkg_pipeline.storage import Storage
 
 BATCH_MANIFEST_VERSION = 1
@@ -80,3 +87,43 @@ def accepted_doc_ids(manifest: dict[str, Any], only: list[str] | None = None) ->
             )
         doc_ids = [d for d in doc_ids if d in set(only)]
     return doc_ids
+
+
+# ---- worker processes -----------------------------------------------------------------------------------
+
+#: a worker's own Storage per bucket config, built on its first task and reused for the next ones
+_worker_storages: dict[tuple[Any, ...], tuple[int, Storage]] = {}
+
+
+def storage_for(target: Storage | StorageConfig) -> Storage:
+    """The Storage a task works with: the caller's own (in-process runs) or, in a worker process, one built
+    from the config once per process (a new S3 client costs tens of milliseconds; tasks reuse it)."""
+    from mkg_pipeline.storage import Storage
+
+    if isinstance(target, Storage):
+        return target
+    secret = target.secret_access_key.get_secret_value() if target.secret_access_key else None
+    key = (target.endpoint_url, target.bucket, target.access_key_id, secret, target.region)
+    cached = _worker_storages.get(key)
+    if cached is None or cached[0] != os.getpid():
+        cached = (os.getpid(), Storage.from_config(target))
+        _worker_storages[key] = cached
+    return cached[1]
+
+
+def document_pool(
+    storage: Storage, workers: WorkersConfig, documents: int, *, preload: tuple[str, ...] = ()
+) -> tuple[WorkerPool[str] | InlinePool[str], Storage | StorageConfig]:
+    """The pool a stage runs its per-document tasks in, and what the tasks get to reach the bucket.
+
+    A bucket other processes can reach (``storage.config`` set) is worked on in worker processes, at most
+    one per CPU available (``workers.render_processes`` overrides), each task limited to
+    ``workers.timeout_s``. In-memory storage (stage tests) cannot be shared with other processes: its tasks
+    run in this process, without the time limit.
+    """
+    from mkg_pipeline.pdf.pool import InlinePool, WorkerPool, pool_size  # pymupdf: only where work runs
+
+    if storage.config is None:
+        return InlinePool(), storage
+    processes = pool_size(workers.render_processes, documents)
+    return WorkerPool(processes, workers.timeout_s, preload=preload), storage.config

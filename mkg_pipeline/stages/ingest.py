@@ -1,27 +1,49 @@
 """raw_pdfs: validate each incoming object, keep accepted ones by content hash, record rejections.
 
-One bad file never takes the batch down: every object ends as ``accepted``
-(copied to ``raw/<doc_id>.pdf``), ``rejected`` (``rejected/<name>.json`` with
-the reason) or ``error`` (an unexpected problem, e.g. storage; retried on the
-next materialization). Accepted and rejected objects are then drained from
-``incoming/`` so that the sensor's listing only ever holds pending work.
+One bad file never takes the batch down: every object ends as ``accepted`` (``raw/<doc_id>.pdf`` and its
+``raw/<doc_id>.json``), ``rejected`` (``rejected/<name>.json`` with the reason) or ``error`` (an unexpected
+problem, e.g. storage; retried on the next materialization).
+
+Nothing can be lost, wherever the run is killed:
+
+1. an object's outcome is written to the batch manifest **before** the object is drained from
+   ``incoming/``. Outcomes are flushed every :data:`FLUSH_EVERY` objects (and at the end), then the objects
+   of that flush are drained, so a killed run leaves each object either still in ``incoming/`` or recorded;
+2. drains are idempotent: a re-run finds the recorded outcome, and drains an object still in ``incoming/``
+   with the batched ETag without ingesting it again. An object replaced since it was batched (another ETag)
+   is left alone: it is new work for the sensor;
+3. everything written before the outcome is idempotent too (same key, same bytes), so an object ingested
+   again after a kill ends the same way, and is not mistaken for a duplicate of itself.
+
+Validation runs in worker processes (the pod's cores), each object under ``workers.timeout_s``: a file that
+keeps MuPDF busy past it is rejected as ``validation_timeout``. The bytes never pass through this process:
+a worker reads the object, validates it and writes ``raw/`` or ``rejected/`` itself.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Final
 
-from mkg_pipeline.config import PDFConfig
-from mkg_pipeline.pdf.validate import PDFRejected, validate_pdf
+from mkg_pipeline.config import PDFConfig, StorageConfig, WorkersConfig
+from mkg_pipeline.pdf.pool import TaskFailed
+from mkg_pipeline.pdf.validate import VALIDATION_TIMEOUT, PDFRejected, validate_pdf
 from mkg_pipeline.pipeline_metrics import DOCUMENTS_REJECTED
-from mkg_pipeline.stages.batches import read_batch_manifest
-from mkg_pipeline.storage import Storage
+from mkg_pipeline.stages.batches import document_pool, read_batch_manifest, storage_for
+from mkg_pipeline.storage import PreconditionFailed, Storage
 
 log = logging.getLogger(__name__)
+
+#: outcomes written to the batch manifest per flush (then those objects are drained); a killed run redoes
+#: at most this many validations. Also flushed every FLUSH_EVERY_S seconds.
+FLUSH_EVERY: Final = 25
+FLUSH_EVERY_S: Final = 30.0
+FINISHED: Final = frozenset({"accepted", "rejected"})
 
 
 @dataclass
@@ -32,6 +54,7 @@ class IngestSummary:
     errors: dict[str, str] = field(default_factory=dict)  # source key -> message (retried next time)
     duplicates: int = 0
     pages: dict[str, int] = field(default_factory=dict)  # doc_id -> page count
+    drained: int = 0  # objects removed from incoming/ by this run
 
     @property
     def doc_ids(self) -> list[str]:
@@ -42,82 +65,156 @@ def _source_name(key: str) -> str:
     return key.rsplit("/", 1)[-1]
 
 
+def _now() -> str:
+    return datetime.now(UTC).isoformat()
+
+
 def ingest_batch(
     storage: Storage,
     batch_id: str,
     limits: PDFConfig,
+    workers: WorkersConfig | None = None,
     *,
     drain_incoming: bool = True,
     progress: Callable[[str], None] = log.info,
 ) -> IngestSummary:
     manifest = read_batch_manifest(storage, batch_id)
-    results: dict[str, dict[str, Any]] = dict(manifest.get("results", {}))
+    results: dict[str, dict[str, Any]] = manifest.setdefault("results", {})
     summary = IngestSummary(batch_id=batch_id)
-    objects = manifest.get("objects", [])
-    for index, obj in enumerate(objects, start=1):
-        key = obj["key"]
-        name = _source_name(key)
-        previous = results.get(key)
-        if previous and previous.get("status") in {"accepted", "rejected"} and not storage.exists(key):
-            # Already ingested and drained by an earlier materialization of this batch.
-            _count(summary, key, previous)
-            continue
-        try:
-            outcome = _ingest_one(storage, key, name, limits)
-        except Exception as exc:  # storage hiccup, unexpected bug: this object only, retried next time
-            log.exception("ingesting %s failed", key)
-            outcome = {"status": "error", "message": f"{type(exc).__name__}: {exc}"}
-        outcome["at"] = datetime.now(UTC).isoformat()
-        results[key] = outcome
-        _count(summary, key, outcome)
-        progress(f"[{index}/{len(objects)}] {name}: {_describe(outcome)}")
-        if drain_incoming and outcome["status"] in {"accepted", "rejected"}:
-            _drain(storage, key, obj.get("etag"))
-    manifest["results"] = results
-    manifest["ingested_at"] = datetime.now(UTC).isoformat()
-    storage.put_json(storage.batch_key(batch_id), manifest)
+    objects: list[dict[str, Any]] = manifest.get("objects", [])
+    todo: list[dict[str, Any]] = []
+    for obj in objects:
+        previous = results.get(obj["key"])
+        if previous and previous.get("status") in FINISHED:
+            _count(summary, obj["key"], previous)  # recorded by an earlier run: never ingested twice
+        else:
+            todo.append(obj)
+    if drain_incoming:
+        # Outcomes already in the manifest (a run killed between its flush and its drains): drain those now.
+        waiting = {o["key"] for o in todo}
+        summary.drained += _drain_all(storage, [o for o in objects if o["key"] not in waiting], results)
+    if not todo:
+        return summary
+
+    pending: list[dict[str, Any]] = []  # recorded in `results`, not yet in the stored manifest
+
+    def flush() -> None:
+        manifest["ingested_at"] = _now()
+        storage.put_json(storage.batch_key(batch_id), manifest)  # outcomes first ...
+        if drain_incoming:
+            summary.drained += _drain_all(storage, pending, results)  # ... then drains
+        pending.clear()
+
+    pool, target = document_pool(storage, workers or WorkersConfig(), len(todo), preload=(__name__,))
+    progress(f"validating {len(todo)} object(s) with {pool.processes} process(es)")
+    by_key = {o["key"]: o for o in todo}
+    calls = ((o["key"], (target, batch_id, o["key"], o.get("etag"), limits)) for o in todo)
+    last_flush = time.monotonic()
+    with pool:
+        for index, (key, result) in enumerate(pool.run(ingest_object_task, calls), start=1):
+            obj = by_key[key]
+            outcome = _outcome_of(storage, obj, result, pool.timeout_s)
+            if outcome["status"] == "rejected":
+                DOCUMENTS_REJECTED.labels(reason=outcome["reason"]).inc()
+            results[key] = outcome
+            pending.append(obj)
+            _count(summary, key, outcome)
+            progress(f"[{index}/{len(todo)}] {_source_name(key)}: {_describe(outcome)}")
+            if len(pending) >= FLUSH_EVERY or time.monotonic() - last_flush >= FLUSH_EVERY_S:
+                flush()
+                last_flush = time.monotonic()
+    flush()
     return summary
 
 
-def _ingest_one(storage: Storage, key: str, name: str, limits: PDFConfig) -> dict[str, Any]:
+def _outcome_of(
+    storage: Storage, obj: dict[str, Any], result: dict[str, Any] | TaskFailed, timeout_s: float | None
+) -> dict[str, Any]:
+    """The outcome to record for one object, from what its worker returned."""
+    if not isinstance(result, TaskFailed):
+        return result
+    key = obj["key"]
+    if result.kind != "timeout":  # an error or a dead worker: try again on the next materialization
+        return {"status": "error", "message": result.message, "at": _now()}
+    # The worker was killed: record the rejection it could not write itself.
+    name = _source_name(key)
+    message = (
+        f"{name} was still being validated after {timeout_s:g} s (workers.timeout_s) and was stopped: "
+        "the file is pathologically expensive to interpret; open it in a PDF viewer to check it"
+    )
+    _write_rejection(storage, key, name, VALIDATION_TIMEOUT, message, int(obj.get("size", 0)))
+    return {"status": "rejected", "reason": VALIDATION_TIMEOUT, "message": message, "at": _now()}
+
+
+def ingest_object_task(
+    target: Storage | StorageConfig, batch_id: str, key: str, etag: str | None, limits: PDFConfig
+) -> dict[str, Any]:
+    """The unit of work of an ingest worker (module-level, so a worker process can run it)."""
+    return ingest_object(storage_for(target), batch_id, key, etag, limits)
+
+
+def ingest_object(storage: Storage, batch_id: str, key: str, etag: str | None, limits: PDFConfig) -> dict[str, Any]:
+    """Validate one incoming object and write ``raw/`` or ``rejected/``; return its outcome (not recorded)."""
+    name = _source_name(key)
+    current = storage.head(key)
+    if current is None:
+        return {"status": "error", "message": f"{storage.uri(key)} vanished before it was ingested", "at": _now()}
+    if etag and current.etag != etag:
+        return {
+            "status": "error",
+            "message": f"{storage.uri(key)} was replaced since it was batched (ETag {etag} -> {current.etag}); "
+            "the new version is left in incoming/ for the sensor",
+            "at": _now(),
+        }
     try:
         data = storage.get_bytes(key)
     except FileNotFoundError:
-        return {"status": "error", "message": f"{storage.uri(key)} vanished before it was ingested"}
+        return {"status": "error", "message": f"{storage.uri(key)} vanished before it was ingested", "at": _now()}
     try:
         info = validate_pdf(data, name, limits)
     except PDFRejected as rejection:
-        DOCUMENTS_REJECTED.labels(reason=rejection.reason).inc()
-        storage.put_json(
-            storage.rejected_key(name),
-            {
-                "source": name,
-                "source_key": key,
-                "reason": rejection.reason,
-                "message": str(rejection),
-                "bytes": len(data),
-                "rejected_at": datetime.now(UTC).isoformat(),
-            },
-        )
-        return {"status": "rejected", "reason": rejection.reason, "message": str(rejection)}
+        _write_rejection(storage, key, name, rejection.reason, str(rejection), len(data))
+        return {"status": "rejected", "reason": rejection.reason, "message": str(rejection), "at": _now()}
     raw_key = storage.raw_key(info.doc_id)
-    duplicate = storage.exists(raw_key)
-    if not duplicate:
-        storage.put_bytes(raw_key, data, content_type="application/pdf")
+    if not storage.exists(raw_key):
+        # Written meanwhile by another object with the same bytes: the same content either way.
+        with contextlib.suppress(PreconditionFailed):
+            storage.put_bytes(raw_key, data, content_type="application/pdf", if_none_match=True)
+    meta_key = storage.raw_meta_key(info.doc_id)
+    meta = {
+        "doc_id": info.doc_id,
+        "sha256": info.sha256,
+        "source": name,
+        "source_key": key,
+        "batch_id": batch_id,
+        "pages": info.page_count,
+        "bytes": info.byte_size,
+        "has_text_layer": info.has_text_layer,
+        "ingested_at": _now(),
+    }
+    try:
+        # The first object to bring these bytes owns the metadata; later ones are duplicates of it.
+        storage.put_json(meta_key, meta, if_none_match=True)
+        duplicate = False
+    except PreconditionFailed:
+        first = storage.get_json(meta_key)
+        # This same object ingested again (its run was killed before recording it) is not its own duplicate.
+        duplicate = (first.get("source_key"), first.get("batch_id")) != (key, batch_id)
+    return {"status": "accepted", "doc_id": info.doc_id, "pages": info.page_count, "duplicate": duplicate, "at": _now()}
+
+
+def _write_rejection(storage: Storage, key: str, name: str, reason: str, message: str, size: int) -> None:
     storage.put_json(
-        storage.raw_meta_key(info.doc_id),
+        storage.rejected_key(name),
         {
-            "doc_id": info.doc_id,
-            "sha256": info.sha256,
             "source": name,
             "source_key": key,
-            "pages": info.page_count,
-            "bytes": info.byte_size,
-            "has_text_layer": info.has_text_layer,
-            "ingested_at": datetime.now(UTC).isoformat(),
+            "reason": reason,
+            "message": message,
+            "bytes": size,
+            "rejected_at": _now(),
         },
     )
-    return {"status": "accepted", "doc_id": info.doc_id, "pages": info.page_count, "duplicate": duplicate}
 
 
 def _count(summary: IngestSummary, key: str, outcome: dict[str, Any]) -> None:
@@ -141,12 +238,20 @@ def _describe(outcome: dict[str, Any]) -> str:
     return f"ERROR (will retry): {outcome['message']}"
 
 
-def _drain(storage: Storage, key: str, etag: str | None) -> None:
+def _drain_all(storage: Storage, objects: list[dict[str, Any]], results: dict[str, dict[str, Any]]) -> int:
+    """Drain the objects whose recorded outcome is final; the manifest holding it must already be stored."""
+    return sum(
+        _drain(storage, o["key"], o.get("etag")) for o in objects if results.get(o["key"], {}).get("status") in FINISHED
+    )
+
+
+def _drain(storage: Storage, key: str, etag: str | None) -> bool:
     """Remove an ingested object from incoming/, unless it was replaced meanwhile (then it is new work)."""
     current = storage.head(key)
     if current is None:
-        return
+        return False
     if etag and current.etag != etag:
         log.info("%s was replaced since it was batched; leaving the new version for the sensor", key)
-        return
+        return False
     storage.delete(key)
+    return True

@@ -1,91 +1,159 @@
-"""parsed_pages: render every page to PNG and keep its text layer, one page in memory at a time.
+"""parsed_pages: render every page to PNG and keep its text layer, documents in parallel, pages streamed.
 
-Per document this writes ``pages/<doc_id>/<n>.png`` and a page manifest
-``pages/<doc_id>/manifest.json`` (sizes, image hash, text layer, failures).
-The manifest is written last, so a document with a manifest at the current
-DPI is complete and is skipped on re-materialization.
+Per document this writes ``pages/<doc_id>/<n>.png`` and a page manifest ``pages/<doc_id>/manifest.json``
+(sizes, image hash, text layer, failed pages). The manifest is written last, so a document with a manifest
+at the current DPI is complete, and is skipped on re-materialization; a manifest with failed pages has only
+those pages rendered again.
+
+:func:`render_batch` owns the loop and its failure policy:
+
+* documents are rendered in worker processes (:func:`~mkg_pipeline.stages.batches.document_pool`), one per
+  CPU available; each worker reads the PDF itself and uploads each page as soon as it is drawn, with at most
+  :data:`UPLOADS_IN_FLIGHT` uploads pending, so a worker holds a few pages, never a document's worth;
+* one document taking longer than ``workers.timeout_s`` has its worker killed; a document that cannot be
+  rendered at all (timeout, error, worker died) gets ``pages/<doc_id>/failure.json`` with the reason and the
+  number of attempts across materializations, and the others carry on. Writing the manifest removes it;
+* only when no document of the selection could be rendered does the stage fail (:class:`NothingRendered`).
 """
 
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Final
 
-from mkg_pipeline.config import PDFConfig
-from mkg_pipeline.pdf.render import PageFailure, iter_rendered_pages
+from mkg_pipeline.config import PDFConfig, StorageConfig, WorkersConfig
+from mkg_pipeline.pdf.pool import TaskFailed
+from mkg_pipeline.pdf.render import PageFailure, RenderedPage, iter_rendered_pages
+from mkg_pipeline.stages.batches import accepted_doc_ids, document_pool, read_batch_manifest, storage_for
 from mkg_pipeline.storage import Storage
 
 log = logging.getLogger(__name__)
 
-PAGE_MANIFEST_VERSION = 1
+PAGE_MANIFEST_VERSION: Final = 1
+#: page uploads a worker may have pending while it draws the next page (memory: this many PNGs + one pixmap)
+UPLOADS_IN_FLIGHT: Final = 2
+
+#: reasons of a document-level render failure (pages/<doc_id>/failure.json)
+RENDER_TIMEOUT: Final = "render_timeout"
+RENDER_ERROR: Final = "render_error"
+RENDER_CRASHED: Final = "render_crashed"
+_REASONS: Final = {"timeout": RENDER_TIMEOUT, "error": RENDER_ERROR, "crashed": RENDER_CRASHED}
 
 
-@dataclass
+class NothingRendered(Exception):
+    """Not one document of the selection could be rendered (each has its failure record)."""
+
+
+@dataclass(frozen=True)
 class DocumentPages:
+    """What became of one document's pages (returned by a worker: small, no images)."""
+
     doc_id: str
-    pages: int
-    failed: list[dict[str, Any]]
-    skipped: bool  # already rendered at this DPI
+    pages: int  # pages with an image
+    failed: list[dict[str, Any]]  # the manifest's failed_pages
+    skipped: bool  # already complete at this DPI: nothing rendered
 
 
 @dataclass
-class PagesSummary:
+class RenderSummary:
     documents: list[DocumentPages] = field(default_factory=list)
+    failures: dict[str, dict[str, Any]] = field(default_factory=dict)  # doc_id -> its failure record
+
+    @property
+    def rendered(self) -> int:
+        return sum(not d.skipped for d in self.documents)
+
+    @property
+    def skipped(self) -> int:
+        return sum(d.skipped for d in self.documents)
 
     @property
     def pages(self) -> int:
         return sum(d.pages for d in self.documents)
 
     @property
-    def failed(self) -> int:
-        return sum(len(d.failed) for d in self.documents)
+    def failed_pages(self) -> list[dict[str, Any]]:
+        return [{"doc_id": d.doc_id, **f} for d in self.documents for f in d.failed]
 
 
-def render_document(
+def render_batch(
     storage: Storage,
-    doc_id: str,
+    batch_id: str,
     pdf: PDFConfig,
+    workers: WorkersConfig | None = None,
+    *,
+    doc_ids: list[str] | None = None,
+    force: bool = False,
+    progress: Callable[[str], None] = log.info,
+) -> RenderSummary:
+    """Render the accepted documents of batch ``batch_id`` (or only ``doc_ids`` of them)."""
+    selected = accepted_doc_ids(read_batch_manifest(storage, batch_id), doc_ids)
+    return render_documents(storage, selected, pdf, workers, force=force, progress=progress)
+
+
+def render_documents(
+    storage: Storage,
+    doc_ids: list[str],
+    pdf: PDFConfig,
+    workers: WorkersConfig | None = None,
     *,
     force: bool = False,
     progress: Callable[[str], None] = log.info,
-) -> DocumentPages:
-    manifest_key = storage.page_manifest_key(doc_id)
-    if not force and storage.exists(manifest_key):
-        existing = storage.get_json(manifest_key)
-        complete = not existing.get("failed_pages")  # failed renders are retried on every materialization
-        if complete and existing.get("dpi") == pdf.dpi and existing.get("version") == PAGE_MANIFEST_VERSION:
-            return DocumentPages(doc_id, len(existing["pages"]), existing.get("failed_pages", []), skipped=True)
+) -> RenderSummary:
+    summary = RenderSummary()
+    if not doc_ids:
+        return summary
+    pool, target = document_pool(storage, workers or WorkersConfig(), len(doc_ids), preload=(__name__,))
+    progress(f"rendering {len(doc_ids)} document(s) with {pool.processes} process(es)")
+    calls = ((doc_id, (target, doc_id, pdf, force)) for doc_id in doc_ids)
+    with pool:
+        for index, (doc_id, result) in enumerate(pool.run(render_document_task, calls), start=1):
+            prefix = f"[{index}/{len(doc_ids)}] {doc_id}"
+            if isinstance(result, TaskFailed):
+                record = _record_failure(storage, doc_id, result)
+                summary.failures[doc_id] = record
+                progress(f"{prefix}: NOT rendered ({record['reason']}, attempt {record['attempts']}): {result.message}")
+                continue
+            summary.documents.append(result)
+            if result.skipped:
+                progress(f"{prefix}: already rendered at {pdf.dpi} dpi ({result.pages} pages)")
+            else:
+                failed = f", {len(result.failed)} page(s) failed" if result.failed else ""
+                progress(f"{prefix}: rendered {result.pages} page(s){failed}")
+    if len(summary.failures) == len(doc_ids):
+        raise NothingRendered(
+            f"none of the {len(doc_ids)} document(s) could be rendered: "
+            + "; ".join(f"{d}: {r['reason']}: {r['message']}" for d, r in summary.failures.items())
+        )
+    return summary
+
+
+def render_document_task(target: Storage | StorageConfig, doc_id: str, pdf: PDFConfig, force: bool) -> DocumentPages:
+    """The unit of work of a render worker (module-level, so a worker process can run it)."""
+    return render_document(storage_for(target), doc_id, pdf, force=force)
+
+
+def render_document(storage: Storage, doc_id: str, pdf: PDFConfig, *, force: bool = False) -> DocumentPages:
+    """Render one document's pages to ``pages/<doc_id>/``, then write its manifest; skip it when complete.
+
+    A manifest at this DPI with failed pages has only those pages drawn again, the others are kept.
+    """
+    existing = None if force else _current_manifest(storage, doc_id, pdf)
+    if existing is not None and not existing["failed_pages"]:
+        return DocumentPages(doc_id, len(existing["pages"]), [], skipped=True)
     data = storage.get_bytes(storage.raw_key(doc_id))
     source = _source_of(storage, doc_id)
-    pages: list[dict[str, Any]] = []
-    failed: list[dict[str, Any]] = []
-    for item in iter_rendered_pages(data, source, pdf.dpi, pdf.max_render_pixels):
-        if isinstance(item, PageFailure):
-            failed.append({"page": item.number, "reason": item.reason, "error": item.error})
-            progress(f"{doc_id} page {item.number}: render FAILED ({item.reason}): {item.error}")
-            continue
-        png_key = storage.page_png_key(doc_id, item.number)
-        storage.put_bytes(png_key, item.png, content_type="image/png")
-        pages.append(
-            {
-                "page": item.number,
-                "png_key": png_key,
-                "png_sha256": item.png_sha256,
-                "width_px": item.width_px,
-                "height_px": item.height_px,
-                "dpi": item.dpi,
-                "width_pt": item.width_pt,
-                "height_pt": item.height_pt,
-                "rotation": item.rotation,
-                "text_layer": item.text_layer,
-                "text_layer_chars": len(item.text_layer.strip()),
-            }
-        )
+    retry = [f["page"] for f in existing["failed_pages"]] if existing else None
+    pages, failed = _render_and_upload(storage, doc_id, data, source, pdf, retry)
+    if existing is not None:
+        pages = sorted([*existing["pages"], *pages], key=lambda p: p["page"])
     storage.put_json(
-        manifest_key,
+        storage.page_manifest_key(doc_id),
         {
             "version": PAGE_MANIFEST_VERSION,
             "doc_id": doc_id,
@@ -97,13 +165,84 @@ def render_document(
             "rendered_at": datetime.now(UTC).isoformat(),
         },
     )
-    progress(f"{doc_id} ({source}): rendered {len(pages)} pages" + (f", {len(failed)} failed" if failed else ""))
+    storage.delete(storage.render_failure_key(doc_id))  # superseded by the manifest (no-op when absent)
     return DocumentPages(doc_id, len(pages), failed, skipped=False)
+
+
+def _render_and_upload(
+    storage: Storage, doc_id: str, data: bytes, source: str, pdf: PDFConfig, only: list[int] | None
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    pages: list[dict[str, Any]] = []
+    failed: list[dict[str, Any]] = []
+    pending: deque[Future[Any]] = deque()
+    # Uploading page n overlaps drawing page n+1: S3 latency is hidden behind the CPU work.
+    with ThreadPoolExecutor(max_workers=UPLOADS_IN_FLIGHT, thread_name_prefix=f"upload-{doc_id}") as uploads:
+        for item in iter_rendered_pages(data, source, pdf.dpi, pdf.max_render_pixels, page_numbers=only):
+            if isinstance(item, PageFailure):
+                failed.append({"page": item.number, "reason": item.reason, "error": item.error})
+                continue
+            while len(pending) >= UPLOADS_IN_FLIGHT:
+                pending.popleft().result()  # raises if that upload failed: the document fails, no manifest
+            png_key = storage.page_png_key(doc_id, item.number)
+            pending.append(uploads.submit(storage.put_bytes, png_key, item.png, "image/png"))
+            pages.append(_page_record(item, png_key))
+        while pending:
+            pending.popleft().result()
+    return pages, failed
+
+
+def _page_record(item: RenderedPage, png_key: str) -> dict[str, Any]:
+    return {
+        "page": item.number,
+        "png_key": png_key,
+        "png_sha256": item.png_sha256,
+        "width_px": item.width_px,
+        "height_px": item.height_px,
+        "dpi": item.dpi,
+        "width_pt": item.width_pt,
+        "height_pt": item.height_pt,
+        "rotation": item.rotation,
+        "text_layer": item.text_layer,
+        "text_layer_chars": len(item.text_layer.strip()),
+    }
+
+
+def _current_manifest(storage: Storage, doc_id: str, pdf: PDFConfig) -> dict[str, Any] | None:
+    """The document's page manifest if it was written by this version at this DPI, else None."""
+    try:
+        manifest = storage.get_json(storage.page_manifest_key(doc_id))
+    except FileNotFoundError:
+        return None
+    if manifest.get("dpi") != pdf.dpi or manifest.get("version") != PAGE_MANIFEST_VERSION:
+        return None
+    manifest.setdefault("failed_pages", [])
+    return manifest  # type: ignore[no-any-return]
+
+
+def _record_failure(storage: Storage, doc_id: str, failure: TaskFailed) -> dict[str, Any]:
+    """Write (or update) ``pages/<doc_id>/failure.json``; attempts count across materializations."""
+    key = storage.render_failure_key(doc_id)
+    try:
+        attempts = int(storage.get_json(key).get("attempts", 0))
+    except FileNotFoundError:
+        attempts = 0
+    except ValueError:  # an unreadable record is replaced, not trusted
+        attempts = 0
+    record = {
+        "doc_id": doc_id,
+        "reason": _REASONS[failure.kind],
+        "message": failure.message,
+        "attempts": attempts + 1,
+        "last_attempt": datetime.now(UTC).isoformat(),
+    }
+    log.warning("%s: rendering failed (%s): %s", doc_id, record["reason"], failure.message)
+    storage.put_json(key, record)
+    return record
 
 
 def read_page_manifest(storage: Storage, doc_id: str) -> dict[str, Any]:
     try:
-        return storage.get_json(storage.page_manifest_key(doc_id))
+        return storage.get_json(storage.page_manifest_key(doc_id))  # type: ignore[no-any-return]
     except FileNotFoundError:
         raise FileNotFoundError(
             f"document {doc_id} has no page manifest at {storage.uri(storage.page_manifest_key(doc_id))}; "

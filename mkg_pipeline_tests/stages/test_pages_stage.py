@@ -1,0 +1,160 @@
+"""parsed_pages's stage in-process on the in-memory bucket: skips, retries, failure records, kills, doc_ids."""
+
+from __future__ import annotations
+
+import pytest
+
+from mkg_pipeline.config import PDFConfig
+from mkg_pipeline.ids import doc_id_for
+from mkg_pipeline.stages.batches import read_batch_manifest, write_batch_manifest
+from mkg_pipeline.stages.ingest import ingest_batch
+from mkg_pipeline.stages.pages import NothingRendered, render_batch
+from mkg_pipeline.storage import MemoryStorage
+from mkg_pipeline_tests.fixtures.corpus import corpus_pdf
+from mkg_pipeline_tests.fixtures.pathological import build_pdf
+from mkg_pipeline_tests.stages.conftest import Killed, drop, fail_once, kill_at_write, record_ops
+
+PDF = PDFConfig(dpi=36)
+TWO = corpus_pdf("two-pages.pdf").read_bytes()
+FOUR = corpus_pdf("pdflatex-4-pages.pdf").read_bytes()
+#: a page tree that claims three pages but holds one: pages 2 and 3 fail to load, page 1 renders
+PARTIAL = build_pdf(
+    [
+        b"<< /Type /Catalog /Pages 2 0 R >>",
+        b"<< /Type /Pages /Kids [3 0 R] /Count 3 >>",
+        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 200 100] >>",
+    ]
+)
+
+
+def ingested(files: dict[str, bytes]) -> tuple[MemoryStorage, str]:
+    storage = MemoryStorage()
+    batch = drop(storage, files)
+    ingest_batch(storage, batch, PDF)
+    return storage, batch
+
+
+def png_puts(ops: list[tuple[str, str]]) -> list[str]:
+    return [key for op, key in ops if op == "put" and key.endswith(".png")]
+
+
+def test_every_page_is_rendered_and_complete_documents_are_skipped() -> None:
+    storage, batch = ingested({"two.pdf": TWO, "four.pdf": FOUR})
+    summary = render_batch(storage, batch, PDF)
+    assert (summary.rendered, summary.skipped, summary.pages, summary.failures) == (2, 0, 6, {})
+    manifest = storage.get_json(storage.page_manifest_key(doc_id_for(FOUR)))
+    assert [p["page"] for p in manifest["pages"]] == [1, 2, 3, 4]
+    assert manifest["source"] == "four.pdf" and manifest["dpi"] == 36 and manifest["failed_pages"] == []
+    for page in manifest["pages"]:
+        assert storage.get_bytes(page["png_key"])[:8] == b"\x89PNG\r\n\x1a\n"
+    ops = record_ops(storage)
+    again = render_batch(storage, batch, PDF)
+    assert (again.rendered, again.skipped, again.pages) == (0, 2, 6)
+    assert not [op for op in ops if op[0] in {"put", "delete"}]  # nothing written, not even a manifest
+    # Another DPI is another rendering.
+    assert render_batch(storage, batch, PDFConfig(dpi=48)).rendered == 2
+
+
+def test_doc_ids_select_documents_of_the_batch() -> None:
+    storage, batch = ingested({"two.pdf": TWO, "four.pdf": FOUR})
+    summary = render_batch(storage, batch, PDF, doc_ids=[doc_id_for(TWO)])
+    assert [d.doc_id for d in summary.documents] == [doc_id_for(TWO)]
+    assert not storage.exists(storage.page_manifest_key(doc_id_for(FOUR)))
+    with pytest.raises(ValueError, match="holds no accepted document 0000"):
+        render_batch(storage, batch, PDF, doc_ids=["0000000000000000"])
+
+
+def test_failed_pages_are_retried_alone() -> None:
+    storage, batch = ingested({"partial.pdf": PARTIAL})
+    first = render_batch(storage, batch, PDF)
+    (document,) = first.documents
+    assert document.pages == 1 and [f["page"] for f in document.failed] == [2, 3]
+    assert {f["reason"] for f in first.failed_pages} == {"load_failed"}
+    ops = record_ops(storage)
+    again = render_batch(storage, batch, PDF)
+    assert [f["page"] for f in again.documents[0].failed] == [2, 3]  # tried again, still broken
+    assert png_puts(ops) == []  # page 1 was not drawn again
+    manifest = storage.get_json(storage.page_manifest_key(doc_id_for(PARTIAL)))
+    assert [p["page"] for p in manifest["pages"]] == [1] and manifest["page_count"] == 3
+
+
+def test_a_document_that_cannot_be_rendered_is_recorded_with_its_attempts() -> None:
+    storage, batch = ingested({"two.pdf": TWO, "four.pdf": FOUR})
+    broken = doc_id_for(FOUR)
+    storage.put_bytes(storage.raw_key(broken), b"%PDF-1.4\n" + b"\x00" * 64)  # damaged in storage since
+    summary = render_batch(storage, batch, PDF)
+    assert summary.rendered == 1
+    record = storage.get_json(storage.render_failure_key(broken))
+    assert set(record) == {"doc_id", "reason", "message", "attempts", "last_attempt"}
+    assert (record["doc_id"], record["reason"], record["attempts"]) == (broken, "render_error", 1)
+    assert "too damaged" in record["message"]
+    assert render_batch(storage, batch, PDF).failures[broken]["attempts"] == 2  # counted across runs
+    # Repaired: the manifest is written and the failure record goes away.
+    storage.put_bytes(storage.raw_key(broken), FOUR)
+    render_batch(storage, batch, PDF)
+    assert storage.exists(storage.page_manifest_key(broken))
+    assert not storage.exists(storage.render_failure_key(broken))
+
+
+def test_nothing_rendered_fails_the_stage() -> None:
+    storage, batch = ingested({"four.pdf": FOUR})
+    storage.put_bytes(storage.raw_key(doc_id_for(FOUR)), b"%PDF-1.4\n" + b"\x00" * 64)
+    with pytest.raises(NothingRendered, match="render_error"):
+        render_batch(storage, batch, PDF)
+    assert storage.get_json(storage.render_failure_key(doc_id_for(FOUR)))["attempts"] == 1
+
+
+def test_a_failing_page_put_fails_the_document_without_a_manifest() -> None:
+    storage, batch = ingested({"four.pdf": FOUR, "two.pdf": TWO})
+    fail_once(storage, "put", lambda key: key.endswith("/3.png"), OSError("S3 said 500"))
+    summary = render_batch(storage, batch, PDF)
+    failed = doc_id_for(FOUR)
+    assert summary.failures[failed]["reason"] == "render_error" and "S3 said 500" in summary.failures[failed]["message"]
+    assert not storage.exists(storage.page_manifest_key(failed))  # no manifest that lists a missing PNG
+    storage.memory.fault = None
+    assert render_batch(storage, batch, PDF).rendered == 1
+    assert len(storage.get_json(storage.page_manifest_key(failed))["pages"]) == 4
+
+
+def test_killed_at_any_write_resumes() -> None:
+    """A kill between two writes leaves no manifest for an unfinished document; the re-run completes it."""
+    writes = 4 + 2 + 2 * 2  # PNGs, manifests, failure-record deletes
+    for n in range(1, writes + 1):
+        storage, batch = ingested({"four.pdf": FOUR, "two.pdf": TWO})
+        kill_at_write(storage, n)
+        with pytest.raises(Killed):
+            render_batch(storage, batch, PDF)
+        storage.memory.fault = None
+        for doc_id in (doc_id_for(FOUR), doc_id_for(TWO)):
+            key = storage.page_manifest_key(doc_id)
+            if storage.exists(key):  # a manifest only ever lists PNGs that exist
+                assert all(storage.exists(p["png_key"]) for p in storage.get_json(key)["pages"])
+        render_batch(storage, batch, PDF)
+        assert len(storage.get_json(storage.page_manifest_key(doc_id_for(FOUR)))["pages"]) == 4
+        assert len(storage.get_json(storage.page_manifest_key(doc_id_for(TWO)))["pages"]) == 2
+
+
+def test_every_raw_document_gets_a_manifest_after_a_killed_ingest() -> None:
+    """Row 1's other half: documents written to raw/ by a killed ingest are rendered after the re-run."""
+    for n in range(1, 8):
+        storage = MemoryStorage()
+        batch = drop(storage, {"two.pdf": TWO, "four.pdf": FOUR, "partial.pdf": PARTIAL})
+        kill_at_write(storage, n)
+        with pytest.raises(Killed):
+            ingest_batch(storage, batch, PDF)
+        storage.memory.fault = None
+        ingest_batch(storage, batch, PDF)
+        render_batch(storage, batch, PDF)
+        raw = [k.removeprefix("raw/").removesuffix(".pdf") for k in storage.keys("raw/") if k.endswith(".pdf")]
+        assert len(raw) == 3
+        assert all(storage.exists(storage.page_manifest_key(doc_id)) for doc_id in raw), n
+
+
+def test_golden_batches_list_documents_directly() -> None:
+    storage, _ = ingested({"two.pdf": TWO})
+    write_batch_manifest(storage, "golden", [], origin="test")
+    manifest = read_batch_manifest(storage, "golden")
+    manifest["doc_ids"] = [doc_id_for(TWO)]
+    storage.put_json(storage.batch_key("golden"), manifest)
+    assert render_batch(storage, "golden", PDF).rendered == 1
+    assert storage.exists(storage.page_manifest_key(doc_id_for(TWO)))

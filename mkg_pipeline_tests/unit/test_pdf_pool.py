@@ -1,0 +1,121 @@
+"""pdf.pool: how many processes a pod gets, and the in-process pool's contract."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from mkg_pipeline.pdf import pool
+from mkg_pipeline.pdf.pool import InlinePool, TaskFailed, available_cpus, pool_size
+
+
+def _cgroup(tmp_path: Path, cpu_max: str) -> Path:
+    (tmp_path / "cpu.max").write_text(cpu_max + "\n")
+    return tmp_path
+
+
+def test_available_cpus_is_the_affinity_capped_by_the_cgroup_quota(tmp_path: Path) -> None:
+    affinity = len(os.sched_getaffinity(0))
+    assert available_cpus(_cgroup(tmp_path, "max 100000")) == affinity  # no quota
+    assert available_cpus(_cgroup(tmp_path, "100000 100000")) == 1
+    assert available_cpus(_cgroup(tmp_path, "150000 100000")) == min(affinity, 2)  # 1.5 CPUs: round up
+    assert available_cpus(_cgroup(tmp_path, "6400000 100000")) == affinity  # quota above the cores: cores
+    assert available_cpus(_cgroup(tmp_path, "garbage")) == affinity
+
+
+def test_available_cpus_follows_the_affinity_mask(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5, 6, 7})
+    assert available_cpus(_cgroup(tmp_path, "max 100000")) == 8
+    assert available_cpus(_cgroup(tmp_path, "400000 100000")) == 4  # a pod limited to 4 CPUs on a big node
+
+
+def test_pool_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pool, "available_cpus", lambda: 4)
+    assert pool_size(0, 100) == 4  # 0: one process per available CPU
+    assert pool_size(0, 2) == 2  # never more processes than documents
+    assert pool_size(6, 100) == 6  # workers.render_processes overrides
+    assert pool_size(0, 0) == 1
+
+
+class _Boom(BaseException):
+    pass
+
+
+def _work(x: int) -> int:
+    if x == 2:
+        raise ValueError("two is broken")
+    if x == 3:
+        raise _Boom("the process dies")
+    return x * 10
+
+
+def test_inline_pool_turns_exceptions_into_failures_but_not_kills() -> None:
+    with InlinePool() as inline:
+        results = inline.run(_work, [(str(x), (x,)) for x in (1, 2, 3)])
+        assert next(results) == ("1", 10)
+        assert next(results) == ("2", TaskFailed("error", "ValueError: two is broken"))
+        with pytest.raises(_Boom):
+            next(results)
+
+
+_KILLED_RUN = """
+import os, sys, time
+from mkg_pipeline.pdf.pool import WorkerPool
+
+def main():
+    with WorkerPool(1, timeout_s=None) as pool:
+        for _ in pool.run(_stuck, [("doc", (sys.argv[1],))]):
+            pass
+
+if __name__ == "__main__":
+    from killed_run import _stuck
+    main()
+"""
+
+_STUCK = """
+import os, time
+
+def _stuck(pid_file):
+    with open(pid_file, "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(600)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie waiting for its (dead) parent to reap it is gone for our purpose.
+    return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+
+
+def test_a_killed_run_leaves_no_worker_behind(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    (tmp_path / "killed_run.py").write_text(_STUCK)
+    (tmp_path / "run.py").write_text(_KILLED_RUN)
+    pid_file = tmp_path / "worker.pid"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+    run = subprocess.Popen([sys.executable, str(tmp_path / "run.py"), str(pid_file)], env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while not pid_file.exists() or not pid_file.read_text():
+            assert time.monotonic() < deadline and run.poll() is None, "the worker never started its task"
+            time.sleep(0.1)
+        worker = int(pid_file.read_text())
+        assert _alive(worker)
+        run.send_signal(signal.SIGKILL)  # kill -9 of the run: no cleanup code runs in it
+        run.wait()
+        deadline = time.monotonic() + 60
+        while _alive(worker):
+            assert time.monotonic() < deadline, f"worker {worker} outlived its killed run"
+            time.sleep(0.1)
+    finally:
+        run.kill()
