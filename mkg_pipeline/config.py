@@ -21,7 +21,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, ValidationInfo, field_validator
 
 ENV_PREFIX = "MKG_"
 ENV_NESTED_DELIMITER = "__"
@@ -63,6 +63,14 @@ class VLLMServerConfig(_Section):
     adaptive: bool = Field(
         True, description="Find the server's capacity by itself (true) or always allow max_in_flight (false)."
     )
+
+    @field_validator("min_in_flight")
+    @classmethod
+    def _floor_below_ceiling(cls, value: int, info: ValidationInfo) -> int:
+        ceiling = info.data.get("max_in_flight")
+        if ceiling is not None and value > ceiling:
+            raise ValueError(f"must be <= vllm.max_in_flight ({ceiling})")
+        return value
 
     @field_validator("url")
     @classmethod
