@@ -88,7 +88,6 @@ class VLLMServerConfig(_Section):
 class HTTPClientConfig(_Section):
     """The shared httpx pool and the retry policy."""
 
-    pool_size: int = Field(10, ge=1, le=1000, description="Maximum open connections in the pool.")
     keepalive: int = Field(5, ge=0, le=1000, description="Idle keep-alive connections kept in the pool.")
     timeout_s: float = Field(300.0, ge=1, le=3600, description="Read/write timeout for one request, seconds.")
     max_attempts: int = Field(3, ge=1, le=10, description="Attempts per request, the first one included.")
