@@ -612,7 +612,7 @@ class VLLMClient:
             if reading is None:
                 limiter.metrics_unavailable()
             else:
-                limiter.observe_queue(*reading)
+                limiter.observe_queue(reading.waiting, reading.running, reading.latency_sum, reading.latency_count)
 
     # -- error mapping -------------------------------------------------------------------------
 

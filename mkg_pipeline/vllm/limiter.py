@@ -7,40 +7,42 @@ HTTP attempt holds one of its slots; the vlm stage starts the next page only whe
 limit is the one concurrency knob there is.
 
 What it watches
-    * the server's queue, ``vllm:num_requests_waiting`` (and ``..._running``), scraped
-      from ``/metrics`` at most every :data:`SCRAPE_INTERVAL_S` by a background task the
-      client starts (never on the request path);
-    * the latency of every successful attempt (its no-load level: the lowest window mean
-      seen);
+    * the server's queue, ``vllm:num_requests_waiting`` (and ``..._running``), and its mean
+      latency (``vllm:e2e_request_latency_seconds`` sum / count), scraped from ``/metrics``
+      every :data:`SCRAPE_INTERVAL_S` by a background task of the client (never on the
+      request path);
+    * the latency of every successful attempt (its no-load level: the lowest window mean seen);
     * 429 / 503 answers and timeouts.
 
-How it moves (AIMD, like TCP; decisions once per fresh queue reading, or per round trip
-when it has no readings)
-    * **queue empty** -> grow, faster and faster while it stays empty (+1, +2, +4, ... per
-      decision, at most +50 % of the limit per decision): finds the capacity of a large server
-      in a dozen decisions;
-    * **a small queue** (up to :data:`QUEUE_TOLERANCE` x running) -> grow by 1. A short
-      standing queue is what keeps a batching server full: a finished sequence is replaced
-      at once, with no round trip to the client;
-    * **a longer queue** -> multiply by :data:`BACKOFF` (0.9), at most once per round trip.
-      As ``BACKOFF x (1 + QUEUE_TOLERANCE) > 1``, the sum of all clients never falls below
-      what the server runs at once, so backing off costs no throughput;
-    * **429, 503 or a timeout** -> multiply by :data:`HARD_BACKOFF` (0.5), as TCP on a loss;
-    * **latency**: with queue readings, latency only counts when it nears the client's
-      deadline (a GPU's latency grows with its batch by design, and throughput with it:
-      backing off on that would leave a third of the GPU idle). Without readings (no
-      ``/metrics``), latency is the signal: a window mean above :data:`LATENCY_TOLERANCE` x
-      the no-load level backs off, one within :data:`LATENCY_CLEAR` x counts as an empty queue.
+How it moves (AIMD, like TCP; one decision per queue reading, or per round trip without them)
+    * **probing** (from the start, and again after :data:`RESTART_AFTER` readings with an empty
+      queue): +1, +2, +4, ... per decision while the queue is empty, at most +50 % of the limit,
+      until the first sign of congestion. A large server is found within a dozen readings, and a
+      momentary empty queue in steady state does not make a large limit jump;
+    * **otherwise** +1 per decision while the queue stays short (up to :data:`QUEUE_TOLERANCE` x
+      the running batch). A short standing queue is what keeps a batching server full: a finished
+      sequence is replaced at once, without a round trip to the client;
+    * **a longer queue** -> x :data:`BACKOFF` (0.9), once per server round trip. As
+      ``BACKOFF x (1 + QUEUE_TOLERANCE) > 1``, the sum of all clients never falls below what the
+      server runs at once, so backing off costs no throughput;
+    * **429, 503 or a timeout** -> x :data:`HARD_BACKOFF` (0.5), as TCP on a loss;
+    * **latency**: with queue readings it counts only near the client's deadline (a GPU's
+      latency grows with its batch by design, and its throughput with it: backing off on that
+      would leave much of the GPU idle). Without readings (no ``/metrics``) it is the signal: a
+      round trip's mean above :data:`LATENCY_TOLERANCE` x the no-load level backs off, one within
+      :data:`LATENCY_CLEAR` x counts as an empty queue;
     * it grows only while it is used (demand reached the limit since the last decision), so an
       idle process keeps no headroom it could dump on the server at once.
 
 Several processes against one server
-    The queue is one global signal: every process sees it and backs off together, and they
-    all grow by the same amounts per unit of time. Additive increase with multiplicative
-    decrease on a shared congestion signal converges to equal shares (Chiu and Jain, 1989),
-    whatever order the processes started in; the sum settles near the server's capacity plus
-    a short queue. Growth is per decision (time-based), not per completion, so no process
-    gains from a faster round trip.
+    The queue is one signal every process sees. They read it at the same instants of a shared
+    wall-clock grid and apply what they decided at the same later instant (half an interval
+    on), so none reads a queue another has just grown; the hold-off after a decrease is the
+    server's own mean latency, the same for all. So they all take the same decisions: they grow
+    by the same amounts and back off by the same factor together, additive increase with
+    multiplicative decrease on a shared signal, which converges to equal shares (Chiu and Jain,
+    1989) whatever order they started in. The sum settles near the server's batch plus a short
+    queue.
 
 Bounds: ``vllm.min_in_flight`` (floor), ``vllm.max_in_flight`` (hard ceiling);
 ``vllm.adaptive: false`` pins the limit at the ceiling.
@@ -65,7 +67,7 @@ from dataclasses import dataclass
 from types import TracebackType
 
 from mkg_pipeline.config import VLLMServerConfig
-from mkg_pipeline.vllm.metrics import CONCURRENCY_LIMIT
+from mkg_pipeline.vllm.metrics import CONCURRENCY_FLOOR, CONCURRENCY_LIMIT
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +95,8 @@ LATENCY_CLEAR = 1.1
 DEADLINE_SHARE = 0.5
 #: largest growth of one decision, as a share of the limit
 MAX_GROWTH = 0.5
+#: readings with an empty queue (while the limit is used) before probing again: capacity appeared
+RESTART_AFTER = 3
 #: demand (in flight + waiting) must have reached this share of the limit for it to grow
 UTILIZATION = 0.9
 #: weight of a new sample in the smoothed round-trip time
@@ -125,6 +129,8 @@ class QueueReading:
     waiting: float
     running: float
     at: float
+    #: the server's mean request latency since the previous reading (e2e sum / count), if it says
+    latency_s: float | None = None
 
 
 class _Waiter:
@@ -208,8 +214,11 @@ class AdaptiveLimiter:
         self._window_sum = 0.0
         self._window_count = 0
         self._peak_demand = 0
-        self._streak = 0
+        self._streak = 0  # consecutive decisions with an empty queue
+        self._probing = True  # growing multiplicatively until the first sign of congestion
+        self._probe_steps = 0
         self._last_decrease = -math.inf
+        self._e2e: tuple[float, float] | None = None  # the server's latency sum and count at the last reading
         # the server's queue
         self._queue: QueueReading | None = None
         self._scraping = False
@@ -219,6 +228,8 @@ class AdaptiveLimiter:
         self._pending: tuple[float, _Verdict, str] | None = None
         #: what the last decision did and why (for logs and tests): "grow", "queue", "latency", ...
         self.last_decision = "start"
+        if adaptive:  # the VLLMConcurrencyAtFloor alert compares the limit with it
+            CONCURRENCY_FLOOR.labels(server=server).set(min_limit)
         self._publish()
 
     @classmethod
@@ -400,7 +411,9 @@ class AdaptiveLimiter:
             self._scrape_grid = self._grid_after(now) - self.scrape_interval_s
             return True
 
-    def observe_queue(self, waiting: float, running: float) -> None:
+    def observe_queue(
+        self, waiting: float, running: float, latency_sum: float | None = None, latency_count: float | None = None
+    ) -> None:
         """A fresh reading of the server's queue: one decision, applied half an interval after the reading.
 
         Every process reads at the same instant of the shared grid and acts at the same later
@@ -415,10 +428,25 @@ class AdaptiveLimiter:
             if not self.adaptive:
                 return
             first = self._queue is None
-            self._queue = QueueReading(float(waiting), float(running), now)
+            server_latency = self._queue.latency_s if self._queue is not None else None
+            if latency_sum is not None and latency_count is not None:
+                previous, self._e2e = self._e2e, (latency_sum, latency_count)
+                if previous is not None and latency_count > previous[1]:
+                    server_latency = (latency_sum - previous[0]) / (latency_count - previous[1])
+            self._queue = QueueReading(float(waiting), float(running), now, server_latency)
             if first:
                 log.info("concurrency limiter for %s: steering by the server's queue (/metrics)", self.server)
             verdict, reason = self._queue_verdict(self._queue)
+            log.debug(
+                "concurrency limiter for %s: queue %g waiting / %g running, limit %d, in flight %d: %s",
+                self.server,
+                waiting,
+                running,
+                self.limit,
+                self._in_flight,
+                verdict.value,
+            )
+            # Applied at the reading's grid instant + half an interval, in every process alike.
             self._pending = (self._scrape_grid + self.scrape_interval_s / 2, verdict, reason)
             if self._tick_locked(now):
                 self._dispatch_locked()
@@ -451,7 +479,9 @@ class AdaptiveLimiter:
         if pending is None or now < pending[0]:
             return False
         self._pending = None
-        self._decide_locked(now, pending[1], pending[2])
+        # The decision's own instant (not "now", which differs by milliseconds between processes):
+        # the hold-off after a decrease is then the same everywhere.
+        self._decide_locked(pending[0], pending[1], pending[2])
         return True
 
     def _fresh_queue(self, now: float) -> QueueReading | None:
@@ -517,13 +547,16 @@ class AdaptiveLimiter:
     def _decide_locked(self, now: float, verdict: _Verdict, reason: str) -> None:
         if verdict is _Verdict.CONGESTED:
             self._streak = 0
+            self._probing = False
             self._decrease_locked(now, BACKOFF, reason)
         elif self._peak_demand >= max(1.0, UTILIZATION * self.limit):
-            if verdict is _Verdict.CLEAR:
-                self._streak += 1
-                step = max(1.0, min(2.0 ** (self._streak - 1), MAX_GROWTH * self._limit))
-            else:
-                self._streak = 0
+            self._streak = self._streak + 1 if verdict is _Verdict.CLEAR else 0
+            if self._streak >= RESTART_AFTER and not self._probing:
+                self._probing, self._probe_steps = True, 0  # the queue stays empty: capacity appeared
+            if self._probing and verdict is _Verdict.CLEAR:
+                step = max(1.0, min(2.0**self._probe_steps, MAX_GROWTH * self._limit))
+                self._probe_steps += 1
+            else:  # a short queue already: the server is full, fill the rest of it slowly
                 step = 1.0
             self._set_limit_locked(self._limit + step, "grow")
         # A new window: its demand starts from what is in flight now. Steering by latency, it opens
@@ -535,12 +568,16 @@ class AdaptiveLimiter:
         self._peak_demand = self._in_flight + len(self._slot_waiters)
 
     def _decrease_locked(self, now: float, factor: float, reason: str) -> None:
-        # Once per round trip: the effect of a decrease shows only as the excess requests finish.
-        holdoff = self._srtt if self._srtt is not None else self.scrape_interval_s
-        if now - self._last_decrease < holdoff:
+        # Once per round trip of the server: a decrease shows only as the excess requests finish.
+        # Its own mean latency (from /metrics) is the same for every process; an attempt's latency
+        # as one process sees it is not (a busy process sees its answers late).
+        queue = self._fresh_queue(now)
+        holdoff = queue.latency_s if queue is not None and queue.latency_s is not None else self._srtt
+        if now - self._last_decrease < (holdoff if holdoff is not None else self.scrape_interval_s) - 1e-9:
             return
         self._last_decrease = now
         self._streak = 0
+        self._probing = False
         self._set_limit_locked(self._limit * factor, reason)
 
     def _set_limit_locked(self, value: float, reason: str) -> None:
@@ -590,15 +627,30 @@ def reset_limiters() -> None:
         _LIMITERS.clear()
 
 
-_QUEUE_METRICS = {"vllm:num_requests_waiting": 0, "vllm:num_requests_running": 1}
+_QUEUE_METRICS = {
+    "vllm:num_requests_waiting": 0,
+    "vllm:num_requests_running": 1,
+    "vllm:e2e_request_latency_seconds_sum": 2,
+    "vllm:e2e_request_latency_seconds_count": 3,
+}
 
 
-def parse_queue_metrics(text: str) -> tuple[float, float] | None:
-    """(waiting, running) from vLLM's Prometheus text, summed over engines and models; None if absent."""
-    totals = [0.0, 0.0]
-    found = [False, False]
+@dataclass(frozen=True)
+class ServerMetrics:
+    """What the limiter reads from vLLM's /metrics, summed over engines and models."""
+
+    waiting: float
+    running: float
+    latency_sum: float | None = None
+    latency_count: float | None = None
+
+
+def parse_queue_metrics(text: str) -> ServerMetrics | None:
+    """The queue (and latency totals, if present) from vLLM's Prometheus text; None without a queue gauge."""
+    totals = [0.0, 0.0, 0.0, 0.0]
+    found = [False, False, False, False]
     for line in text.splitlines():
-        if not line.startswith("vllm:num_requests_"):
+        if not line.startswith("vllm:"):
             continue
         brace = line.find("{")
         if brace >= 0:
@@ -613,4 +665,7 @@ def parse_queue_metrics(text: str) -> tuple[float, float] | None:
         except (ValueError, IndexError):
             continue
         found[index] = True
-    return (totals[0], totals[1]) if found[0] else None
+    if not found[0]:
+        return None
+    has_latency = found[2] and found[3]
+    return ServerMetrics(totals[0], totals[1], totals[2] if has_latency else None, totals[3] if has_latency else None)

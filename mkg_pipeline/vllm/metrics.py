@@ -47,6 +47,12 @@ CONCURRENCY_LIMIT = Gauge(
     ["server"],
     registry=REGISTRY,
 )
+CONCURRENCY_FLOOR = Gauge(
+    "mineru_vllm_concurrency_floor",
+    "The adaptive limiter's floor (vllm.min_in_flight); absent while the limit is fixed (vllm.adaptive false).",
+    ["server"],
+    registry=REGISTRY,
+)
 IN_FLIGHT = Gauge(
     "mineru_vllm_requests_in_flight",
     "Requests this process has outstanding against the VLM server.",

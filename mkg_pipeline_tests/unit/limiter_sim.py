@@ -46,6 +46,7 @@ class SimServer:
         self.queue: deque[_Request] = deque()
         self.max_waiting = 0
         self.completed = 0
+        self.latency_sum = 0.0  # vllm:e2e_request_latency_seconds_sum / _count
 
     @property
     def waiting(self) -> int:
@@ -66,6 +67,7 @@ class SimServer:
     def _finish(self, request: _Request) -> None:
         self.running -= 1
         self.completed += 1
+        self.latency_sum += self.sim.clock.now - request.sent_at
         if self.queue:
             self._start(self.queue.popleft())
         request.client.on_done(request)
@@ -98,11 +100,11 @@ class SimClient:
         limiter.tick()
         if limiter.claim_scrape():
             # The server answers with its state of now; the client acts on it when the answer is in.
-            waiting, running = server.waiting, server.running
+            state = (server.waiting, server.running, server.latency_sum, server.completed)
 
             def reading() -> None:
                 if sim.metrics:
-                    limiter.observe_queue(waiting, running)
+                    limiter.observe_queue(*state)
                 else:
                     limiter.metrics_unavailable()
                 self.pump()

@@ -19,6 +19,7 @@ from mkg_pipeline.vllm.limiter import (
     LATENCY_TOLERANCE,
     METRICS_RETRY_S,
     AdaptiveLimiter,
+    ServerMetrics,
     Signal,
     Slot,
     limiter_for,
@@ -131,6 +132,42 @@ def test_a_long_queue_backs_off_multiplicatively_once_per_round_trip(clock: Fake
     reading(limiter, clock, waiting=20, running=64)  # past it: the queue is still long
     assert limiter.limit == 81
     release_all(slots)
+
+
+def test_the_hold_off_after_a_decrease_is_the_servers_latency_the_same_for_every_process(clock: FakeClock) -> None:
+    """Two processes, one of which sees its answers late (a busy event loop), decide alike."""
+    limiters = [make(clock), make(clock)]
+    for limiter, own_latency in zip(limiters, (0.5, 9.0), strict=True):
+        limiter._limit = 40.0
+        release_all(fill(limiter), latency=own_latency)
+    limits: list[list[int]] = [[], []]
+    total, count = 0.0, 0
+    for _ in range(6):  # the queue stays long; the server's requests take 3 s on average
+        total, count = total + 30 * 3.0, count + 30
+        for limiter, seen in zip(limiters, limits, strict=True):
+            slots = fill(limiter)
+            clock.now = max(clock.now, limiter.next_scrape_at)
+            assert limiter.claim_scrape()
+            limiter.observe_queue(20, 32, total, count)
+            slots.pop().release()
+            seen.append(limiter.limit)
+            release_all(slots, signal=Signal.NONE)
+        clock.now = max(lim.next_wakeup_at for lim in limiters)
+        for limiter in limiters:
+            limiter.tick()
+    assert limits[0] == limits[1]
+    # a cut, then one reading (2 s < 3 s) held off, then the next cut
+    assert [lim.limit for lim in limiters] == [int(40 * BACKOFF**3)] * 2
+
+
+def test_a_momentary_empty_queue_grows_by_one_a_lasting_one_probes_again(clock: FakeClock) -> None:
+    limiter = make(clock)
+    limiter._limit = 20.0
+    busy_readings(limiter, clock, [20])  # congestion: probing is over
+    assert limiter.limit == 18
+    limits = busy_readings(limiter, clock, [0, 0, 0, 0, 0, 3])
+    # +1, +1 (could be a blip), then the queue stays empty: +1, +2, +4; a queue again: +1
+    assert limits == [19, 20, 21, 23, 27, 28]
 
 
 @pytest.mark.parametrize("signal", [Signal.OVERLOAD, Signal.TIMEOUT], ids=["429-503", "timeout"])
@@ -372,9 +409,13 @@ vllm:num_requests_running{engine="1",model_name="qwen"} 60.0
 vllm:num_requests_waiting_by_reason{reason="capacity"} 99.0
 vllm:num_preemptions_total{engine="0"} 7.0
 """
-    assert parse_queue_metrics(text) == (5.0, 124.0)
-    assert parse_queue_metrics("vllm:num_requests_waiting 0\n") == (0.0, 0.0)
+    assert parse_queue_metrics(text) == ServerMetrics(5.0, 124.0)
+    assert parse_queue_metrics("vllm:num_requests_waiting 0\n") == ServerMetrics(0.0, 0.0)
     assert parse_queue_metrics("# nothing from vLLM here\nup 1\n") is None
+    latency = (
+        'vllm:e2e_request_latency_seconds_sum{engine="0"} 12.5\nvllm:e2e_request_latency_seconds_count{engine="0"} 5\n'
+    )
+    assert parse_queue_metrics(text + latency) == ServerMetrics(5.0, 124.0, 12.5, 5.0)
 
 
 # -- simulation: several processes, one server ----------------------------------------------
@@ -426,3 +467,11 @@ def test_a_floor_above_the_ceiling_is_a_configuration_error() -> None:
     message = str(info.value)
     assert "vllm.min_in_flight = '64' (from env MKG_VLLM__MIN_IN_FLIGHT)" in message
     assert "must be <= vllm.max_in_flight (32)" in message
+
+
+def test_the_floor_is_published_for_the_at_floor_alert_only_when_adaptive() -> None:
+    AdaptiveLimiter("http://floor-test:1", min_limit=3, max_limit=9)
+    AdaptiveLimiter("http://fixed-test:1", min_limit=3, max_limit=9, adaptive=False)
+    assert REGISTRY.get_sample_value("mineru_vllm_concurrency_floor", {"server": "http://floor-test:1"}) == 3
+    assert REGISTRY.get_sample_value("mineru_vllm_concurrency_floor", {"server": "http://fixed-test:1"}) is None
+    assert REGISTRY.get_sample_value("mineru_vllm_concurrency_limit", {"server": "http://fixed-test:1"}) == 9
