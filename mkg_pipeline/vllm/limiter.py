@@ -226,6 +226,7 @@ class AdaptiveLimiter:
         self._scrape_grid = now
         #: a decision taken on a queue reading, applied at a common instant: (when, verdict, reason)
         self._pending: tuple[float, _Verdict, str] | None = None
+        self._told_latency_mode = False
         #: what the last decision did and why (for logs and tests): "grow", "queue", "latency", ...
         self.last_decision = "start"
         if adaptive:  # the VLLMConcurrencyAtFloor alert compares the limit with it
@@ -284,7 +285,8 @@ class AdaptiveLimiter:
     def try_acquire(self) -> Slot | None:
         """A slot if one is free now (and nobody is queued before us), else None. No waiting."""
         with self._lock:
-            self._tick_locked(self._clock())
+            if self._tick_locked(self._clock()):
+                self._dispatch_locked()
             if self._slot_waiters or self._in_flight >= self.limit:
                 return None
             self._take_locked()
@@ -294,7 +296,8 @@ class AdaptiveLimiter:
         """Wait (FIFO) for a free slot of this process."""
         loop = asyncio.get_running_loop()
         with self._lock:
-            self._tick_locked(self._clock())
+            if self._tick_locked(self._clock()):
+                self._dispatch_locked()
             if not self._slot_waiters and self._in_flight < self.limit:
                 self._take_locked()
                 return Slot(self)
@@ -320,7 +323,8 @@ class AdaptiveLimiter:
         """
         loop = asyncio.get_running_loop()
         with self._lock:
-            self._tick_locked(self._clock())
+            if self._tick_locked(self._clock()):
+                self._dispatch_locked()
             if self._in_flight + len(self._slot_waiters) < self.limit:
                 return
             waiter = _Waiter(loop)
@@ -427,6 +431,7 @@ class AdaptiveLimiter:
             self._next_scrape = self._grid_after(now)
             if not self.adaptive:
                 return
+            self._tick_locked(now)  # the previous reading's decision, if still pending, comes first
             first = self._queue is None
             server_latency = self._queue.latency_s if self._queue is not None else None
             if latency_sum is not None and latency_count is not None:
@@ -456,8 +461,9 @@ class AdaptiveLimiter:
         with self._lock:
             self._scraping = False
             self._next_scrape = self._grid_after(self._clock() + METRICS_RETRY_S)
-            if self._queue is not None:
+            if self._queue is not None or not self._told_latency_mode:
                 log.info("concurrency limiter for %s: /metrics unavailable, steering by latency", self.server)
+                self._told_latency_mode = True
             self._queue = None
             self._pending = None
 
