@@ -8,6 +8,9 @@ warm-up; the server's CPU and the rendering are excluded, as in MinerU's own mea
     PYTHONPATH=. python benchmarks/client_cpu.py [--requests 400] [--concurrency 16] [--dpi 150]
 
 Run it with PYTHONPATH pointing at another checkout to compare versions of the client.
+``--without-sniffio`` makes ``import sniffio`` fail after the same sys.path search as when the
+package is absent (httpcore tries that import on every lock it sets up), to compare with the
+environment before sniffio became a dependency.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import os
 import resource
 import socket
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -90,6 +94,19 @@ def _render(dpi: int) -> list[bytes]:
         with pymupdf.open(CORPUS / "pdfs" / name) as document:
             pages.extend(page.get_pixmap(dpi=dpi).tobytes("png") for page in document)
     return pages
+
+
+class _NoSniffio:
+    """A meta-path finder for which sniffio is not installed: it searches sys.path, then fails."""
+
+    def find_spec(self, name: str, path: object = None, target: object = None) -> None:
+        if name != "sniffio":
+            return None
+        import importlib.machinery
+
+        others = [p for p in sys.path if not (Path(p) / "sniffio").is_dir()]
+        importlib.machinery.PathFinder.find_spec(name, others)
+        raise ModuleNotFoundError("No module named 'sniffio'", name=name)
 
 
 def _cpu() -> float:
@@ -176,10 +193,14 @@ def main() -> None:
     parser.add_argument("--dpi", type=int, default=150)
     parser.add_argument("--repeat", type=int, default=3, help="runs per client; the median is printed")
     parser.add_argument("--keepalive", type=int, default=None, help="http_client.keepalive (default: the config's)")
+    parser.add_argument("--without-sniffio", action="store_true", help="behave as if sniffio were not installed")
     parser.add_argument(
         "--clients", default="mineru,chat_completion,post_chat_completion", help="comma-separated subset"
     )
     args = parser.parse_args()
+    if args.without_sniffio:
+        sys.modules.pop("sniffio", None)
+        sys.meta_path.insert(0, _NoSniffio())
 
     import mkg_pipeline
 
