@@ -6,6 +6,7 @@ import time
 import dagster as dg
 
 from mkg_pipeline.assets import ingest_batches
+from mkg_pipeline.config import get_settings
 from mkg_pipeline.jobs import ingest_job
 from mkg_pipeline.resources import S3StorageResource
 
@@ -25,7 +26,7 @@ def incoming_pdfs_sensor(context: dg.SensorEvaluationContext, s3: S3StorageResou
     from mkg_pipeline.stages.sensor_plan import plan_tick
 
     storage = s3.storage()
-    settings = s3.pipeline_config()
+    settings = get_settings()
     listing = (
         IncomingObject(o.key, o.etag, o.size)
         for o in storage.list_objects(storage.incoming_prefix)
