@@ -9,7 +9,7 @@ percentiles, throughput and errors by type. Exits after exactly N requests.
 
 Everything else (pool, timeouts, retry policy, breaker) comes from the project
 configuration (``config/mineru.yaml`` + ``MKG_*``), as in production; only the
-in-flight bound is raised to ``--concurrency`` so that the test drives what it says.
+concurrency is fixed at ``--concurrency`` (``vllm.adaptive: false``) so that the test drives what it says.
 Latency is per request as the caller sees it (retries and backoff included).
 """
 
@@ -60,7 +60,7 @@ async def run(args: argparse.Namespace) -> int:
     from mkg_pipeline.vllm.errors import VLLMClientError
 
     config = load_config()
-    overrides = {"url": args.url, "max_in_flight": args.concurrency}
+    overrides = {"url": args.url, "max_in_flight": args.concurrency, "min_in_flight": 1, "adaptive": False}
     if args.model:
         overrides["model"] = args.model
     if args.api_key:
@@ -79,7 +79,7 @@ async def run(args: argparse.Namespace) -> int:
     http = config.http_client
     print(
         f"{len(pages)} page image(s) at {args.dpi} dpi from {len(pdfs)} PDF(s); {args.requests} requests, "
-        f"concurrency {args.concurrency}, model {server.model}, pool {http.pool_size}, "
+        f"concurrency {args.concurrency}, model {server.model}, pool {server.max_in_flight}, "
         f"timeout {http.timeout_s}s, max_attempts {http.max_attempts}"
     )
 

@@ -32,7 +32,7 @@ from functools import cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import (
     BaseSettings,
     EnvSettingsSource,
@@ -83,6 +83,14 @@ class VLLMServerConfig(_Section):
         True, description="Find the server's capacity by itself (true) or always allow max_in_flight (false)."
     )
 
+    @field_validator("min_in_flight")
+    @classmethod
+    def _floor_below_ceiling(cls, value: int, info: ValidationInfo) -> int:
+        ceiling = info.data.get("max_in_flight")
+        if ceiling is not None and value > ceiling:
+            raise ValueError(f"must be <= vllm.max_in_flight ({ceiling})")
+        return value
+
     @field_validator("url")
     @classmethod
     def _url_is_http(cls, value: str) -> str:
@@ -99,7 +107,6 @@ class VLLMServerConfig(_Section):
 class HTTPClientConfig(_Section):
     """The shared httpx pool and the retry policy."""
 
-    pool_size: int = Field(10, ge=1, le=1000, description="Maximum open connections in the pool.")
     keepalive: int = Field(5, ge=0, le=1000, description="Idle keep-alive connections kept in the pool.")
     timeout_s: float = Field(300.0, ge=1, le=3600, description="Read/write timeout for one request, seconds.")
     max_attempts: int = Field(3, ge=1, le=10, description="Attempts per request, the first one included.")

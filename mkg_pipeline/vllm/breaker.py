@@ -12,8 +12,8 @@ Usage, once per HTTP attempt::
     permit = breaker.acquire(label)      # raises CircuitOpenError, no I/O
     try:
         response = await send()
-    except ServerDown:
-        permit.record_failure()
+    except ServerDown as exc:
+        permit.record_failure(exc.error_type)
         raise
     else:
         permit.record_success()
@@ -23,6 +23,11 @@ Usage, once per HTTP attempt::
 A :class:`Permit` is also a context manager whose exit calls ``release()``.
 A permit released without a recorded outcome (cancelled, or an unexpected
 exception) counts neither way: cancellation says nothing about the server.
+
+The breaker remembers the error type of the failure that opened it
+(:attr:`CircuitBreaker.open_cause`), and every :class:`CircuitOpenError` it
+raises carries it as ``first_cause``: a page that fails fast is recorded with
+the real cause (connect, timeout, ...), not only with ``circuit_open``.
 
 Thread and loop safety: Dagster runs each step under its own ``asyncio.run``,
 possibly in threads, and the breaker is shared per process per server URL. So
@@ -82,19 +87,19 @@ class Permit:
         """The server answered usefully (2xx, or a 4xx: the server is up, the request was wrong)."""
         self._finish(success=True)
 
-    def record_failure(self) -> None:
-        """The server failed (timeout, connect error, 5xx, 429, malformed body)."""
-        self._finish(success=False)
+    def record_failure(self, error_type: str | None = None) -> None:
+        """The server failed (timeout, connect error, 5xx, 429, malformed body); ``error_type`` names how."""
+        self._finish(success=False, error_type=error_type)
 
     def release(self) -> None:
         """Free the permit without an outcome if none was recorded (cancellation, unexpected error)."""
         self._finish(success=None)
 
-    def _finish(self, *, success: bool | None) -> None:
+    def _finish(self, *, success: bool | None, error_type: str | None = None) -> None:
         if self._done:
             return
         self._done = True
-        self._breaker._on_permit_done(self._generation, self._probe, success)
+        self._breaker._on_permit_done(self._generation, self._probe, success, error_type)
 
     def __enter__(self) -> Permit:
         return self
@@ -123,6 +128,7 @@ class CircuitBreaker:
         self._half_open_successes = 0
         self._probes_in_flight = 0
         self._opened_at = 0.0
+        self._open_cause: str | None = None
         self._set_gauge(BreakerState.CLOSED)
 
     # -- observation -------------------------------------------------------------------------
@@ -139,6 +145,11 @@ class CircuitBreaker:
     @property
     def probes_in_flight(self) -> int:
         return self._probes_in_flight
+
+    @property
+    def open_cause(self) -> str | None:
+        """The error type of the failure that last opened the breaker; None once it closes again."""
+        return self._open_cause
 
     def seconds_until_probe(self) -> float:
         """While OPEN, seconds until the next acquire may probe; 0 otherwise."""
@@ -174,7 +185,7 @@ class CircuitBreaker:
 
     # -- internals (all called with or taking self._lock) ----------------------------------
 
-    def _on_permit_done(self, generation: int, probe: bool, success: bool | None) -> None:
+    def _on_permit_done(self, generation: int, probe: bool, success: bool | None, error_type: str | None) -> None:
         with self._lock:
             if generation != self._generation:
                 return  # stale: taken before the last transition, its slot no longer exists
@@ -188,18 +199,19 @@ class CircuitBreaker:
                 else:
                     self._consecutive_failures += 1
                     if self._consecutive_failures >= self.config.failure_threshold:
-                        self._open(f"{self._consecutive_failures} consecutive failures")
+                        self._open(f"{self._consecutive_failures} consecutive failures", error_type)
             elif self._state is BreakerState.HALF_OPEN:
                 if success:
                     self._half_open_successes += 1
                     if self._half_open_successes >= self.config.success_threshold:
                         self._transition(BreakerState.CLOSED, reason=f"{self._half_open_successes} successful probe(s)")
                 else:
-                    self._open("a probe failed in half-open")
+                    self._open("a probe failed in half-open", error_type)
 
-    def _open(self, reason: str) -> None:
+    def _open(self, reason: str, cause: str | None) -> None:
         self._opened_at = self._clock()
-        self._transition(BreakerState.OPEN, reason=reason)
+        self._open_cause = cause
+        self._transition(BreakerState.OPEN, reason=f"{reason}, last: {cause}" if cause else reason)
 
     def _transition(self, new: BreakerState, *, reason: str) -> None:
         old = self._state
@@ -210,6 +222,8 @@ class CircuitBreaker:
         if new is not BreakerState.OPEN:
             # CLOSED starts counting afresh; HALF_OPEN ignores the count (one failure reopens).
             self._consecutive_failures = 0
+        if new is BreakerState.CLOSED:
+            self._open_cause = None
         self._set_gauge(new)
         if new is BreakerState.OPEN:
             log.warning(
@@ -245,10 +259,12 @@ class CircuitBreaker:
                 f"state=half_open, all {self.config.half_open_max_calls} probe slot(s) busy, "
                 "retry when the probes finish"
             )
+        cause = f", opened by {self._open_cause}" if self._open_cause else ""
         return CircuitOpenError(
-            f"circuit breaker open for {self.server}, request {label or '-'} not sent ({detail})",
+            f"circuit breaker open for {self.server}{cause}, request {label or '-'} not sent ({detail})",
             server=self.server,
             label=label,
+            first_cause=self._open_cause,
         )
 
 

@@ -1,19 +1,27 @@
 """The guarded client of the OpenAI-compatible VLM server (vLLM or the local server).
 
-One :class:`VLLMClient` per process holds one ``httpx.AsyncClient`` (pool and
-timeouts from config). Every attempt of every guarded request:
+One :class:`VLLMClient` per event loop holds one ``httpx.AsyncClient``. A guarded call
+becomes one :class:`_Request` (method, path, body bytes, label, parser, answer cap), and
+tenacity runs its attempts. Every attempt:
 
-1. asks the server's :class:`~mkg_pipeline.vllm.breaker.CircuitBreaker` for a
-   permit (fails fast with :class:`CircuitOpenError` while it is open),
-2. waits for a slot of the in-flight semaphore (``max_in_flight``), held only
-   for the HTTP exchange, never during a backoff sleep,
-3. sends the request and maps the outcome to an exception of
-   :mod:`mkg_pipeline.vllm.errors`,
-4. reports the outcome to the breaker and to the Prometheus metrics.
+1. asks the server's :class:`~mkg_pipeline.vllm.breaker.CircuitBreaker` for a permit
+   (fails fast with :class:`CircuitOpenError` while it is open);
+2. waits for a slot of the server's :class:`~mkg_pipeline.vllm.limiter.AdaptiveLimiter`,
+   the one concurrency limit (held only for the exchange, never during a backoff sleep;
+   the httpx pool is sized from its ceiling, so it never queues a request);
+3. sends the body and reads the answer within a **total** deadline
+   (``http_client.timeout_s``), streaming, and stops at the answer's cap;
+4. reports the outcome to the breaker, the limiter and the Prometheus metrics.
 
-Tenacity retries the retryable outcomes (timeouts, connection errors, 429,
-5xx, malformed 200 bodies) with full-jitter exponential backoff, or the
-server's ``Retry-After`` on 429; 4xx answers are never retried.
+Tenacity retries the retryable outcomes (timeouts, connection errors, 429, 5xx,
+malformed 200 bodies) with full-jitter exponential backoff, or the server's
+``Retry-After`` on 429; 4xx answers and oversized answers are never retried. When a
+request gives up, its error carries ``first_cause`` (its first real failure) and
+``attempt_errors`` (how every attempt ended).
+
+Request bodies are serialized once, as bytes: the small JSON skeleton goes through
+``json.dumps`` and page images are spliced in as base64 (which needs no JSON escaping),
+so a 300 KB image is never escaped character by character.
 """
 
 from __future__ import annotations
@@ -21,13 +29,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import email.utils
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, Generic, Self, TypeVar
 
 import httpx
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt, wait_random_exponential
@@ -36,6 +45,7 @@ from mkg_pipeline.config import CircuitBreakerConfig, HTTPClientConfig, MinerUCo
 from mkg_pipeline.vllm.breaker import CircuitBreaker, breaker_for
 from mkg_pipeline.vllm.errors import (
     CircuitOpenError,
+    ResponseTooLargeError,
     VLLMAuthError,
     VLLMClientError,
     VLLMConnectionError,
@@ -45,6 +55,7 @@ from mkg_pipeline.vllm.errors import (
     VLLMServerError,
     VLLMTimeoutError,
 )
+from mkg_pipeline.vllm.limiter import AdaptiveLimiter, Signal, limiter_for, parse_queue_metrics
 from mkg_pipeline.vllm.metrics import CLIENT_FAILURES, CLIENT_RETRIES, IN_FLIGHT, REQUEST_DURATION
 
 log = logging.getLogger(__name__)
@@ -57,8 +68,29 @@ MODELS = "/v1/models"
 HEALTH = "/health"
 METRICS = "/metrics"
 
+#: Bound of one answer per completion token: a token decodes to a few bytes of text (a long one
+#: to a few dozen), and JSON escaping at most doubles ordinary text. 64 bytes per token is far
+#: above any real answer's average, while a runaway answer stops within 64 x max_tokens.
+ANSWER_BYTES_PER_TOKEN = 64
+#: ... plus the envelope (ids, model name, usage, finish reason).
+ANSWER_ENVELOPE_BYTES = 64 * 1024
+#: Largest /metrics page read (vLLM's is a few hundred KB).
+METRICS_MAX_BYTES = 16 * 1024 * 1024
+#: Connections beyond the limiter's ceiling, for /metrics scrapes and health checks.
+OUT_OF_BAND_CONNECTIONS = 2
+#: Deadline of one /metrics scrape, seconds (it must not lag behind the limiter's decisions).
+SCRAPE_TIMEOUT_S = 5.0
+
 # Enough of a server's error body to tell "model not found" from "context too long".
 _SNIPPET_CHARS = 300
+_SNIPPET_BYTES = 4096
+_JSON_HEADERS = {"Content-Type": "application/json"}
+# Stands in for a page image in the JSON skeleton; the image's bytes replace it after serialization.
+_IMAGE_PLACEHOLDER = "\x00mkg-image\x00"
+_IMAGE_TOKEN = json.dumps(_IMAGE_PLACEHOLDER).encode()
+_PNG_URL_PREFIX = b"data:image/png;base64,"
+# What a data URL of base64 may hold: none of it needs escaping in JSON.
+_DATA_URL_CHARS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=:;,.-_"
 
 
 @dataclass(frozen=True)
@@ -74,8 +106,84 @@ class ChatResult:
     attempts: int
 
 
-def _png_data_url(png: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+@dataclass(frozen=True, slots=True)
+class _Request(Generic[T]):
+    """One guarded call: what every attempt sends, and how its answer is read."""
+
+    method: str
+    path: str
+    body: bytes | None
+    label: str
+    parse: Callable[[bytes], T]
+    max_answer_bytes: int
+
+
+# -- bodies --------------------------------------------------------------------------------
+
+
+def _dumps(value: Any) -> bytes:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def _splice(skeleton: dict[str, Any], urls: Sequence[bytes]) -> bytes | None:
+    """Serialize ``skeleton`` and put ``urls`` (JSON-safe bytes) where its placeholders are, in order."""
+    parts = _dumps(skeleton).split(_IMAGE_TOKEN)
+    if len(parts) != len(urls) + 1:
+        return None  # the placeholder also occurs elsewhere (in a prompt?): let json.dumps do it all
+    out = [parts[0]]
+    for url, part in zip(urls, parts[1:], strict=True):
+        out += (b'"', url, b'"', part)
+    return b"".join(out)
+
+
+def _json_safe_bytes(text: str) -> bytes | None:
+    """``text`` as bytes if it serializes to itself in JSON (a base64 data URL does), else None."""
+    if not text.isascii():
+        return None
+    raw = text.encode("ascii")
+    return raw if not raw.translate(None, _DATA_URL_CHARS) else None
+
+
+def _encode_body(body: dict[str, Any]) -> bytes:
+    """A caller-built chat body as JSON bytes, with long data URLs spliced in rather than escaped."""
+    messages = body.get("messages")
+    urls: list[bytes] = []
+    if isinstance(messages, list):
+        new_messages = []
+        for message in messages:
+            content = message.get("content") if isinstance(message, dict) else None
+            if isinstance(content, list):
+                new_content = []
+                for part in content:
+                    image = part.get("image_url") if isinstance(part, dict) else None
+                    url = image.get("url") if isinstance(image, dict) else None
+                    raw = _json_safe_bytes(url) if isinstance(url, str) and len(url) > 1024 else None
+                    if raw is not None:
+                        urls.append(raw)
+                        part = {**part, "image_url": {**image, "url": _IMAGE_PLACEHOLDER}}
+                    new_content.append(part)
+                message = {**message, "content": new_content}
+            new_messages.append(message)
+        if urls:
+            spliced = _splice({**body, "messages": new_messages}, urls)
+            if spliced is not None:
+                return spliced
+    return _dumps(body)
+
+
+def _answer_cap(body: dict[str, Any] | None, default: int) -> int:
+    """How many bytes an answer to ``body`` may have: max_tokens x a bound, else ``default``."""
+    if not body:
+        return default
+    tokens = body.get("max_completion_tokens") or body.get("max_tokens")
+    if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens <= 0:
+        return default
+    choices = body.get("n")
+    choices = choices if isinstance(choices, int) and not isinstance(choices, bool) and choices > 0 else 1
+    return ANSWER_ENVELOPE_BYTES + tokens * ANSWER_BYTES_PER_TOKEN * choices
+
+
+# -- answers -------------------------------------------------------------------------------
 
 
 def _parse_retry_after(value: str | None) -> float | None:
@@ -105,12 +213,14 @@ def _chat_choices(data: Any) -> list[Any]:
     return choices
 
 
-def _validate_chat_body(data: Any) -> dict[str, Any]:
+def _parse_chat_body(raw: bytes) -> dict[str, Any]:
+    data = json.loads(raw)
     _chat_choices(data)
     return data  # type: ignore[no-any-return]
 
 
-def _validate_chat_text(data: Any) -> dict[str, Any]:
+def _parse_chat_text(raw: bytes) -> dict[str, Any]:
+    data = json.loads(raw)
     choice = _chat_choices(data)[0]
     message = choice.get("message") if isinstance(choice, dict) else None
     if not isinstance(message, dict) or not isinstance(message.get("content"), str):
@@ -118,15 +228,24 @@ def _validate_chat_text(data: Any) -> dict[str, Any]:
     return data  # type: ignore[no-any-return]
 
 
-def _validate_models(data: Any) -> list[str]:
+def _parse_models(raw: bytes) -> list[str]:
+    data = json.loads(raw)
     items = data.get("data") if isinstance(data, dict) else None
     if not isinstance(items, list) or not all(isinstance(i, dict) and isinstance(i.get("id"), str) for i in items):
         raise ValueError("body has no 'data' list of objects with an 'id'")
     return [item["id"] for item in items]
 
 
+def _limiter_signal(exc: VLLMClientError) -> Signal:
+    if isinstance(exc, VLLMRateLimitedError) or (isinstance(exc, VLLMServerError) and exc.status_code == 503):
+        return Signal.OVERLOAD
+    if isinstance(exc, VLLMTimeoutError):
+        return Signal.TIMEOUT
+    return Signal.NONE
+
+
 class VLLMClient:
-    """Breaker-guarded, retrying, bounded client of one OpenAI-compatible VLM server."""
+    """Breaker-guarded, retrying, adaptively limited client of one OpenAI-compatible VLM server."""
 
     def __init__(
         self,
@@ -136,32 +255,33 @@ class VLLMClient:
         *,
         transport: httpx.AsyncBaseTransport | None = None,
         breaker: CircuitBreaker | None = None,
+        limiter: AdaptiveLimiter | None = None,
         sleep: SleepFn = asyncio.sleep,
     ) -> None:
         self._server = server
-        self._http_config = http or HTTPClientConfig()
+        self._http_config = cfg = http or HTTPClientConfig()
         self._breaker = breaker or breaker_for(server.url, breaker_config)
+        self._limiter = limiter or limiter_for(server.url, server, deadline_s=cfg.timeout_s)
         self._sleep = sleep
         self._api_key = server.api_key.get_secret_value() if server.api_key is not None else None
         headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
-        cfg = self._http_config
-        # A custom ``transport`` (tests, proxies) replaces httpx's pooled transport, so ``limits`` then do not apply.
+        # The pool holds as many connections as the limiter may ever allow (plus scrapes), so the
+        # limiter is the only limit. A custom ``transport`` (tests, proxies) replaces the pool.
         # The pool is bound to the event loop that first uses it: one client per loop (per Dagster step).
         self._http = httpx.AsyncClient(
             base_url=server.url,
             headers=headers,
             transport=transport,
-            limits=httpx.Limits(max_connections=cfg.pool_size, max_keepalive_connections=cfg.keepalive),
-            # pool=None: waiting for a pooled connection is bounded by our semaphore and the
-            # read timeouts of the requests holding the connections, not by a separate timer.
+            limits=httpx.Limits(
+                max_connections=server.max_in_flight + OUT_OF_BAND_CONNECTIONS,
+                max_keepalive_connections=cfg.keepalive,
+            ),
+            # The total deadline of an attempt is ours (asyncio.timeout); these are backstops.
             timeout=httpx.Timeout(
                 connect=server.connection_timeout_s, read=cfg.timeout_s, write=cfg.timeout_s, pool=None
             ),
         )
-        # Created on first use inside the running loop: the client may be built outside any loop,
-        # and an asyncio.Semaphore must not be shared between loops.
-        self._semaphore: asyncio.Semaphore | None = None
-        self._semaphore_loop: asyncio.AbstractEventLoop | None = None
+        self._scraper: asyncio.Task[None] | None = None
 
     @classmethod
     def from_config(cls, cfg: MinerUConfig, **kw: Any) -> VLLMClient:
@@ -181,14 +301,25 @@ class VLLMClient:
     def breaker(self) -> CircuitBreaker:
         return self._breaker
 
+    @property
+    def limiter(self) -> AdaptiveLimiter:
+        """The server's concurrency limiter (one per server URL per process): ``await
+        client.limiter.wait_for_capacity()`` before starting the next page."""
+        return self._limiter
+
     def __repr__(self) -> str:
         # Never the API key: only whether one is configured.
         return (
             f"VLLMClient(server_url={self.server_url!r}, model={self.model!r}, "
-            f"api_key={'set' if self._api_key else 'none'}, breaker={self._breaker.state.value})"
+            f"api_key={'set' if self._api_key else 'none'}, breaker={self._breaker.state.value}, "
+            f"limit={self._limiter.limit})"
         )
 
     async def aclose(self) -> None:
+        scraper, self._scraper = self._scraper, None
+        if scraper is not None:
+            scraper.cancel()
+            await asyncio.gather(scraper, return_exceptions=True)
         await self._http.aclose()
 
     async def __aenter__(self) -> Self:
@@ -212,26 +343,25 @@ class VLLMClient:
             log.debug("health check of %s answered HTTP %d", self.server_url, response.status_code)
         return response.status_code == 200
 
-    async def fetch_server_metrics(self) -> str:
-        """GET /metrics (Prometheus text). One attempt, no breaker; errors mapped to VLLMClientError."""
-        try:
-            response = await self._http.get(METRICS)
-        except httpx.TransportError as exc:
-            raise self._transport_error(exc, "GET", METRICS, "metrics", 1) from exc
-        if response.status_code != 200:
-            raise self._status_error(response, "GET", METRICS, "metrics", 1)
-        return response.text
+    async def fetch_server_metrics(self, timeout_s: float | None = None) -> str:
+        """GET /metrics (Prometheus text). One attempt, no breaker, no limiter; errors mapped to VLLMClientError."""
+        request = _Request(
+            "GET", METRICS, None, "metrics", lambda raw: raw.decode("utf-8", "replace"), METRICS_MAX_BYTES
+        )
+        return await self._exchange(request, 1, timeout_s or self._http_config.timeout_s)
 
     # -- guarded requests ----------------------------------------------------------------------
 
     async def list_models(self) -> list[str]:
         """GET /v1/models → the served model ids."""
-        models, _ = await self._guarded("GET", MODELS, None, label="list_models", parse=_validate_models)
+        request = _Request("GET", MODELS, None, "list_models", _parse_models, self._http_config.max_response_bytes)
+        models, _ = await self._send(request)
         return models
 
     async def post_chat_completion(self, body: dict[str, Any], *, label: str = "") -> dict[str, Any]:
         """POST a caller-built OpenAI chat body; returns the JSON object (with a non-empty ``choices`` list)."""
-        data, _ = await self._guarded("POST", CHAT_COMPLETIONS, body, label=label, parse=_validate_chat_body)
+        cap = _answer_cap(body, self._http_config.max_response_bytes)
+        data, _ = await self._send(_Request("POST", CHAT_COMPLETIONS, _encode_body(body), label, _parse_chat_body, cap))
         return data
 
     async def chat_completion(
@@ -246,16 +376,13 @@ class VLLMClient:
         label: str = "",
     ) -> ChatResult:
         """One user turn: PNG images (as data URLs, before the text) and a text prompt."""
-        body = self.build_chat_body(
-            prompt,
-            images,
-            system_prompt=system_prompt,
-            max_tokens=max_tokens,
-            temperature=temperature,
-            extra_body=extra_body,
-        )
+        options = (system_prompt, max_tokens, temperature, extra_body)
+        urls = [_PNG_URL_PREFIX + base64.b64encode(png) for png in images]
+        skeleton = self._chat_dict(prompt, [_IMAGE_PLACEHOLDER] * len(urls), *options)
+        body = _splice(skeleton, urls) or _dumps(self._chat_dict(prompt, [u.decode() for u in urls], *options))
+        cap = _answer_cap(skeleton, self._http_config.max_response_bytes)
         started = time.perf_counter()
-        data, attempts = await self._guarded("POST", CHAT_COMPLETIONS, body, label=label, parse=_validate_chat_text)
+        data, attempts = await self._send(_Request("POST", CHAT_COMPLETIONS, body, label, _parse_chat_text, cap))
         choice = data["choices"][0]
         usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
         return ChatResult(
@@ -278,10 +405,20 @@ class VLLMClient:
         temperature: float = 0.0,
         extra_body: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """The OpenAI chat body :meth:`chat_completion` sends (exposed for tests and cache keys)."""
-        content: list[dict[str, Any]] = [
-            {"type": "image_url", "image_url": {"url": _png_data_url(png)}} for png in images
-        ]
+        """The OpenAI chat body :meth:`chat_completion` sends, as a dict (for tests and cache keys)."""
+        urls = [(_PNG_URL_PREFIX + base64.b64encode(png)).decode() for png in images]
+        return self._chat_dict(prompt, urls, system_prompt, max_tokens, temperature, extra_body)
+
+    def _chat_dict(
+        self,
+        prompt: str,
+        urls: Sequence[str],
+        system_prompt: str | None,
+        max_tokens: int | None,
+        temperature: float,
+        extra_body: dict[str, Any] | None,
+    ) -> dict[str, Any]:
+        content: list[dict[str, Any]] = [{"type": "image_url", "image_url": {"url": url}} for url in urls]
         content.append({"type": "text", "text": prompt})
         messages: list[dict[str, Any]] = []
         if system_prompt:
@@ -294,37 +431,33 @@ class VLLMClient:
             body.update(extra_body)
         return body
 
-    # -- the retry loop ----------------------------------------------------------------------
+    # -- the retry loop ------------------------------------------------------------------------
 
-    async def _guarded(
-        self,
-        method: str,
-        path: str,
-        body: dict[str, Any] | None,
-        *,
-        label: str,
-        parse: Callable[[Any], T],
-    ) -> tuple[T, int]:
-        """Run attempts under tenacity; returns the parsed body and the number of attempts made."""
-        attempts = 0
-        max_attempts = self._http_config.max_attempts
+    async def _send(self, request: _Request[T]) -> tuple[T, int]:
+        """Run attempts under tenacity; returns the parsed answer and the number of attempts made."""
+        failures: list[VLLMClientError] = []
 
         async def attempt() -> T:
-            nonlocal attempts
-            attempts += 1
-            return await self._attempt(method, path, body, label=label, parse=parse, number=attempts)
+            try:
+                return await self._attempt(request, len(failures) + 1)
+            except VLLMClientError as exc:
+                failures.append(exc)
+                raise
 
         # A fresh AsyncRetrying per call: its iteration state must not be shared between concurrent calls.
         retrying = AsyncRetrying(
-            stop=stop_after_attempt(max_attempts),
+            stop=stop_after_attempt(self._http_config.max_attempts),
             wait=self._wait,
             retry=retry_if_exception(lambda exc: isinstance(exc, VLLMClientError) and exc.retryable),
             sleep=self._sleep,
             before_sleep=self._before_retry,
             reraise=True,
         )
-        result = await retrying(attempt)
-        return result, attempts
+        try:
+            return await retrying(attempt), len(failures) + 1
+        except VLLMClientError as exc:
+            _name_first_cause(exc, failures)
+            raise
 
     def _wait(self, state: RetryCallState) -> float:
         exc = state.outcome.exception() if state.outcome else None
@@ -347,126 +480,188 @@ class VLLMClient:
         # The exception's message already names the endpoint, the attempt, the server and the request.
         log.warning("retrying in %.2fs: %s", delay, exc)
 
-    def _get_semaphore(self) -> asyncio.Semaphore:
-        loop = asyncio.get_running_loop()
-        if self._semaphore is None or self._semaphore_loop is not loop:
-            self._semaphore = asyncio.Semaphore(self._server.max_in_flight)
-            self._semaphore_loop = loop
-        return self._semaphore
-
-    async def _attempt(
-        self,
-        method: str,
-        path: str,
-        body: dict[str, Any] | None,
-        *,
-        label: str,
-        parse: Callable[[Any], T],
-        number: int,
-    ) -> T:
-        max_attempts = self._http_config.max_attempts
+    async def _attempt(self, request: _Request[T], number: int) -> T:
+        """One attempt: breaker permit, limiter slot, exchange; outcome to breaker, limiter and metrics."""
         try:
-            permit = self._breaker.acquire(label)
+            permit = self._breaker.acquire(request.label)
         except CircuitOpenError:
             CLIENT_FAILURES.labels(error_type=CircuitOpenError.error_type).inc()
             raise
-        with permit:  # releases the probe slot on any exit, cancellation included
-            async with self._get_semaphore():
+        with permit:  # releases a probe slot on any exit, cancellation included
+            with await self._limiter.acquire() as slot:  # released without a signal on cancellation
+                self._watch_server()
                 IN_FLIGHT.inc()
                 log.debug(
-                    "%s %s%s attempt %d/%d [request=%s]", method, self.server_url, path, number, max_attempts, label
+                    "%s %s%s attempt %d/%d [request=%s]",
+                    request.method,
+                    self.server_url,
+                    request.path,
+                    number,
+                    self._http_config.max_attempts,
+                    request.label,
                 )
                 started = time.perf_counter()
                 try:
-                    result = await self._exchange(method, path, body, label=label, parse=parse, number=number)
+                    result = await self._exchange(request, number, self._http_config.timeout_s)
                 except VLLMClientError as exc:
-                    REQUEST_DURATION.labels(endpoint=path, outcome=exc.error_type).observe(
+                    REQUEST_DURATION.labels(endpoint=request.path, outcome=exc.error_type).observe(
                         time.perf_counter() - started
                     )
                     CLIENT_FAILURES.labels(error_type=exc.error_type).inc()
-                    # A 4xx means the server is up and answering: not a breaker failure.
-                    if isinstance(exc, VLLMRequestError):
+                    slot.release(_limiter_signal(exc))
+                    # A 4xx or an oversized answer means the server is up and answering: not a breaker failure.
+                    if isinstance(exc, VLLMRequestError | ResponseTooLargeError):
                         permit.record_success()
                     else:
-                        permit.record_failure()
+                        permit.record_failure(exc.error_type)
                     raise
                 finally:
                     IN_FLIGHT.dec()
-            REQUEST_DURATION.labels(endpoint=path, outcome="success").observe(time.perf_counter() - started)
+                elapsed = time.perf_counter() - started
+                slot.release(Signal.OK, elapsed)
+            REQUEST_DURATION.labels(endpoint=request.path, outcome="success").observe(elapsed)
             permit.record_success()
             return result
 
-    async def _exchange(
-        self,
-        method: str,
-        path: str,
-        body: dict[str, Any] | None,
-        *,
-        label: str,
-        parse: Callable[[Any], T],
-        number: int,
-    ) -> T:
-        """One HTTP exchange, mapped to a parsed result or a VLLMClientError."""
+    async def _exchange(self, request: _Request[T], number: int, deadline_s: float) -> T:
+        """One HTTP exchange within a total deadline, mapped to a parsed answer or a VLLMClientError."""
         try:
-            response = await self._http.request(method, path, json=body)
-        except httpx.TransportError as exc:
-            raise self._transport_error(exc, method, path, label, number) from exc
-        if not response.is_success:
-            raise self._status_error(response, method, path, label, number)
-        try:
-            return parse(response.json())
-        except ValueError as exc:  # JSONDecodeError and our validators
-            raise VLLMResponseError(
-                f"malformed {response.status_code} answer to {method} {path} ({exc}; body: {self._snippet(response)!r})"
+            async with asyncio.timeout(deadline_s):
+                raw = await self._fetch(request, number)
+        except TimeoutError:
+            raise VLLMTimeoutError(
+                f"{request.method} {request.path}: no complete answer within the {deadline_s:g}s deadline"
                 f"{self._attempt_note(number)}",
                 server=self.server_url,
-                label=label,
-                status_code=response.status_code,
+                label=request.label,
             ) from None
+        except httpx.TransportError as exc:
+            raise self._transport_error(exc, request, number) from exc
+        try:
+            return request.parse(raw)
+        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError and our validators
+            raise VLLMResponseError(
+                f"malformed answer to {request.method} {request.path} "
+                f"({exc}; body: {self._snippet(raw[:_SNIPPET_BYTES])!r}){self._attempt_note(number)}",
+                server=self.server_url,
+                label=request.label,
+                status_code=200,
+            ) from None
+
+    async def _fetch(self, request: _Request[Any], number: int) -> bytes:
+        """Send the request and read the answer, streaming, stopping at its cap."""
+        http_request = self._http.build_request(
+            request.method, request.path, content=request.body, headers=_JSON_HEADERS if request.body else None
+        )
+        response = await self._http.send(http_request, stream=True)
+        try:
+            if not response.is_success:
+                snippet = await self._read_head(response)
+                raise self._status_error(response, snippet, request, number)
+            cap = request.max_answer_bytes
+            declared = response.headers.get("Content-Length")
+            if declared is not None and declared.isdigit() and int(declared) > cap:
+                raise self._too_large(f"announces {int(declared)} bytes", request, number)
+            chunks: list[bytes] = []
+            size = 0
+            async for chunk in response.aiter_bytes():
+                size += len(chunk)
+                if size > cap:
+                    raise self._too_large(f"passed {size} bytes", request, number)
+                chunks.append(chunk)
+            return b"".join(chunks)
+        finally:
+            await response.aclose()
+
+    async def _read_head(self, response: httpx.Response) -> bytes:
+        """The first few KB of an error answer: enough for a message, never the whole of a huge body."""
+        head = b""
+        async for chunk in response.aiter_bytes():
+            head += chunk
+            if len(head) >= _SNIPPET_BYTES:
+                break
+        return head[:_SNIPPET_BYTES]
+
+    # -- the server's queue, for the limiter ------------------------------------------------------
+
+    def _watch_server(self) -> None:
+        """Start this loop's scrape timer for the limiter, if it is adaptive and none is running."""
+        if self._limiter.adaptive and (self._scraper is None or self._scraper.done()):
+            self._scraper = asyncio.get_running_loop().create_task(self._scrape_loop(), name="vllm-metrics-scraper")
+
+    async def _scrape_loop(self) -> None:
+        """Off the request path: feed the limiter the server's queue, on its grid, while it has work."""
+        limiter = self._limiter
+        while not limiter.idle:
+            await asyncio.sleep(limiter.seconds_until_wakeup())
+            limiter.tick()
+            if not limiter.claim_scrape():
+                if limiter.seconds_until_wakeup() == 0:  # due, but another loop's client is scraping
+                    await asyncio.sleep(0.05)
+                continue
+            try:
+                text = await self.fetch_server_metrics(timeout_s=SCRAPE_TIMEOUT_S)
+            except asyncio.CancelledError:
+                limiter.scrape_abandoned()
+                raise
+            except Exception as exc:  # never let a scrape disturb the requests: latency alone steers then
+                log.debug("no queue reading from %s/metrics: %s", self.server_url, exc)
+                limiter.metrics_unavailable()
+                continue
+            reading = parse_queue_metrics(text)
+            if reading is None:
+                limiter.metrics_unavailable()
+            else:
+                limiter.observe_queue(reading.waiting, reading.running, reading.latency_sum, reading.latency_count)
 
     # -- error mapping -------------------------------------------------------------------------
 
     def _attempt_note(self, number: int) -> str:
         return f" (attempt {number}/{self._http_config.max_attempts})"
 
-    def _snippet(self, response: httpx.Response) -> str:
-        try:
-            text = " ".join(response.text.split())
-        except Exception:  # undecodable body: say so rather than fail while building an error
-            text = f"<{len(response.content)} undecodable bytes>"
+    def _snippet(self, raw: bytes) -> str:
+        text = " ".join(raw.decode("utf-8", "replace").split())
         if self._api_key:
             text = text.replace(self._api_key, "***")  # a server echoing our headers must not leak the key
         return text if len(text) <= _SNIPPET_CHARS else text[:_SNIPPET_CHARS] + "…"
 
-    def _transport_error(
-        self, exc: httpx.TransportError, method: str, path: str, label: str, number: int
-    ) -> VLLMClientError:
-        what = f"{method} {path}"
+    def _too_large(self, detail: str, request: _Request[Any], number: int) -> ResponseTooLargeError:
+        return ResponseTooLargeError(
+            f"answer to {request.method} {request.path} {detail}, over its cap of {request.max_answer_bytes} bytes; "
+            f"reading stopped{self._attempt_note(number)}",
+            server=self.server_url,
+            label=request.label,
+            status_code=200,
+        )
+
+    def _transport_error(self, exc: httpx.TransportError, request: _Request[Any], number: int) -> VLLMClientError:
+        what = f"{request.method} {request.path}"
         note = self._attempt_note(number)
-        detail = str(exc) or type(exc).__name__
         if isinstance(exc, httpx.ConnectTimeout):
             # No connection within connection_timeout_s: the server is unreachable, not slow.
             return VLLMConnectionError(
                 f"could not connect for {what}: connect timeout after {self._server.connection_timeout_s}s{note}",
                 server=self.server_url,
-                label=label,
+                label=request.label,
             )
         if isinstance(exc, httpx.TimeoutException):
             return VLLMTimeoutError(
-                f"{what} timed out ({type(exc).__name__}, read/write timeout {self._http_config.timeout_s}s){note}",
+                f"{what} timed out ({type(exc).__name__}, timeout {self._http_config.timeout_s}s){note}",
                 server=self.server_url,
-                label=label,
+                label=request.label,
             )
+        detail = str(exc) or type(exc).__name__
         return VLLMConnectionError(
-            f"{what} failed: {type(exc).__name__}: {detail}{note}", server=self.server_url, label=label
+            f"{what} failed: {type(exc).__name__}: {detail}{note}", server=self.server_url, label=request.label
         )
 
     def _status_error(
-        self, response: httpx.Response, method: str, path: str, label: str, number: int
+        self, response: httpx.Response, snippet: bytes, request: _Request[Any], number: int
     ) -> VLLMClientError:
         status = response.status_code
-        message = f"HTTP {status} from {method} {path}: {self._snippet(response)!r}{self._attempt_note(number)}"
-        kwargs: dict[str, Any] = {"server": self.server_url, "label": label, "status_code": status}
+        where = f"{request.method} {request.path}"
+        message = f"HTTP {status} from {where}: {self._snippet(snippet)!r}{self._attempt_note(number)}"
+        kwargs: dict[str, Any] = {"server": self.server_url, "label": request.label, "status_code": status}
         if status == 429:
             return VLLMRateLimitedError(
                 message, retry_after=_parse_retry_after(response.headers.get("Retry-After")), **kwargs
@@ -477,3 +672,19 @@ class VLLMClient:
             return VLLMAuthError(message, **kwargs)
         # Other 4xx, and an unexpected 1xx/3xx (a redirect means a wrong URL): retrying cannot help.
         return VLLMRequestError(message, **kwargs)
+
+
+def _name_first_cause(exc: VLLMClientError, failures: list[VLLMClientError]) -> None:
+    """Tell the error the request gives up with how every attempt ended and what failed first for real.
+
+    A request whose later attempts failed fast (breaker open) is about its first real failure:
+    that is its cause, ``circuit_open`` is only how the later attempts ended.
+    """
+    exc.attempt_errors = tuple(f.error_type for f in failures)
+    real = next((f for f in failures if not isinstance(f, CircuitOpenError)), None)
+    if real is None:
+        return  # only fail-fast attempts: the breaker's own cause (set when it raised) stands
+    exc.first_cause = real.error_type
+    if real is not exc and isinstance(exc, CircuitOpenError):
+        exc.args = (f"{exc.args[0]}; first failure of this request: {real}",)
+        exc.__cause__ = real

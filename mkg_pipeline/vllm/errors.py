@@ -16,10 +16,24 @@ class VLLMClientError(Exception):
     #: whether a retry of the same request may succeed
     retryable: bool = False
 
-    def __init__(self, message: str, *, server: str = "", label: str = "", status_code: int | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        server: str = "",
+        label: str = "",
+        status_code: int | None = None,
+        first_cause: str | None = None,
+    ) -> None:
         self.server = server
         self.label = label
         self.status_code = status_code
+        #: the error_type of the first real failure behind this error (connect, timeout, server_error, ...):
+        #: for a request that failed several times, its first failed attempt; for a fail-fast
+        #: CircuitOpenError, the failure that opened the breaker. What a failed page is recorded with.
+        self.first_cause: str = first_cause or self.error_type
+        #: error_type of every attempt of the request, in order (set by the client when it gives up)
+        self.attempt_errors: tuple[str, ...] = ()
         where = f" [server={server}" + (f" request={label}" if label else "") + "]" if server or label else ""
         super().__init__(f"{message}{where}")
 
@@ -75,8 +89,23 @@ class VLLMResponseError(VLLMClientError):
     retryable = True
 
 
+class ResponseTooLargeError(VLLMClientError):
+    """The answer grew past its cap (``max_tokens`` x a bound, or ``http_client.max_response_bytes``).
+
+    Reading stopped at the cap, so a runaway answer never sits in memory; retrying would only
+    produce it again, so this is not retried.
+    """
+
+    error_type = "response_too_large"
+    retryable = False
+
+
 class CircuitOpenError(VLLMClientError):
-    """The circuit breaker is open: the call failed fast without any network I/O."""
+    """The circuit breaker is open: the call failed fast without any network I/O.
+
+    ``first_cause`` names the real failure behind it (the error_type that opened the breaker, or
+    the first failure of this request if it had one), so a page failing fast is recorded with it.
+    """
 
     error_type = "circuit_open"
     retryable = False

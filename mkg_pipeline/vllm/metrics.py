@@ -41,6 +41,18 @@ CIRCUIT_BREAKER_STATE = Gauge(
     ["server"],
     registry=REGISTRY,
 )
+CONCURRENCY_LIMIT = Gauge(
+    "mineru_vllm_concurrency_limit",
+    "Requests this process may have in flight against the server: the adaptive limiter's current limit.",
+    ["server"],
+    registry=REGISTRY,
+)
+CONCURRENCY_FLOOR = Gauge(
+    "mineru_vllm_concurrency_floor",
+    "The adaptive limiter's floor (vllm.min_in_flight); absent while the limit is fixed (vllm.adaptive false).",
+    ["server"],
+    registry=REGISTRY,
+)
 IN_FLIGHT = Gauge(
     "mineru_vllm_requests_in_flight",
     "Requests this process has outstanding against the VLM server.",

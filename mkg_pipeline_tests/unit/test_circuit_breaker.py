@@ -349,3 +349,27 @@ def test_breaker_for_returns_one_breaker_per_server_url() -> None:
         assert breaker_for("http://a:8000") is not first
     finally:
         reset_breakers()
+
+
+# -- the cause that opened it (issue 9 row 8) ----------------------------------------------------
+
+
+def test_open_breaker_remembers_the_error_type_that_opened_it(clock: FakeClock) -> None:
+    breaker = make_breaker(clock, failure_threshold=2, recovery_timeout_s=30)
+    breaker.acquire("t").record_failure("timeout")
+    breaker.acquire("t").record_failure("timeout")
+    assert breaker.open_cause == "timeout"
+    with pytest.raises(CircuitOpenError) as info:
+        breaker.acquire("page=1")
+    assert info.value.first_cause == "timeout"
+    # A failed probe re-opens it with the probe's cause; closing forgets the cause.
+    clock.advance(30)
+    breaker.acquire("probe").record_failure("connect")
+    assert breaker.open_cause == "connect"
+    with pytest.raises(CircuitOpenError) as info:
+        breaker.acquire("page=2")
+    assert info.value.first_cause == "connect"
+    clock.advance(30)
+    succeed(breaker, 2)
+    assert breaker.state is BreakerState.CLOSED
+    assert breaker.open_cause is None

@@ -29,7 +29,6 @@ def write_yaml(tmp_path: Path, text: str) -> Path:
 
 
 def assert_seed_values(cfg: MinerUConfig) -> None:
-    assert cfg.http_client.pool_size == 10
     assert cfg.http_client.keepalive == 5
     assert cfg.http_client.timeout_s == 300
     assert cfg.http_client.max_attempts == 3
@@ -49,7 +48,7 @@ def test_code_defaults_are_the_seed_values() -> None:
 
 
 def test_section_defaults_standalone() -> None:
-    assert HTTPClientConfig().pool_size == 10
+    assert HTTPClientConfig().keepalive == 5
     assert CircuitBreakerConfig().half_open_max_calls >= 1
     assert VLLMServerConfig().url.startswith("http")
 
@@ -81,19 +80,19 @@ def test_yaml_file_is_loaded(tmp_path: Path) -> None:
     assert cfg.http_client.timeout_s == 120
     assert cfg.http_client.max_attempts == 5
     assert cfg.circuit_breaker.failure_threshold == 9
-    assert cfg.http_client.pool_size == 10  # untouched fields keep their defaults
+    assert cfg.http_client.keepalive == 5  # untouched fields keep their defaults
 
 
 def test_config_file_env_variable_names_the_file(tmp_path: Path) -> None:
-    path = write_yaml(tmp_path, "http_client:\n  pool_size: 33\n")
-    assert load_config(environ={"MKG_CONFIG_FILE": str(path)}).http_client.pool_size == 33
+    path = write_yaml(tmp_path, "http_client:\n  keepalive: 33\n")
+    assert load_config(environ={"MKG_CONFIG_FILE": str(path)}).http_client.keepalive == 33
 
 
 def test_explicit_path_wins_over_config_file_env(tmp_path: Path) -> None:
-    chosen = write_yaml(tmp_path, "http_client:\n  pool_size: 21\n")
+    chosen = write_yaml(tmp_path, "http_client:\n  keepalive: 21\n")
     other = tmp_path / "other.yaml"
-    other.write_text("http_client:\n  pool_size: 99\n")
-    assert load_config(chosen, environ={"MKG_CONFIG_FILE": str(other)}).http_client.pool_size == 21
+    other.write_text("http_client:\n  keepalive: 99\n")
+    assert load_config(chosen, environ={"MKG_CONFIG_FILE": str(other)}).http_client.keepalive == 21
 
 
 def test_empty_yaml_file_means_defaults(tmp_path: Path) -> None:
@@ -168,18 +167,18 @@ def test_out_of_range_env_value_names_field_value_and_range(env: str, dotted: st
 
 
 def test_out_of_range_yaml_value_names_field_value_and_range(tmp_path: Path) -> None:
-    path = write_yaml(tmp_path, "http_client:\n  pool_size: 0\n")
+    path = write_yaml(tmp_path, "circuit_breaker:\n  failure_threshold: 0\n")
     with pytest.raises(ConfigError) as info:
         load_config(path, environ={})
     message = str(info.value)
-    assert f"http_client.pool_size = 0 (from {path})" in message
+    assert f"circuit_breaker.failure_threshold = 0 (from {path})" in message
     assert "allowed: >= 1 and <= 1000" in message
 
 
 def test_every_bad_value_is_reported_at_once() -> None:
     with pytest.raises(ConfigError) as info:
-        load_config(environ={"MKG_HTTP_CLIENT__POOL_SIZE": "0", "MKG_HTTP_CLIENT__KEEPALIVE": "-1"})
-    assert "http_client.pool_size" in str(info.value)
+        load_config(environ={"MKG_HTTP_CLIENT__MAX_ATTEMPTS": "0", "MKG_HTTP_CLIENT__KEEPALIVE": "-1"})
+    assert "http_client.max_attempts" in str(info.value)
     assert "http_client.keepalive" in str(info.value)
 
 

@@ -1,4 +1,4 @@
-"""VLLMClient against respx-mocked HTTP: retries, error mapping, breaker, semaphore, metrics, secrets.
+"""VLLMClient against respx-mocked HTTP: retries, error mapping, breaker, limiter, answer cap, metrics, secrets.
 
 No test sleeps: the client's ``sleep`` is a recorder and breakers get a fake clock.
 """
@@ -22,6 +22,7 @@ from mkg_pipeline.config import CircuitBreakerConfig, HTTPClientConfig, MinerUCo
 from mkg_pipeline.vllm import (
     ChatResult,
     CircuitOpenError,
+    ResponseTooLargeError,
     VLLMAuthError,
     VLLMClient,
     VLLMClientError,
@@ -33,6 +34,8 @@ from mkg_pipeline.vllm import (
     VLLMTimeoutError,
 )
 from mkg_pipeline.vllm.breaker import BreakerState, CircuitBreaker, breaker_for, reset_breakers
+from mkg_pipeline.vllm.client import ANSWER_BYTES_PER_TOKEN, ANSWER_ENVELOPE_BYTES, OUT_OF_BAND_CONNECTIONS
+from mkg_pipeline.vllm.limiter import AdaptiveLimiter, limiter_for, reset_limiters
 from mkg_pipeline.vllm.metrics import REGISTRY
 
 URL = "http://vlm.test:8000"
@@ -77,10 +80,12 @@ class FakeClock:
 
 
 @pytest.fixture(autouse=True)
-def _fresh_breaker_registry() -> Iterator[None]:
+def _fresh_registries() -> Iterator[None]:
     reset_breakers()
+    reset_limiters()
     yield
     reset_breakers()
+    reset_limiters()
 
 
 @pytest.fixture
@@ -101,13 +106,16 @@ def make_client(
     max_attempts: int = 3,
     max_in_flight: int = 16,
     breaker: CircuitBreaker | None = None,
+    limiter: AdaptiveLimiter | None = None,
     **http: Any,
 ) -> VLLMClient:
     server = VLLMServerConfig(url=URL, model=MODEL, api_key=api_key, max_in_flight=max_in_flight)
     http_config = HTTPClientConfig(max_attempts=max_attempts, **http)
     # A private breaker that never opens unless a test asks for one: retry tests must not trip it.
     breaker = breaker or CircuitBreaker(URL, CircuitBreakerConfig(failure_threshold=1000), clock=FakeClock())
-    return VLLMClient(server, http_config, breaker=breaker, sleep=sleep)
+    # A private fixed limit (no /metrics scraping) unless a test asks for an adaptive one.
+    limiter = limiter or AdaptiveLimiter(URL, min_limit=1, max_limit=max_in_flight, adaptive=False)
+    return VLLMClient(server, http_config, breaker=breaker, limiter=limiter, sleep=sleep)
 
 
 def sample(name: str, labels: dict[str, str] | None = None) -> float:
@@ -598,10 +606,10 @@ def test_clients_of_one_url_share_the_registered_breaker() -> None:
         asyncio.run(client.aclose())
 
 
-# -- in-flight bound ---------------------------------------------------------------------------
+# -- the limiter: the one bound on requests in flight ------------------------------------------
 
 
-async def test_semaphore_bounds_concurrent_requests(router: respx.MockRouter, sleeps: SleepRecorder) -> None:
+async def test_limiter_bounds_concurrent_requests(router: respx.MockRouter, sleeps: SleepRecorder) -> None:
     gate = asyncio.Event()
     active = 0
     peak = 0
@@ -629,7 +637,7 @@ async def test_semaphore_bounds_concurrent_requests(router: respx.MockRouter, sl
     assert sample("mineru_vllm_requests_in_flight") == gauge_before
 
 
-async def test_semaphore_not_held_during_backoff(router: respx.MockRouter) -> None:
+async def test_limiter_slot_not_held_during_backoff(router: respx.MockRouter) -> None:
     # max_in_flight=1: while one call sleeps before its retry, another call must get the slot.
     backoff_started = asyncio.Event()
     backoff_release = asyncio.Event()
@@ -648,7 +656,7 @@ async def test_semaphore_not_held_during_backoff(router: respx.MockRouter) -> No
     assert second.attempts == 1
 
 
-async def test_cancelled_request_frees_semaphore_gauge_and_probe_slot(
+async def test_cancelled_request_frees_limiter_slot_gauge_and_probe_slot(
     router: respx.MockRouter, sleeps: SleepRecorder
 ) -> None:
     entered = asyncio.Event()
@@ -678,12 +686,12 @@ async def test_cancelled_request_frees_semaphore_gauge_and_probe_slot(
         assert breaker.probes_in_flight == 0
         assert sample("mineru_vllm_requests_in_flight") == gauge_before
         route.mock(side_effect=None, return_value=ok())
-        result = await asyncio.wait_for(client.chat_completion("after"), timeout=5)  # semaphore slot is free
+        result = await asyncio.wait_for(client.chat_completion("after"), timeout=5)  # the limiter's slot is free
     assert result.attempts == 1
     assert breaker.state is BreakerState.CLOSED
 
 
-def test_client_built_outside_a_loop_binds_its_semaphore_in_the_running_loop(sleeps: SleepRecorder) -> None:
+def test_client_built_outside_a_loop_waits_for_slots_in_the_running_loop(sleeps: SleepRecorder) -> None:
     # Resources may build the client before asyncio.run starts the step's loop.
     with respx.mock(base_url=URL) as mock:
         mock.get("/v1/models").mock(return_value=httpx.Response(200, json={"data": [{"id": "a"}, {"id": "b"}]}))
@@ -756,10 +764,10 @@ async def test_fetch_server_metrics(router: respx.MockRouter, sleeps: SleepRecor
 # -- construction ------------------------------------------------------------------------------
 
 
-def test_from_config_uses_pool_and_timeouts_from_config() -> None:
+def test_from_config_sizes_the_pool_from_the_limiters_ceiling() -> None:
     cfg = MinerUConfig(
-        vllm=VLLMServerConfig(url=URL + "/", model="m", connection_timeout_s=3, max_in_flight=4),
-        http_client=HTTPClientConfig(pool_size=7, keepalive=2, timeout_s=120),
+        vllm=VLLMServerConfig(url=URL + "/", model="m", connection_timeout_s=3, max_in_flight=40, min_in_flight=3),
+        http_client=HTTPClientConfig(keepalive=2, timeout_s=120),
     )
     client = VLLMClient.from_config(cfg)
     try:
@@ -768,7 +776,309 @@ def test_from_config_uses_pool_and_timeouts_from_config() -> None:
         timeout = client._http.timeout  # the pool itself is httpx's; its settings are ours
         assert (timeout.connect, timeout.read, timeout.write) == (3, 120, 120)
         pool = client._http._transport._pool  # type: ignore[attr-defined]
-        assert pool._max_connections == 7
+        # Never fewer connections than the limiter may allow: the limiter is the only limit.
+        assert pool._max_connections == 40 + OUT_OF_BAND_CONNECTIONS
         assert pool._max_keepalive_connections == 2
+        assert client.limiter is limiter_for(URL)
+        assert (client.limiter.min_limit, client.limiter.max_limit, client.limiter.limit) == (3, 40, 3)
+        assert client.limiter.deadline_s == 120
     finally:
+        asyncio.run(client.aclose())
+
+
+# -- the first real cause (issue 9 row 8) ------------------------------------------------------
+
+
+async def test_fail_fast_while_open_names_the_failure_that_opened_the_breaker(
+    router: respx.MockRouter, sleeps: SleepRecorder
+) -> None:
+    router.post("/v1/chat/completions").mock(side_effect=httpx.ConnectError("connection refused"))
+    breaker = small_breaker(threshold=2)
+    async with make_client(sleeps, max_attempts=1, breaker=breaker) as client:
+        for _ in range(2):
+            with pytest.raises(VLLMConnectionError):
+                await client.chat_completion("hi", label=LABEL)
+        with pytest.raises(CircuitOpenError) as info:
+            await client.chat_completion("hi", label=LABEL)
+    assert info.value.error_type == "circuit_open"
+    assert info.value.first_cause == "connect"
+
+
+async def test_request_ending_in_circuit_open_reports_its_first_real_failure(
+    router: respx.MockRouter, sleeps: SleepRecorder
+) -> None:
+    # Attempt 1 times out and that failure opens the breaker; attempt 2 fails fast.
+    router.post("/v1/chat/completions").mock(side_effect=httpx.ReadTimeout("timed out"))
+    breaker = small_breaker(threshold=1)
+    async with make_client(sleeps, max_attempts=3, breaker=breaker) as client:
+        with pytest.raises(CircuitOpenError) as info:
+            await client.chat_completion("hi", label=LABEL)
+    error = info.value
+    assert error.first_cause == "timeout"
+    assert error.attempt_errors == ("timeout", "circuit_open")
+    assert "timed out" in str(error)  # the first failure's own message, not only "breaker open"
+    assert LABEL in str(error)
+
+
+async def test_first_cause_of_a_plain_failure_is_its_first_attempt(
+    router: respx.MockRouter, sleeps: SleepRecorder
+) -> None:
+    router.post("/v1/chat/completions").mock(
+        side_effect=[httpx.ReadTimeout("slow"), httpx.Response(502), httpx.Response(502)]
+    )
+    async with make_client(sleeps, max_attempts=3) as client:
+        with pytest.raises(VLLMServerError) as info:
+            await client.chat_completion("hi", label=LABEL)
+    assert info.value.error_type == "server_error"
+    assert info.value.first_cause == "timeout"
+    assert info.value.attempt_errors == ("timeout", "server_error", "server_error")
+
+
+# -- request bodies: serialized once, images spliced in ------------------------------------------
+
+
+async def test_sent_body_is_the_built_body_as_compact_json(router: respx.MockRouter, sleeps: SleepRecorder) -> None:
+    route = router.post("/v1/chat/completions").mock(return_value=ok())
+    png = bytes(range(256)) * 2000  # 512 KB: a full page
+    kwargs: dict[str, Any] = {"system_prompt": "sys", "max_tokens": 64, "extra_body": {"top_p": 0.5}}
+    async with make_client(sleeps) as client:
+        await client.chat_completion('Convert \u00e9 "quoted" \\ text', [png, PNG], label=LABEL, **kwargs)
+        expected = client.build_chat_body('Convert \u00e9 "quoted" \\ text', [png, PNG], **kwargs)
+    request = route.calls.last.request
+    assert request.headers["Content-Type"] == "application/json"
+    assert json.loads(request.content) == expected
+    assert b", " not in request.content[:40]  # compact separators
+
+
+async def test_prompt_holding_the_image_placeholder_still_sends_the_right_body(
+    router: respx.MockRouter, sleeps: SleepRecorder
+) -> None:
+    from mkg_pipeline.vllm.client import _IMAGE_PLACEHOLDER
+
+    route = router.post("/v1/chat/completions").mock(return_value=ok())
+    prompt = f"a prompt with {_IMAGE_PLACEHOLDER} inside"
+    async with make_client(sleeps) as client:
+        await client.chat_completion(prompt, [PNG])
+        expected = client.build_chat_body(prompt, [PNG])
+    assert json.loads(route.calls.last.request.content) == expected
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "data:image/png;base64," + base64.b64encode(bytes(range(256)) * 1000).decode(),
+        "data:image/png;base64," + "A" * 5000 + '"},{"injected": "\\u0000' + "\x01\n",  # must be escaped
+        "data:image/png;base64," + "\u00e9" * 3000,
+    ],
+    ids=["base64", "quotes-backslashes-controls", "non-ascii"],
+)
+async def test_post_chat_completion_sends_data_urls_exactly(
+    router: respx.MockRouter, sleeps: SleepRecorder, url: str
+) -> None:
+    route = router.post("/v1/chat/completions").mock(return_value=ok())
+    body = {
+        "model": "mineru",
+        "messages": [
+            {"role": "system", "content": "You are a helpful assistant."},
+            {
+                "role": "user",
+                "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "x"}],
+            },
+        ],
+        "max_completion_tokens": 100,
+        "skip_special_tokens": False,
+    }
+    async with make_client(sleeps) as client:
+        await client.post_chat_completion(body, label=LABEL)
+    assert json.loads(route.calls.last.request.content) == body
+
+
+# -- the answer cap (issue 9 row 6) --------------------------------------------------------------
+
+
+def answer_of(size: int) -> bytes:
+    """A valid chat completion body of exactly ``size`` bytes."""
+    empty = json.dumps(ok_body(text="")).encode()
+    return json.dumps(ok_body(text="a" * (size - len(empty)))).encode()
+
+
+async def test_answer_within_max_tokens_times_the_bound_is_read(
+    router: respx.MockRouter, sleeps: SleepRecorder
+) -> None:
+    cap = ANSWER_ENVELOPE_BYTES + 100 * ANSWER_BYTES_PER_TOKEN
+    router.post("/v1/chat/completions").mock(return_value=httpx.Response(200, content=answer_of(cap)))
+    async with make_client(sleeps) as client:
+        result = await client.chat_completion("hi", max_tokens=100)
+    assert len(result.text) > 60_000
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+async def test_answer_over_its_cap_fails_as_response_too_large_without_retry(
+    router: respx.MockRouter, sleeps: SleepRecorder, framing: str
+) -> None:
+    cap = ANSWER_ENVELOPE_BYTES + 100 * ANSWER_BYTES_PER_TOKEN
+    produced = 0
+
+    async def endless() -> Any:
+        nonlocal produced
+        while True:  # a runaway answer: never ends by itself
+            produced += 1
+            yield b"a" * 1024
+
+    def respond(request: httpx.Request) -> httpx.Response:
+        if framing == "chunked":
+            return httpx.Response(200, content=endless())
+        return httpx.Response(200, content=answer_of(cap + 1))
+
+    route = router.post("/v1/chat/completions").mock(side_effect=respond)
+    breaker = small_breaker(threshold=1)
+    before = sample("mineru_vllm_client_failures_total", {"error_type": "response_too_large"})
+    async with make_client(sleeps, breaker=breaker) as client:
+        with pytest.raises(ResponseTooLargeError) as info:
+            await client.chat_completion("hi", max_tokens=100, label=LABEL)
+    assert info.value.error_type == "response_too_large"
+    assert info.value.retryable is False
+    assert route.call_count == 1 and sleeps.delays == []
+    assert LABEL in str(info.value) and str(cap) in str(info.value)
+    assert breaker.state is BreakerState.CLOSED  # the server is up and answering
+    assert sample("mineru_vllm_client_failures_total", {"error_type": "response_too_large"}) - before == 1
+    if framing == "chunked":
+        assert produced <= cap // 1024 + 2  # reading stopped at the cap
+
+
+@pytest.mark.parametrize("tokens_field", [None, "max_completion_tokens"])
+async def test_cap_without_max_tokens_is_max_response_bytes(
+    router: respx.MockRouter, sleeps: SleepRecorder, tokens_field: str | None
+) -> None:
+    router.post("/v1/chat/completions").mock(return_value=httpx.Response(200, content=answer_of(200 * 1024)))
+    body: dict[str, Any] = {"model": MODEL, "messages": []}
+    if tokens_field:
+        body[tokens_field] = 10_000  # MinerU's name for it: 64 KiB + 640 KB allows the answer
+    async with make_client(sleeps, max_response_bytes=128 * 1024) as client:
+        if tokens_field:
+            await client.post_chat_completion(body)
+        else:
+            with pytest.raises(ResponseTooLargeError):
+                await client.post_chat_completion(body)
+
+
+async def test_huge_error_body_is_not_read_whole(router: respx.MockRouter, sleeps: SleepRecorder) -> None:
+    produced = 0
+
+    async def endless() -> Any:
+        nonlocal produced
+        while True:
+            produced += 1
+            yield b"<html>overloaded</html>" * 100
+
+    router.post("/v1/chat/completions").mock(side_effect=lambda request: httpx.Response(502, content=endless()))
+    async with make_client(sleeps, max_attempts=1) as client:
+        with pytest.raises(VLLMServerError) as info:
+            await client.chat_completion("hi")
+    assert "overloaded" in str(info.value)
+    assert produced <= 3
+
+
+# -- the client feeds the limiter ----------------------------------------------------------------
+
+
+def adaptive_limiter(start: int = 64) -> AdaptiveLimiter:
+    clock = FakeClock()
+    limiter = AdaptiveLimiter(URL, min_limit=1, max_limit=256, clock=clock, wall_clock=clock)
+    limiter._limit = float(start)
+    return limiter
+
+
+@pytest.mark.parametrize(
+    ("answer", "factor"),
+    [
+        (httpx.Response(429, text="slow down"), 0.5),
+        (httpx.Response(503, text="overloaded"), 0.5),
+        (httpx.ReadTimeout("slow"), 0.5),
+        (httpx.Response(500, text="bug"), 1.0),
+        (httpx.Response(400, text="bad"), 1.0),
+        (httpx.ConnectError("refused"), 1.0),
+    ],
+    ids=["429", "503", "timeout", "500", "400", "connect"],
+)
+async def test_overload_answers_and_timeouts_back_the_limiter_off(
+    router: respx.MockRouter, sleeps: SleepRecorder, answer: Any, factor: float
+) -> None:
+    router.post("/v1/chat/completions").mock(side_effect=[answer])
+    router.get("/metrics").mock(return_value=httpx.Response(404))
+    limiter = adaptive_limiter(64)
+    async with make_client(sleeps, max_attempts=1, limiter=limiter) as client:
+        with pytest.raises(VLLMClientError):
+            await client.chat_completion("hi")
+    assert limiter.limit == int(64 * factor)
+    assert limiter.in_flight == 0
+
+
+async def test_successful_attempts_are_latency_samples(router: respx.MockRouter, sleeps: SleepRecorder) -> None:
+    router.post("/v1/chat/completions").mock(return_value=ok())
+    router.get("/metrics").mock(return_value=httpx.Response(404))
+    limiter = adaptive_limiter(8)
+    async with make_client(sleeps, limiter=limiter) as client:
+        await client.chat_completion("hi")
+    assert limiter._srtt is not None and limiter._srtt >= 0
+
+
+async def test_the_server_queue_is_scraped_off_the_request_path(
+    router: respx.MockRouter, sleeps: SleepRecorder
+) -> None:
+    gate = asyncio.Event()
+
+    async def slow(request: httpx.Request) -> httpx.Response:
+        await gate.wait()
+        return ok()
+
+    router.post("/v1/chat/completions").mock(side_effect=slow)
+    text = 'vllm:num_requests_waiting{engine="0"} 3.0\nvllm:num_requests_running{engine="0"} 61.0\n'
+    metrics = router.get("/metrics").mock(return_value=httpx.Response(200, text=text))
+    limiter = limiter_for(URL, VLLMServerConfig(url=URL, max_in_flight=64))
+    async with make_client(sleeps, limiter=limiter) as client:
+        request = asyncio.create_task(client.chat_completion("hi"))
+        for _ in range(500):  # the scrape runs beside the request, which is still waiting for its answer
+            await asyncio.sleep(0.01)
+            if limiter.server_queue is not None:
+                break
+        assert not request.done()
+        gate.set()
+        await request
+    assert metrics.call_count == 1
+    queue = limiter.server_queue
+    assert queue is not None and (queue.waiting, queue.running) == (3.0, 61.0)
+    assert limiter.uses_server_metrics
+
+
+async def test_a_server_without_vllm_metrics_leaves_the_limiter_on_latency(
+    router: respx.MockRouter, sleeps: SleepRecorder
+) -> None:
+    gate = asyncio.Event()
+
+    async def slow(request: httpx.Request) -> httpx.Response:
+        await gate.wait()
+        return ok()
+
+    router.post("/v1/chat/completions").mock(side_effect=slow)
+    metrics = router.get("/metrics").mock(return_value=httpx.Response(200, text="up 1\n"))
+    limiter = limiter_for(URL, VLLMServerConfig(url=URL))
+    async with make_client(sleeps, limiter=limiter) as client:
+        request = asyncio.create_task(client.chat_completion("hi"))
+        for _ in range(500):
+            await asyncio.sleep(0.01)
+            if metrics.call_count:
+                break
+        gate.set()
+        await request
+    assert metrics.call_count == 1
+    assert not limiter.uses_server_metrics
+    assert limiter.next_scrape_at > 20  # tries again later, not on every request
+
+
+def test_clients_of_one_url_share_the_registered_limiter() -> None:
+    cfg = MinerUConfig(vllm=VLLMServerConfig(url=URL))
+    first, second = VLLMClient.from_config(cfg), VLLMClient.from_config(cfg)
+    assert first.limiter is second.limiter is limiter_for(URL)
+    for client in (first, second):
         asyncio.run(client.aclose())
