@@ -217,7 +217,10 @@ async def test_same_crop_same_name(page: PageInput) -> None:
 
 
 async def test_mineru_concurrency_is_not_capped_below_the_limiter() -> None:
-    """40 text blocks: all 40 recognitions are in flight at once (MinerU's default cap was 16)."""
+    """40 text blocks: all 40 recognitions are in flight at once (MinerU's default cap was 16).
+
+    The limiter is pinned at its ceiling (``adaptive: false``): what is tested is that nothing of MinerU's
+    caps the requests below what our limiter allows."""
     blocks = 40
     layout = "\n".join(box(100, 20 + i * 24, 900, 40 + i * 24, "text") for i in range(blocks))
     in_flight = 0
@@ -243,7 +246,7 @@ async def test_mineru_concurrency_is_not_capped_below_the_limiter() -> None:
     image.save(buffer, "PNG")
     config = MinerUConfig()
     client = VLLMClient(
-        VLLMServerConfig(url="http://scripted-concurrency.test", model="m"),
+        VLLMServerConfig(url="http://scripted-concurrency.test", model="m", adaptive=False),
         HTTPClientConfig(max_attempts=1),
         transport=httpx.MockTransport(handler),
         breaker=CircuitBreaker("http://scripted-concurrency.test", CircuitBreakerConfig()),
