@@ -133,7 +133,7 @@ def test_cursor_does_not_grow_with_the_backlog(sensor_env: SensorEnv, monkeypatc
     """Row 16: the cursor held every pending key; now its size is bounded whatever the backlog."""
     from mkg_pipeline.stages import sensor_plan
 
-    # Small bounds so that a backlog of 120 objects exceeds them (defaults: 20 batches, 1000 keys).
+    # Small bounds so that a backlog of 120 objects exceeds them (defaults: 20 batches, 500 keys).
     monkeypatch.setattr(sensor_plan, "MAX_BATCHES_PER_TICK", 3, raising=False)
     monkeypatch.setattr(sensor_plan, "RECENT_LIMIT", 8, raising=False)
     paths = {f"{sensor_env.storage.bucket}/incoming/doc-{i:04d}.pdf": b"%PDF-1.4" for i in range(120)}
