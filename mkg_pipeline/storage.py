@@ -1,27 +1,41 @@
-"""The S3 bucket every artefact lives in: key layout, reads and (atomic) writes, over s3fs.
+"""The bucket every artefact lives in: key layout, reads and (atomic) writes, over s3fs.
 
 Layout (DESIGN.md, "Storage layout"), all keys relative to the one bucket:
 
-=========================================  ==========================================================
-``incoming/<name>``                        dropped PDFs; the sensor lists this prefix
-``raw/<doc_id>.pdf``, ``raw/<doc_id>.json``  accepted PDF (doc_id = sha256[:16] of its bytes), its metadata
-``pages/<doc_id>/<n>.png``                 rendered page ``n`` (1-based)
-``pages/<doc_id>/manifest.json``           page sizes, image hashes, text layer
-``vlm/<doc_id>/pages/<n>.<cache_key>.json``  one page's VLM result
-``vlm/<doc_id>/document.md``, ``content.json``, ``status.json``  assembled outputs, per-document status
-``rejected/<sanitized name>.json``         why an input was refused (original name inside)
-``batches/<batch_id>.json``                ingestion batch manifest
-``baseline/<set>/<doc_id>/...``            golden outputs
-``quality/<date>/...``                     quality diff reports
-=========================================  ==========================================================
+=============================================  ======================================================
+``incoming/<name>``                            dropped PDFs; the sensor lists this prefix
+``raw/<doc_id>.pdf``, ``raw/<doc_id>.json``      accepted PDF (doc_id = sha256[:16] of its bytes), its metadata
+``pages/<doc_id>/<n>.png``                     rendered page ``n`` (1-based)
+``pages/<doc_id>/manifest.json``               page sizes, image hashes, text layer (written last)
+``pages/<doc_id>/failure.json``                why the whole document could not be rendered
+``vlm/<doc_id>/pages/<n>.<cache_key>.json``      one page's VLM result
+``vlm/<doc_id>/images/<sha256>.jpg``             figure crops, content-addressed
+``vlm/<doc_id>/document.md``, ``content_list.json``, ``status.json``  assembled outputs, status
+``rejected/<sanitized name>.json``             why an input was refused (original name inside)
+``batches/<batch_id>.json``                    ingestion batch manifest
+``leases/<batch_id>.json``                     the run that currently owns a batch
+``baseline/<set>/<doc_id>/...``                golden outputs
+``quality/<date>/...``                         quality diff reports
+=============================================  ======================================================
 
-Atomicity: every write is one S3 PUT, or for large bodies one multipart upload
-(s3fs switches at 100 MiB). S3, MinIO and moto make an object visible only when
-the PUT or CompleteMultipartUpload succeeds, and an aborted or killed upload
-leaves nothing under the key (an unfinished multipart upload is invisible; a
-bucket lifecycle rule should expire those). So a killed writer never leaves a
-half object that looks finished, and a reader sees either the old or the new
-version of a key. Nothing here appends to or rewrites an object in place.
+Keys are S3 keys, used literally: ``incoming/report.pdf?versionId=x`` is that object, never
+``incoming/report.pdf`` (s3fs's path methods parse such suffixes, so only ``call_s3`` with an
+explicit ``Key`` is used here).
+
+Atomicity: every write is one PutObject. S3, MinIO and moto make an object visible only when the PUT
+succeeds, so a killed writer never leaves a half object that looks finished, and a reader sees either
+the old or the new version of a key. Conditional writes (``if_none_match`` / ``if_match``) let a
+writer claim a key or replace exactly the version it read (the batch lease uses them).
+
+Two faces over one set of operations:
+
+- :class:`Storage`, synchronous, for the sensor, ingest, rendering, audit and tools;
+- :class:`AsyncStorage` from ``async with storage.session()``, for the page path, where hundreds of
+  GETs and PUTs are in flight at once: a pooled async client on the caller's event loop, no thread hop
+  per call.
+
+Both run the same coroutines of a backend: :class:`S3Backend` (s3fs/aiobotocore) or
+:class:`MemoryBackend` (a dict, for fast in-process tests; :class:`MemoryStorage`).
 
 No Dagster here: the Dagster resource in ``resources.py`` only builds a :class:`Storage`.
 """
@@ -34,42 +48,38 @@ import json
 import os
 import re
 import threading
-from collections.abc import Iterator
-from dataclasses import dataclass
-from datetime import date, datetime
-from typing import Any, Final
-
-import s3fs
-from aiobotocore.session import AioSession
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+from typing import Any, Final, Protocol
 
 from mkg_pipeline.config import StorageConfig
 from mkg_pipeline.ids import doc_id_for
 
-__all__ = ["ObjectInfo", "Storage", "doc_id_for", "sanitize_source_name"]
+__all__ = [
+    "AsyncStorage",
+    "MemoryBackend",
+    "MemoryStorage",
+    "ObjectInfo",
+    "PreconditionFailed",
+    "Storage",
+    "doc_id_for",
+    "json_bytes",
+    "sanitize_source_name",
+]
 
 #: S3 allows 1024 bytes per key; names are cut well below so prefixes and suffixes always fit
 _MAX_NAME_CHARS: Final = 180
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 #: ListObjectsV2 page size (the S3 maximum)
 _LIST_PAGE_SIZE: Final = 1000
+#: connections of one async session: the page path keeps this many GETs/PUTs in flight at most
+ASYNC_POOL_CONNECTIONS: Final = 64
 
 
-_session_lock = threading.Lock()
-_session: tuple[int, AioSession] | None = None
-
-
-def _shared_botocore_session() -> AioSession:
-    """One aiobotocore session per process, shared by every Storage's own client.
-
-    The session only loads and caches botocore's service models (endpoints, S3 API JSON); sharing it cuts
-    the first request of a new Storage from about 300 ms to 80 ms. Clients, connections and credentials
-    stay per Storage. Re-created after a fork so a child never inherits its parent's state.
-    """
-    global _session
-    with _session_lock:
-        if _session is None or _session[0] != os.getpid():
-            _session = (os.getpid(), AioSession())
-        return _session[1]
+class PreconditionFailed(Exception):
+    """A conditional write lost: the key exists (``if_none_match``) or changed (``if_match``)."""
 
 
 @dataclass(frozen=True)
@@ -80,6 +90,12 @@ class ObjectInfo:
     size: int
     etag: str
     last_modified: datetime | None
+    content_type: str | None = None
+
+
+def json_bytes(obj: Any) -> bytes:
+    """The JSON encoding every record is stored in (UTF-8; lone surrogates refused with a clear error)."""
+    return json.dumps(obj, ensure_ascii=False, indent=1).encode("utf-8")
 
 
 def sanitize_source_name(name: str) -> str:
@@ -120,47 +136,18 @@ def _relative_path(parts: tuple[str, ...], what: str) -> str:
     return path
 
 
-class Storage:
-    """One bucket, the project's key layout, and the few operations the pipeline needs.
+def _check_key(key: str) -> str:
+    if not key or key.startswith(("/", "s3://")):
+        raise ValueError(f"keys are relative to the bucket, got {key!r}")
+    return key
 
-    Keys are always relative to the bucket (``raw/abc.pdf``, never ``s3://bucket/raw/abc.pdf``);
-    :meth:`uri` gives the full form for messages and asset metadata.
-    """
+
+class Layout:
+    """The project's key layout in one bucket (DESIGN.md). Keys never start with '/' or 's3://'."""
 
     incoming_prefix: Final = "incoming/"
 
-    def __init__(self, bucket: str, fs: s3fs.S3FileSystem, *, region: str = "us-east-1") -> None:
-        self.bucket = bucket
-        self.fs = fs
-        self.region = region
-
-    @classmethod
-    def from_config(cls, cfg: StorageConfig) -> Storage:
-        client_kwargs: dict[str, Any] = {"region_name": cfg.region}
-        config_kwargs: dict[str, Any] = {}
-        if cfg.endpoint_url:
-            client_kwargs["endpoint_url"] = cfg.endpoint_url
-            # MinIO and moto serve buckets as paths; virtual-host style would need DNS for <bucket>.<host>.
-            config_kwargs["s3"] = {"addressing_style": "path"}
-        fs = s3fs.S3FileSystem(
-            key=cfg.access_key_id,
-            secret=cfg.secret_access_key.get_secret_value() if cfg.secret_access_key else None,
-            client_kwargs=client_kwargs,
-            config_kwargs=config_kwargs,
-            # fsspec caches filesystem instances by constructor arguments and hands the same object to every
-            # caller, with its aiobotocore session bound to whichever endpoint/credentials created it. A
-            # Storage owns its client instead: no state shared between configs, tests or moto restarts.
-            skip_instance_cache=True,
-            # Listings must be live: the sensor's whole job is to notice new and replaced objects.
-            use_listings_cache=False,
-            session=_shared_botocore_session(),
-        )
-        return cls(cfg.bucket, fs, region=cfg.region)
-
-    def __repr__(self) -> str:
-        return f"Storage(bucket={self.bucket!r})"
-
-    # ---- key layout -------------------------------------------------------------------------------------
+    bucket: str
 
     def uri(self, key: str) -> str:
         return f"s3://{self.bucket}/{key}"
@@ -181,6 +168,10 @@ class Storage:
     def page_manifest_key(self, doc_id: str) -> str:
         return f"{self.page_prefix(doc_id)}manifest.json"
 
+    def render_failure_key(self, doc_id: str) -> str:
+        """Why a whole document could not be rendered (timeout, unreadable), with attempts."""
+        return f"{self.page_prefix(doc_id)}failure.json"
+
     def vlm_prefix(self, doc_id: str) -> str:
         return f"vlm/{_segment(doc_id, 'doc_id')}/"
 
@@ -190,11 +181,16 @@ class Storage:
     def vlm_page_key(self, doc_id: str, n: int, cache_key: str) -> str:
         return f"{self.vlm_page_prefix(doc_id)}{_page_number(n)}.{_segment(cache_key, 'cache_key')}.json"
 
+    def vlm_image_key(self, doc_id: str, name: str) -> str:
+        """A figure crop: ``name`` is ``<sha256>.jpg`` (or ``images/<sha256>.jpg`` as Markdown links it)."""
+        return f"{self.vlm_prefix(doc_id)}images/{_segment(name.removeprefix('images/'), 'image name')}"
+
     def document_md_key(self, doc_id: str) -> str:
         return f"{self.vlm_prefix(doc_id)}document.md"
 
-    def content_json_key(self, doc_id: str) -> str:
-        return f"{self.vlm_prefix(doc_id)}content.json"
+    def content_list_key(self, doc_id: str) -> str:
+        """MinerU's content list of the document (``<name>_content_list.json`` in MinerU's own output)."""
+        return f"{self.vlm_prefix(doc_id)}content_list.json"
 
     def vlm_status_key(self, doc_id: str) -> str:
         """Per-document status manifest (pages done/failed, model, timestamps)."""
@@ -206,6 +202,9 @@ class Storage:
     def batch_key(self, batch_id: str) -> str:
         return f"batches/{_segment(batch_id, 'batch_id')}.json"
 
+    def lease_key(self, batch_id: str) -> str:
+        return f"leases/{_segment(batch_id, 'batch_id')}.json"
+
     def baseline_key(self, set_name: str, doc_id: str, *parts: str) -> str:
         """``baseline/<set>/<doc_id>/<parts...>``; without parts (or with a trailing '/') it is a prefix."""
         base = f"baseline/{_segment(set_name, 'baseline set')}/{_segment(doc_id, 'doc_id')}/"
@@ -216,43 +215,371 @@ class Storage:
         stamp = day.isoformat()[:10] if isinstance(day, date) else _segment(day, "report date")
         return f"quality/{stamp}/" + _relative_path(parts, "report path")
 
-    # ---- operations -------------------------------------------------------------------------------------
 
-    @staticmethod
-    def _key(key: str) -> str:
-        if not key or key.startswith(("/", "s3://")):
-            raise ValueError(f"keys are relative to the bucket, got {key!r}")
-        return key
+# ---- backends: the object operations, as coroutines ----------------------------------------------------
 
-    def _path(self, key: str) -> str:
-        """The s3fs path (``bucket/key``) of a key."""
-        return f"{self.bucket}/{self._key(key)}"
 
-    def ensure_bucket(self) -> None:
-        """Create the bucket if it does not exist yet (idempotent)."""
+class Ops(Protocol):
+    """The operations one backend session offers (keys already checked, relative to the bucket)."""
+
+    async def get(self, key: str) -> bytes: ...
+    async def put(
+        self, key: str, data: bytes, content_type: str | None, if_none_match: bool, if_match: str | None
+    ) -> str: ...
+    async def head(self, key: str) -> ObjectInfo | None: ...
+    async def delete(self, keys: list[str]) -> None: ...
+    async def copy(self, src: str, dst: str) -> None: ...
+    async def list_page(self, prefix: str, token: str | None) -> tuple[list[ObjectInfo], str | None]: ...
+    async def ensure_bucket(self) -> None: ...
+
+
+class _S3Ops:
+    """The operations over one s3fs filesystem (sync instance on fsspec's loop, or an async one)."""
+
+    def __init__(self, fs: Any, bucket: str, region: str) -> None:
+        self.fs = fs
+        self.bucket = bucket
+        self.region = region
+
+    async def get(self, key: str) -> bytes:
+        response = await self.fs._call_s3("get_object", Bucket=self.bucket, Key=key)
+        body = response["Body"]
+        try:
+            return bytes(await body.read())
+        finally:
+            body.close()
+
+    async def put(
+        self, key: str, data: bytes, content_type: str | None, if_none_match: bool, if_match: str | None
+    ) -> str:
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": key, "Body": bytes(data)}
+        if content_type:
+            kwargs["ContentType"] = content_type
+        if if_none_match:
+            kwargs["IfNoneMatch"] = "*"
+        if if_match:
+            kwargs["IfMatch"] = f'"{if_match}"'
+        try:
+            response = await self.fs._call_s3("put_object", **kwargs)
+        except (FileExistsError, OSError) as exc:
+            # s3fs maps 412 to FileExistsError (If-None-Match) or OSError(EINVAL) (If-Match); a missing
+            # object under If-Match is a 404. Only a conditional write can lose this way.
+            if (if_none_match or if_match) and (isinstance(exc, FileExistsError | FileNotFoundError) or _is_412(exc)):
+                raise PreconditionFailed(f"conditional write of {key} lost: {exc}") from None
+            raise
+        return str(response.get("ETag", "")).strip('"')
+
+    async def head(self, key: str) -> ObjectInfo | None:
+        try:
+            response = await self.fs._call_s3("head_object", Bucket=self.bucket, Key=key)
+        except FileNotFoundError:
+            return None
+        return ObjectInfo(
+            key=key,
+            size=int(response.get("ContentLength", 0)),
+            etag=str(response.get("ETag", "")).strip('"'),
+            last_modified=response.get("LastModified"),
+            content_type=response.get("ContentType"),
+        )
+
+    async def delete(self, keys: list[str]) -> None:
+        for start in range(0, len(keys), 1000):
+            chunk = [{"Key": k} for k in keys[start : start + 1000]]
+            await self.fs._call_s3("delete_objects", Bucket=self.bucket, Delete={"Objects": chunk, "Quiet": True})
+
+    async def copy(self, src: str, dst: str) -> None:
+        await self.fs._call_s3(
+            "copy_object", Bucket=self.bucket, Key=dst, CopySource={"Bucket": self.bucket, "Key": src}
+        )
+
+    async def list_page(self, prefix: str, token: str | None) -> tuple[list[ObjectInfo], str | None]:
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix, "MaxKeys": _LIST_PAGE_SIZE}
+        if token:
+            kwargs["ContinuationToken"] = token
+        response = await self.fs._call_s3("list_objects_v2", **kwargs)
+        items = [
+            ObjectInfo(
+                key=item["Key"],
+                size=int(item.get("Size", 0)),
+                etag=str(item.get("ETag", "")).strip('"'),
+                last_modified=item.get("LastModified"),
+            )
+            for item in response.get("Contents", [])
+        ]
+        next_token = response.get("NextContinuationToken") if response.get("IsTruncated") else None
+        return items, next_token
+
+    async def ensure_bucket(self) -> None:
         kwargs: dict[str, Any] = {"Bucket": self.bucket}
         if self.region and self.region != "us-east-1":  # us-east-1 refuses an explicit LocationConstraint
             kwargs["CreateBucketConfiguration"] = {"LocationConstraint": self.region}
         # s3fs maps BucketAlreadyOwnedByYou/BucketAlreadyExists to FileExistsError. PermissionError: a
         # credential allowed to use but not create the bucket; head_bucket below tells whether it exists.
         with contextlib.suppress(FileExistsError, PermissionError):
-            self.fs.call_s3("create_bucket", **kwargs)
-        self.fs.call_s3("head_bucket", Bucket=self.bucket)
+            await self.fs._call_s3("create_bucket", **kwargs)
+        await self.fs._call_s3("head_bucket", Bucket=self.bucket)
 
-    def put_bytes(self, key: str, data: bytes, content_type: str | None = None) -> None:
-        """Write ``data`` under ``key`` in one PUT (one multipart upload above 100 MiB): atomic, see module doc."""
-        extra = {"ContentType": content_type} if content_type else {}
-        self.fs.pipe_file(self._path(key), bytes(data), **extra)
 
-    def put_json(self, key: str, obj: Any) -> None:
-        body = json.dumps(obj, ensure_ascii=False, indent=1, sort_keys=False).encode("utf-8")
-        self.put_bytes(key, body, content_type="application/json")
+def _is_412(exc: BaseException) -> bool:
+    cause = exc.__cause__
+    response = getattr(cause, "response", None)
+    if isinstance(response, dict):
+        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        return status == 412 or response.get("Error", {}).get("Code") == "PreconditionFailed"
+    return "PreconditionFailed" in str(exc) or "412" in str(exc)
+
+
+_session_lock = threading.Lock()
+_session: tuple[int, Any] | None = None
+
+
+def _shared_botocore_session() -> Any:
+    """One aiobotocore session per process, shared by every Storage's own client.
+
+    The session only loads and caches botocore's service models (endpoints, S3 API JSON); sharing it cuts
+    the first request of a new Storage from about 300 ms to 80 ms. Clients, connections and credentials
+    stay per Storage. Re-created after a fork so a child never inherits its parent's state.
+    """
+    from aiobotocore.session import AioSession
+
+    global _session
+    with _session_lock:
+        if _session is None or _session[0] != os.getpid():
+            _session = (os.getpid(), AioSession())
+        return _session[1]
+
+
+@dataclass
+class S3Backend:
+    """A bucket reached through s3fs: sync calls on fsspec's IO loop, async sessions on the caller's loop."""
+
+    config: StorageConfig
+    _fs: Any = None
+
+    def _fs_kwargs(self, *, asynchronous: bool) -> dict[str, Any]:
+        cfg = self.config
+        client_kwargs: dict[str, Any] = {"region_name": cfg.region}
+        config_kwargs: dict[str, Any] = {}
+        if cfg.endpoint_url:
+            client_kwargs["endpoint_url"] = cfg.endpoint_url
+            # MinIO and moto serve buckets as paths; virtual-host style would need DNS for <bucket>.<host>.
+            config_kwargs["s3"] = {"addressing_style": "path"}
+        if asynchronous:
+            config_kwargs["max_pool_connections"] = ASYNC_POOL_CONNECTIONS
+        return {
+            "key": cfg.access_key_id,
+            "secret": cfg.secret_access_key.get_secret_value() if cfg.secret_access_key else None,
+            "client_kwargs": client_kwargs,
+            "config_kwargs": config_kwargs,
+            # fsspec caches filesystem instances by constructor arguments and hands the same object to every
+            # caller. A Storage owns its client instead: no state shared between configs, tests or restarts.
+            "skip_instance_cache": True,
+            "use_listings_cache": False,
+            "asynchronous": asynchronous,
+            "session": _shared_botocore_session(),
+        }
+
+    @property
+    def fs(self) -> Any:
+        if self._fs is None:
+            import s3fs
+
+            self._fs = s3fs.S3FileSystem(**self._fs_kwargs(asynchronous=False))
+        return self._fs
+
+    def run(self, operation: Callable[[Ops], Any]) -> Any:
+        from fsspec.asyn import sync
+
+        fs = self.fs
+        return sync(fs.loop, operation, _S3Ops(fs, self.config.bucket, self.config.region))
+
+    @asynccontextmanager
+    async def session(self) -> AsyncIterator[Ops]:
+        import s3fs
+
+        fs = s3fs.S3FileSystem(**self._fs_kwargs(asynchronous=True))
+        client = await fs.set_session()
+        try:
+            yield _S3Ops(fs, self.config.bucket, self.config.region)
+        finally:
+            await client.close()
+
+
+@dataclass
+class _MemoryObject:
+    data: bytes
+    etag: str
+    content_type: str | None
+    last_modified: datetime
+
+
+@dataclass
+class MemoryBackend:
+    """A bucket in a dict, for in-process tests of the stages: same operations, same semantics.
+
+    ``fault``, when set, is called as ``fault(op, key)`` before every operation (op is one of ``get``,
+    ``put``, ``head``, ``delete``, ``copy``, ``list``); raising from it simulates S3 failing at exactly
+    that point. ``calls`` counts operations by name.
+    """
+
+    objects: dict[str, _MemoryObject] = field(default_factory=dict)
+    fault: Callable[[str, str], None] | None = None
+    calls: dict[str, int] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def _enter(self, op: str, key: str) -> None:
+        with self._lock:
+            self.calls[op] = self.calls.get(op, 0) + 1
+        if self.fault is not None:
+            self.fault(op, key)
+
+    def run(self, operation: Callable[[Ops], Any]) -> Any:
+        # Nothing here awaits anything: drive the coroutine to completion on this thread, no event loop.
+        coroutine = operation(_MemoryOps(self))
+        try:
+            coroutine.send(None)
+        except StopIteration as done:
+            return done.value
+        coroutine.close()
+        raise RuntimeError("MemoryBackend operations never suspend")
+
+    @asynccontextmanager
+    async def session(self) -> AsyncIterator[Ops]:
+        yield _MemoryOps(self)
+
+
+class _MemoryOps:
+    def __init__(self, backend: MemoryBackend) -> None:
+        self.b = backend
+
+    async def get(self, key: str) -> bytes:
+        self.b._enter("get", key)
+        obj = self.b.objects.get(key)
+        if obj is None:
+            raise FileNotFoundError(key)
+        return obj.data
+
+    async def put(
+        self, key: str, data: bytes, content_type: str | None, if_none_match: bool, if_match: str | None
+    ) -> str:
+        self.b._enter("put", key)
+        with self.b._lock:
+            current = self.b.objects.get(key)
+            if if_none_match and current is not None:
+                raise PreconditionFailed(f"conditional write of {key} lost: the key exists")
+            if if_match and (current is None or current.etag != if_match):
+                raise PreconditionFailed(f"conditional write of {key} lost: its ETag changed")
+            etag = hashlib.md5(data, usedforsecurity=False).hexdigest()
+            self.b.objects[key] = _MemoryObject(bytes(data), etag, content_type, datetime.now(UTC))
+        return etag
+
+    async def head(self, key: str) -> ObjectInfo | None:
+        self.b._enter("head", key)
+        obj = self.b.objects.get(key)
+        if obj is None:
+            return None
+        return ObjectInfo(key, len(obj.data), obj.etag, obj.last_modified, obj.content_type)
+
+    async def delete(self, keys: list[str]) -> None:
+        for key in keys:
+            self.b._enter("delete", key)
+            with self.b._lock:
+                self.b.objects.pop(key, None)
+
+    async def copy(self, src: str, dst: str) -> None:
+        self.b._enter("copy", dst)
+        with self.b._lock:
+            obj = self.b.objects.get(src)
+            if obj is None:
+                raise FileNotFoundError(src)
+            self.b.objects[dst] = _MemoryObject(obj.data, obj.etag, obj.content_type, datetime.now(UTC))
+
+    async def list_page(self, prefix: str, token: str | None) -> tuple[list[ObjectInfo], str | None]:
+        self.b._enter("list", prefix)
+        with self.b._lock:
+            keys = sorted(k for k in self.b.objects if k.startswith(prefix) and (token is None or k > token))
+        page = keys[:_LIST_PAGE_SIZE]
+        items = [
+            ObjectInfo(k, len(o.data), o.etag, o.last_modified)
+            for k in page
+            if (o := self.b.objects.get(k)) is not None
+        ]
+        return items, (page[-1] if len(keys) > _LIST_PAGE_SIZE else None)
+
+    async def ensure_bucket(self) -> None:
+        return None
+
+
+class Backend(Protocol):
+    def run(self, operation: Callable[[Ops], Any]) -> Any: ...
+    def session(self) -> contextlib.AbstractAsyncContextManager[Ops]: ...
+
+
+# ---- the two faces -------------------------------------------------------------------------------------
+
+
+def _missing(uri: str) -> FileNotFoundError:
+    return FileNotFoundError(f"no object at {uri}")
+
+
+class Storage(Layout):
+    """One bucket, the project's key layout, and the few (synchronous) operations the pipeline needs.
+
+    Keys are always relative to the bucket (``raw/abc.pdf``, never ``s3://bucket/raw/abc.pdf``);
+    :meth:`uri` gives the full form for messages and asset metadata.
+    """
+
+    def __init__(self, bucket: str, backend: Backend, *, config: StorageConfig | None = None) -> None:
+        self.bucket = bucket
+        self.backend = backend
+        #: how to reach the same bucket from another process (rendering workers); None for in-memory storage
+        self.config = config
+
+    @classmethod
+    def from_config(cls, cfg: StorageConfig) -> Storage:
+        return cls(cfg.bucket, S3Backend(cfg), config=cfg)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(bucket={self.bucket!r})"
+
+    @asynccontextmanager
+    async def session(self) -> AsyncIterator[AsyncStorage]:
+        """An async face of this bucket bound to the running event loop, with its own connection pool."""
+        async with self.backend.session() as ops:
+            yield AsyncStorage(self.bucket, ops)
+
+    # ---- operations -------------------------------------------------------------------------------------
+
+    def ensure_bucket(self) -> None:
+        """Create the bucket if it does not exist yet (idempotent)."""
+        self.backend.run(lambda ops: ops.ensure_bucket())
+
+    def put_bytes(
+        self,
+        key: str,
+        data: bytes,
+        content_type: str | None = None,
+        *,
+        if_none_match: bool = False,
+        if_match: str | None = None,
+    ) -> str:
+        """Write ``data`` under ``key`` in one PUT (atomic, see module doc); returns the new ETag.
+
+        ``if_none_match``: only if no object has the key; ``if_match``: only if its ETag is still this one.
+        Either raises :class:`PreconditionFailed` when the condition does not hold.
+        """
+        _check_key(key)
+        return str(self.backend.run(lambda ops: ops.put(key, data, content_type, if_none_match, if_match)))
+
+    def put_json(self, key: str, obj: Any, **conditions: Any) -> str:
+        return self.put_bytes(key, json_bytes(obj), "application/json", **conditions)
 
     def get_bytes(self, key: str) -> bytes:
+        _check_key(key)
         try:
-            return self.fs.cat_file(self._path(key))
+            return bytes(self.backend.run(lambda ops: ops.get(key)))
         except FileNotFoundError:
-            raise FileNotFoundError(f"no object at {self.uri(key)}") from None
+            raise _missing(self.uri(key)) from None
 
     def get_json(self, key: str) -> Any:
         data = self.get_bytes(key)
@@ -263,16 +590,8 @@ class Storage:
 
     def head(self, key: str) -> ObjectInfo | None:
         """The object's size, ETag and modification time, or ``None`` if there is no such object."""
-        try:
-            response = self.fs.call_s3("head_object", Bucket=self.bucket, Key=self._key(key))
-        except FileNotFoundError:
-            return None
-        return ObjectInfo(
-            key=key,
-            size=int(response.get("ContentLength", 0)),
-            etag=str(response.get("ETag", "")).strip('"'),
-            last_modified=response.get("LastModified"),
-        )
+        _check_key(key)
+        return self.backend.run(lambda ops: ops.head(key))  # type: ignore[no-any-return]
 
     def exists(self, key: str) -> bool:
         """Whether an object exists under exactly this key (a prefix with objects below it does not count)."""
@@ -280,12 +599,19 @@ class Storage:
 
     def delete(self, key: str) -> None:
         """Delete the object under ``key``; deleting a missing key is not an error (S3 semantics)."""
-        self.fs.rm_file(self._path(key))
+        self.delete_many([key])
+
+    def delete_many(self, keys: list[str]) -> None:
+        """Delete these objects, 1000 per request."""
+        checked = [_check_key(k) for k in keys]
+        if checked:
+            self.backend.run(lambda ops: ops.delete(checked))
 
     def copy(self, src: str, dst: str) -> None:
         """Server-side copy within the bucket (the bytes never pass through this process)."""
+        _check_key(src), _check_key(dst)
         try:
-            self.fs.cp_file(self._path(src), self._path(dst))
+            self.backend.run(lambda ops: ops.copy(src, dst))
         except FileNotFoundError:
             raise FileNotFoundError(
                 f"cannot copy {self.uri(src)} to {self.uri(dst)}: no object at the source"
@@ -297,17 +623,76 @@ class Storage:
         One ListObjectsV2 pass (1000 keys a request) without a delimiter, so "directories" are not special;
         only one page of results is held at a time, however many objects the prefix holds.
         """
-        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix, "MaxKeys": _LIST_PAGE_SIZE}
+        token: str | None = None
         while True:
-            response = self.fs.call_s3("list_objects_v2", **kwargs)
-            for item in response.get("Contents", []):
-                yield ObjectInfo(
-                    key=item["Key"],
-                    size=int(item.get("Size", 0)),
-                    etag=str(item.get("ETag", "")).strip('"'),
-                    last_modified=item.get("LastModified"),
-                )
-            token = response.get("NextContinuationToken")
-            if not response.get("IsTruncated") or not token:
+            items, token = self.backend.run(lambda ops, t=token: ops.list_page(prefix, t))
+            yield from items
+            if not token:
                 return
-            kwargs["ContinuationToken"] = token
+
+
+class AsyncStorage(Layout):
+    """The async face of a bucket (``async with storage.session() as s3``): the same operations, awaited."""
+
+    def __init__(self, bucket: str, ops: Ops) -> None:
+        self.bucket = bucket
+        self._ops = ops
+
+    async def put_bytes(
+        self,
+        key: str,
+        data: bytes,
+        content_type: str | None = None,
+        *,
+        if_none_match: bool = False,
+        if_match: str | None = None,
+    ) -> str:
+        return await self._ops.put(_check_key(key), data, content_type, if_none_match, if_match)
+
+    async def put_json(self, key: str, obj: Any, **conditions: Any) -> str:
+        return await self.put_bytes(key, json_bytes(obj), "application/json", **conditions)
+
+    async def get_bytes(self, key: str) -> bytes:
+        try:
+            return await self._ops.get(_check_key(key))
+        except FileNotFoundError:
+            raise _missing(self.uri(key)) from None
+
+    async def get_json(self, key: str) -> Any:
+        data = await self.get_bytes(key)
+        try:
+            return json.loads(data)
+        except ValueError as exc:
+            raise ValueError(f"{self.uri(key)} is not valid JSON: {exc}") from exc
+
+    async def head(self, key: str) -> ObjectInfo | None:
+        return await self._ops.head(_check_key(key))
+
+    async def exists(self, key: str) -> bool:
+        return await self.head(key) is not None
+
+    async def delete(self, key: str) -> None:
+        await self._ops.delete([_check_key(key)])
+
+    async def list_objects(self, prefix: str = "") -> AsyncIterator[ObjectInfo]:
+        token: str | None = None
+        while True:
+            items, token = await self._ops.list_page(prefix, token)
+            for item in items:
+                yield item
+            if not token:
+                return
+
+
+class MemoryStorage(Storage):
+    """A :class:`Storage` over a dict: the same interface and semantics, for fast in-process tests."""
+
+    def __init__(self, bucket: str = "memory") -> None:
+        super().__init__(bucket, MemoryBackend())
+
+    @property
+    def memory(self) -> MemoryBackend:
+        return self.backend  # type: ignore[return-value]
+
+    def keys(self, prefix: str = "") -> list[str]:
+        return sorted(k for k in self.memory.objects if k.startswith(prefix))

@@ -266,7 +266,7 @@ def _assemble_document(
         )
     failed.sort(key=lambda f: f["page"])
     storage.put_bytes(storage.document_md_key(doc_id), ("\n\n".join(md_parts) + "\n").encode(), "text/markdown")
-    storage.put_json(storage.content_json_key(doc_id), content)
+    storage.put_json(storage.content_list_key(doc_id), content)
     status = DocumentStatus(
         doc_id=doc_id,
         source=str(manifest.get("source", doc_id)),

@@ -39,7 +39,7 @@ def test_cli_materialize_good_and_bad_batch(pipeline_env: PipelineEnv, local_vlm
         status = storage.get_json(storage.vlm_status_key(doc_id))
         assert status["state"] == "complete", status
         assert status["pages_done"] == corpus[name]["pages"]
-        content = storage.get_json(storage.content_json_key(doc_id))
+        content = storage.get_json(storage.content_list_key(doc_id))
         assert all({"type", "text", "page_idx"} <= set(block) for block in content)
     # The born-digital page's Markdown really carries its text.
     minimal = storage.get_bytes(storage.document_md_key(results["minimal-document.pdf"]["doc_id"])).decode()

@@ -2,36 +2,53 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 from datetime import date
 
 import pytest
 
 from mkg_pipeline.config import StorageConfig
-from mkg_pipeline.storage import ObjectInfo, Storage, doc_id_for, sanitize_source_name
+from mkg_pipeline.storage import (
+    MemoryStorage,
+    ObjectInfo,
+    PreconditionFailed,
+    Storage,
+    doc_id_for,
+    sanitize_source_name,
+)
 
 pytestmark = pytest.mark.integration
 
 DOC = "0123456789abcdef"
 
 
-def test_bytes_round_trip_with_content_type(storage: Storage) -> None:
+@pytest.fixture(params=["moto", "memory"])
+def any_storage(request: pytest.FixtureRequest) -> Storage:
+    """The same behaviour is required of the S3 backend (moto server) and of the in-memory one."""
+    if request.param == "memory":
+        return MemoryStorage()
+    return request.getfixturevalue("storage")
+
+
+def test_bytes_round_trip_with_content_type(any_storage: Storage) -> None:
     payload = bytes(range(256)) * 10
-    storage.put_bytes("raw/x.pdf", payload, content_type="application/pdf")
-    assert storage.get_bytes("raw/x.pdf") == payload
-    head = storage.fs.call_s3("head_object", Bucket=storage.bucket, Key="raw/x.pdf")
-    assert head["ContentType"] == "application/pdf"
+    any_storage.put_bytes("raw/x.pdf", payload, content_type="application/pdf")
+    assert any_storage.get_bytes("raw/x.pdf") == payload
+    head = any_storage.head("raw/x.pdf")
+    assert head is not None and head.content_type == "application/pdf"
 
 
-def test_json_round_trip(storage: Storage) -> None:
+def test_json_round_trip(any_storage: Storage) -> None:
     document = {"source": "Prüfbericht 2024.pdf", "pages": [1, 2, 3], "nested": {"ok": True, "none": None}}
-    storage.put_json("batches/b1.json", document)
-    assert storage.get_json("batches/b1.json") == document
-    head = storage.fs.call_s3("head_object", Bucket=storage.bucket, Key="batches/b1.json")
-    assert head["ContentType"] == "application/json"
+    any_storage.put_json("batches/b1.json", document)
+    assert any_storage.get_json("batches/b1.json") == document
+    head = any_storage.head("batches/b1.json")
+    assert head is not None and head.content_type == "application/json"
 
 
-def test_exists_and_delete(storage: Storage) -> None:
+def test_exists_and_delete(any_storage: Storage) -> None:
+    storage = any_storage
     assert not storage.exists("a/b.txt")
     storage.put_bytes("a/b.txt", b"x")
     assert storage.exists("a/b.txt")
@@ -42,7 +59,38 @@ def test_exists_and_delete(storage: Storage) -> None:
     storage.delete("a/b.txt")  # deleting twice is fine, as in S3
 
 
-def test_missing_key_error_names_the_uri(storage: Storage) -> None:
+def test_keys_are_literal(any_storage: Storage) -> None:
+    # s3fs's path methods would read "report2.pdf?versionId=x" as a version of "report2.pdf".
+    storage = any_storage
+    storage.put_bytes("incoming/report2.pdf", b"plain")
+    storage.put_bytes("incoming/report2.pdf?versionId=x", b"question mark")
+    storage.put_bytes("incoming/a b#c%20.pdf", b"odd")
+    assert storage.get_bytes("incoming/report2.pdf?versionId=x") == b"question mark"
+    assert storage.get_bytes("incoming/report2.pdf") == b"plain"
+    assert storage.get_bytes("incoming/a b#c%20.pdf") == b"odd"
+    storage.delete("incoming/report2.pdf?versionId=x")
+    assert storage.get_bytes("incoming/report2.pdf") == b"plain"
+    assert [o.key for o in storage.list_objects("incoming/")] == ["incoming/a b#c%20.pdf", "incoming/report2.pdf"]
+
+
+def test_conditional_writes(any_storage: Storage) -> None:
+    storage = any_storage
+    first = storage.put_bytes("leases/b1.json", b"mine", if_none_match=True)
+    with pytest.raises(PreconditionFailed):
+        storage.put_bytes("leases/b1.json", b"theirs", if_none_match=True)
+    second = storage.put_bytes("leases/b1.json", b"renewed", if_match=first)
+    assert second != first
+    with pytest.raises(PreconditionFailed):
+        storage.put_bytes("leases/b1.json", b"stale writer", if_match=first)
+    with pytest.raises(PreconditionFailed):
+        storage.put_bytes("leases/none.json", b"x", if_match=first)
+    assert storage.get_bytes("leases/b1.json") == b"renewed"
+    head = storage.head("leases/b1.json")
+    assert head is not None and head.etag == second
+
+
+def test_missing_key_error_names_the_uri(any_storage: Storage) -> None:
+    storage = any_storage
     with pytest.raises(FileNotFoundError) as caught:
         storage.get_bytes("vlm/nothing/document.md")
     assert f"s3://{storage.bucket}/vlm/nothing/document.md" in str(caught.value)
@@ -51,10 +99,14 @@ def test_missing_key_error_names_the_uri(storage: Storage) -> None:
     assert storage.head("missing.json") is None
 
 
-def test_list_objects_paginates_past_1000(storage: Storage) -> None:
-    # 1100 tiny objects in a few concurrent batches (s3fs pipe) to keep the test quick.
-    paths = {f"{storage.bucket}/incoming/{i:05d}.pdf": b"%PDF" for i in range(1100)}
-    storage.fs.pipe(paths)
+async def _put_many(storage: Storage, items: dict[str, bytes]) -> None:
+    async with storage.session() as s3:
+        await asyncio.gather(*(s3.put_bytes(key, data) for key, data in items.items()))
+
+
+def test_list_objects_paginates_past_1000(any_storage: Storage) -> None:
+    storage = any_storage
+    asyncio.run(_put_many(storage, {f"incoming/{i:05d}.pdf": b"%PDF" for i in range(1100)}))
     storage.put_bytes("incomingX/not-under-the-prefix.pdf", b"x")
     storage.put_bytes("raw/other.pdf", b"x")
     listing = storage.list_objects(storage.incoming_prefix)
@@ -68,9 +120,31 @@ def test_list_objects_paginates_past_1000(storage: Storage) -> None:
     assert all(o.size == 4 and o.etag and o.last_modified is not None for o in rest)
     everything = {o.key for o in storage.list_objects("")}
     assert len(everything) == 1102
+    storage.delete_many(keys)
+    assert [o.key for o in storage.list_objects("")] == ["incomingX/not-under-the-prefix.pdf", "raw/other.pdf"]
 
 
-def test_list_objects_keys_are_relative_and_etags_match_head(storage: Storage) -> None:
+def test_async_session_has_the_same_operations(any_storage: Storage) -> None:
+    async def scenario() -> None:
+        async with any_storage.session() as s3:
+            await s3.put_json("vlm/d/status.json", {"state": "stale"})
+            assert await s3.get_json("vlm/d/status.json") == {"state": "stale"}
+            await s3.put_bytes("vlm/d/pages/1.k.json", b"{}")
+            assert [o.key async for o in s3.list_objects("vlm/d/pages/")] == ["vlm/d/pages/1.k.json"]
+            assert await s3.exists("vlm/d/pages/1.k.json")
+            with pytest.raises(PreconditionFailed):
+                await s3.put_bytes("vlm/d/pages/1.k.json", b"again", if_none_match=True)
+            with pytest.raises(FileNotFoundError, match=re.escape(s3.uri("vlm/d/none.json"))):
+                await s3.get_bytes("vlm/d/none.json")
+            await s3.delete("vlm/d/pages/1.k.json")
+            assert await s3.head("vlm/d/pages/1.k.json") is None
+
+    asyncio.run(scenario())
+    assert any_storage.get_json("vlm/d/status.json") == {"state": "stale"}
+
+
+def test_list_objects_keys_are_relative_and_etags_match_head(any_storage: Storage) -> None:
+    storage = any_storage
     storage.put_bytes("pages/d/1.png", b"png-1")
     storage.put_bytes("pages/d/manifest.json", b"{}")
     listed = list(storage.list_objects("pages/d/"))
@@ -83,7 +157,8 @@ def test_list_objects_keys_are_relative_and_etags_match_head(storage: Storage) -
     assert list(storage.list_objects("nothing/here/")) == []
 
 
-def test_copy(storage: Storage) -> None:
+def test_copy(any_storage: Storage) -> None:
+    storage = any_storage
     storage.put_bytes("incoming/a.pdf", b"%PDF-1.4 content", content_type="application/pdf")
     storage.copy("incoming/a.pdf", "raw/a.pdf")
     assert storage.get_bytes("raw/a.pdf") == b"%PDF-1.4 content"
@@ -92,7 +167,8 @@ def test_copy(storage: Storage) -> None:
         storage.copy("incoming/none.pdf", "raw/none.pdf")
 
 
-def test_etag_changes_when_an_object_is_replaced(storage: Storage) -> None:
+def test_etag_changes_when_an_object_is_replaced(any_storage: Storage) -> None:
+    storage = any_storage
     key = "incoming/report.pdf"
     storage.put_bytes(key, b"first version")
     before = storage.head(key)
@@ -105,6 +181,21 @@ def test_etag_changes_when_an_object_is_replaced(storage: Storage) -> None:
     assert listed.etag == after.etag
 
 
+def test_memory_backend_can_fail_any_operation() -> None:
+    storage = MemoryStorage()
+
+    def fail_puts(op: str, key: str) -> None:
+        if op == "put" and key.startswith("raw/"):
+            raise ConnectionError(f"S3 is down ({key})")
+
+    storage.memory.fault = fail_puts
+    storage.put_bytes("batches/b.json", b"{}")
+    with pytest.raises(ConnectionError, match="S3 is down"):
+        storage.put_bytes("raw/x.pdf", b"%PDF")
+    assert storage.keys() == ["batches/b.json"]
+    assert storage.memory.calls["put"] == 2
+
+
 def test_buckets_are_isolated_and_ensure_bucket_is_idempotent(storage: Storage, storage_config: StorageConfig) -> None:
     storage.ensure_bucket()
     storage.put_bytes("k", b"v")
@@ -112,7 +203,7 @@ def test_buckets_are_isolated_and_ensure_bucket_is_idempotent(storage: Storage, 
     other.ensure_bucket()
     assert not other.exists("k")
     assert list(other.list_objects("")) == []
-    other.fs.call_s3("delete_bucket", Bucket=other.bucket)
+    other.backend.fs.call_s3("delete_bucket", Bucket=other.bucket)
 
 
 def test_each_storage_has_its_own_filesystem(storage_config: StorageConfig) -> None:
@@ -120,10 +211,10 @@ def test_each_storage_has_its_own_filesystem(storage_config: StorageConfig) -> N
     first = Storage.from_config(storage_config)
     second = Storage.from_config(storage_config)
     elsewhere = Storage.from_config(storage_config.model_copy(update={"endpoint_url": "http://127.0.0.1:9"}))
-    assert first.fs is not second.fs
-    assert elsewhere.fs is not first.fs
-    assert elsewhere.fs.client_kwargs["endpoint_url"] == "http://127.0.0.1:9"
-    assert first.fs.client_kwargs["endpoint_url"] == storage_config.endpoint_url
+    assert first.backend.fs is not second.backend.fs
+    assert elsewhere.backend.fs is not first.backend.fs
+    assert elsewhere.backend.fs.client_kwargs["endpoint_url"] == "http://127.0.0.1:9"
+    assert first.backend.fs.client_kwargs["endpoint_url"] == storage_config.endpoint_url
 
 
 def test_keys_match_the_design_layout() -> None:
@@ -138,7 +229,10 @@ def test_keys_match_the_design_layout() -> None:
     assert s.vlm_page_key(DOC, 3, "c0ffee").startswith(s.vlm_page_prefix(DOC))
     assert s.vlm_page_prefix(DOC) == f"vlm/{DOC}/pages/"
     assert s.document_md_key(DOC) == f"vlm/{DOC}/document.md"
-    assert s.content_json_key(DOC) == f"vlm/{DOC}/content.json"
+    assert s.content_list_key(DOC) == f"vlm/{DOC}/content_list.json"
+    assert s.vlm_image_key(DOC, "images/ab12.jpg") == s.vlm_image_key(DOC, "ab12.jpg") == f"vlm/{DOC}/images/ab12.jpg"
+    assert s.render_failure_key(DOC) == f"pages/{DOC}/failure.json"
+    assert s.lease_key("b1") == "leases/b1.json"
     assert s.vlm_status_key(DOC) == f"vlm/{DOC}/status.json"
     assert s.rejected_key("bad-not-a-pdf.pdf") == "rejected/bad-not-a-pdf.pdf.json"
     assert s.batch_key("b20250101T000000-abcd1234") == "batches/b20250101T000000-abcd1234.json"
