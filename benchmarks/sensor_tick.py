@@ -42,7 +42,10 @@ class Ticker:
     def __init__(self, bucket: str, dagster_home: str) -> None:
         import dagster as dg
 
+        from mkg_pipeline.config import get_settings
+
         os.environ["MKG_STORAGE__BUCKET"] = bucket
+        get_settings.cache_clear()  # settings are loaded once per process: load this bucket's
         self.instance = dg.DagsterInstance.from_config(dagster_home)
         self.cursor: str | None = None
 

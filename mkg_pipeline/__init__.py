@@ -8,8 +8,12 @@ models, ONNX runtimes or MinerU here. The Dagster code location is
 __version__ = "0.1.0"
 
 
+# The one lazy hook left, and why: `dagster ... -m mkg_pipeline` imports this package and looks
+# for a Definitions object among its members (`inspect.getmembers`, hence `__dir__`); `-a defs`
+# is a plain getattr. Nothing redirects that loader to a submodule, and importing `defs` eagerly here
+# would load Dagster into every `import mkg_pipeline.config` (run pods' health checks, tools).
+# `-m mkg_pipeline.definitions` (what the k8s code location runs) needs no hook.
 def __getattr__(name: str) -> object:
-    # `dagster ... -m mkg_pipeline` finds `defs` here, while `import mkg_pipeline.config` stays Dagster-free.
     if name == "defs":
         from mkg_pipeline.definitions import defs
 

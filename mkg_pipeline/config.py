@@ -1,34 +1,53 @@
 """Typed configuration for the split-container pipeline.
 
-Values come from three layers, later ones winning:
+Values come from three layers (pydantic-settings sources), later ones winning:
 
 1. the defaults below (the seed's MinerU split-container config),
-2. a YAML file (``config/mineru.yaml`` in the repo, or ``MKG_CONFIG_FILE``),
-3. environment variables ``MKG_<SECTION>__<FIELD>``, for example
-   ``MKG_VLLM__URL=http://vllm:8000`` or ``MKG_HTTP_CLIENT__TIMEOUT_S=120``.
+2. a YAML file: an explicit path, else ``MKG_CONFIG_FILE``, else the repo's ``config/mineru.yaml``,
+3. environment variables ``MKG_<SECTION>__<FIELD>`` (``MKG_VLLM__URL=http://vllm:8000``) and
+   ``MKG_<FIELD>`` for top-level fields (``MKG_ENGINE``, ``MKG_PROMPT_VERSION``).
 
-Every numeric field has bounds. A bad value raises :class:`ConfigError`, whose
-message names the field, the value and the allowed range, because the person
-reading it is usually an operator looking at a crash-looping pod.
+Only variables that name a section or a top-level field are read. Any other ``MKG_*`` variable is
+ignored: Kubernetes injects ``MKG_CODE_LOCATION_SERVICE_HOST`` and friends for our
+``mkg-code-location`` Service, and ``MKG_PUSHGATEWAY_URL``, ``MKG_CORPUS_DIR``, ``MKG_CONFIG_FILE``
+are read elsewhere. An unknown field under a known section (``MKG_VLLM__URLL``) is an error naming
+the closest field, as is an unknown key in the YAML file.
 
-This module imports pydantic (and PyYAML lazily) only: it is loaded by every
-run pod and must stay cheap.
+A process reads its settings once, :func:`get_settings`; :func:`load_config` loads afresh (tests,
+tools). A bad value raises :class:`ConfigError`, whose message names the field, the value (never a
+secret), where it came from and the allowed range, because the person reading it is usually an
+operator looking at a crash-looping pod.
+
+This module imports pydantic and pydantic-settings (and PyYAML when a file is read) only: it is
+loaded by every run pod and must stay cheap.
 """
 
 from __future__ import annotations
 
+import difflib
 import os
+from collections.abc import Callable, Mapping
+from contextvars import ContextVar
+from functools import cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+    YamlConfigSettingsSource,
+)
 
 ENV_PREFIX = "MKG_"
 ENV_NESTED_DELIMITER = "__"
 CONFIG_FILE_ENV = "MKG_CONFIG_FILE"
-# MKG_* variables that are not configuration fields (read by other parts of the project).
-NON_CONFIG_ENV = frozenset({CONFIG_FILE_ENV, "MKG_PUSHGATEWAY_URL", "MKG_CORPUS_DIR"})
 _SECRET_MARKERS = ("key", "secret", "password", "token")
+_BOUND_SIGNS = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<", "min_length": "length >=", "max_length": "length <="}
 DEFAULT_CONFIG_FILE = Path(__file__).resolve().parent.parent / "config" / "mineru.yaml"
 
 EngineName = Literal["mineru", "page_markdown"]
@@ -40,7 +59,8 @@ class ConfigError(ValueError):
 
 class _Section(BaseModel):
     # Unknown keys are errors: a typo in YAML or an env var must not be ignored silently.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    # Frozen: one process shares its settings (get_settings); change them with with_overrides.
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class VLLMServerConfig(_Section):
@@ -49,7 +69,6 @@ class VLLMServerConfig(_Section):
     url: str = Field("http://127.0.0.1:8000", description="Base URL of the vLLM (or local) server, without /v1.")
     model: str = Field("Qwen/Qwen2.5-VL-7B-Instruct", min_length=1, description="Served model name sent in requests.")
     api_key: SecretStr | None = Field(None, description="Bearer token for /v1/*; never logged.")
-    health_check_interval_s: float = Field(30.0, ge=1, le=3600, description="Seconds between health probes.")
     connection_timeout_s: float = Field(10.0, ge=0.1, le=300, description="TCP connect timeout in seconds.")
     max_in_flight: int = Field(
         256,
@@ -108,12 +127,8 @@ class CircuitBreakerConfig(_Section):
 
 
 class WorkersConfig(_Section):
-    """CPU-only worker (run pod) sizing; mirrors the k8s manifests."""
+    """What one run does with its batch: batch size, per-document limits, rendering, its claim."""
 
-    count: int = Field(8, ge=1, le=1000, description="Worker pods / concurrent runs.")
-    backend: Literal["vlm-http-client"] = Field("vlm-http-client", description="MinerU backend the workers use.")
-    cpu: float = Field(2.0, gt=0, le=64, description="CPU request per worker (cores).")
-    memory_gib: float = Field(4.0, gt=0, le=512, description="Memory request per worker (GiB).")
     batch_size: int = Field(50, ge=1, le=10000, description="Documents per ingestion batch (sensor).")
     timeout_s: float = Field(
         600.0,
@@ -168,10 +183,16 @@ class QualityConfig(_Section):
         le=1,
         description="Share of a batch's pages that may fail before the run fails (olmOCR's 0.4 %).",
     )
-    golden_set: list[str] = Field(
+    # NoDecode: from the environment a comma-separated list (a,b), not JSON.
+    golden_set: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["pdflatex-4-pages.pdf", "minimal-document.pdf"],
         description="Source names of the documents the daily baseline job re-checks.",
     )
+
+    @field_validator("golden_set", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        return [item.strip() for item in value.split(",") if item.strip()] if isinstance(value, str) else value
 
 
 class AnswersConfig(_Section):
@@ -201,121 +222,187 @@ class MinerUConfig(_Section):
     answers: AnswersConfig = Field(default_factory=AnswersConfig)
 
 
-def _field_bounds(model: type[BaseModel], path: tuple[str | int, ...]) -> str:
-    """Describe the allowed range of the field at ``path``, for error messages."""
-    current: Any = model
-    field = None
+# -- error messages ---------------------------------------------------------------------------
+
+
+def _section_at(path: tuple[str | int, ...]) -> type[BaseModel] | None:
+    """The model of the section at ``path`` (``()``: the root), None if there is none."""
+    model: Any = MinerUConfig
     for part in path:
-        if not (isinstance(current, type) and issubclass(current, BaseModel)) or part not in current.model_fields:
-            return ""
-        field = current.model_fields[part]
-        current = field.annotation
+        field = model.model_fields.get(part)
+        model = field.annotation if field is not None else None
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return None
+    return model
+
+
+def _field_bounds(path: tuple[str | int, ...]) -> str:
+    """Describe the allowed range of the field at ``path``, for error messages."""
+    section = _section_at(path[:-1])
+    field = section.model_fields.get(path[-1]) if section is not None else None
     if field is None:
         return ""
-    bounds = []
-    for meta in field.metadata:
-        for attr, sign in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
-            value = getattr(meta, attr, None)
-            if value is not None:
-                bounds.append(f"{sign} {value}")
-        for attr, sign in (("min_length", "length >="), ("max_length", "length <=")):
-            value = getattr(meta, attr, None)
-            if value is not None:
-                bounds.append(f"{sign} {value}")
+    bounds = [
+        f"{sign} {getattr(meta, attr)}"
+        for meta in field.metadata
+        for attr, sign in _BOUND_SIGNS.items()
+        if getattr(meta, attr, None) is not None
+    ]
     return " and ".join(bounds)
 
 
-def _shown_value(loc: tuple[str | int, ...], value: Any) -> str:
-    """The offending value for an error message, never a secret.
+def _closest_field(path: tuple[str | int, ...]) -> str | None:
+    """The field of the section at ``path[:-1]`` closest to the unknown key ``path[-1]``, if any."""
+    section = _section_at(path[:-1])
+    close = difflib.get_close_matches(str(path[-1]), list(section.model_fields), n=1) if section else []
+    return close[0] if close else None
+
+
+def _shown_value(names: tuple[str | int, ...], value: Any) -> str:
+    """The offending value for an error message, never a secret (judged by every name in ``names``).
 
     A whole mapping is reported by its keys only: under a misspelt section it may hold an API key.
     """
-    if any(marker in str(part).lower() for part in loc for marker in _SECRET_MARKERS):
+    if any(marker in str(name).lower() for name in names for marker in _SECRET_MARKERS):
         return "<secret>"
     if isinstance(value, dict):
         return "{" + ", ".join(f"{k}: ..." for k in value) + "}"
     return repr(value)
 
 
-def _format_validation_error(error: ValidationError, sources: dict[str, str]) -> str:
+def _origin(loc: tuple[str | int, ...], environ: Mapping[str, str], file: Path) -> str:
+    """Where the value at ``loc`` came from: the variable naming it (or its section), else the file."""
+    names = {name.upper() for name in environ}
+    for end in range(len(loc), 0, -1):
+        name = ENV_PREFIX + ENV_NESTED_DELIMITER.join(str(p) for p in loc[:end]).upper()
+        if name in names:
+            return f"env {name}"
+    return str(file) if file.is_file() else ""
+
+
+def _format_validation_error(error: ValidationError, origin: Callable[[tuple[str | int, ...]], str]) -> str:
     lines = []
     for item in error.errors():
         loc = tuple(item["loc"])
         dotted = ".".join(str(p) for p in loc)
-        shown = _shown_value(loc, item.get("input"))
-        bounds = _field_bounds(MinerUConfig, loc)
+        bounds = _field_bounds(loc)
         allowed = f"; allowed: {bounds}" if bounds else ""
-        source = sources.get(dotted, "")
-        origin = f" (from {source})" if source else ""
-        lines.append(f"{dotted} = {shown}{origin}: {item['msg']}{allowed}")
+        # An unknown key: name the field it probably meant, and hide its value if that one is a secret.
+        close = _closest_field(loc) if item["type"] == "extra_forbidden" else None
+        hint = f"; did you mean {'.'.join(map(str, (*loc[:-1], close)))}?" if close else ""
+        shown = _shown_value((*loc, close or ""), item.get("input"))
+        source = origin(loc)
+        where = f" (from {source})" if source else ""
+        lines.append(f"{dotted} = {shown}{where}: {item['msg']}{allowed}{hint}")
     return "invalid configuration:\n  " + "\n  ".join(lines)
 
 
-def _env_overrides(environ: dict[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
-    """Turn ``MKG_SECTION__FIELD=value`` into a nested dict and remember each source."""
-    overrides: dict[str, Any] = {}
-    sources: dict[str, str] = {}
-    for name, raw in environ.items():
-        if not name.startswith(ENV_PREFIX) or name in NON_CONFIG_ENV:
-            continue
-        parts = name[len(ENV_PREFIX) :].lower().split(ENV_NESTED_DELIMITER)
-        if not all(parts):
-            continue
-        target = overrides
-        for part in parts[:-1]:
-            target = target.setdefault(part, {})
-            if not isinstance(target, dict):
-                break
-        else:
-            value: Any = raw
-            if parts[-1] == "golden_set":
-                value = [item.strip() for item in raw.split(",") if item.strip()]
-            target[parts[-1]] = value
-            sources[".".join(parts)] = f"env {name}"
-    return overrides, sources
+# -- loading ------------------------------------------------------------------------------------
 
 
-def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in top.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    import yaml  # local import: only loaders need it
-
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping at the top level, got {type(data).__name__}")
-    return data
-
-
-def load_config(path: str | Path | None = None, environ: dict[str, str] | None = None) -> MinerUConfig:
-    """Load defaults ← YAML file ← ``MKG_*`` environment variables.
-
-    ``path`` wins over ``MKG_CONFIG_FILE``, which wins over the repo's
-    ``config/mineru.yaml``. A missing default file is fine (pure env config
-    in containers); a missing explicitly named file is an error.
-    """
-    environ = dict(os.environ if environ is None else environ)
+def _inputs(path: str | Path | None, environ: Mapping[str, str] | None) -> tuple[Path, Mapping[str, str]]:
+    """(YAML file, environment) to load from: ``path``, else ``MKG_CONFIG_FILE``, else the repo's file."""
+    environ = os.environ if environ is None else environ
     explicit = path or environ.get(CONFIG_FILE_ENV)
-    file_path = Path(explicit) if explicit else DEFAULT_CONFIG_FILE
-    data: dict[str, Any] = {}
-    sources: dict[str, str] = {}
-    if file_path.exists():
-        data = _read_yaml(file_path)
-    elif explicit:
-        raise ConfigError(f"config file {file_path} does not exist")
-    overrides, sources = _env_overrides(environ)
-    merged = _deep_merge(data, overrides)
+    if explicit and not Path(explicit).is_file():
+        raise ConfigError(f"config file {explicit} does not exist")
+    return (Path(explicit) if explicit else DEFAULT_CONFIG_FILE), environ
+
+
+# The inputs of the load_config() call in progress: pydantic-settings builds its sources in a
+# classmethod, so per-call arguments reach it through this variable.
+_LOADING: ContextVar[tuple[Path, Mapping[str, str]] | None] = ContextVar("mkg_config_loading", default=None)
+
+
+class EnvironmentSource(EnvSettingsSource):
+    """``MKG_*`` variables of a given mapping (``os.environ`` unless a test passes its own)."""
+
+    def __init__(self, settings_cls: type[BaseSettings], environ: Mapping[str, str]) -> None:
+        self._environ = environ
+        super().__init__(settings_cls)
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        return {name.lower(): value for name, value in self._environ.items()}
+
+
+class YamlFileSource(YamlConfigSettingsSource):
+    """The YAML file; a file that is not YAML or not a mapping is a :class:`ConfigError` naming it."""
+
+    def _read_file(self, file_path: Path) -> dict[str, Any]:  # type: ignore[override]
+        import yaml
+
+        try:
+            data = super()._read_file(file_path)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {file_path} is not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(
+                f"config file {file_path} must hold a mapping at the top level, got {type(data).__name__}"
+            )
+        return data
+
+
+class Settings(BaseSettings, MinerUConfig):
+    """:class:`MinerUConfig` read from its sources: environment over YAML file over defaults."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter=ENV_NESTED_DELIMITER, extra="forbid")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        file, environ = _LOADING.get() or _inputs(None, None)
+        return init_settings, EnvironmentSource(settings_cls, environ), YamlFileSource(settings_cls, yaml_file=file)
+
+
+def load_config(path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> MinerUConfig:
+    """Load defaults ← YAML file ← ``MKG_*`` environment variables, afresh (tests and tools).
+
+    ``path`` wins over ``MKG_CONFIG_FILE``, which wins over the repo's ``config/mineru.yaml``. A
+    missing default file is fine (pure env config in containers); a missing named file is an error.
+    """
+    file, environ = _inputs(path, environ)
+    token = _LOADING.set((file, environ))
     try:
-        return MinerUConfig.model_validate(merged)
+        return Settings()
     except ValidationError as exc:
-        raise ConfigError(_format_validation_error(exc, sources)) from None
+        raise ConfigError(_format_validation_error(exc, lambda loc: _origin(loc, environ, file))) from None
+    except SettingsError as exc:  # a section given whole as JSON that is not: MKG_VLLM='{...'
+        raise ConfigError(f"invalid configuration: {exc}") from None
+    finally:
+        _LOADING.reset(token)
+
+
+@cache
+def get_settings() -> MinerUConfig:
+    """This process's settings, loaded on first use and then shared.
+
+    Tests that change the environment call ``get_settings.cache_clear()`` to load again.
+    """
+    return load_config()
+
+
+def with_overrides(config: MinerUConfig, values: Mapping[str, Any], origin: str) -> MinerUConfig:
+    """``config`` with some fields replaced (dotted name -> value; ``None`` keeps the field), checked
+    against the same bounds as the file and the environment. ``origin`` names them in errors."""
+    data = config.model_dump()  # SecretStr values stay SecretStr
+    changed = False
+    for dotted, value in values.items():
+        if value is not None:
+            *sections, name = dotted.split(".")
+            target = data
+            for section in sections:
+                target = target[section]
+            target[name] = value
+            changed = True
+    if not changed:
+        return config
+    try:
+        return MinerUConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, lambda loc: origin)) from None

@@ -11,7 +11,7 @@ import dagster as dg
 
 from mkg_pipeline.assets import pipeline_assets
 from mkg_pipeline.jobs import baseline_quality_job, ingest_job, promote_baseline_job
-from mkg_pipeline.resources import S3StorageResource, VLLMResource
+from mkg_pipeline.resources import pipeline_resources
 from mkg_pipeline.schedules import daily_baseline_quality_schedule
 from mkg_pipeline.sensors import incoming_pdfs_sensor
 
@@ -20,5 +20,5 @@ defs = dg.Definitions(
     jobs=[ingest_job, baseline_quality_job, promote_baseline_job],
     sensors=[incoming_pdfs_sensor],
     schedules=[daily_baseline_quality_schedule],
-    resources={"s3": S3StorageResource(), "vllm": VLLMResource()},
+    resources=pipeline_resources(),
 )

@@ -137,10 +137,10 @@ def run(args: argparse.Namespace) -> int:
         )
         from mkg_pipeline.assets import pipeline_assets
         from mkg_pipeline.batch_cli import run_sensor_tick
-        from mkg_pipeline.resources import S3StorageResource, VLLMResource
+        from mkg_pipeline.resources import pipeline_resources
 
-        s3 = S3StorageResource()
-        storage = s3.storage()
+        resources = pipeline_resources()  # the code location's: secrets as dg.EnvVar
+        storage = resources["s3"].storage()
         storage.ensure_bucket()
         for path in files:
             storage.put_bytes(f"{storage.incoming_prefix}{path.name}", path.read_bytes(), "application/pdf")
@@ -159,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
                 pipeline_assets,
                 partition_key=request.partition_key,
                 instance=instance,
-                resources={"s3": s3, "vllm": VLLMResource()},
+                resources=resources,
                 tags={**request.tags, "dagster/sensor_name": "incoming_pdfs_sensor"},
                 # progress per document and page is INFO; Dagster's step bookkeeping is DEBUG
                 run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}},

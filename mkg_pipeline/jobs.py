@@ -4,6 +4,7 @@
 import dagster as dg
 
 from mkg_pipeline.assets import ingest_batches, pipeline_assets, quality_baseline_diffs, vlm_outputs
+from mkg_pipeline.config import get_settings
 from mkg_pipeline.resources import S3StorageResource, VLLMResource
 
 GOLDEN_PREFIX = "golden-"
@@ -53,7 +54,7 @@ def promote_baseline(
     if config.doc_ids:
         doc_ids = accepted_doc_ids(manifest, config.doc_ids)
     else:
-        sources = settings.quality.golden_set if config.sources is None else config.sources
+        sources = get_settings().quality.golden_set if config.sources is None else config.sources
         by_source = {
             key.rsplit("/", 1)[-1]: r["doc_id"]
             for key, r in manifest.get("results", {}).items()

@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 import dagster as dg
 
 from mkg_pipeline.assets import ingest_batches
+from mkg_pipeline.config import get_settings
 from mkg_pipeline.jobs import GOLDEN_PREFIX, ingest_job
 from mkg_pipeline.resources import S3StorageResource
 
@@ -114,7 +115,7 @@ def incoming_pdfs_sensor(context: dg.SensorEvaluationContext, s3: S3StorageResou
     from mkg_pipeline.stages.sensor_plan import Cursor, ListedObject, plan_tick
 
     storage = s3.storage()
-    settings = s3.pipeline_config()
+    settings = get_settings()
     cursor = Cursor.load(context.cursor)
     run_requests, cursor = _retry_requests(context, storage, cursor)
 

@@ -4,6 +4,7 @@
 import dagster as dg
 
 from mkg_pipeline.assets.partitions import ingest_batches
+from mkg_pipeline.config import get_settings
 from mkg_pipeline.resources import S3StorageResource
 
 
@@ -23,7 +24,7 @@ def raw_pdfs(context: dg.AssetExecutionContext, config: RawPdfsConfig, s3: S3Sto
     from mkg_pipeline.stages.ingest import ingest_batch
 
     storage = s3.storage()
-    settings = s3.pipeline_config()
+    settings = get_settings()
     summary = ingest_batch(
         storage, context.partition_key, settings.pdf, drain_incoming=config.drain_incoming, progress=context.log.info
     )

@@ -5,6 +5,7 @@ import dagster as dg
 
 from mkg_pipeline.assets.ingest import raw_pdfs
 from mkg_pipeline.assets.partitions import ingest_batches
+from mkg_pipeline.config import get_settings
 from mkg_pipeline.resources import S3StorageResource
 
 
@@ -30,7 +31,7 @@ def parsed_pages(
     from mkg_pipeline.stages.pages import render_document
 
     storage = s3.storage()
-    settings = s3.pipeline_config()
+    settings = get_settings()
     doc_ids = accepted_doc_ids(read_batch_manifest(storage, context.partition_key), config.doc_ids)
     rendered, skipped, pages, failed = 0, 0, 0, []
     for index, doc_id in enumerate(doc_ids, start=1):

@@ -6,6 +6,7 @@ import dagster as dg
 from mkg_pipeline.assets.partitions import ingest_batches
 from mkg_pipeline.assets.vlm import vlm_outputs
 from mkg_pipeline.checks import evaluate_quality, quality_check_specs
+from mkg_pipeline.config import get_settings
 from mkg_pipeline.resources import S3StorageResource, VLLMResource
 
 
@@ -56,6 +57,6 @@ def quality_baseline_diffs(
             "report_uri": storage.uri(storage.quality_report_key(day, f"{context.partition_key}.json")),
         },
         check_results=evaluate_quality(
-            report, settings.quality.min_baseline_similarity, settings.quality.min_text_layer_similarity
+            report, get_settings().quality.min_baseline_similarity, get_settings().quality.min_text_layer_similarity
         ),
     )

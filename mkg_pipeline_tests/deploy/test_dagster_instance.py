@@ -174,6 +174,7 @@ def test_run_pod_is_valid_and_cpu_only(overlay: tuple[str, list[dict]]) -> None:
     (container,) = list(containers(spec))
     assert gpu_count(container) == (0, 0), f"{name}: run pods must not request a GPU"
     assert "nodeSelector" not in spec or not any("gpu" in k for k in spec["nodeSelector"])
+    # DESIGN.md, Orchestration: CPU-only run pods, requests 2 CPU / 4 Gi, limits 4 CPU / 8 Gi.
     assert container["resources"] == {
         "requests": {"cpu": "2", "memory": "4Gi"},
         "limits": {"cpu": "4", "memory": "8Gi"},
@@ -225,15 +226,3 @@ def test_run_tags_cannot_ask_for_a_gpu(overlay: tuple[str, list[dict]]) -> None:
     annotated = {"pod_template_spec_metadata": {"annotations": {"team": "docs"}}}
     job = _run_job(objs, tags={"dagster-k8s/config": json.dumps(annotated)})
     assert job["spec"]["template"]["metadata"]["annotations"]["team"] == "docs"
-
-
-def test_worker_sizing_matches_the_pipeline_config(overlay: tuple[str, list[dict]]) -> None:
-    """config/mineru.yaml's workers.* mirror the run pod requests and the run queue."""
-    from mkg_pipeline.config import load_config
-
-    _, objs = overlay
-    workers = load_config(environ={}).workers
-    container = _run_job(objs)["spec"]["template"]["spec"]["containers"][0]
-    assert float(container["resources"]["requests"]["cpu"]) == workers.cpu
-    assert container["resources"]["requests"]["memory"] == f"{workers.memory_gib:g}Gi"
-    assert instance_yaml(objs)["concurrency"]["runs"]["max_concurrent_runs"] == workers.count

@@ -72,13 +72,13 @@ class PipelineEnv:
 
     def materialize(self, partition: str, run_config: dict | None = None) -> dg.ExecuteInProcessResult:
         from mkg_pipeline.assets import pipeline_assets
-        from mkg_pipeline.resources import S3StorageResource, VLLMResource
+        from mkg_pipeline.resources import pipeline_resources
 
         return dg.materialize(
             pipeline_assets,
             partition_key=partition,
             instance=self.instance,
-            resources={"s3": S3StorageResource(), "vllm": VLLMResource()},
+            resources=pipeline_resources(),  # what the code location uses
             run_config=run_config,
             raise_on_error=False,
         )

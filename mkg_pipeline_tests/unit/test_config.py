@@ -14,7 +14,9 @@ from mkg_pipeline.config import (
     HTTPClientConfig,
     MinerUConfig,
     VLLMServerConfig,
+    get_settings,
     load_config,
+    with_overrides,
 )
 
 SECRET = "sk-config-test-secret-42"
@@ -34,10 +36,8 @@ def assert_seed_values(cfg: MinerUConfig) -> None:
     assert cfg.circuit_breaker.failure_threshold == 5
     assert cfg.circuit_breaker.recovery_timeout_s == 60
     assert cfg.circuit_breaker.success_threshold == 2
-    assert cfg.workers.count == 8
-    assert cfg.workers.backend == "vlm-http-client"
-    assert cfg.workers.cpu == 2
-    assert cfg.workers.memory_gib == 4
+    assert cfg.workers.batch_size == 50
+    assert cfg.workers.timeout_s == 600
     assert cfg.vllm.api_key is None
 
 
@@ -155,7 +155,7 @@ def test_unrelated_env_variables_are_ignored() -> None:
         ("MKG_HTTP_CLIENT__TIMEOUT_S", "http_client.timeout_s", "'99999'", ">= 1 and <= 3600"),
         ("MKG_CIRCUIT_BREAKER__FAILURE_THRESHOLD", "circuit_breaker.failure_threshold", "'0'", ">= 1 and <= 1000"),
         ("MKG_VLLM__MAX_IN_FLIGHT", "vllm.max_in_flight", "'5000'", ">= 1 and <= 4096"),
-        ("MKG_WORKERS__CPU", "workers.cpu", "'0'", "> 0 and <= 64"),
+        ("MKG_PDF__DPI", "pdf.dpi", "'10'", ">= 36 and <= 600"),
     ],
 )
 def test_out_of_range_env_value_names_field_value_and_range(env: str, dotted: str, shown: str, allowed: str) -> None:
@@ -172,7 +172,7 @@ def test_out_of_range_yaml_value_names_field_value_and_range(tmp_path: Path) -> 
     with pytest.raises(ConfigError) as info:
         load_config(path, environ={})
     message = str(info.value)
-    assert "http_client.pool_size = 0" in message
+    assert f"http_client.pool_size = 0 (from {path})" in message
     assert "allowed: >= 1 and <= 1000" in message
 
 
@@ -195,9 +195,51 @@ def test_unknown_env_field_is_an_error_naming_the_variable() -> None:
     assert "MKG_HTTP_CLIENT__POOL_SIZ" in str(info.value)
 
 
-def test_unknown_env_section_is_an_error() -> None:
-    with pytest.raises(ConfigError, match=r"nosuchsection = .*Extra inputs are not permitted"):
-        load_config(environ={"MKG_NOSUCHSECTION__FIELD": "1"})
+def test_unknown_env_field_names_the_closest_field() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(environ={"MKG_VLLM__URLL": "http://gpu:8000"})
+    assert "vllm.urll = 'http://gpu:8000' (from env MKG_VLLM__URLL)" in str(info.value)
+    assert "did you mean vllm.url?" in str(info.value)
+
+
+def test_variables_that_name_no_section_are_ignored() -> None:
+    # Not MKG_<known section>__<field> nor a top-level field: not configuration (issue 11).
+    cfg = load_config(environ={"MKG_NOSUCHSECTION__FIELD": "1", "MKG_VLLM_URL": "http://elsewhere:1"})
+    assert cfg.vllm.url == "http://127.0.0.1:8000"
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "MKG_CODE_LOCATION_SERVICE_HOST",
+        "MKG_CODE_LOCATION_SERVICE_PORT",
+        "MKG_CODE_LOCATION_SERVICE_PORT_GRPC",
+        "MKG_CODE_LOCATION_PORT",
+        "MKG_CODE_LOCATION_PORT_3030_TCP",
+        "MKG_CODE_LOCATION_PORT_3030_TCP_ADDR",
+        "MKG_CODE_LOCATION_PORT_3030_TCP_PORT",
+        "MKG_CODE_LOCATION_PORT_3030_TCP_PROTO",
+        "MKG_PUSHGATEWAY_URL",
+        "MKG_CORPUS_DIR",
+    ],
+)
+def test_kubernetes_service_links_and_non_config_variables_are_ignored(name: str) -> None:
+    assert load_config(environ={name: "10.96.0.12", "MKG_VLLM__URL": "http://vllm:8000"}).vllm.url == "http://vllm:8000"
+
+
+def test_unknown_yaml_section_is_an_error(tmp_path: Path) -> None:
+    path = write_yaml(tmp_path, "vllmm:\n  api_key: sk-in-yaml\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, environ={})
+    message = str(info.value)
+    assert f"vllmm = {{api_key: ...}} (from {path})" in message
+    assert "did you mean vllm?" in message
+    assert "sk-in-yaml" not in message
+
+
+def test_section_as_json_that_is_not_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match='field "vllm"'):
+        load_config(environ={"MKG_VLLM": "{not json"})
 
 
 def test_unknown_yaml_key_is_an_error(tmp_path: Path) -> None:
@@ -232,12 +274,53 @@ def test_secret_not_echoed_in_config_errors() -> None:
     assert "vllm.api_key_typo = <secret>" in str(info.value)
 
 
-def test_secret_under_a_misspelt_section_is_not_echoed() -> None:
+def test_secret_in_a_whole_section_variable_is_not_echoed() -> None:
     with pytest.raises(ConfigError) as info:
-        load_config(environ={"MKG_VLLMM__API_KEY": SECRET})
+        load_config(environ={"MKG_VLLM": f'{{"url": "ftp://gpu", "api_kee": "{SECRET}"}}'})
     assert SECRET not in str(info.value)
+    assert "vllm.api_kee = <secret> (from env MKG_VLLM)" in str(info.value)
 
 
 def test_non_config_mkg_variables_are_not_read_as_fields() -> None:
     environ = {"MKG_CORPUS_DIR": "/data/corpus", "MKG_PUSHGATEWAY_URL": "http://pgw:9091"}
     assert load_config(environ=environ).vllm.max_in_flight == 256
+
+
+# -- one settings object per process, resource overrides -------------------------------------------
+
+
+def test_get_settings_loads_once_until_cleared(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MKG_PDF__DPI", "120")
+    get_settings.cache_clear()
+    first = get_settings()
+    assert first.pdf.dpi == 120
+    monkeypatch.setenv("MKG_PDF__DPI", "200")
+    assert get_settings() is first  # the process's settings do not drift under it
+    get_settings.cache_clear()
+    assert get_settings().pdf.dpi == 200
+    get_settings.cache_clear()
+
+
+def test_settings_are_frozen() -> None:
+    cfg = load_config(environ={})
+    with pytest.raises(ValueError, match="frozen"):
+        cfg.vllm.url = "http://elsewhere:1"  # type: ignore[misc]
+
+
+def test_overrides_replace_fields_and_keep_the_rest() -> None:
+    cfg = load_config(environ={"MKG_VLLM__API_KEY": SECRET, "MKG_PDF__DPI": "100"})
+    out = with_overrides(cfg, {"vllm.url": "http://gpu:9/", "vllm.model": None, "engine": "mineru"}, "resource vllm")
+    assert (out.vllm.url, out.engine) == ("http://gpu:9", "mineru")
+    assert out.vllm.model == cfg.vllm.model and out.pdf.dpi == 100
+    assert out.vllm.api_key is not None and out.vllm.api_key.get_secret_value() == SECRET
+    assert with_overrides(cfg, {"vllm.url": None}, "resource vllm") is cfg
+
+
+def test_overrides_get_the_same_bounds_and_messages() -> None:
+    cfg = load_config(environ={})
+    with pytest.raises(ConfigError) as info:
+        with_overrides(cfg, {"vllm.url": "ftp://gpu", "storage.bucket": "ab", "vllm.api_key": SECRET}, "resource s3")
+    message = str(info.value)
+    assert "vllm.url = 'ftp://gpu' (from resource s3)" in message
+    assert "storage.bucket = 'ab' (from resource s3)" in message and "allowed: length >= 3 and length <= 63" in message
+    assert SECRET not in message
