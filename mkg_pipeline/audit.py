@@ -17,13 +17,14 @@ what to run. Severities: ``error`` (the invariant is broken: something is lost o
 status 1), ``warning`` (nothing lost, but a person should look), ``pending`` (work not done yet,
 summarised per batch).
 
-Cost: the whole bucket is one LIST per prefix (``batches/``, ``incoming/``, ``rejected/``, ``raw/``,
-``pages/``, ``vlm/``) plus one GET per batch manifest, page manifest, render failure and status; never
-a request per page. ``raw/``, ``pages/`` and ``vlm/`` are listed as three streams merged by document
-id (keys are listed in order), so memory holds one document's keys at a time, plus the batch index.
-With ``--batch`` only that batch is audited: one GET of its manifest, a HEAD per object, and a LIST of
-``raw/<doc>.``, ``pages/<doc>/`` and ``vlm/<doc>/`` per document; the orphan checks need the whole
-bucket and are skipped.
+Cost: the whole bucket is one LIST per prefix (``incoming/``, ``rejected/``, ``raw/``, ``batches/``,
+``pages/``, ``vlm/``) plus one GET per batch manifest, page manifest, render failure and status; never a
+request per page. Memory: batch manifests are checked as they are read and only a compact index is
+kept (document -> batch, hashes of settled objects); ``raw/`` is a dict of flags per document;
+``pages/`` and ``vlm/`` are streamed and merged with it by document id (listings are in key order), so
+one document's keys are held at a time. With ``--batch`` only that batch is audited: one GET of its
+manifest, a HEAD per object, and a LIST of ``raw/<doc>.``, ``pages/<doc>/`` and ``vlm/<doc>/`` per
+document; the orphan checks need the whole bucket and are skipped.
 
 No Dagster here; the asset check ``bucket_accounting`` (checks.py) runs :func:`audit_bucket` for the
 partition's batch.
@@ -159,14 +160,16 @@ def _materialize(asset: str, batch_id: str | None, doc_id: str | None = None, ex
 
 @dataclass
 class _BatchIndex:
+    """What the documents' checks need from the manifests, kept compact (a million objects fit)."""
+
     #: doc_id -> a batch that accepted it (or lists it, for golden batches)
     doc_batch: dict[str, str] = field(default_factory=dict)
-    #: (key, etag) -> batch whose manifest holds an accepted/rejected outcome for it
-    settled: dict[tuple[str, str], str] = field(default_factory=dict)
-    #: incoming keys some manifest lists
-    listed_keys: set[str] = field(default_factory=set)
-    #: (batch_id, object, outcome)
-    objects: list[tuple[str, dict[str, Any], dict[str, Any] | None]] = field(default_factory=list)
+    #: hashes of (key, etag) that some manifest settled (accepted/rejected)
+    settled: set[int] = field(default_factory=set)
+    #: keys of incoming/ that some manifest lists
+    batched_incoming: set[str] = field(default_factory=set)
+    #: objects with no outcome that left incoming/: lost unless another manifest settled them
+    lost_candidates: list[tuple[str, str, str, dict[str, Any] | None]] = field(default_factory=list)
 
 
 def _read_manifest(storage: Storage, key: str, report: AuditReport) -> dict[str, Any] | None:
@@ -188,44 +191,55 @@ def _read_manifest(storage: Storage, key: str, report: AuditReport) -> dict[str,
         return None
 
 
-def _index_manifest(index: _BatchIndex, batch_id: str, manifest: dict[str, Any], report: AuditReport) -> None:
+# ---- rule 1: objects of the batch manifests ------------------------------------------------------------------
+
+
+@dataclass
+class _Lookups:
+    """Where rule 1 looks objects up: listings (whole bucket) or one request each (one batch)."""
+
+    storage: Storage
+    incoming: dict[str, ObjectInfo] | None = None
+    raw: dict[str, int] | None = None  # doc_id -> 1 (pdf) | 2 (json)
+    rejected: set[str] | None = None
+
+    def in_incoming(self, key: str) -> ObjectInfo | None:
+        return self.incoming.get(key) if self.incoming is not None else self.storage.head(key)
+
+    def has_raw(self, doc_id: str) -> bool:
+        if self.raw is not None:
+            return bool(self.raw.get(doc_id, 0) & 1)
+        return self.storage.exists(self.storage.raw_key(doc_id))
+
+    def has_rejection(self, key: str) -> bool:
+        return key in self.rejected if self.rejected is not None else self.storage.exists(key)
+
+
+def _check_manifest(
+    storage: Storage,
+    batch_id: str,
+    manifest: dict[str, Any],
+    look: _Lookups,
+    index: _BatchIndex,
+    report: AuditReport,
+) -> None:
     report.counts["batches"] += 1
     results = manifest.get("results") or {}
     for doc_id in manifest.get("doc_ids") or []:  # golden batches list documents directly
         index.doc_batch.setdefault(doc_id, batch_id)
     for obj in manifest.get("objects") or []:
-        key, etag = obj.get("key", ""), obj.get("etag", "")
-        outcome = results.get(key)
-        index.objects.append((batch_id, obj, outcome))
-        index.listed_keys.add(key)
-        if outcome and outcome.get("status") in {"accepted", "rejected"}:
-            index.settled.setdefault((key, etag), batch_id)
-            if outcome.get("status") == "accepted" and outcome.get("doc_id"):
-                index.doc_batch.setdefault(outcome["doc_id"], batch_id)
-
-
-# ---- rule 1: objects of the batch manifests ------------------------------------------------------------------
-
-
-def _check_objects(
-    storage: Storage,
-    index: _BatchIndex,
-    incoming: dict[str, ObjectInfo],
-    raw_docs: set[str] | None,
-    rejected_keys: set[str] | None,
-    report: AuditReport,
-) -> None:
-    """``raw_docs``/``rejected_keys`` None: look each one up (batch scope) instead of in a listing."""
-    for batch_id, obj, outcome in index.objects:
         report.counts["objects"] += 1
-        key, etag = obj.get("key", ""), obj.get("etag", "")
-        uri = storage.uri(key)
-        current = incoming.get(key)
+        key, etag = str(obj.get("key", "")), str(obj.get("etag", ""))
+        outcome = results.get(key)
         status = (outcome or {}).get("status")
+        uri = storage.uri(key)
+        current = look.in_incoming(key)
+        if current is not None:
+            index.batched_incoming.add(key)
         if status == "accepted":
             doc_id = outcome["doc_id"]  # type: ignore[index]
-            present = doc_id in raw_docs if raw_docs is not None else storage.exists(storage.raw_key(doc_id))
-            if not present:
+            index.doc_batch.setdefault(doc_id, batch_id)
+            if not look.has_raw(doc_id):
                 report.add(
                     Finding(
                         "accepted_raw_missing",
@@ -240,8 +254,7 @@ def _check_objects(
                 )
         elif status == "rejected":
             record = storage.rejected_key(key.rsplit("/", 1)[-1])
-            present = record in rejected_keys if rejected_keys is not None else storage.exists(record)
-            if not present:
+            if not look.has_rejection(record):
                 report.add(
                     Finding(
                         "rejection_record_missing",
@@ -254,6 +267,7 @@ def _check_objects(
                     )
                 )
         if status in {"accepted", "rejected"}:
+            index.settled.add(hash((key, etag)))
             if current is not None and current.etag == etag:
                 report.add(
                     Finding(
@@ -282,13 +296,18 @@ def _check_objects(
                     )
                 )
             continue
-        if (key, etag) in index.settled:
+        index.lost_candidates.append((batch_id, key, etag, outcome))
+
+
+def _report_lost(storage: Storage, index: _BatchIndex, report: AuditReport) -> None:
+    for batch_id, key, etag, outcome in index.lost_candidates:
+        if hash((key, etag)) in index.settled:
             continue  # ingested through another batch (requested again after its first batch failed)
         report.add(
             Finding(
                 "object_lost",
                 ERROR,
-                uri,
+                storage.uri(key),
                 "the batch manifest has no outcome for this object"
                 + (f" (last: error, {outcome.get('message')})" if outcome else "")
                 + " and it is no longer in incoming/: it was removed before it was ingested",
@@ -299,9 +318,11 @@ def _check_objects(
         )
 
 
-def _check_unbatched(storage: Storage, index: _BatchIndex, incoming: dict[str, ObjectInfo], now: float, report) -> None:  # type: ignore[no-untyped-def]
+def _check_unbatched(
+    storage: Storage, index: _BatchIndex, incoming: dict[str, ObjectInfo], now: float, report: AuditReport
+) -> None:
     for key, info in incoming.items():
-        if key in index.listed_keys or key.endswith("/"):
+        if key in index.batched_incoming or key.endswith("/"):
             continue
         age = now - info.last_modified.timestamp() if info.last_modified else 0.0
         if age < UNBATCHED_AFTER_S:
@@ -340,15 +361,41 @@ def _split(key: str, prefix: str) -> tuple[str, str] | None:
     return (doc_id, rest) if slash else None
 
 
-def _stream_documents(storage: Storage, report: AuditReport) -> Iterator[_DocKeys]:
-    """Every document with any object under raw/, pages/ or vlm/: three listings merged by doc_id."""
-    streams = [_grouped_stream(storage.list_objects(p), p, report) for p in ("raw/", "pages/", "vlm/")]
+def _stream_documents(storage: Storage, raw: dict[str, int], report: AuditReport) -> Iterator[_DocKeys]:
+    """Every document with any object under raw/, pages/ or vlm/, merged by doc_id (listings are sorted)."""
+    raw_stream = (
+        (d, "raw/", [n for bit, n in ((1, "pdf"), (2, "json")) if flags & bit]) for d, flags in sorted(raw.items())
+    )
+    streams = [raw_stream, *(_grouped_stream(storage.list_objects(p), p, report) for p in ("pages/", "vlm/"))]
     merged = heapq.merge(*streams, key=lambda item: item[0])
     for doc_id, parts in itertools.groupby(merged, key=lambda item: item[0]):
         doc = _DocKeys(doc_id)
         for _, prefix, names in parts:
             {"raw/": doc.raw, "pages/": doc.pages, "vlm/": doc.vlm}[prefix].update(names)
         yield doc
+
+
+def _unexpected(key: str, prefix: str, report: AuditReport) -> None:
+    report.add(
+        Finding(
+            "unexpected_key",
+            WARNING,
+            key,
+            f"not a key of the layout under {prefix} (document ids are 16 hex characters)",
+            "find out what wrote it; the pipeline never reads it",
+        )
+    )
+
+
+def _list_raw(storage: Storage, report: AuditReport) -> dict[str, int]:
+    raw: dict[str, int] = {}
+    for obj in storage.list_objects("raw/"):
+        split = _split(obj.key, "raw/")
+        if split is None or not _DOC_ID.match(split[0]) or split[1] not in {"pdf", "json"}:
+            _unexpected(obj.key, "raw/", report)
+            continue
+        raw[split[0]] = raw.get(split[0], 0) | (1 if split[1] == "pdf" else 2)
+    return raw
 
 
 def _grouped_stream(
@@ -360,15 +407,7 @@ def _grouped_stream(
         for obj in objects:
             split = _split(obj.key, prefix)
             if split is None or not _DOC_ID.match(split[0]):
-                report.add(
-                    Finding(
-                        "unexpected_key",
-                        WARNING,
-                        obj.key,
-                        f"not a key of the layout under {prefix} (document ids are 16 hex characters)",
-                        "find out what wrote it; the pipeline never reads it",
-                    )
-                )
+                _unexpected(obj.key, prefix, report)
                 continue
             yield split
 
@@ -587,46 +626,39 @@ def audit_bucket(
     """Check the accounting invariant over the whole bucket, or over one batch (``batch_id``)."""
     report = AuditReport(bucket=storage.bucket, identity=identity, scope=f"batch {batch_id}" if batch_id else "all")
     index = _BatchIndex()
-    if batch_id is None:
-        for obj in storage.list_objects("batches/"):
-            if obj.key.endswith(".json"):
-                manifest = _read_manifest(storage, obj.key, report)
-                if manifest is not None:
-                    _index_manifest(index, obj.key[len("batches/") : -len(".json")], manifest, report)
-        incoming = {o.key: o for o in storage.list_objects(storage.incoming_prefix)}
-        raw_docs = set()
-        rejected = {o.key for o in storage.list_objects("rejected/")}
-        for doc in _stream_documents(storage, report):
-            if "pdf" in doc.raw:
-                raw_docs.add(doc.doc_id)
-            _check_document(storage, doc, identity, index.doc_batch.get(doc.doc_id), True, report)
-        _check_objects(storage, index, incoming, raw_docs, rejected, report)
-        _check_unbatched(storage, index, incoming, (now or datetime.now(UTC)).timestamp(), report)
+    if batch_id is not None:
+        _audit_batch(storage, identity, batch_id, index, report)
         return report
 
+    incoming = {o.key: o for o in storage.list_objects(storage.incoming_prefix)}
+    rejected = {o.key for o in storage.list_objects("rejected/")}
+    raw = _list_raw(storage, report)
+    look = _Lookups(storage, incoming=incoming, raw=raw, rejected=rejected)
+    for obj in storage.list_objects("batches/"):
+        if obj.key.endswith(".json"):
+            manifest = _read_manifest(storage, obj.key, report)
+            if manifest is not None:
+                _check_manifest(storage, obj.key[len("batches/") : -len(".json")], manifest, look, index, report)
+    _report_lost(storage, index, report)
+    for doc in _stream_documents(storage, raw, report):
+        _check_document(storage, doc, identity, index.doc_batch.get(doc.doc_id), True, report)
+    _check_unbatched(storage, index, incoming, (now or datetime.now(UTC)).timestamp(), report)
+    return report
+
+
+def _audit_batch(storage: Storage, identity: str, batch_id: str, index: _BatchIndex, report: AuditReport) -> None:
     manifest = _read_manifest(storage, storage.batch_key(batch_id), report)
     if manifest is None:
-        return report
-    _index_manifest(index, batch_id, manifest, report)
-    incoming = {}
-    for _, obj, _ in index.objects:
-        info = storage.head(obj.get("key", ""))
-        if info is not None:
-            incoming[info.key] = info
-    _check_objects(storage, index, incoming, None, None, report)
+        return
+    _check_manifest(storage, batch_id, manifest, _Lookups(storage), index, report)
+    _report_lost(storage, index, report)
     for doc_id in [d for d, b in index.doc_batch.items() if b == batch_id]:
         doc = _DocKeys(doc_id)
-        doc.raw.update(ext for o in storage.list_objects(f"raw/{doc_id}.") if (ext := o.key.rsplit(".", 1)[-1]))
-        doc.pages.update(
-            o.key[len(storage.page_prefix(doc_id)) :] for o in storage.list_objects(storage.page_prefix(doc_id))
-        )
-        doc.vlm.update(
-            o.key[len(storage.vlm_prefix(doc_id)) :] for o in storage.list_objects(storage.vlm_prefix(doc_id))
-        )
-        if "pdf" not in doc.raw:
-            continue  # reported as accepted_raw_missing
-        _check_document(storage, doc, identity, batch_id, False, report)
-    return report
+        doc.raw.update(o.key.rsplit(".", 1)[-1] for o in storage.list_objects(f"raw/{doc_id}."))
+        for prefix, names in ((storage.page_prefix(doc_id), doc.pages), (storage.vlm_prefix(doc_id), doc.vlm)):
+            names.update(o.key[len(prefix) :] for o in storage.list_objects(prefix))
+        if "pdf" in doc.raw:  # otherwise reported as accepted_raw_missing
+            _check_document(storage, doc, identity, batch_id, False, report)
 
 
 def main(argv: list[str] | None = None) -> int:
