@@ -11,7 +11,9 @@ like the daemon does, a real Dagster instance in a temp DAGSTER_HOME) in four si
              every tick must list them, and must not re-request them
 
 For each: median tick time over --repeat ticks, the time of the incoming/ listing alone (what S3
-costs, apart from the sensor's own work), and the cursor's size in bytes.
+costs, apart from the sensor's own work), and the cursor's size in bytes; for the last one also the
+planning alone. Note: moto answers each ListObjectsV2 page in time proportional to the bucket, so a
+listing of N objects costs O(N^2) there; S3 and MinIO answer a page in roughly constant time.
 
     python benchmarks/sensor_tick.py [--objects 10000] [--repeat 5]
 """
@@ -65,6 +67,25 @@ class Ticker:
             elapsed = time.perf_counter() - started
         self.cursor = result.cursor
         return elapsed, len(result.run_requests or [])
+
+    def planning_s(self) -> float:
+        """The sensor's own work on the listing (plan_tick), apart from S3: median of 3."""
+        from mkg_pipeline.config import get_settings
+        from mkg_pipeline.resources import S3StorageResource
+        from mkg_pipeline.stages.sensor_plan import Cursor, ListedObject, plan_tick
+
+        storage = S3StorageResource().storage()
+        listing = [
+            ListedObject(o.key, o.etag, o.size, o.last_modified.timestamp() if o.last_modified else 0.0)
+            for o in storage.list_objects(storage.incoming_prefix)
+        ]
+        cursor = Cursor.load(self.cursor)
+        timings = []
+        for _ in range(3):
+            started = time.perf_counter()
+            plan_tick(listing, cursor, batch_size=get_settings().workers.batch_size)
+            timings.append(time.perf_counter() - started)
+        return statistics.median(timings)
 
     def listing_s(self) -> float:
         from mkg_pipeline.resources import S3StorageResource
@@ -143,6 +164,7 @@ def main() -> None:
             ticker.cursor,
             f"(after {drained_ticks} ticks requested all {args.objects}; then 0 requests per tick)",
         )
+        print(f"{'':10s} of which planning (plan_tick, no S3) {ticker.planning_s() * 1000:.1f} ms")
         base = medians["empty"]
         print(
             f"\nratios vs empty bucket: processed {medians['processed'] / base:.1f}x, first tick of {args.objects} "
