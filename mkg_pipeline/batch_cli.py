@@ -8,7 +8,8 @@ For CI and scripts that run `dagster asset materialize` without a daemon:
 It evaluates the real ``incoming_pdfs_sensor`` against the instance in
 ``$DAGSTER_HOME``, registers the partitions it asks for and stores the
 sensor's cursor in ``$DAGSTER_HOME/mkg_batch_cli.cursor`` so that a second call
-does not batch the same objects again.
+does not batch the same objects again. A batch whose run failed or was canceled
+(as recorded in that instance) with objects still in ``incoming/`` is printed again.
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
-"""Asset checks on page accounting and quality.
+"""Asset checks on page accounting, quality and the bucket audit.
 
-The checks are evaluated by the assets themselves (they hold the numbers) and
-declared here, so that their names, blocking behaviour and thresholds are in
-one place. ``baseline_similarity`` is blocking: a regression against the
-golden baseline stops everything downstream of the quality asset.
+The page and quality checks are evaluated by the assets themselves (they hold the numbers) and
+declared here, so that their names, blocking behaviour and thresholds are in one place;
+``bucket_accounting`` runs the audit (``mkg_pipeline/audit.py``) for the partition's batch.
+``baseline_similarity`` is blocking: a regression against the golden baseline stops everything
+downstream of the quality asset.
 """
 
 from __future__ import annotations
@@ -117,3 +118,62 @@ def evaluate_quality(report: QualityReport, min_baseline: float, min_text_layer:
             },
         ),
     ]
+
+
+# ---- the bucket audit, per batch -------------------------------------------------------------------------------
+
+BUCKET_ACCOUNTING = "bucket_accounting"
+#: findings shown in the check's metadata table (the command lists them all)
+AUDIT_ROWS = 50
+
+
+# Imported here, at the end of the module: the resources module is light, but the assets' vlm module imports
+# the specs above from this module. Dagster resolves the annotations below from this module's globals.
+from mkg_pipeline.resources import S3StorageResource, VLLMResource  # noqa: E402
+
+
+@dg.asset_check(
+    asset="vlm_outputs",
+    name=BUCKET_ACCOUNTING,
+    blocking=False,
+    description="The accounting invariant over the batch's records in the bucket (`python -m mkg_pipeline.audit "
+    "--batch <partition>`): every object ended in raw/ or rejected/ or is pending, every document is rendered "
+    "or has a recorded render failure, every page has a result or a recorded failure. See docs/runbook.md.",
+)
+def bucket_accounting(
+    context,  # AssetCheckExecutionContext; unannotated: Dagster cannot resolve it from a string annotation
+    s3: S3StorageResource,
+    vllm: VLLMResource,
+) -> dg.AssetCheckResult:
+    from mkg_pipeline.audit import ERROR, WARNING, audit_bucket
+    from mkg_pipeline.engines.base import engine_identity
+    from mkg_pipeline.markdown_table import markdown_table
+
+    settings = vllm.pipeline_config()
+    identity = engine_identity(settings.engine, settings.vllm.model, settings.prompt_version)
+    # The batch of the run (partitioned asset checks are a preview feature in Dagster 1.13); a check run on
+    # its own, outside a partitioned run, audits the whole bucket.
+    batch = context.run.tags.get("dagster/partition")
+    report = audit_bucket(s3.storage(), identity, batch_id=batch)
+    findings = sorted(report.findings, key=lambda f: (f.severity != ERROR, f.kind))
+    for finding in findings[:10]:
+        context.log.warning(f"{finding.severity} {finding.kind}: {finding.subject}: {finding.message}")
+    return dg.AssetCheckResult(
+        passed=report.ok,
+        severity=dg.AssetCheckSeverity.ERROR,
+        metadata={
+            "errors": len(report.of(ERROR)),
+            "warnings": len(report.of(WARNING)),
+            "pending": sum(report.pending.values()),
+            "pages_done": report.counts["pages_done"],
+            "pages_failed": report.counts["pages_failed"],
+            "findings": dg.MetadataValue.md(
+                markdown_table(
+                    ["severity", "finding", "where", "what is wrong", "what to do"],
+                    ((f.severity, f.kind, f.subject, f.message, f.action) for f in findings[:AUDIT_ROWS]),
+                )
+            ),
+            "scope": report.scope,
+            "command": "python -m mkg_pipeline.audit" + (f" --batch {batch}" if batch else ""),
+        },
+    )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dagster as dg
 
 from mkg_pipeline.assets import pipeline_assets
+from mkg_pipeline.checks import bucket_accounting
 from mkg_pipeline.jobs import baseline_quality_job, ingest_job, promote_baseline_job
 from mkg_pipeline.resources import pipeline_resources
 from mkg_pipeline.schedules import daily_baseline_quality_schedule
@@ -17,6 +18,7 @@ from mkg_pipeline.sensors import incoming_pdfs_sensor
 
 defs = dg.Definitions(
     assets=pipeline_assets,
+    asset_checks=[bucket_accounting],
     jobs=[ingest_job, baseline_quality_job, promote_baseline_job],
     sensors=[incoming_pdfs_sensor],
     schedules=[daily_baseline_quality_schedule],

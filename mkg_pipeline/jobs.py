@@ -1,13 +1,16 @@
-"""Jobs: the ingest job the sensor launches, the daily baseline-quality job, and baseline promotion."""
+"""Jobs: the ingest job the sensor launches, the daily baseline-quality job, and baseline promotion.
+
+Thin: promotion itself is ``stages/baseline.py``.
+"""
 
 # No `from __future__ import annotations`: Dagster reads the config/context annotations at definition time.
 import dagster as dg
 
 from mkg_pipeline.assets import ingest_batches, pipeline_assets, quality_baseline_diffs, vlm_outputs
-from mkg_pipeline.config import get_settings
 from mkg_pipeline.resources import S3StorageResource, VLLMResource
+from mkg_pipeline.stages.baseline import GOLDEN_PREFIX, golden_partition
 
-GOLDEN_PREFIX = "golden-"
+__all__ = ["GOLDEN_PREFIX", "baseline_quality_job", "golden_partition", "ingest_job", "promote_baseline_job"]
 
 ingest_job = dg.define_asset_job(
     "ingest_job",
@@ -26,10 +29,6 @@ baseline_quality_job = dg.define_asset_job(
 )
 
 
-def golden_partition(set_name: str) -> str:
-    return f"{GOLDEN_PREFIX}{set_name}"
-
-
 class PromoteBaselineConfig(dg.Config):
     batch_id: str
     """The ingestion batch whose current outputs become the golden baseline."""
@@ -45,50 +44,29 @@ def promote_baseline(
     context: dg.OpExecutionContext, config: PromoteBaselineConfig, s3: S3StorageResource, vllm: VLLMResource
 ) -> dg.Output[dict]:
     from mkg_pipeline.engines.base import engine_identity
-    from mkg_pipeline.stages.batches import accepted_doc_ids, read_batch_manifest
-    from mkg_pipeline.stages.quality_diff import promote_to_baseline
+    from mkg_pipeline.stages.baseline import PromotionError, promote_batch
 
-    storage = s3.storage()
     settings = vllm.pipeline_config()
-    manifest = read_batch_manifest(storage, config.batch_id)
-    if config.doc_ids:
-        doc_ids = accepted_doc_ids(manifest, config.doc_ids)
-    else:
-        sources = get_settings().quality.golden_set if config.sources is None else config.sources
-        by_source = {
-            key.rsplit("/", 1)[-1]: r["doc_id"]
-            for key, r in manifest.get("results", {}).items()
-            if r.get("status") == "accepted"
-        }
-        doc_ids = (
-            list(dict.fromkeys(by_source.values()))
-            if not sources
-            else [by_source[s] for s in sources if s in by_source]
+    try:
+        promotion = promote_batch(
+            s3.storage(),
+            config.batch_id,
+            engine_identity(settings.engine, settings.vllm.model, settings.prompt_version),
+            doc_ids=config.doc_ids,
+            sources=settings.quality.golden_set if config.sources is None else config.sources,
+            set_name=config.set_name,
         )
-        if not doc_ids:
-            raise dg.Failure(
-                description=f"batch {config.batch_id} holds none of {sources}; it holds {sorted(by_source)}"
-            )
-    identity = engine_identity(settings.engine, settings.vllm.model, settings.prompt_version)
-    promoted = promote_to_baseline(storage, doc_ids, identity, config.set_name, origin=config.batch_id)
-
-    # The golden set becomes a batch of its own, so the daily job can run the same assets over it.
-    partition = golden_partition(config.set_name)
-    golden_key = storage.batch_key(partition)
-    previous = storage.get_json(golden_key) if storage.exists(golden_key) else {"doc_ids": []}
-    storage.put_json(
-        golden_key,
-        {
-            "batch_id": partition,
-            "origin": f"promote_baseline from {config.batch_id}",
-            "objects": [],
-            "results": {},
-            "doc_ids": list(dict.fromkeys([*previous.get("doc_ids", []), *promoted])),
-        },
+    except PromotionError as exc:
+        raise dg.Failure(description=str(exc)) from None
+    # The golden set is a batch of its own, so the daily job can run the same assets over it.
+    context.instance.add_dynamic_partitions(ingest_batches.name, [promotion.golden_batch])
+    context.log.info(
+        f"promoted {promotion.promoted} to baseline set {config.set_name!r}; golden batch {promotion.golden_batch}"
     )
-    context.instance.add_dynamic_partitions(ingest_batches.name, [partition])
-    context.log.info(f"promoted {promoted} to baseline set {config.set_name!r}; golden batch {partition}")
-    return dg.Output(promoted, metadata={"promoted": dg.MetadataValue.json(promoted), "golden_batch": partition})
+    return dg.Output(
+        promotion.promoted,
+        metadata={"promoted": dg.MetadataValue.json(promotion.promoted), "golden_batch": promotion.golden_batch},
+    )
 
 
 @dg.job(description="Make a batch's current outputs the golden baseline that quality_baseline_diffs compares with.")

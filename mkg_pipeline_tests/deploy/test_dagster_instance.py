@@ -54,6 +54,12 @@ def _assert_instance(config: dict[str, Any]) -> None:
     runs = config["concurrency"]["runs"]
     assert runs["max_concurrent_runs"] >= 1
     assert any(limit["key"] == "mkg/golden_set" for limit in runs["tag_concurrency_limits"])
+    # one run per batch at a time (issue 9 row 2), and dead runs give their pool slots back (row 3)
+    assert {"key": "dagster/partition", "value": {"applyLimitPerUniqueValue": True}, "limit": 1} in runs[
+        "tag_concurrency_limits"
+    ]
+    assert config["run_monitoring"]["enabled"] is True
+    assert config["run_monitoring"]["free_slots_after_run_end_seconds"] > 0
     assert config["concurrency"]["pools"]["default_limit"] >= 1
     assert "postgres" in config["storage"]
     for key in ("run_coordinator", "compute_logs", "run_launcher"):

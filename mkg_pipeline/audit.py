@@ -1,0 +1,689 @@
+"""``python -m mkg_pipeline.audit``: is anything lost? The accounting invariant, checked over the bucket.
+
+The invariant (DESIGN.md, CONTRACTS.md):
+
+1. every object of every batch manifest ended in ``raw/`` (accepted) or ``rejected/``, or is still
+   pending in ``incoming/``;
+2. every document in ``raw/`` has a page manifest or a recorded render failure, or is pending (never
+   rendered yet);
+3. every page of a page manifest has a result for the configured engine identity
+   (``vlm/<doc_id>/pages/<n>.<cache_key>.json``) or a failure in ``status.json`` with its reason and
+   attempts, or its document is pending (no ``status.json`` yet);
+4. no orphans: nothing under ``pages/`` or ``vlm/`` for a document that is not in ``raw/``, and no
+   document in ``raw/`` that no batch accepted.
+
+Each problem is a :class:`Finding` that says which object, document or page, what is missing and
+what to run. Severities: ``error`` (the invariant is broken: something is lost or inconsistent; exit
+status 1), ``warning`` (nothing lost, but a person should look), ``pending`` (work not done yet,
+summarised per batch).
+
+Cost: the whole bucket is one LIST per prefix (``incoming/``, ``rejected/``, ``raw/``, ``batches/``,
+``pages/``, ``vlm/``) plus one GET per batch manifest, page manifest, render failure and status; never a
+request per page. Memory: batch manifests are checked as they are read and only a compact index is
+kept (document -> batch, hashes of settled objects); ``raw/`` is a dict of flags per document;
+``pages/`` and ``vlm/`` are streamed and merged with it by document id (listings are in key order), so
+one document's keys are held at a time. With ``--batch`` only that batch is audited: one GET of its
+manifest, a HEAD per object, and a LIST of ``raw/<doc>.``, ``pages/<doc>/`` and ``vlm/<doc>/`` per
+document; the orphan checks need the whole bucket and are skipped.
+
+No Dagster here; the asset check ``bucket_accounting`` (checks.py) runs :func:`audit_bucket` for the
+partition's batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import itertools
+import json
+import logging
+import re
+import sys
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from mkg_pipeline.engines.base import page_cache_key
+from mkg_pipeline.storage import ObjectInfo, Storage
+
+log = logging.getLogger(__name__)
+
+ERROR, WARNING, PENDING = "error", "warning", "pending"
+#: an object in incoming/ that no batch lists for this long: the sensor is not picking it up
+UNBATCHED_AFTER_S = 3600
+_DOC_ID = re.compile(r"^[0-9a-f]{16}$")
+_PAGE_RESULT = re.compile(r"^pages/(\d+)\.([^./]+)\.json$")
+
+
+@dataclass(frozen=True)
+class Finding:
+    kind: str
+    severity: str
+    subject: str  # the object, document or page concerned (an S3 URI where there is one)
+    message: str  # what is wrong
+    action: str  # what to do about it
+    batch_id: str | None = None
+    doc_id: str | None = None
+    page: int | None = None
+
+
+@dataclass
+class AuditReport:
+    bucket: str
+    identity: str
+    scope: str
+    findings: list[Finding] = field(default_factory=list)
+    counts: Counter[str] = field(default_factory=Counter)
+    #: (batch_id, what) -> number of objects/documents/pages pending
+    pending: Counter[tuple[str, str]] = field(default_factory=Counter)
+
+    def add(self, finding: Finding) -> None:
+        self.findings.append(finding)
+
+    def of(self, severity: str) -> list[Finding]:
+        return [f for f in self.findings if f.severity == severity]
+
+    @property
+    def ok(self) -> bool:
+        """The invariant holds (pending work and warnings allowed)."""
+        return not self.of(ERROR)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "bucket": self.bucket,
+            "identity": self.identity,
+            "scope": self.scope,
+            "counts": dict(self.counts),
+            "pending": [{"batch_id": b, "what": w, "count": n} for (b, w), n in sorted(self.pending.items())],
+            "findings": [asdict(f) for f in self.findings],
+        }
+
+    def to_text(self, max_per_kind: int = 20) -> str:
+        c = self.counts
+        lines = [
+            f"audit of s3://{self.bucket} ({self.scope}), engine identity {self.identity}",
+            f"checked: {c['batches']} batch(es), {c['objects']} batched object(s), {c['documents']} document(s), "
+            f"{c['pages']} page(s): {c['pages_done']} done, {c['pages_failed']} failed (recorded)",
+        ]
+        for severity in (ERROR, WARNING):
+            found = self.of(severity)
+            if not found:
+                continue
+            lines += ["", f"{severity.upper()}S ({len(found)}):"]
+            for kind, group in itertools.groupby(sorted(found, key=lambda f: f.kind), key=lambda f: f.kind):
+                items = list(group)
+                for f in items[:max_per_kind]:
+                    lines.append(f"- [{kind}] {f.subject}" + (f" (batch {f.batch_id})" if f.batch_id else ""))
+                    lines.append(f"    {f.message}")
+                    lines.append(f"    -> {f.action}")
+                if len(items) > max_per_kind:
+                    lines.append(f"- [{kind}] ... and {len(items) - max_per_kind} more (--json lists all)")
+        if self.pending:
+            lines += ["", "PENDING (work not done yet, nothing lost):"]
+            for (batch, what), n in sorted(self.pending.items()):
+                lines.append(f"- batch {batch}: {n} {what}")
+        verdict = "OK: nothing lost" if self.ok else "BROKEN: the accounting invariant does not hold"
+        lines += [
+            "",
+            f"{verdict} ({len(self.of(ERROR))} error(s), {len(self.of(WARNING))} warning(s), "
+            f"{sum(self.pending.values())} pending item(s))",
+        ]
+        return "\n".join(lines)
+
+
+# ---- pending work: what to run for it ----------------------------------------------------------------------
+
+_PENDING_WHAT = {
+    "ingest": "object(s) still in incoming/, not ingested yet -> materialize raw_pdfs for the batch",
+    "render": "document(s) not rendered yet -> materialize parsed_pages for the batch",
+    "vlm": "document(s) not sent to the VLM yet (no status.json) -> materialize vlm_outputs for the batch",
+    "stale": "document(s) whose vlm step was interrupted (status stale) -> materialize vlm_outputs for the batch",
+    "engine": "document(s) processed with another engine identity only -> materialize vlm_outputs for the batch",
+}
+
+
+def _materialize(asset: str, batch_id: str | None, doc_id: str | None = None, extra: str = "") -> str:
+    if not batch_id:
+        return f"find the batch that holds document {doc_id} and materialize {asset} for it"
+    command = f"dagster asset materialize -m mkg_pipeline --select {asset} --partition {batch_id}"
+    if doc_id:
+        config = {"ops": {asset: {"config": {"doc_ids": [doc_id], **({"force": True} if extra == "force" else {})}}}}
+        command += f" --config-json '{json.dumps(config)}'"
+    return f"run `{command}` (or materialize {asset} for partition {batch_id} in the UI)"
+
+
+# ---- the batch index -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class _BatchIndex:
+    """What the documents' checks need from the manifests, kept compact (a million objects fit)."""
+
+    #: doc_id -> a batch that accepted it (or lists it, for golden batches)
+    doc_batch: dict[str, str] = field(default_factory=dict)
+    #: hashes of (key, etag) that some manifest settled (accepted/rejected)
+    settled: set[int] = field(default_factory=set)
+    #: keys of incoming/ that some manifest lists
+    batched_incoming: set[str] = field(default_factory=set)
+    #: objects with no outcome that left incoming/: lost unless another manifest settled them
+    lost_candidates: list[tuple[str, str, str, dict[str, Any] | None]] = field(default_factory=list)
+
+
+def _read_manifest(storage: Storage, key: str, report: AuditReport) -> dict[str, Any] | None:
+    try:
+        manifest = storage.get_json(key)
+        if not isinstance(manifest, dict):
+            raise ValueError("not a JSON object")
+        return manifest
+    except (FileNotFoundError, ValueError) as exc:
+        report.add(
+            Finding(
+                "batch_manifest_unreadable",
+                ERROR,
+                storage.uri(key),
+                f"the batch manifest cannot be read: {exc}",
+                "restore it from a bucket version if versioning is on; until then its objects cannot be accounted for",
+            )
+        )
+        return None
+
+
+# ---- rule 1: objects of the batch manifests ------------------------------------------------------------------
+
+
+@dataclass
+class _Lookups:
+    """Where rule 1 looks objects up: listings (whole bucket) or one request each (one batch)."""
+
+    storage: Storage
+    incoming: dict[str, ObjectInfo] | None = None
+    raw: dict[str, int] | None = None  # doc_id -> 1 (pdf) | 2 (json)
+    rejected: set[str] | None = None
+
+    def in_incoming(self, key: str) -> ObjectInfo | None:
+        return self.incoming.get(key) if self.incoming is not None else self.storage.head(key)
+
+    def has_raw(self, doc_id: str) -> bool:
+        if self.raw is not None:
+            return bool(self.raw.get(doc_id, 0) & 1)
+        return self.storage.exists(self.storage.raw_key(doc_id))
+
+    def has_rejection(self, key: str) -> bool:
+        return key in self.rejected if self.rejected is not None else self.storage.exists(key)
+
+
+def _check_manifest(
+    storage: Storage,
+    batch_id: str,
+    manifest: dict[str, Any],
+    look: _Lookups,
+    index: _BatchIndex,
+    report: AuditReport,
+) -> None:
+    report.counts["batches"] += 1
+    results = manifest.get("results") or {}
+    for doc_id in manifest.get("doc_ids") or []:  # golden batches list documents directly
+        index.doc_batch.setdefault(doc_id, batch_id)
+    for obj in manifest.get("objects") or []:
+        report.counts["objects"] += 1
+        key, etag = str(obj.get("key", "")), str(obj.get("etag", ""))
+        outcome = results.get(key)
+        status = (outcome or {}).get("status")
+        uri = storage.uri(key)
+        current = look.in_incoming(key)
+        if current is not None:
+            index.batched_incoming.add(key)
+        if status == "accepted":
+            doc_id = outcome["doc_id"]  # type: ignore[index]
+            index.doc_batch.setdefault(doc_id, batch_id)
+            if not look.has_raw(doc_id):
+                report.add(
+                    Finding(
+                        "accepted_raw_missing",
+                        ERROR,
+                        uri,
+                        f"the batch accepted it as document {doc_id}, but {storage.uri(storage.raw_key(doc_id))} "
+                        "does not exist",
+                        "restore the PDF (from the sender or a bucket version) and drop it into incoming/ again",
+                        batch_id,
+                        doc_id,
+                    )
+                )
+        elif status == "rejected":
+            record = storage.rejected_key(key.rsplit("/", 1)[-1])
+            if not look.has_rejection(record):
+                report.add(
+                    Finding(
+                        "rejection_record_missing",
+                        ERROR,
+                        uri,
+                        f"the batch rejected it ({outcome.get('reason')}), but {storage.uri(record)} does not exist",  # type: ignore[union-attr]
+                        f"{_materialize('raw_pdfs', batch_id)} if the object is still in incoming/; otherwise the "
+                        f"reason is in the batch manifest: {outcome.get('message')}",  # type: ignore[union-attr]
+                        batch_id,
+                    )
+                )
+        if status in {"accepted", "rejected"}:
+            index.settled.add(hash((key, etag)))
+            if current is not None and current.etag == etag:
+                report.add(
+                    Finding(
+                        "not_drained",
+                        WARNING,
+                        uri,
+                        f"ingested ({status}) but still in incoming/ (a run stopped between recording and draining)",
+                        f"{_materialize('raw_pdfs', batch_id)}: it drains the object without ingesting it again",
+                        batch_id,
+                    )
+                )
+            continue
+        if current is not None:
+            if current.etag != etag:
+                continue  # replaced after batching: the new version is new work, the sensor batches it
+            report.pending[(batch_id, _PENDING_WHAT["ingest"])] += 1
+            if status == "error":
+                report.add(
+                    Finding(
+                        "ingest_error",
+                        WARNING,
+                        uri,
+                        f"ingesting it failed and it waits for a retry: {outcome.get('message')}",  # type: ignore[union-attr]
+                        _materialize("raw_pdfs", batch_id),
+                        batch_id,
+                    )
+                )
+            continue
+        index.lost_candidates.append((batch_id, key, etag, outcome))
+
+
+def _report_lost(storage: Storage, index: _BatchIndex, report: AuditReport) -> None:
+    for batch_id, key, etag, outcome in index.lost_candidates:
+        if hash((key, etag)) in index.settled:
+            continue  # ingested through another batch (requested again after its first batch failed)
+        report.add(
+            Finding(
+                "object_lost",
+                ERROR,
+                storage.uri(key),
+                "the batch manifest has no outcome for this object"
+                + (f" (last: error, {outcome.get('message')})" if outcome else "")
+                + " and it is no longer in incoming/: it was removed before it was ingested",
+                "restore the file (from the sender or a bucket version) and drop it into incoming/ again; "
+                "the sensor batches it anew",
+                batch_id,
+            )
+        )
+
+
+def _check_unbatched(
+    storage: Storage, index: _BatchIndex, incoming: dict[str, ObjectInfo], now: float, report: AuditReport
+) -> None:
+    for key, info in incoming.items():
+        if key in index.batched_incoming or key.endswith("/"):
+            continue
+        age = now - info.last_modified.timestamp() if info.last_modified else 0.0
+        if age < UNBATCHED_AFTER_S:
+            report.pending[("(none yet)", "object(s) in incoming/ not batched yet -> the sensor batches them")] += 1
+            continue
+        report.add(
+            Finding(
+                "unbatched",
+                WARNING,
+                storage.uri(key),
+                f"it has waited {age / 3600:.1f} h in incoming/ and no batch lists it",
+                "check that incoming_pdfs_sensor is running (UI: Automation); if it is, copy the object onto "
+                "itself (a new LastModified) so the sensor sees it, or run `python -m mkg_pipeline.batch_cli`",
+            )
+        )
+
+
+# ---- rules 2-4: documents -------------------------------------------------------------------------------------
+
+
+@dataclass
+class _DocKeys:
+    doc_id: str
+    raw: set[str] = field(default_factory=set)  # "pdf", "json"
+    pages: set[str] = field(default_factory=set)  # names under pages/<doc>/
+    vlm: set[str] = field(default_factory=set)  # names under vlm/<doc>/
+
+
+def _split(key: str, prefix: str) -> tuple[str, str] | None:
+    """(doc_id, rest) of ``<prefix><doc_id>/<rest>``; ``raw/<doc_id>.<ext>`` gives (doc_id, ext)."""
+    tail = key[len(prefix) :]
+    if prefix == "raw/":
+        doc_id, dot, ext = tail.rpartition(".")
+        return (doc_id, ext) if dot else None
+    doc_id, slash, rest = tail.partition("/")
+    return (doc_id, rest) if slash else None
+
+
+def _stream_documents(storage: Storage, raw: dict[str, int], report: AuditReport) -> Iterator[_DocKeys]:
+    """Every document with any object under raw/, pages/ or vlm/, merged by doc_id (listings are sorted)."""
+    raw_stream = (
+        (d, "raw/", [n for bit, n in ((1, "pdf"), (2, "json")) if flags & bit]) for d, flags in sorted(raw.items())
+    )
+    streams = [raw_stream, *(_grouped_stream(storage.list_objects(p), p, report) for p in ("pages/", "vlm/"))]
+    merged = heapq.merge(*streams, key=lambda item: item[0])
+    for doc_id, parts in itertools.groupby(merged, key=lambda item: item[0]):
+        doc = _DocKeys(doc_id)
+        for _, prefix, names in parts:
+            {"raw/": doc.raw, "pages/": doc.pages, "vlm/": doc.vlm}[prefix].update(names)
+        yield doc
+
+
+def _unexpected(key: str, prefix: str, report: AuditReport) -> None:
+    report.add(
+        Finding(
+            "unexpected_key",
+            WARNING,
+            key,
+            f"not a key of the layout under {prefix} (document ids are 16 hex characters)",
+            "find out what wrote it; the pipeline never reads it",
+        )
+    )
+
+
+def _list_raw(storage: Storage, report: AuditReport) -> dict[str, int]:
+    raw: dict[str, int] = {}
+    for obj in storage.list_objects("raw/"):
+        split = _split(obj.key, "raw/")
+        if split is None or not _DOC_ID.match(split[0]) or split[1] not in {"pdf", "json"}:
+            _unexpected(obj.key, "raw/", report)
+            continue
+        raw[split[0]] = raw.get(split[0], 0) | (1 if split[1] == "pdf" else 2)
+    return raw
+
+
+def _grouped_stream(
+    objects: Iterable[ObjectInfo], prefix: str, report: AuditReport
+) -> Iterator[tuple[str, str, list[str]]]:
+    """(doc_id, prefix, names under it) per document, in listing (= doc_id) order, one document at a time."""
+
+    def parsed() -> Iterator[tuple[str, str]]:
+        for obj in objects:
+            split = _split(obj.key, prefix)
+            if split is None or not _DOC_ID.match(split[0]):
+                _unexpected(obj.key, prefix, report)
+                continue
+            yield split
+
+    for doc_id, group in itertools.groupby(parsed(), key=lambda s: s[0]):
+        yield doc_id, prefix, [rest for _, rest in group]
+
+
+def _get(storage: Storage, key: str, what: str, doc_id: str, report: AuditReport) -> dict[str, Any] | None:
+    try:
+        data = storage.get_json(key)
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        return data
+    except (FileNotFoundError, ValueError) as exc:
+        report.add(
+            Finding(
+                "unreadable_record",
+                ERROR,
+                storage.uri(key),
+                f"the {what} of document {doc_id} cannot be read: {exc}",
+                f"delete it and re-run the step that writes it ({what})",
+                doc_id=doc_id,
+            )
+        )
+        return None
+
+
+def _check_document(
+    storage: Storage, doc: _DocKeys, identity: str, batch_id: str | None, full: bool, report: AuditReport
+) -> None:
+    d = doc.doc_id
+    report.counts["documents"] += 1
+    raw_pdf = storage.uri(storage.raw_key(d))
+    outputs = len(doc.pages) + len(doc.vlm)
+    if "pdf" not in doc.raw:
+        if "json" in doc.raw:
+            report.add(
+                Finding(
+                    "raw_pdf_missing",
+                    ERROR,
+                    raw_pdf,
+                    f"raw/{d}.json describes the document but the PDF is missing",
+                    "restore the PDF (its source name is in the .json) and drop it into incoming/ again",
+                    batch_id,
+                    d,
+                )
+            )
+        elif outputs and batch_id is None:
+            report.add(
+                Finding(
+                    "orphan_outputs",
+                    ERROR,
+                    f"s3://{storage.bucket}/pages/{d}/, vlm/{d}/",
+                    f"{outputs} object(s) under pages/{d}/ and vlm/{d}/ belong to no document in raw/ and no batch",
+                    f"if {d} is not expected, delete those prefixes; otherwise restore raw/{d}.pdf",
+                    doc_id=d,
+                )
+            )
+        return  # accepted documents without raw/ are reported from their batch (accepted_raw_missing)
+    if "json" not in doc.raw:
+        report.add(
+            Finding(
+                "raw_meta_missing",
+                ERROR,
+                storage.uri(storage.raw_meta_key(d)),
+                "the accepted PDF has no metadata (source name, pages)",
+                "drop the same file into incoming/ again: ingest rewrites the metadata (the PDF is not duplicated)",
+                batch_id,
+                d,
+            )
+        )
+    if full and batch_id is None:
+        report.add(
+            Finding(
+                "orphan_raw",
+                ERROR,
+                raw_pdf,
+                "no batch manifest accepted this document (a manifest was deleted or overwritten), so no batch "
+                "will ever render or send it",
+                f"drop the PDF into incoming/ again (copy {raw_pdf} to incoming/<name>.pdf): it is batched anew "
+                "and recognised as the same document",
+                doc_id=d,
+            )
+        )
+
+    # rule 2: rendered, or a recorded render failure, or pending
+    status = _get(storage, storage.vlm_status_key(d), "vlm status", d, report) if "status.json" in doc.vlm else None
+    if "manifest.json" not in doc.pages:
+        if "failure.json" in doc.pages:
+            failure = _get(storage, storage.render_failure_key(d), "render failure record", d, report)
+            if failure is not None and not (failure.get("reason") and int(failure.get("attempts") or 0) >= 1):
+                report.add(
+                    Finding(
+                        "render_failure_incomplete",
+                        ERROR,
+                        storage.uri(storage.render_failure_key(d)),
+                        "the render failure record lacks its reason or attempts",
+                        _materialize("parsed_pages", batch_id, d),
+                        batch_id,
+                        d,
+                    )
+                )
+            report.counts["render_failures"] += 1
+        elif status is not None or any(n.startswith("pages/") for n in doc.vlm):
+            report.add(
+                Finding(
+                    "status_without_manifest",
+                    ERROR,
+                    storage.uri(storage.page_manifest_key(d)),
+                    "VLM results exist for this document but its page manifest does not (it was deleted)",
+                    _materialize("parsed_pages", batch_id, d, "force"),
+                    batch_id,
+                    d,
+                )
+            )
+        else:
+            report.pending[(batch_id or "(no batch)", _PENDING_WHAT["render"])] += 1
+        return
+    manifest = _get(storage, storage.page_manifest_key(d), "page manifest", d, report)
+    if manifest is None:
+        return
+    pages = manifest.get("pages") or []
+    render_failed = manifest.get("failed_pages") or []
+    source = manifest.get("source") or d
+    if manifest.get("page_count") is not None and int(manifest["page_count"]) != len(pages) + len(render_failed):
+        report.add(
+            Finding(
+                "manifest_inconsistent",
+                ERROR,
+                storage.uri(storage.page_manifest_key(d)),
+                f"{source}: page_count is {manifest['page_count']} but the manifest lists {len(pages)} rendered "
+                f"and {len(render_failed)} failed page(s)",
+                _materialize("parsed_pages", batch_id, d, "force"),
+                batch_id,
+                d,
+            )
+        )
+    missing_png = [p["page"] for p in pages if f"{p['page']}.png" not in doc.pages]
+    if missing_png:
+        report.add(
+            Finding(
+                "png_missing",
+                ERROR,
+                storage.uri(storage.page_prefix(d)),
+                f"{source}: the manifest lists page image(s) {_pages(missing_png)} that do not exist",
+                _materialize("parsed_pages", batch_id, d, "force"),
+                batch_id,
+                d,
+            )
+        )
+
+    # rule 3: every page done or failed with reason and attempts, or pending
+    done_keys = {(int(m.group(1)), m.group(2)) for n in doc.vlm if (m := _PAGE_RESULT.match(n))}
+    same_engine = status is not None and status.get("engine") == identity
+    failures = {int(f["page"]): f for f in (status or {}).get("failed_pages") or [] if "page" in f}
+    report.counts["pages"] += len(pages) + len(render_failed)
+    report.counts["pages_failed"] += len(render_failed)
+    unaccounted, incomplete = [], []
+    waiting = 0
+    for page in pages:
+        n = int(page["page"])
+        if (n, page_cache_key(page["png_sha256"], identity)) in done_keys:
+            report.counts["pages_done"] += 1
+            continue
+        failure = failures.get(n) if same_engine else None
+        if failure is not None:
+            report.counts["pages_failed"] += 1
+            if not failure.get("reason") or int(failure.get("attempts") or 0) < 1:
+                incomplete.append(n)
+            continue
+        if status is None or not same_engine or status.get("state") == "stale":
+            waiting += 1
+            continue
+        unaccounted.append(n)
+    if waiting:
+        what = "vlm" if status is None else ("stale" if same_engine else "engine")
+        report.pending[(batch_id or "(no batch)", _PENDING_WHAT[what])] += 1
+    if unaccounted:
+        report.add(
+            Finding(
+                "page_unaccounted",
+                ERROR,
+                storage.uri(storage.vlm_prefix(d)),
+                f"{source}: page(s) {_pages(unaccounted)} have no result for {identity} and no failure in "
+                f"status.json (state {status.get('state') if status else '-'})",
+                _materialize("vlm_outputs", batch_id, d),
+                batch_id,
+                d,
+            )
+        )
+    if incomplete:
+        report.add(
+            Finding(
+                "failure_record_incomplete",
+                ERROR,
+                storage.uri(storage.vlm_status_key(d)),
+                f"{source}: the failure of page(s) {_pages(incomplete)} is recorded without a reason or attempts",
+                _materialize("vlm_outputs", batch_id, d),
+                batch_id,
+                d,
+            )
+        )
+
+
+def _pages(numbers: list[int]) -> str:
+    shown = ", ".join(str(n) for n in sorted(numbers)[:20])
+    return shown + (f" (+{len(numbers) - 20} more)" if len(numbers) > 20 else "")
+
+
+# ---- entry points -----------------------------------------------------------------------------------------------
+
+
+def audit_bucket(
+    storage: Storage, identity: str, *, batch_id: str | None = None, now: datetime | None = None
+) -> AuditReport:
+    """Check the accounting invariant over the whole bucket, or over one batch (``batch_id``)."""
+    report = AuditReport(bucket=storage.bucket, identity=identity, scope=f"batch {batch_id}" if batch_id else "all")
+    index = _BatchIndex()
+    if batch_id is not None:
+        _audit_batch(storage, identity, batch_id, index, report)
+        return report
+
+    incoming = {o.key: o for o in storage.list_objects(storage.incoming_prefix)}
+    rejected = {o.key for o in storage.list_objects("rejected/")}
+    raw = _list_raw(storage, report)
+    look = _Lookups(storage, incoming=incoming, raw=raw, rejected=rejected)
+    for obj in storage.list_objects("batches/"):
+        if obj.key.endswith(".json"):
+            manifest = _read_manifest(storage, obj.key, report)
+            if manifest is not None:
+                _check_manifest(storage, obj.key[len("batches/") : -len(".json")], manifest, look, index, report)
+    _report_lost(storage, index, report)
+    for doc in _stream_documents(storage, raw, report):
+        _check_document(storage, doc, identity, index.doc_batch.get(doc.doc_id), True, report)
+    _check_unbatched(storage, index, incoming, (now or datetime.now(UTC)).timestamp(), report)
+    return report
+
+
+def _audit_batch(storage: Storage, identity: str, batch_id: str, index: _BatchIndex, report: AuditReport) -> None:
+    manifest = _read_manifest(storage, storage.batch_key(batch_id), report)
+    if manifest is None:
+        return
+    _check_manifest(storage, batch_id, manifest, _Lookups(storage), index, report)
+    _report_lost(storage, index, report)
+    for doc_id in [d for d, b in index.doc_batch.items() if b == batch_id]:
+        doc = _DocKeys(doc_id)
+        doc.raw.update(o.key.rsplit(".", 1)[-1] for o in storage.list_objects(f"raw/{doc_id}."))
+        for prefix, names in ((storage.page_prefix(doc_id), doc.pages), (storage.vlm_prefix(doc_id), doc.vlm)):
+            names.update(o.key[len(prefix) :] for o in storage.list_objects(prefix))
+        if "pdf" in doc.raw:  # otherwise reported as accepted_raw_missing
+            _check_document(storage, doc, identity, batch_id, False, report)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m mkg_pipeline.audit",
+        description="Check that nothing is lost: every object, document and page of the bucket is accounted for. "
+        "Exit status 1 when the accounting invariant is broken (see docs/runbook.md, 'Audit').",
+    )
+    parser.add_argument("--batch", metavar="ID", help="audit one batch (partition) only")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument("--max-per-kind", type=int, default=20, help="findings printed per kind (text output)")
+    args = parser.parse_args(argv)
+
+    from mkg_pipeline.config import get_settings
+    from mkg_pipeline.engines.base import engine_identity
+
+    settings = get_settings()
+    storage = Storage.from_config(settings.storage)
+    identity = engine_identity(settings.engine, settings.vllm.model, settings.prompt_version)
+    report = audit_bucket(storage, identity, batch_id=args.batch)
+    sys.stdout.write(
+        (json.dumps(report.to_json(), indent=1) if args.json else report.to_text(args.max_per_kind)) + "\n"
+    )
+    return 0 if report.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

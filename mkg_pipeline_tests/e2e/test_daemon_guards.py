@@ -1,0 +1,218 @@
+"""The shipped local dagster.yaml under a real daemon: killed runs give their pool slot back (issue 9 row 3),
+and a second run of one partition waits in the queue (row 2, the Dagster-side guard).
+
+A real instance in a temp DAGSTER_HOME with the repository's dagster.yaml, a gRPC code server
+(``dagster api grpc``; the DefaultRunLauncher starts each run as its subprocess, as ``dagster dev`` and
+the compose stack do) and ``dagster-daemon run``. Runs are submitted with ``dagster job launch``. The
+code location is ``daemon_location.py``: assets (one in pool ``vllm``) that hold their run until the
+test releases them. Only what makes the test quick is changed in the copied dagster.yaml: the pool limit is
+1 (one held slot blocks everything), and the intervals the file sets (run monitoring, dequeueing) are
+shortened to 1 s; every setting the file does not have stays absent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import dagster as dg
+import pytest
+import yaml
+
+from mkg_pipeline.local_stack import LOOPBACK, free_port
+from mkg_pipeline_tests.fixtures.corpus import REPO_ROOT
+
+pytestmark = pytest.mark.e2e
+
+LOCATION = Path(__file__).with_name("daemon_location.py")
+BIN = Path(sys.executable).parent
+WAIT_S = 180  # bounded waits; generous because the CI box is shared
+
+
+def _test_instance_yaml() -> str:
+    config = yaml.safe_load((REPO_ROOT / "dagster.yaml").read_text())
+    config["concurrency"]["pools"]["default_limit"] = 1
+    config.setdefault("run_coordinator", {}).setdefault("config", {})["dequeue_interval_seconds"] = 1
+    monitoring = config.get("run_monitoring") or {}
+    for key in ("poll_interval_seconds", "free_slots_after_run_end_seconds"):
+        if key in monitoring:
+            monitoring[key] = 1
+    return yaml.safe_dump(config)
+
+
+@dataclass
+class DaemonStack:
+    home: Path
+    guard: Path
+    workspace: Path
+    env: dict[str, str]
+    instance: dg.DagsterInstance
+    log_dir: Path
+
+    def launch(self, partition: str, job: str = "slot_job") -> str:
+        run_id = str(uuid.uuid4())
+        process = subprocess.run(
+            [
+                str(BIN / "dagster"),
+                "job",
+                "launch",
+                "-w",
+                str(self.workspace),
+                "-j",
+                job,
+                "--run-id",
+                run_id,
+                "--tags",
+                json.dumps({"dagster/partition": partition}),
+            ],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert process.returncode == 0, process.stdout[-2000:] + process.stderr[-2000:]
+        return run_id
+
+    def status(self, run_id: str) -> dg.DagsterRunStatus:
+        run = self.instance.get_run_by_id(run_id)
+        assert run is not None
+        return run.status
+
+    def release(self, partition: str) -> None:
+        (self.guard / f"release-{partition}").touch()
+
+    def started_pid(self, partition: str, run_id: str) -> int | None:
+        marker = self.guard / f"started-{partition}-{run_id}"
+        return int(marker.read_text()) if marker.exists() and marker.read_text() else None
+
+    def wait_for(self, condition: Callable[[], bool], what: str, runs: dict[str, str]) -> None:
+        deadline = time.monotonic() + WAIT_S
+        while time.monotonic() < deadline:
+            if condition():
+                return
+            time.sleep(0.5)
+        states = {name: self.status(run_id).value for name, run_id in runs.items()}
+        daemon_log = (self.log_dir / "daemon.log").read_text()[-3000:]
+        raise AssertionError(f"not within {WAIT_S}s: {what}; runs: {states}\n--- daemon log ---\n{daemon_log}")
+
+
+def _start(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("ab") as out:
+        return subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    """Stop a process we started and its process group (the runs a code server started)."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=20)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)  # what is left of the group (run subprocesses)
+    process.wait(timeout=20)
+
+
+@pytest.fixture(scope="module")
+def daemon_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonStack]:
+    root = tmp_path_factory.mktemp("daemon")
+    home, guard, logs = root / "home", root / "guard", root / "logs"
+    for d in (home, guard, logs):
+        d.mkdir()
+    (home / "dagster.yaml").write_text(_test_instance_yaml())
+    port = free_port()
+    workspace = root / "workspace.yaml"
+    workspace.write_text(
+        yaml.safe_dump({"load_from": [{"grpc_server": {"host": LOOPBACK, "port": port, "location_name": "guards"}}]})
+    )
+    env = {
+        **os.environ,
+        "DAGSTER_HOME": str(home),
+        "MKG_TEST_GUARD_DIR": str(guard),
+        "PYTHONPATH": str(REPO_ROOT),
+    }
+    server = _start(
+        [str(BIN / "dagster"), "api", "grpc", "-f", str(LOCATION), "-h", LOOPBACK, "-p", str(port)],
+        env,
+        logs / "code-server.log",
+    )
+    daemon = None
+    try:
+        deadline = time.monotonic() + WAIT_S
+        while True:  # the code server answers its health check once the location is loaded
+            check = subprocess.run(
+                [str(BIN / "dagster"), "api", "grpc-health-check", "-p", str(port), "--host", LOOPBACK],
+                env=env,
+                capture_output=True,
+                timeout=60,
+            )
+            if check.returncode == 0:
+                break
+            assert server.poll() is None, (logs / "code-server.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "code server did not come up"
+            time.sleep(1)
+        daemon = _start([str(BIN / "dagster-daemon"), "run", "-w", str(workspace)], env, logs / "daemon.log")
+        with dg.DagsterInstance.from_config(str(home)) as instance:
+            yield DaemonStack(home, guard, workspace, env, instance, logs)
+    finally:
+        if daemon is not None:
+            _stop(daemon)
+        _stop(server)
+
+
+def test_a_killed_run_gives_its_pool_slot_back(daemon_stack: DaemonStack) -> None:
+    """Row 3: kill -9 of a run holding the only `vllm` slot; the next run still gets the slot and finishes."""
+    stack = daemon_stack
+    victim = stack.launch("p1")  # never released: it holds the slot until killed
+    runs = {"victim": victim}
+    stack.wait_for(lambda: stack.started_pid("p1", victim) is not None, "the victim holds the vllm slot", runs)
+    pid = stack.started_pid("p1", victim)
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+
+    stack.release("p2")
+    successor = stack.launch("p2")
+    runs["successor"] = successor
+    stack.wait_for(
+        lambda: stack.status(successor) == dg.DagsterRunStatus.SUCCESS,
+        "the next run got the vllm slot and finished",
+        runs,
+    )
+    assert stack.status(victim) == dg.DagsterRunStatus.FAILURE
+
+
+def test_a_second_run_of_a_partition_waits_in_the_queue(daemon_stack: DaemonStack) -> None:
+    """Row 2 (Dagster side): runs tagged with the same partition never run at once; others are not held up."""
+    stack = daemon_stack
+    first = stack.launch("p3", job="partition_job")  # no pool: only the partition can hold a run back
+    runs = {"first": first}
+    stack.wait_for(lambda: stack.started_pid("p3", first) is not None, "the first run of p3 is working", runs)
+    second = stack.launch("p3", job="partition_job")  # same partition, submitted first ...
+    runs["second"] = second
+    other = stack.launch("p4", job="partition_job")  # ... another partition, submitted after it
+    runs["other"] = other
+    stack.wait_for(
+        lambda: stack.status(other) in {dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.SUCCESS},
+        "the run of another partition was launched",
+        runs,
+    )
+    assert stack.status(second) == dg.DagsterRunStatus.QUEUED, "two runs of partition p3 were running at once"
+
+    stack.release("p3")
+    stack.release("p4")
+    stack.wait_for(
+        lambda: all(stack.status(r) == dg.DagsterRunStatus.SUCCESS for r in (first, second, other)),
+        "all three runs finished",
+        runs,
+    )
+    first_record, second_record = (stack.instance.get_run_record_by_id(r) for r in (first, second))
+    assert first_record and second_record and first_record.end_time and second_record.start_time
+    assert second_record.start_time >= first_record.end_time
