@@ -3,7 +3,7 @@
 # No `from __future__ import annotations`: Dagster reads the config/context annotations at definition time.
 import dagster as dg
 
-from mkg_pipeline.assets.partitions import ingest_batches
+from mkg_pipeline.assets.partitions import claimed_batch, ingest_batches
 from mkg_pipeline.config import get_settings
 from mkg_pipeline.resources import S3StorageResource
 
@@ -23,23 +23,23 @@ class RawPdfsConfig(dg.Config):
     "incoming/.",
 )
 def raw_pdfs(context: dg.AssetExecutionContext, config: RawPdfsConfig, s3: S3StorageResource) -> dg.MaterializeResult:
+    from mkg_pipeline.markdown_table import markdown_table
     from mkg_pipeline.stages.ingest import ingest_batch
 
     storage = s3.storage()
     settings = get_settings()
-    summary = ingest_batch(
-        storage,
-        context.partition_key,
-        settings.pdf,
-        settings.workers,
-        drain_incoming=config.drain_incoming,
-        progress=context.log.info,
-    )
+    with claimed_batch(context, storage):
+        summary = ingest_batch(
+            storage,
+            context.partition_key,
+            settings.pdf,
+            settings.workers,
+            drain_incoming=config.drain_incoming,
+            progress=context.log.info,
+        )
     if summary.errors:
         context.log.warning(f"{len(summary.errors)} object(s) hit errors and will be retried: {summary.errors}")
-    rejected_rows = "\n".join(
-        f"| {key.rsplit('/', 1)[-1]} | {r['reason']} | {r['message']} |" for key, r in summary.rejected.items()
-    )
+    rejected_rows = [[key.rsplit("/", 1)[-1], r["reason"], r["message"]] for key, r in summary.rejected.items()]
     return dg.MaterializeResult(
         metadata={
             "documents": len(summary.doc_ids),
@@ -49,9 +49,7 @@ def raw_pdfs(context: dg.AssetExecutionContext, config: RawPdfsConfig, s3: S3Sto
             "duplicates": summary.duplicates,
             "drained": summary.drained,
             "doc_ids": dg.MetadataValue.json(summary.accepted),
-            "rejections": dg.MetadataValue.md(
-                "| file | reason | message |\n|---|---|---|\n" + rejected_rows if rejected_rows else "none"
-            ),
+            "rejections": dg.MetadataValue.md(markdown_table(["file", "reason", "message"], rejected_rows)),
             "batch_manifest": storage.uri(storage.batch_key(context.partition_key)),
         }
     )

@@ -4,7 +4,7 @@
 import dagster as dg
 
 from mkg_pipeline.assets.ingest import raw_pdfs
-from mkg_pipeline.assets.partitions import ingest_batches
+from mkg_pipeline.assets.partitions import claimed_batch, ingest_batches
 from mkg_pipeline.config import get_settings
 from mkg_pipeline.resources import S3StorageResource
 
@@ -34,15 +34,16 @@ def parsed_pages(
     storage = s3.storage()
     settings = get_settings()
     try:
-        summary = render_batch(
-            storage,
-            context.partition_key,
-            settings.pdf,
-            settings.workers,
-            doc_ids=config.doc_ids or None,
-            force=config.force,
-            progress=context.log.info,
-        )
+        with claimed_batch(context, storage):
+            summary = render_batch(
+                storage,
+                context.partition_key,
+                settings.pdf,
+                settings.workers,
+                doc_ids=config.doc_ids or None,
+                force=config.force,
+                progress=context.log.info,
+            )
     except NothingRendered as exc:
         raise dg.Failure(description=f"batch {context.partition_key}: {exc}") from exc
     return dg.MaterializeResult(

@@ -6,7 +6,7 @@ import asyncio
 import dagster as dg
 
 from mkg_pipeline.assets.pages import parsed_pages
-from mkg_pipeline.assets.partitions import ingest_batches
+from mkg_pipeline.assets.partitions import claimed_batch, ingest_batches
 from mkg_pipeline.checks import evaluate_vlm_checks, vlm_output_check_specs
 from mkg_pipeline.config import get_settings
 from mkg_pipeline.resources import S3StorageResource, VLLMResource
@@ -35,7 +35,7 @@ class VLMOutputsConfig(dg.Config):
 def vlm_outputs(
     context: dg.AssetExecutionContext, config: VLMOutputsConfig, s3: S3StorageResource, vllm: VLLMResource
 ) -> dg.MaterializeResult:
-    from mkg_pipeline.markdown_tables import markdown_table
+    from mkg_pipeline.markdown_table import markdown_table
     from mkg_pipeline.outputs import preview_markdown
     from mkg_pipeline.pipeline_metrics import push_metrics
     from mkg_pipeline.stages.batches import accepted_doc_ids, read_batch_manifest
@@ -64,7 +64,8 @@ def vlm_outputs(
             )
 
     try:
-        summary = asyncio.run(run())
+        with claimed_batch(context, storage):
+            summary = asyncio.run(run())
     except StorageUnavailable as exc:
         raise dg.Failure(description=str(exc)) from None
     finally:

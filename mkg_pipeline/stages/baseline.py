@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -95,7 +96,6 @@ def promote_batch(
 ) -> Promotion:
     """Promote documents of ``batch_id`` to the baseline ``set_name``; raises :class:`PromotionError`."""
     from mkg_pipeline.stages.batches import read_batch_manifest
-    from mkg_pipeline.stages.quality_diff import promote_to_baseline
 
     chosen = select_documents(read_batch_manifest(storage, batch_id), doc_ids=doc_ids, sources=sources)
     try:
@@ -105,3 +105,42 @@ def promote_batch(
     golden = register_golden_batch(storage, set_name, list(promoted), origin=batch_id)
     log.info("promoted %s to baseline set %s; golden batch %s", promoted, set_name, golden)
     return Promotion(promoted=promoted, golden_batch=golden)
+
+
+def promote_to_baseline(
+    storage: Storage, doc_ids: list[str], identity: str, baseline_set: str, origin: str
+) -> dict[str, int]:
+    """Copy the current outputs of ``doc_ids`` into the golden baseline; refuses incomplete documents."""
+    from mkg_pipeline.engines.base import page_cache_key
+    from mkg_pipeline.stages.pages import read_page_manifest
+    from mkg_pipeline.stages.quality_diff import baseline_page_key
+
+    promoted: dict[str, int] = {}
+    for doc_id in doc_ids:
+        manifest = read_page_manifest(storage, doc_id)
+        outputs: dict[int, str] = {}
+        for page in manifest["pages"]:
+            key = storage.vlm_page_key(doc_id, page["page"], page_cache_key(page["png_sha256"], identity))
+            try:
+                outputs[page["page"]] = storage.get_json(key)["markdown"]
+            except FileNotFoundError:
+                raise ValueError(
+                    f"document {doc_id} ({manifest.get('source')}) page {page['page']} has no output for "
+                    f"{identity}; materialize vlm_outputs until it is complete before promoting it"
+                ) from None
+        for n, markdown in outputs.items():
+            storage.put_bytes(baseline_page_key(storage, baseline_set, doc_id, n), markdown.encode(), "text/markdown")
+        storage.put_json(
+            storage.baseline_key(baseline_set, doc_id, "meta.json"),
+            {
+                "doc_id": doc_id,
+                "source": manifest.get("source"),
+                "engine": identity,
+                "pages": len(outputs),
+                "origin": origin,
+                "promoted_at": datetime.now(UTC).isoformat(),
+            },
+        )
+        promoted[doc_id] = len(outputs)
+        log.info("promoted %s (%d pages) to baseline set %s", doc_id, len(outputs), baseline_set)
+    return promoted

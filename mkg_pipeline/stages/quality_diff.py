@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from mkg_pipeline.engines.base import page_cache_key
+from mkg_pipeline.markdown_table import markdown_table
 from mkg_pipeline.quality import similarity
 from mkg_pipeline.stages.pages import read_page_manifest
 from mkg_pipeline.storage import Storage
@@ -96,24 +97,28 @@ class QualityReport:
             "",
             "Worst pages:",
             "",
-            "| document | page | vs baseline | vs text layer | output | reference |",
-            "|---|---|---|---|---|---|",
+            markdown_table(
+                ["document", "page", "vs baseline", "vs text layer", "output", "reference"],
+                [
+                    [
+                        f"{p.source} (`{p.doc_id}`)",
+                        p.page,
+                        fmt(p.baseline_similarity),
+                        fmt(p.text_layer_similarity),
+                        p.output_snippet,
+                        p.reference_snippet,
+                    ]
+                    for p in self.worst()
+                ],
+                max_cell=SNIPPET_CHARS,
+            ),
         ]
-        for p in self.worst():
-            lines.append(
-                f"| {p.source} (`{p.doc_id}`) | {p.page} | {fmt(p.baseline_similarity)} | "
-                f"{fmt(p.text_layer_similarity)} | {_cell(p.output_snippet)} | {_cell(p.reference_snippet)} |"
-            )
         if self.missing_outputs:
             lines += [
                 "",
                 f"{self.missing_outputs} page(s) have no output yet (failed or pending) and were not compared.",
             ]
         return "\n".join(lines)
-
-
-def _cell(text: str) -> str:
-    return " ".join(text.split()).replace("|", "\\|")[:SNIPPET_CHARS] or "∅"
 
 
 def baseline_page_key(storage: Storage, set_name: str, doc_id: str, page: int) -> str:
@@ -161,38 +166,3 @@ def compare_documents(
     storage.put_json(storage.quality_report_key(day, f"{batch_id}.json"), report.to_json())
     storage.put_bytes(storage.quality_report_key(day, f"{batch_id}.md"), report.to_markdown().encode(), "text/markdown")
     return report
-
-
-def promote_to_baseline(
-    storage: Storage, doc_ids: list[str], identity: str, baseline_set: str, origin: str
-) -> dict[str, int]:
-    """Copy the current outputs of ``doc_ids`` into the golden baseline; refuses incomplete documents."""
-    promoted: dict[str, int] = {}
-    for doc_id in doc_ids:
-        manifest = read_page_manifest(storage, doc_id)
-        outputs: dict[int, str] = {}
-        for page in manifest["pages"]:
-            key = storage.vlm_page_key(doc_id, page["page"], page_cache_key(page["png_sha256"], identity))
-            try:
-                outputs[page["page"]] = storage.get_json(key)["markdown"]
-            except FileNotFoundError:
-                raise ValueError(
-                    f"document {doc_id} ({manifest.get('source')}) page {page['page']} has no output for "
-                    f"{identity}; materialize vlm_outputs until it is complete before promoting it"
-                ) from None
-        for n, markdown in outputs.items():
-            storage.put_bytes(baseline_page_key(storage, baseline_set, doc_id, n), markdown.encode(), "text/markdown")
-        storage.put_json(
-            storage.baseline_key(baseline_set, doc_id, "meta.json"),
-            {
-                "doc_id": doc_id,
-                "source": manifest.get("source"),
-                "engine": identity,
-                "pages": len(outputs),
-                "origin": origin,
-                "promoted_at": datetime.now(UTC).isoformat(),
-            },
-        )
-        promoted[doc_id] = len(outputs)
-        log.info("promoted %s (%d pages) to baseline set %s", doc_id, len(outputs), baseline_set)
-    return promoted
