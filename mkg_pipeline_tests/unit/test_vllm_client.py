@@ -1082,3 +1082,72 @@ def test_clients_of_one_url_share_the_registered_limiter() -> None:
     assert first.limiter is second.limiter is limiter_for(URL)
     for client in (first, second):
         asyncio.run(client.aclose())
+
+
+async def test_callers_wait_for_the_half_open_probes_instead_of_failing(
+    router: respx.MockRouter, sleeps: SleepRecorder
+) -> None:
+    """A server that comes back: while its probes are in flight, other pages wait for their verdict.
+
+    Failing them fast would record pages as failed (and leave them for the next run) against a server
+    that is answering again.
+    """
+    release = asyncio.Event()
+
+    async def slow_ok(request: httpx.Request) -> httpx.Response:
+        await release.wait()
+        return ok()
+
+    router.post("/v1/chat/completions").mock(side_effect=slow_ok)
+    clock = FakeClock()
+    breaker = CircuitBreaker(
+        URL,
+        CircuitBreakerConfig(failure_threshold=1, recovery_timeout_s=10, success_threshold=1, half_open_max_calls=1),
+        clock=clock,
+    )
+    breaker.acquire("setup").record_failure("connect")
+    clock.now += 10  # the next acquire probes
+    async with make_client(sleeps, max_attempts=1, max_in_flight=8, breaker=breaker) as client:
+        calls = [asyncio.create_task(client.chat_completion("hi", label=f"page={n}")) for n in range(4)]
+        for _ in range(100):  # let every caller reach the breaker
+            await asyncio.sleep(0)
+        assert breaker.state is BreakerState.HALF_OPEN and breaker.probes_in_flight == 1
+        assert not any(call.done() for call in calls)  # nobody failed fast
+        release.set()
+        results = await asyncio.wait_for(asyncio.gather(*calls), timeout=5)
+    assert [r.attempts for r in results] == [1, 1, 1, 1]
+    assert breaker.state is BreakerState.CLOSED
+
+
+async def test_callers_waiting_on_probes_fail_with_the_cause_when_a_probe_fails(
+    router: respx.MockRouter, sleeps: SleepRecorder
+) -> None:
+    release = asyncio.Event()
+
+    async def slow_refusal(request: httpx.Request) -> httpx.Response:
+        await release.wait()
+        return httpx.Response(503)
+
+    router.post("/v1/chat/completions").mock(side_effect=slow_refusal)
+    clock = FakeClock()
+    breaker = CircuitBreaker(
+        URL,
+        CircuitBreakerConfig(failure_threshold=1, recovery_timeout_s=10, success_threshold=1, half_open_max_calls=1),
+        clock=clock,
+    )
+    breaker.acquire("setup").record_failure("connect")
+    clock.now += 10
+    async with make_client(sleeps, max_attempts=1, max_in_flight=8, breaker=breaker) as client:
+        probe = asyncio.create_task(client.chat_completion("probe"))
+        for _ in range(50):
+            await asyncio.sleep(0)
+        waiter = asyncio.create_task(client.chat_completion("waiter"))
+        for _ in range(50):
+            await asyncio.sleep(0)
+        assert not waiter.done()
+        release.set()
+        with pytest.raises(VLLMServerError):
+            await probe
+        with pytest.raises(CircuitOpenError) as info:
+            await asyncio.wait_for(waiter, timeout=5)
+    assert info.value.first_cause == "server_error"
