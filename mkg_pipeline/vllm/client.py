@@ -42,7 +42,7 @@ import httpx
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt, wait_random_exponential
 
 from mkg_pipeline.config import CircuitBreakerConfig, HTTPClientConfig, MinerUConfig, VLLMServerConfig
-from mkg_pipeline.vllm.breaker import CircuitBreaker, breaker_for
+from mkg_pipeline.vllm.breaker import BreakerState, CircuitBreaker, Permit, breaker_for
 from mkg_pipeline.vllm.errors import (
     CircuitOpenError,
     ResponseTooLargeError,
@@ -80,6 +80,8 @@ METRICS_MAX_BYTES = 16 * 1024 * 1024
 OUT_OF_BAND_CONNECTIONS = 2
 #: Deadline of one /metrics scrape, seconds (it must not lag behind the limiter's decisions).
 SCRAPE_TIMEOUT_S = 5.0
+#: how often a caller waiting on half-open probes looks at the breaker again, seconds
+PROBE_POLL_S = 0.05
 
 # Enough of a server's error body to tell "model not found" from "context too long".
 _SNIPPET_CHARS = 300
@@ -482,11 +484,7 @@ class VLLMClient:
 
     async def _attempt(self, request: _Request[T], number: int) -> T:
         """One attempt: breaker permit, limiter slot, exchange; outcome to breaker, limiter and metrics."""
-        try:
-            permit = self._breaker.acquire(request.label)
-        except CircuitOpenError:
-            CLIENT_FAILURES.labels(error_type=CircuitOpenError.error_type).inc()
-            raise
+        permit = await self._admit(request.label)
         with permit:  # releases a probe slot on any exit, cancellation included
             with await self._limiter.acquire() as slot:  # released without a signal on cancellation
                 self._watch_server()
@@ -522,6 +520,22 @@ class VLLMClient:
             REQUEST_DURATION.labels(endpoint=request.path, outcome="success").observe(elapsed)
             permit.record_success()
             return result
+
+    async def _admit(self, label: str) -> Permit:
+        """The breaker's permit for one attempt, or CircuitOpenError at once while it is open.
+
+        While it is half-open with every probe slot taken, wait for the probes' verdict (bounded: each
+        probe has a total deadline) instead of failing: the server may well be back, and a page failed
+        now would wait for the next run.
+        """
+        while True:
+            try:
+                return self._breaker.acquire(label)
+            except CircuitOpenError:
+                if self._breaker.state is not BreakerState.HALF_OPEN:
+                    CLIENT_FAILURES.labels(error_type=CircuitOpenError.error_type).inc()
+                    raise
+            await asyncio.sleep(PROBE_POLL_S)
 
     async def _exchange(self, request: _Request[T], number: int, deadline_s: float) -> T:
         """One HTTP exchange within a total deadline, mapped to a parsed answer or a VLLMClientError."""
