@@ -81,7 +81,10 @@ def test_server_stopped_mid_run_loses_nothing(pipeline_env: PipelineEnv, start_l
     server = start_local_vlm_server()
     monkeypatch.setenv("MKG_VLLM__URL", server.url)
     monkeypatch.setenv("MKG_VLLM__API_KEY", server.api_key or "")
-    monkeypatch.setenv("MKG_VLLM__MAX_IN_FLIGHT", "1")  # pages one after another, so the stop lands mid-document
+    # Pages one after another, so the stop lands mid-document.
+    monkeypatch.setenv("MKG_VLLM__ADAPTIVE", "false")
+    monkeypatch.setenv("MKG_VLLM__MIN_IN_FLIGHT", "1")
+    monkeypatch.setenv("MKG_VLLM__MAX_IN_FLIGHT", "1")
     # The breaker is per process and outlives the run, as in a long-lived worker: keep its probe delay short.
     monkeypatch.setenv("MKG_CIRCUIT_BREAKER__RECOVERY_TIMEOUT_S", "1")
     pipeline_env.upload("pdflatex-4-pages.pdf")
@@ -105,6 +108,8 @@ def test_server_stopped_mid_run_loses_nothing(pipeline_env: PipelineEnv, start_l
     server.kill()
     runner.join(timeout=600)
     assert not runner.is_alive()
+    # Every finished page is kept, and the run fails visibly: far more than 0.4 % of the pages failed.
+    assert not outcome["result"].success
 
     status = storage.get_json(storage.vlm_status_key(doc_id))
     failed = [f["page"] for f in status["failed_pages"]]
@@ -117,7 +122,7 @@ def test_server_stopped_mid_run_loses_nothing(pipeline_env: PipelineEnv, start_l
     time.sleep(1.2)  # past the breaker's recovery timeout: the retry run's first page is its probe
     before = server.read_metric("vllm:request_success_total")
     retry = pipeline_env.materialize(batch)
-    assert retry.success
+    assert retry.success, storage.get_json(storage.vlm_status_key(doc_id))["failed_pages"]
     assert server.read_metric("vllm:request_success_total") - before == len(failed)
     status = storage.get_json(storage.vlm_status_key(doc_id))
     assert status["state"] == "complete"
