@@ -17,6 +17,7 @@ ASSETS = {"raw_pdfs", "parsed_pages", "vlm_outputs", "quality_baseline_diffs"}
 CHECKS = {
     ("vlm_outputs", "pages_accounted_for"),
     ("vlm_outputs", "no_failed_pages"),
+    ("vlm_outputs", "page_failure_rate"),
     ("vlm_outputs", "bucket_accounting"),
     ("quality_baseline_diffs", "baseline_similarity"),
     ("quality_baseline_diffs", "text_layer_similarity"),
