@@ -297,7 +297,6 @@ def _render_pdf(path: Path, dpi: int, folder: Path) -> list[dict[str, Any]]:
 
     folder.mkdir(parents=True, exist_ok=True)
     out = []
-    pymupdf.TOOLS.mupdf_display_errors(False)  # some corpus files have harmless ICC profile warnings
     with pymupdf.open(path) as document:
         for number, page in enumerate(document, start=1):
             pix = page.get_pixmap(dpi=dpi)
@@ -313,7 +312,6 @@ def _render_pdf(path: Path, dpi: int, folder: Path) -> list[dict[str, Any]]:
                     "text_chars": len(text.strip()),
                 }
             )
-    pymupdf.TOOLS.mupdf_display_errors(True)
     return out
 
 
@@ -941,6 +939,13 @@ def print_report(rows: list[Row], env: Env) -> None:
         f"{'client':>7s} {'moto':>6s} {'server':>6s} {'peak run':>8s} {'peak wait':>9s} {'requests':>8s} "
         f"{'wall s':>7s}  status"
     )
+    default = bench_config("http://127.0.0.1:1", "page_markdown")
+    pool = getattr(default.http_client, "pool_size", None)
+    print(
+        f"default config: vllm.adaptive={default.vllm.adaptive}, vllm.max_in_flight={default.vllm.max_in_flight}, "
+        f"vllm.min_in_flight={getattr(default.vllm, 'min_in_flight', 'n/a')}"
+        + (f", http_client.pool_size={pool}, keepalive={default.http_client.keepalive}" if pool else "")
+    )
     print(header)
     print("-" * len(header))
     for row in rows:
@@ -1014,7 +1019,7 @@ def print_report(rows: list[Row], env: Env) -> None:
             rps = default.median(lambda s: s.rps)
             peak = max((s.peak_waiting for s in default.samples), default=0)
             print(
-                f"  default config (adaptive) client path: {fmt(rps)} req/s = {fmt(rps / best_rps, 2)} of the best "
+                f"  default config client path: {fmt(rps)} req/s = {fmt(rps / best_rps, 2)} of the best "
                 f"fixed; server's peak waiting queue {peak} (S = {setting.slots})"
             )
 
@@ -1068,8 +1073,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"saturation benchmark, {time.strftime('%Y-%m-%d %H:%M:%S')}, revision {git_revision()}, {sys.executable}")
     machine_report("before")
 
+    import pymupdf
+
     from mkg_pipeline.local_stack import free_port, moto_s3_server
 
+    pymupdf.TOOLS.mupdf_display_errors(False)  # display only: some corpus files print harmless ICC warnings
     workdir = Path(tempfile.mkdtemp(prefix="mkg-saturation-"))
     pages = load_corpus_pages(args.corpus, args.dpi, args.cache_dir)
     print(f"{len(pages)} corpus pages at {args.dpi} DPI, {sum(len(p.png) for p in pages) / len(pages) / 1024:.0f} KiB "
