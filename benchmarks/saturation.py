@@ -1,0 +1,1140 @@
+"""How busy the project keeps a GPU server, side by side with MinerU's own client, in one run.
+
+Against ``benchmarks/simulated_vllm.py`` (S slots of L seconds, or L + K*running), for each
+server setting and each case, run back to back and repeated ``--repeat`` times (median shown):
+
+  (a)  MinerU's own client: ``mineru_vl_utils.MinerUClient(backend="http-client")`` with its
+       defaults, ``aio_batch_two_step_extract`` on the corpus page images (decoded beforehand:
+       its API takes PIL images);
+  (b)  the project's vlm stage with the default config (engine page_markdown, and mineru),
+       pages in S3 (a moto server), ``force_refresh`` so pages may repeat;
+  (b') the client path alone: the same engine and client on page images held in memory
+       (S3 excluded), as MinerU's client runs;
+  (c)  the whole path: corpus PDFs in ``incoming/``, a sensor tick, then raw_pdfs,
+       parsed_pages and vlm_outputs materialized in-process in a temp DAGSTER_HOME;
+  (s)  growing-latency settings only: the client path with a FIXED concurrency c
+       (``vllm.adaptive=false``, ``vllm.max_in_flight=c``) for each c of ``--sweep``, to
+       find the best fixed concurrency; the default (adaptive) run is reported against it.
+
+Each row: requests/s (the server's own count), saturation = requests/s / capacity
+(capacity S/L, or S/(L+K*S) for a growing latency: every slot busy), pages/s, the client's CPU
+per request (getrusage of this process, children included), moto's and the server's CPU per
+request (from /proc/<pid>/stat), and the server's peak running / waiting requests.
+Requests per case are ``--waves`` x S (pages repeat), so the last partial wave costs < 1/waves.
+
+    python benchmarks/saturation.py                     # everything, about an hour on 2 cores
+    python benchmarks/saturation.py --repeat 1 --settings 32x0.5 --cases a,b,b2 --waves 5   # a quick look
+
+Corpus pages (the 'ok' files of /work/shared/corpus, 201 pages) are rendered once at
+``--dpi`` and cached under ``benchmarks/.bench/``. The numbers are only meaningful on a quiet
+machine: the header shows the load average and the busiest other processes, before and after.
+Exit status 1 on errors (failed pages, server errors, failed runs), never on slowness.
+
+Cases (b), (b') and (c) reach the project only through the ADAPTERS section below, so that they
+can be re-pointed when the stage and client APIs change.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import importlib
+import inspect
+import io
+import json
+import logging
+import math
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+DEFAULT_CORPUS = REPO_ROOT.parent / "shared" / "corpus"
+if not DEFAULT_CORPUS.exists():  # a git worktree under /work/wt/<name>
+    DEFAULT_CORPUS = Path("/work/shared/corpus")
+DEFAULT_CACHE = Path(__file__).resolve().parent / ".bench"
+SIMULATOR = Path(__file__).resolve().parent / "simulated_vllm.py"
+MODEL = "Qwen/Qwen2.5-VL-7B-Instruct"  # the project's default vllm.model; the simulator serves it
+PAGES_BUCKET = "bench-pages"
+E2E_BUCKET = "bench-e2e"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+ENGINES = ("page_markdown", "mineru")
+
+log = logging.getLogger("saturation")
+
+
+# =========================================================================== settings and results
+
+
+@dataclass(frozen=True)
+class Setting:
+    slots: int
+    latency: float
+    per_running: float = 0.0
+
+    @classmethod
+    def parse(cls, text: str) -> Setting:
+        """``SxL`` or ``SxL+K``, e.g. ``32x0.5`` or ``64x0.1+0.005``."""
+        slots, _, rest = text.partition("x")
+        latency, _, per_running = rest.partition("+")
+        return cls(int(slots), float(latency), float(per_running or 0.0))
+
+    @property
+    def growing(self) -> bool:
+        return self.per_running > 0
+
+    @property
+    def capacity(self) -> float:
+        """Requests/s with every slot busy: S / (L + K*S)."""
+        return self.slots / (self.latency + self.per_running * self.slots)
+
+    @property
+    def name(self) -> str:
+        if self.growing:
+            return f"{self.slots} x ({self.latency:g}+{self.per_running:g}n) s"
+        return f"{self.slots} x {self.latency:g} s"
+
+
+@dataclass
+class PartCost:
+    wall_s: float = 0.0
+    cpu_s: float = 0.0
+    moto_cpu_s: float = 0.0
+    calls: int = 0
+
+
+@dataclass
+class Outcome:
+    """What a case's run returns: pages finished and failed, errors, optional per-part costs, a check to run after."""
+
+    pages_done: int = 0
+    pages_failed: int = 0
+    errors: list[str] = field(default_factory=list)
+    parts: dict[str, PartCost] = field(default_factory=dict)
+    verify: Callable[[], Outcome] | None = None
+
+
+@dataclass
+class Sample:
+    wall_s: float
+    requests: int
+    server_errors: int
+    pages: int
+    failed: int
+    client_cpu_s: float
+    moto_cpu_s: float
+    server_cpu_s: float
+    peak_running: int
+    peak_waiting: int
+    errors: list[str]
+    parts: dict[str, PartCost]
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.wall_s if self.wall_s else 0.0
+
+    @property
+    def pps(self) -> float:
+        return self.pages / self.wall_s if self.wall_s else 0.0
+
+    def per_request_ms(self, seconds: float) -> float:
+        return 1000 * seconds / self.requests if self.requests else math.nan
+
+
+@dataclass
+class Row:
+    setting: Setting
+    case: str
+    engine: str
+    samples: list[Sample] = field(default_factory=list)
+    note: str = ""
+
+    def median(self, fn: Callable[[Sample], float]) -> float:
+        values = [fn(s) for s in self.samples if not math.isnan(fn(s))]
+        return statistics.median(values) if values else math.nan
+
+    @property
+    def failed(self) -> bool:
+        return any(s.errors or s.failed or s.server_errors for s in self.samples)
+
+
+# =========================================================================== machine accounting
+
+
+def loadavg() -> str:
+    return Path("/proc/loadavg").read_text().strip()
+
+
+def _stat_fields(pid: int) -> list[str]:
+    data = Path(f"/proc/{pid}/stat").read_text()
+    return data[data.rindex(")") + 2 :].split()  # fields from 3 (state) on: the name may hold spaces
+
+
+def proc_cpu_s(pid: int | None) -> float:
+    """CPU seconds (user + system, all threads) of a live child process (moto, the simulator: one process each)."""
+    if pid is None:
+        return 0.0
+    try:
+        fields = _stat_fields(pid)
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14, 15: utime, stime
+
+
+def own_cpu_s() -> float:
+    """This process (all threads) plus its waited-for children (a render pool), user + system."""
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def busiest_processes(interval_s: float = 1.0, top: int = 6) -> list[str]:
+    """The processes that used the most CPU over ``interval_s`` (other engineers share the machine)."""
+
+    def snapshot() -> dict[int, int]:
+        ticks = {}
+        for entry in os.scandir("/proc"):
+            if entry.name.isdigit():
+                try:
+                    fields = _stat_fields(int(entry.name))
+                    ticks[int(entry.name)] = int(fields[11]) + int(fields[12])
+                except (OSError, ValueError):
+                    continue
+        return ticks
+
+    before = snapshot()
+    time.sleep(interval_s)
+    after = snapshot()
+    used = sorted(((after[p] - before.get(p, 0), p) for p in after), reverse=True)
+    lines = []
+    for ticks, pid in used[:top]:
+        if ticks <= 0:
+            break
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            cmd = "?"
+        mine = " (this benchmark)" if pid == os.getpid() else ""
+        lines.append(f"{100 * ticks / CLK_TCK / interval_s:5.0f}%  pid {pid}{mine}  {cmd[:110]}")
+    return lines
+
+
+def machine_report(title: str) -> None:
+    print(f"{title}: loadavg {loadavg()} ({os.cpu_count()} CPUs); busiest processes over 1 s:")
+    for line in busiest_processes() or ["(none measurable)"]:
+        print(f"    {line}")
+
+
+# =========================================================================== corpus pages
+
+
+@dataclass(frozen=True)
+class CorpusPage:
+    index: int  # position in the corpus page order
+    source: str
+    page: int  # 1-based
+    png: bytes
+    sha256: str
+    width: int
+    height: int
+    text_chars: int
+
+    @property
+    def key(self) -> str:
+        return f"pages/corpus-{self.source.removesuffix('.pdf')}/{self.page}.png"
+
+
+def ok_files(corpus: Path) -> list[dict[str, Any]]:
+    manifest = json.loads((corpus / "manifest.json").read_text())
+    return sorted((f for f in manifest if f.get("expect") == "ok"), key=lambda f: f["file"])
+
+
+def load_corpus_pages(corpus: Path, dpi: int, cache_dir: Path) -> list[CorpusPage]:
+    """Every page of the corpus's 'ok' files at ``dpi``, rendered once and cached as PNGs."""
+    cache = cache_dir / f"pages-{dpi}dpi"
+    cache.mkdir(parents=True, exist_ok=True)
+    index_path = cache / "index.json"
+    index: dict[str, Any] = json.loads(index_path.read_text()) if index_path.exists() else {}
+    pages: list[CorpusPage] = []
+    rendered = 0
+    for entry in ok_files(corpus):
+        name = entry["file"]
+        cached = index.get(name)
+        folder = cache / name.removesuffix(".pdf")
+        if not (cached and cached["sha256"] == entry["sha256"] and all((folder / f"{p['page']}.png").exists()
+                                                                        for p in cached["pages"])):  # fmt: skip
+            cached = {"sha256": entry["sha256"], "pages": _render_pdf(corpus / "pdfs" / name, dpi, folder)}
+            index[name] = cached
+            rendered += len(cached["pages"])
+        for p in cached["pages"]:
+            png = (folder / f"{p['page']}.png").read_bytes()
+            pages.append(
+                CorpusPage(len(pages), name, p["page"], png, p["sha256"], p["width"], p["height"], p["text_chars"])
+            )
+    if rendered:
+        index_path.write_text(json.dumps(index, indent=1))
+        print(f"rendered {rendered} corpus page(s) at {dpi} DPI into {cache}")
+    return pages
+
+
+def _render_pdf(path: Path, dpi: int, folder: Path) -> list[dict[str, Any]]:
+    import pymupdf
+
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    with pymupdf.open(path) as document:
+        for number, page in enumerate(document, start=1):
+            pix = page.get_pixmap(dpi=dpi)
+            png = pix.tobytes("png")
+            (folder / f"{number}.png").write_bytes(png)
+            text = page.get_text()
+            out.append(
+                {
+                    "page": number,
+                    "sha256": hashlib.sha256(png).hexdigest(),
+                    "width": pix.width,
+                    "height": pix.height,
+                    "text_chars": len(text.strip()),
+                }
+            )
+    return out
+
+
+def cycle_pages(pages: list[CorpusPage], n: int) -> list[CorpusPage]:
+    """The first ``n`` pages of the corpus order, repeated as often as needed."""
+    return [pages[i % len(pages)] for i in range(n)]
+
+
+# =========================================================================== servers
+
+
+class Simulator:
+    """The simulated GPU server, restarted on the same port for each setting (the URL never changes)."""
+
+    def __init__(self, log_dir: Path, port: int) -> None:
+        self.log_dir = log_dir
+        self.port = port
+        self.process: Any = None
+        self.setting: Setting | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.process.pid if self.process and self.process.process else None
+
+    def start(self, setting: Setting, layout_blocks: int) -> None:
+        from mkg_pipeline.local_stack import ManagedProcess
+
+        self.stop()
+        argv = [
+            sys.executable,
+            str(SIMULATOR),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--slots",
+            str(setting.slots),
+            "--latency",
+            str(setting.latency),
+            "--latency-per-running",
+            str(setting.per_running),
+            "--layout-blocks",
+            str(layout_blocks),
+            "--model",
+            MODEL,
+        ]
+        self.process = ManagedProcess(
+            name="simulated-vllm",
+            argv=argv,
+            host="127.0.0.1",
+            port=self.port,
+            health_path="/health",
+            log_path=self.log_dir / f"simulated-vllm-{self.port}.log",
+            startup_timeout_s=30.0,
+        ).start()
+        self.setting = setting
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.stop()
+            self.process = None
+
+    def scrape(self) -> dict[str, float]:
+        """Sums of the series the benchmark reads, by metric name (labels summed over)."""
+        with urllib.request.urlopen(self.url + "/metrics", timeout=10) as response:
+            text = response.read().decode()
+        totals: dict[str, float] = {}
+        for line in text.splitlines():
+            if not line or line.startswith("#"):
+                continue
+            name_labels, _, value = line.rpartition(" ")
+            name = name_labels.split("{", 1)[0]
+            totals[name] = totals.get(name, 0.0) + float(value)
+        return totals
+
+    def reset_peaks(self) -> None:
+        request = urllib.request.Request(self.url + "/simulated/reset-peaks", method="POST", data=b"")
+        with urllib.request.urlopen(request, timeout=10):
+            pass
+
+
+# =========================================================================== ADAPTERS
+# Everything below that names a project API. The stage (process_documents), the client
+# (limiter) and the engines' extract() are being rewritten: re-point these few functions.
+
+
+def bench_config(url: str, engine: str, **env_overrides: str) -> Any:
+    """The project's DEFAULT config (config/mineru.yaml + env) pointed at the simulator, plus ``env_overrides``.
+
+    Built explicitly with ``load_config(environ=...)`` so that a process-wide cached settings object
+    cannot hide an override between cases.
+    """
+    from mkg_pipeline.config import load_config
+
+    environ = {**os.environ, "MKG_VLLM__URL": url, "MKG_VLLM__MODEL": MODEL, "MKG_ENGINE": engine, **env_overrides}
+    return load_config(environ=environ)
+
+
+def fixed_concurrency_overrides(concurrency: int) -> dict[str, str]:
+    """Env overrides for a fixed limit of ``concurrency`` requests (no adaptive limiter, pool not the limit)."""
+    from mkg_pipeline.config import HTTPClientConfig
+
+    overrides = {"MKG_VLLM__ADAPTIVE": "false", "MKG_VLLM__MAX_IN_FLIGHT": str(concurrency)}
+    if "pool_size" in HTTPClientConfig.model_fields:  # to be removed by the client package (pool = max_in_flight)
+        overrides["MKG_HTTP_CLIENT__POOL_SIZE"] = str(concurrency)
+    return overrides
+
+
+def reset_process_state() -> None:
+    """Each case starts like a fresh run process: new breakers (and limiters, once they exist)."""
+    for module_name, function in (
+        ("mkg_pipeline.vllm.breaker", "reset_breakers"),
+        ("mkg_pipeline.vllm.limiter", "reset_limiters"),
+    ):
+        with contextlib.suppress(ImportError):
+            reset = getattr(importlib.import_module(module_name), function, None)
+            if reset is not None:
+                reset()
+
+
+def make_storage(endpoint_url: str, bucket: str) -> Any:
+    from mkg_pipeline.config import StorageConfig
+    from mkg_pipeline.storage import Storage
+
+    cfg = StorageConfig(endpoint_url=endpoint_url, bucket=bucket, access_key_id="testing", secret_access_key="testing")
+    return Storage.from_config(cfg)
+
+
+@contextlib.asynccontextmanager
+async def open_engine(cfg: Any) -> Any:
+    """Client + engine as VLLMResource.open_engine builds them, from an explicit config."""
+    from mkg_pipeline.engines import build_engine
+    from mkg_pipeline.vllm.client import VLLMClient
+
+    async with VLLMClient.from_config(cfg) as client:
+        engine = build_engine(cfg.engine, client, cfg.prompt_version)
+        try:
+            yield client, engine
+        finally:
+            close = getattr(engine, "aclose", None)
+            if close is not None:
+                await close()
+
+
+async def extract_page(engine: Any, page: CorpusPage, page_idx: int, label: str) -> Any:
+    """engine.extract for today's ``extract(png, label=)`` and the contract's ``extract(PageInput)``."""
+    base = importlib.import_module("mkg_pipeline.engines.base")
+    page_input = getattr(base, "PageInput", None)
+    if page_input is not None and "label" not in inspect.signature(engine.extract).parameters:
+        return await engine.extract(
+            page_input(png=page.png, page_idx=page_idx, text_layer_chars=page.text_chars, label=label)
+        )
+    return await engine.extract(page.png, label=label)
+
+
+def run_client_path(cfg: Any, pages: list[CorpusPage]) -> Outcome:
+    """(b') engine + client on in-memory page images, with the stage's page bound (or the limiter's, once it exists)."""
+
+    async def go() -> Outcome:
+        outcome = Outcome()
+        async with open_engine(cfg) as (client, engine):
+
+            async def one(i: int, page: CorpusPage) -> None:
+                try:
+                    result = await extract_page(engine, page, page.page - 1, f"bench #{i} {page.source} p{page.page}")
+                except Exception as exc:
+                    outcome.pages_failed += 1
+                    if len(outcome.errors) < 3:
+                        outcome.errors.append(f"{type(exc).__name__}: {exc}")
+                    return
+                if getattr(result, "markdown", ""):
+                    outcome.pages_done += 1
+                else:
+                    outcome.pages_failed += 1
+
+            limiter = getattr(client, "limiter", None)
+            if limiter is not None and hasattr(limiter, "wait_for_capacity"):
+                tasks = []
+                for i, page in enumerate(pages):
+                    await limiter.wait_for_capacity()
+                    tasks.append(asyncio.create_task(one(i, page)))
+                    await asyncio.sleep(0)  # let it reach the limiter before asking for capacity again
+                await asyncio.gather(*tasks)
+            else:  # today: the stage bounds pages in flight by vllm.max_in_flight
+                bound = asyncio.Semaphore(cfg.vllm.max_in_flight)
+
+                async def bounded(i: int, page: CorpusPage) -> None:
+                    async with bound:
+                        await one(i, page)
+
+                await asyncio.gather(*(bounded(i, p) for i, p in enumerate(pages)))
+        return outcome
+
+    return asyncio.run(go())
+
+
+def write_page_manifests(storage: Any, pages: list[CorpusPage], tag: str) -> list[str]:
+    """Documents for the stage over ``pages``: runs of consecutive pages of one source become one document
+    whose manifest points at the already uploaded PNGs. Returns the doc ids."""
+    docs: list[list[CorpusPage]] = []
+    for page in pages:
+        if docs and docs[-1][-1].source == page.source and docs[-1][-1].page + 1 == page.page:
+            docs[-1].append(page)
+        else:
+            docs.append([page])
+    doc_ids = []
+    for number, doc_pages in enumerate(docs):
+        doc_id = f"{tag}-{number:04d}"
+        manifest = {
+            "version": 1,
+            "doc_id": doc_id,
+            "source": doc_pages[0].source,
+            "dpi": 150,
+            "page_count": len(doc_pages),
+            "pages": [
+                {
+                    "page": p.page,
+                    "png_key": p.key,
+                    "png_sha256": p.sha256,
+                    "width_px": p.width,
+                    "height_px": p.height,
+                    "dpi": 150,
+                    "width_pt": p.width * 72 / 150,
+                    "height_pt": p.height * 72 / 150,
+                    "rotation": 0,
+                    "text_layer": "",
+                    "text_layer_chars": p.text_chars,
+                }
+                for p in doc_pages
+            ],
+            "failed_pages": [],
+            "rendered_at": "2026-01-01T00:00:00+00:00",
+        }
+        storage.put_json(storage.page_manifest_key(doc_id), manifest)
+        doc_ids.append(doc_id)
+    return doc_ids
+
+
+def run_vlm_stage(storage: Any, cfg: Any, doc_ids: list[str]) -> Outcome:
+    """(b) the vlm stage as the vlm_outputs asset calls it, with force_refresh."""
+    from mkg_pipeline.stages.vlm import process_documents
+
+    async def go() -> Outcome:
+        async with open_engine(cfg) as (client, engine):
+            summary = await process_documents(
+                storage,
+                engine,
+                doc_ids,
+                server_url=client.server_url,
+                model=client.model,
+                max_pages_in_flight=cfg.vllm.max_in_flight,
+                force_refresh=True,
+            )
+        failures = [o for o in summary.outcomes if o.status == "failed"]
+        return Outcome(
+            pages_done=summary.count("done"),
+            pages_failed=len(failures) + len(summary.unrendered),
+            errors=[f"{o.doc_id} p{o.page}: {o.reason}: {o.message}" for o in failures[:3]],
+        )
+
+    return asyncio.run(go())
+
+
+#: (part, module, function) wrapped during case (c) to split its CPU and wall time by step
+E2E_PARTS = (
+    ("ingest", "mkg_pipeline.stages.ingest", "ingest_batch"),
+    ("render", "mkg_pipeline.stages.pages", "render_document"),
+    ("vlm", "mkg_pipeline.stages.vlm", "process_documents"),
+)
+
+
+@contextlib.contextmanager
+def instrument_parts(parts: dict[str, PartCost], moto_pid: int | None) -> Iterator[None]:
+    """Wrap the stage functions the assets call (looked up at call time) to add up CPU and wall per part."""
+    restore = []
+    for part, module_name, function in E2E_PARTS:
+        module = importlib.import_module(module_name)
+        original = getattr(module, function, None)
+        if original is None:
+            continue
+        cost = parts.setdefault(part, PartCost())
+
+        def wrap(original: Any = original, cost: PartCost = cost) -> Any:
+            def start() -> tuple[float, float, float]:
+                return time.perf_counter(), own_cpu_s(), proc_cpu_s(moto_pid)
+
+            def stop(t0: float, c0: float, m0: float) -> None:
+                cost.wall_s += time.perf_counter() - t0
+                cost.cpu_s += own_cpu_s() - c0
+                cost.moto_cpu_s += proc_cpu_s(moto_pid) - m0
+                cost.calls += 1
+
+            if inspect.iscoroutinefunction(original):
+
+                async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
+                    marks = start()
+                    try:
+                        return await original(*args, **kwargs)
+                    finally:
+                        stop(*marks)
+
+                return async_wrapper
+
+            def wrapper(*args: Any, **kwargs: Any) -> Any:
+                marks = start()
+                try:
+                    return original(*args, **kwargs)
+                finally:
+                    stop(*marks)
+
+            return wrapper
+
+        setattr(module, function, wrap())
+        restore.append((module, function, original))
+    try:
+        yield
+    finally:
+        for module, function, original in restore:
+            setattr(module, function, original)
+
+
+def run_end_to_end(env: Env, engine: str, moto_pid: int | None) -> Outcome:
+    """(c) sensor tick + materialize raw_pdfs, parsed_pages, vlm_outputs per batch, in-process (as demo.py does)."""
+    import dagster as dg
+
+    from mkg_pipeline.assets import pipeline_assets
+    from mkg_pipeline.batch_cli import run_sensor_tick
+    from mkg_pipeline.resources import S3StorageResource, VLLMResource
+
+    outcome = Outcome()
+    with instrument_parts(outcome.parts, moto_pid):
+        result = run_sensor_tick(env.instance)
+        batch_ids = [r.partition_key for r in result.run_requests or []]
+        if not batch_ids:
+            outcome.errors.append(f"the sensor requested no batch: {result.skip_reason}")
+        for request in result.run_requests or []:
+            run = dg.materialize(
+                pipeline_assets,
+                selection=["raw_pdfs", "parsed_pages", "vlm_outputs"],
+                partition_key=request.partition_key,
+                instance=env.instance,
+                resources={"s3": S3StorageResource(), "vllm": VLLMResource(engine=engine)},
+                tags=dict(request.tags),
+                run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}},
+                raise_on_error=False,
+            )
+            if not run.success:
+                outcome.errors.append(f"run for batch {request.partition_key} failed")
+
+    def verify() -> Outcome:
+        checked = Outcome(errors=list(outcome.errors), parts=outcome.parts)
+        storage = env.e2e_storage
+        for batch_id in batch_ids:
+            for key, res in storage.get_json(storage.batch_key(batch_id)).get("results", {}).items():
+                if res.get("status") != "accepted":
+                    checked.errors.append(f"{key}: {res.get('status')} {res.get('reason') or res.get('message')}")
+                    continue
+                try:
+                    status = storage.get_json(storage.vlm_status_key(res["doc_id"]))
+                except FileNotFoundError:
+                    checked.errors.append(f"{key}: no vlm status")
+                    continue
+                checked.pages_done += int(status.get("pages_done", 0))
+                checked.pages_failed += len(status.get("failed_pages", []))
+        return checked
+
+    outcome.verify = verify
+    return outcome
+
+
+# =========================================================================== the run
+
+
+@dataclass
+class Env:
+    args: argparse.Namespace
+    workdir: Path
+    pages: list[CorpusPage]
+    moto: Any
+    sim: Simulator
+    pages_storage: Any
+    e2e_storage: Any
+    instance: Any
+    images: dict[int, Any] = field(default_factory=dict)
+    decode_ms_per_page: float = math.nan
+    manifests: dict[tuple[str, int], list[str]] = field(default_factory=dict)
+    pdfs: dict[int, list[tuple[str, bytes]]] = field(default_factory=dict)
+
+    @property
+    def moto_pid(self) -> int | None:
+        return self.moto.process.pid if self.moto.process else None
+
+
+def requests_per_page(engine: str, layout_blocks: int) -> int:
+    return 1 if engine == "page_markdown" else 1 + layout_blocks
+
+
+def pages_needed(env: Env, setting: Setting, engine: str) -> int:
+    return math.ceil(env.args.waves * setting.slots / requests_per_page(engine, env.args.layout_blocks))
+
+
+def measure(env: Env, run: Callable[[], Outcome]) -> Sample:
+    reset_process_state()
+    env.sim.reset_peaks()
+    before = env.sim.scrape()
+    cpu0, moto0, sim0 = own_cpu_s(), proc_cpu_s(env.moto_pid), proc_cpu_s(env.sim.pid)
+    started = time.perf_counter()
+    errors: list[str] = []
+    try:
+        outcome = run()
+    except Exception as exc:
+        outcome = Outcome(errors=[f"{type(exc).__name__}: {exc}"])
+        traceback.print_exc()
+    wall = time.perf_counter() - started
+    cpu1, moto1, sim1 = own_cpu_s(), proc_cpu_s(env.moto_pid), proc_cpu_s(env.sim.pid)
+    after = env.sim.scrape()
+    if outcome.verify is not None:
+        try:
+            outcome = outcome.verify()
+        except Exception as exc:
+            outcome.errors.append(f"verification failed: {type(exc).__name__}: {exc}")
+    errors.extend(outcome.errors)
+    return Sample(
+        wall_s=wall,
+        requests=int(after.get("vllm:request_success_total", 0) - before.get("vllm:request_success_total", 0)),
+        server_errors=int(
+            after.get("simulated_vllm_request_errors_total", 0) - before.get("simulated_vllm_request_errors_total", 0)
+        ),
+        pages=outcome.pages_done,
+        failed=outcome.pages_failed,
+        client_cpu_s=cpu1 - cpu0,
+        moto_cpu_s=moto1 - moto0,
+        server_cpu_s=sim1 - sim0,
+        peak_running=int(after.get("simulated_vllm_peak_requests_running", 0)),
+        peak_waiting=int(after.get("simulated_vllm_peak_requests_waiting", 0)),
+        errors=errors,
+        parts=outcome.parts,
+    )
+
+
+def decoded_images(env: Env, pages: list[CorpusPage]) -> list[Any]:
+    """PIL images for MinerU's client (its API takes decoded images); one decode per distinct page."""
+    from PIL import Image
+
+    started = time.process_time()
+    decoded = 0
+    out = []
+    for page in pages:
+        image = env.images.get(page.index)
+        if image is None:
+            with Image.open(io.BytesIO(page.png)) as opened:
+                image = opened.convert("RGB")
+            env.images[page.index] = image
+            decoded += 1
+        out.append(image)
+    if decoded:
+        env.decode_ms_per_page = 1000 * (time.process_time() - started) / decoded
+    return out
+
+
+def case_mineru_client(env: Env, setting: Setting) -> Callable[[], Outcome]:
+    """(a) MinerU's own client with its defaults (progress bars and its DEBUG log off: display only)."""
+    from loguru import logger as loguru_logger
+    from mineru_vl_utils import MinerUClient
+
+    loguru_logger.disable("mineru_vl_utils")  # it logs every raw layout answer at DEBUG to stderr by default
+    images = decoded_images(env, cycle_pages(env.pages, pages_needed(env, setting, "mineru")))
+    client = MinerUClient(backend="http-client", server_url=env.sim.url, model_name=MODEL, use_tqdm=False)
+
+    def run() -> Outcome:
+        async def go() -> list[Any]:
+            try:
+                return await client.aio_batch_two_step_extract(images)
+            finally:
+                await client.aclose()
+
+        results = asyncio.run(go())
+        done = sum(1 for blocks in results if blocks and all(b.content for b in blocks))
+        return Outcome(pages_done=done, pages_failed=len(results) - done)
+
+    return run
+
+
+def case_vlm_stage(env: Env, setting: Setting, engine: str) -> Callable[[], Outcome]:
+    n = pages_needed(env, setting, engine)
+    key = (engine, n)
+    if key not in env.manifests:
+        env.manifests[key] = write_page_manifests(env.pages_storage, cycle_pages(env.pages, n), f"b{n}")
+    cfg = bench_config(env.sim.url, engine)
+    doc_ids = env.manifests[key]
+    return lambda: run_vlm_stage(env.pages_storage, cfg, doc_ids)
+
+
+def case_client_path(
+    env: Env, setting: Setting, engine: str, overrides: dict[str, str] | None = None
+) -> Callable[[], Outcome]:
+    cfg = bench_config(env.sim.url, engine, **(overrides or {}))
+    pages = cycle_pages(env.pages, pages_needed(env, setting, engine))
+    return lambda: run_client_path(cfg, pages)
+
+
+def pdf_copies(env: Env, copies: int) -> list[tuple[str, bytes]]:
+    """``copies`` distinct copies of the corpus's 'ok' PDFs (a trailing comment changes the bytes, so the doc ids)."""
+    if copies not in env.pdfs:
+        out = []
+        for k in range(copies):
+            for entry in ok_files(env.args.corpus):
+                data = (env.args.corpus / "pdfs" / entry["file"]).read_bytes()
+                if k:
+                    data += f"\n%mkg-bench copy {k}\n".encode()
+                out.append((f"copy{k}-{entry['file']}", data))
+        env.pdfs[copies] = out
+    return env.pdfs[copies]
+
+
+def case_end_to_end(env: Env, setting: Setting, engine: str) -> Callable[[], Outcome]:
+    copies = env.args.e2e_copies or math.ceil(pages_needed(env, setting, engine) / len(env.pages))
+    storage = env.e2e_storage
+    clear_bucket(storage)
+    for name, data in pdf_copies(env, copies):
+        storage.put_bytes(f"{storage.incoming_prefix}{name}", data, "application/pdf")
+    return lambda: run_end_to_end(env, engine, env.moto_pid)
+
+
+def clear_bucket(storage: Any) -> None:
+    keys = [obj.key for obj in storage.list_objects("")]
+    for i in range(0, len(keys), 1000):
+        storage.fs.call_s3(
+            "delete_objects",
+            Bucket=storage.bucket,
+            Delete={"Objects": [{"Key": k} for k in keys[i : i + 1000]], "Quiet": True},
+        )
+
+
+CASES = {
+    "a": "(a) MinerU client",
+    "b": "(b) vlm stage, S3",
+    "b2": "(b') client path, memory",
+    "c": "(c) end to end",
+}
+
+
+def plan_rows(env: Env, setting: Setting) -> list[tuple[Row, Callable[[], Callable[[], Outcome]]]]:
+    """Rows for one setting, each with a factory that prepares (untimed) and returns the timed run."""
+    args = env.args
+    rows: list[tuple[Row, Callable[[], Callable[[], Outcome]]]] = []
+    if "a" in args.cases:
+        rows.append((Row(setting, CASES["a"], "mineru"), lambda: case_mineru_client(env, setting)))
+    for case, factory in (("b", case_vlm_stage), ("b2", case_client_path), ("c", case_end_to_end)):
+        if case not in args.cases:
+            continue
+        for engine in args.engines:
+            rows.append((Row(setting, CASES[case], engine), lambda f=factory, e=engine: f(env, setting, e)))
+    if setting.growing and "sweep" in args.cases:
+        for c in args.sweep:
+            row = Row(setting, f"(s) fixed c={c}", "page_markdown", note="client path, adaptive=false")
+            rows.append(
+                (row, lambda c=c: case_client_path(env, setting, "page_markdown", fixed_concurrency_overrides(c)))
+            )
+    return rows
+
+
+def run_setting(env: Env, setting: Setting) -> list[Row]:
+    print(f"\n=== server {setting.name}: capacity {setting.capacity:.1f} requests/s ===", flush=True)
+    if setting.growing:
+        knee = setting.latency / setting.per_running
+        print(
+            "    throughput at n running = n / (L + K n): "
+            + ", ".join(
+                f"n={n:g}: {n / (setting.latency + setting.per_running * n):.0f}/s "
+                f"({(setting.latency + setting.per_running * n) / setting.latency:.1f}x idle latency)"
+                for n in sorted({1, round(knee / 2), round(knee), round(2 * knee), setting.slots})
+                if 1 <= n <= setting.slots
+            )
+            + f"; knee L/K = {knee:g}",
+            flush=True,
+        )
+    env.sim.start(setting, env.args.layout_blocks)
+    planned = plan_rows(env, setting)
+    try:
+        for rep in range(env.args.repeat):
+            for row, factory in planned:
+                try:
+                    run = factory()
+                except Exception as exc:
+                    traceback.print_exc()
+                    row.samples.append(
+                        Sample(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, [f"setup: {type(exc).__name__}: {exc}"], {})
+                    )
+                    continue
+                sample = measure(env, run)
+                row.samples.append(sample)
+                status = f"{len(sample.errors)} error(s): {sample.errors[:2]}" if sample.errors else "ok"
+                print(
+                    f"  [{rep + 1}/{env.args.repeat}] {row.case:26s} {row.engine:13s} {sample.rps:7.1f} req/s "
+                    f"({sample.rps / setting.capacity:5.2f})  {sample.pps:6.1f} pages/s  {sample.requests:5d} req "
+                    f"in {sample.wall_s:6.1f} s  peak wait {sample.peak_waiting:4d}  "
+                    f"load {loadavg().split()[0]}  {status}",
+                    flush=True,
+                )
+    finally:
+        env.sim.stop()
+    return [row for row, _ in planned]
+
+
+# =========================================================================== report
+
+
+def fmt(value: float, digits: int = 1) -> str:
+    return "n/a" if value is None or math.isnan(value) else f"{value:.{digits}f}"
+
+
+def print_report(rows: list[Row], env: Env) -> None:
+    print("\n" + "=" * 150)
+    print(
+        f"RESULTS (median of {env.args.repeat}; saturation = requests/s / capacity; CPU in ms per request; "
+        f"MinerU layout answer = {env.args.layout_blocks} text blocks)"
+    )
+    header = (
+        f"{'server':22s} {'case':26s} {'engine':13s} {'req/s':>7s} {'satur.':>6s} {'pages/s':>7s} "
+        f"{'client':>7s} {'moto':>6s} {'server':>6s} {'peak run':>8s} {'peak wait':>9s} {'requests':>8s} "
+        f"{'wall s':>7s}  status"
+    )
+    default = bench_config("http://127.0.0.1:1", "page_markdown")
+    pool = getattr(default.http_client, "pool_size", None)
+    print(
+        f"default config: vllm.adaptive={default.vllm.adaptive}, vllm.max_in_flight={default.vllm.max_in_flight}, "
+        f"vllm.min_in_flight={getattr(default.vllm, 'min_in_flight', 'n/a')}"
+        + (f", http_client.pool_size={pool}, keepalive={default.http_client.keepalive}" if pool else "")
+    )
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        cap = row.setting.capacity
+        print(
+            f"{row.setting.name:22s} {row.case:26s} {row.engine:13s} "
+            f"{fmt(row.median(lambda s: s.rps)):>7s} {fmt(row.median(lambda s, cap=cap: s.rps / cap), 2):>6s} "
+            f"{fmt(row.median(lambda s: s.pps)):>7s} "
+            f"{fmt(row.median(lambda s: s.per_request_ms(s.client_cpu_s))):>7s} "
+            f"{fmt(row.median(lambda s: s.per_request_ms(s.moto_cpu_s))):>6s} "
+            f"{fmt(row.median(lambda s: s.per_request_ms(s.server_cpu_s)), 2):>6s} "
+            f"{max((s.peak_running for s in row.samples), default=0):>8d} "
+            f"{max((s.peak_waiting for s in row.samples), default=0):>9d} "
+            f"{fmt(row.median(lambda s: s.requests), 0):>8s} {fmt(row.median(lambda s: s.wall_s)):>7s}  "
+            f"{'ERRORS' if row.failed else 'ok'}"
+        )
+    print(
+        f"\n(a) page images are decoded to PIL before timing (MinerU's API takes images): "
+        f"{fmt(env.decode_ms_per_page)} ms CPU per page not included above."
+    )
+
+    by_key = {(r.setting, r.case, r.engine): r for r in rows}
+    notes = []
+    for row in rows:
+        if row.case != CASES["b"]:
+            continue
+        memory = by_key.get((row.setting, CASES["b2"], row.engine))
+        if memory:
+            b = row.median(lambda s: s.per_request_ms(s.client_cpu_s))
+            b2 = memory.median(lambda s: s.per_request_ms(s.client_cpu_s))
+            notes.append(
+                f"{row.setting.name:22s} {row.engine:13s} S3 client side ((b) - (b') client CPU): {fmt(b - b2)} ms/req"
+            )
+    if notes:
+        print("\n" + "\n".join(notes))
+
+    e2e = [r for r in rows if r.case == CASES["c"] and r.samples]
+    if e2e:
+        print("\n(c) end to end, CPU ms per page by part (median); wall s by part:")
+        for row in e2e:
+            pages = row.median(lambda s: s.pages) or math.nan
+            parts = {
+                name: (
+                    row.median(lambda s, n=name: s.parts.get(n, PartCost()).cpu_s) * 1000 / pages,
+                    row.median(lambda s, n=name: s.parts.get(n, PartCost()).moto_cpu_s) * 1000 / pages,
+                    row.median(lambda s, n=name: s.parts.get(n, PartCost()).wall_s),
+                )
+                for name, _, _ in E2E_PARTS
+            }
+            total_cpu = row.median(lambda s: s.client_cpu_s) * 1000 / pages
+            other = total_cpu - sum(v[0] for v in parts.values())
+            walls = ", ".join(f"{name} {fmt(v[2])}" for name, v in parts.items())
+            print(
+                f"  {row.setting.name:22s} {row.engine:13s} {fmt(pages, 0)} pages: "
+                + "  ".join(f"{name} {fmt(v[0])} (moto {fmt(v[1])})" for name, v in parts.items())
+                + f"  other (sensor, Dagster) {fmt(other)}"
+                + f"  | S3 server (moto) total {fmt(row.median(lambda s: s.moto_cpu_s) * 1000 / pages)}"
+                + f"  sim server {fmt(row.median(lambda s: s.server_cpu_s) * 1000 / pages, 2)}"
+                + f"  | wall: {walls}, total {fmt(row.median(lambda s: s.wall_s))}"
+            )
+
+    for setting in dict.fromkeys(r.setting for r in rows):
+        sweep = [r for r in rows if r.setting == setting and r.case.startswith("(s)")]
+        default = by_key.get((setting, CASES["b2"], "page_markdown"))
+        if not sweep:
+            continue
+        best = max(sweep, key=lambda r: r.median(lambda s: s.rps))
+        best_rps = best.median(lambda s: s.rps)
+        print(f"\nsweep on {setting.name}: best fixed concurrency {best.case.split('=')[1]} at {fmt(best_rps)} req/s")
+        if default is not None:
+            rps = default.median(lambda s: s.rps)
+            peak = max((s.peak_waiting for s in default.samples), default=0)
+            print(
+                f"  default config client path: {fmt(rps)} req/s = {fmt(rps / best_rps, 2)} of the best "
+                f"fixed; server's peak waiting queue {peak} (S = {setting.slots})"
+            )
+
+
+# =========================================================================== main
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--settings",
+        default="32x0.5,64x0.25,64x0.1+0.005",
+        help="server settings SxL or SxL+K, comma-separated (default: 32x0.5,64x0.25,64x0.1+0.005)",
+    )
+    parser.add_argument("--cases", default="a,b,b2,c,sweep", help="subset of a,b,b2,c,sweep (default: all)")
+    parser.add_argument("--engines", default=",".join(ENGINES), help="engines for b, b2, c (default: both)")
+    parser.add_argument("--repeat", type=int, default=3, help="repetitions of every case; the median is shown")
+    parser.add_argument("--waves", type=int, default=20, help="requests per case = waves x slots (default 20)")
+    parser.add_argument("--sweep", default="8,16,24,32,48,64,96", help="fixed concurrencies on growing settings")
+    parser.add_argument("--layout-blocks", type=int, default=4, help="text blocks per MinerU layout answer")
+    parser.add_argument("--e2e-copies", type=int, default=0, help="corpus copies for (c); 0: enough for the waves")
+    parser.add_argument("--dpi", type=int, default=150, help="corpus page rendering for a, b, b2 (default 150)")
+    parser.add_argument("--corpus", type=Path, default=Path(os.environ.get("MKG_CORPUS_DIR", DEFAULT_CORPUS)))
+    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="rendered page cache")
+    parser.add_argument("--keep-workdir", action="store_true", help="keep the temp dir (logs, DAGSTER_HOME)")
+    args = parser.parse_args(argv)
+    args.settings = [Setting.parse(s) for s in args.settings.split(",") if s]
+    args.cases = {c.strip() for c in args.cases.split(",") if c.strip()}
+    args.engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    args.sweep = [int(c) for c in args.sweep.split(",") if c]
+    unknown = args.cases - {*CASES, "sweep"}
+    if unknown or set(args.engines) - set(ENGINES) or args.repeat < 1 or args.waves < 1:
+        parser.error(f"bad --cases/--engines/--repeat/--waves (unknown: {sorted(unknown)})")
+    return args
+
+
+def git_revision() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "describe", "--always", "--dirty"], capture_output=True, text=True, check=True
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    print(f"saturation benchmark, {time.strftime('%Y-%m-%d %H:%M:%S')}, revision {git_revision()}, {sys.executable}")
+    machine_report("before")
+
+    import pymupdf
+
+    from mkg_pipeline.local_stack import free_port, moto_s3_server
+
+    pymupdf.TOOLS.mupdf_display_errors(False)  # display only: some corpus files print harmless ICC warnings
+    workdir = Path(tempfile.mkdtemp(prefix="mkg-saturation-"))
+    pages = load_corpus_pages(args.corpus, args.dpi, args.cache_dir)
+    print(f"{len(pages)} corpus pages at {args.dpi} DPI, {sum(len(p.png) for p in pages) / len(pages) / 1024:.0f} KiB "
+          f"PNG on average; work dir {workdir}")  # fmt: skip
+    moto = moto_s3_server(workdir / "logs")
+    sim = Simulator(workdir / "logs", free_port())
+    rows: list[Row] = []
+    instance = None
+    try:
+        moto.start()
+        home = workdir / "dagster_home"
+        home.mkdir()
+        shutil.copy(REPO_ROOT / "dagster.yaml", home / "dagster.yaml")
+        # Set once, before anything reads the config: the sensor and the Dagster resources read it from env.
+        os.environ.update(
+            {
+                "DAGSTER_HOME": str(home),
+                "MKG_STORAGE__ENDPOINT_URL": moto.url,
+                "MKG_STORAGE__BUCKET": E2E_BUCKET,
+                "MKG_STORAGE__ACCESS_KEY_ID": "testing",
+                "MKG_STORAGE__SECRET_ACCESS_KEY": "testing",
+                "MKG_VLLM__URL": sim.url,
+                "MKG_VLLM__MODEL": MODEL,
+            }
+        )
+        import dagster as dg
+
+        import mkg_pipeline.definitions  # noqa: F401  (imported once here, not inside a timed case)
+
+        instance = dg.DagsterInstance.from_config(str(home))
+        pages_storage = make_storage(moto.url, PAGES_BUCKET)
+        pages_storage.ensure_bucket()
+        e2e_storage = make_storage(moto.url, E2E_BUCKET)
+        e2e_storage.ensure_bucket()
+        for page in pages:
+            pages_storage.put_bytes(page.key, page.png, "image/png")
+        env = Env(args, workdir, pages, moto, sim, pages_storage, e2e_storage, instance)
+        for setting in args.settings:
+            rows.extend(run_setting(env, setting))
+        print_report(rows, env)
+    finally:
+        sim.stop()
+        moto.stop()
+        if instance is not None:
+            instance.dispose()
+        if not args.keep_workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+    print()
+    machine_report("after")
+    failed = [r for r in rows if r.failed]
+    for row in failed:
+        errors = [e for s in row.samples for e in s.errors][:3]
+        extra = [f"{s.failed} failed page(s), {s.server_errors} server error(s)" for s in row.samples if s.failed or
+                 s.server_errors][:1]  # fmt: skip
+        print(f"ERRORS in {row.setting.name} {row.case} {row.engine}: {errors + extra}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
