@@ -415,25 +415,21 @@ def bench_config(url: str, engine: str, **env_overrides: str) -> Any:
 
 
 def fixed_concurrency_overrides(concurrency: int) -> dict[str, str]:
-    """Env overrides for a fixed limit of ``concurrency`` requests (no adaptive limiter, pool not the limit)."""
-    from mkg_pipeline.config import HTTPClientConfig
-
-    overrides = {"MKG_VLLM__ADAPTIVE": "false", "MKG_VLLM__MAX_IN_FLIGHT": str(concurrency)}
-    if "pool_size" in HTTPClientConfig.model_fields:  # to be removed by the client package (pool = max_in_flight)
-        overrides["MKG_HTTP_CLIENT__POOL_SIZE"] = str(concurrency)
-    return overrides
+    """Env overrides for a fixed limit of ``concurrency`` requests (the limiter pinned at its ceiling)."""
+    return {
+        "MKG_VLLM__ADAPTIVE": "false",
+        "MKG_VLLM__MIN_IN_FLIGHT": "1",
+        "MKG_VLLM__MAX_IN_FLIGHT": str(concurrency),
+    }
 
 
 def reset_process_state() -> None:
-    """Each case starts like a fresh run process: new breakers (and limiters, once they exist)."""
-    for module_name, function in (
-        ("mkg_pipeline.vllm.breaker", "reset_breakers"),
-        ("mkg_pipeline.vllm.limiter", "reset_limiters"),
-    ):
-        with contextlib.suppress(ImportError):
-            reset = getattr(importlib.import_module(module_name), function, None)
-            if reset is not None:
-                reset()
+    """Each case starts like a fresh run process: new breakers and limiters."""
+    from mkg_pipeline.vllm.breaker import reset_breakers
+    from mkg_pipeline.vllm.limiter import reset_limiters
+
+    reset_breakers()
+    reset_limiters()
 
 
 def make_storage(endpoint_url: str, bucket: str) -> Any:
@@ -451,70 +447,12 @@ async def open_engine(cfg: Any) -> Any:
     from mkg_pipeline.vllm.client import VLLMClient
 
     async with VLLMClient.from_config(cfg) as client:
-        engine = build_engine(cfg.engine, client, cfg.prompt_version)
-        try:
-            yield client, engine
-        finally:
-            close = getattr(engine, "aclose", None)
-            if close is not None:
-                await close()
-
-
-async def extract_page(engine: Any, page: CorpusPage, page_idx: int, label: str) -> Any:
-    """engine.extract for today's ``extract(png, label=)`` and the contract's ``extract(PageInput)``."""
-    base = importlib.import_module("mkg_pipeline.engines.base")
-    page_input = getattr(base, "PageInput", None)
-    if page_input is not None and "label" not in inspect.signature(engine.extract).parameters:
-        return await engine.extract(
-            page_input(png=page.png, page_idx=page_idx, text_layer_chars=page.text_chars, label=label)
-        )
-    return await engine.extract(page.png, label=label)
-
-
-def run_client_path(cfg: Any, pages: list[CorpusPage]) -> Outcome:
-    """(b') engine + client on in-memory page images, with the stage's page bound (or the limiter's, once it exists)."""
-
-    async def go() -> Outcome:
-        outcome = Outcome()
-        async with open_engine(cfg) as (client, engine):
-
-            async def one(i: int, page: CorpusPage) -> None:
-                try:
-                    result = await extract_page(engine, page, page.page - 1, f"bench #{i} {page.source} p{page.page}")
-                except Exception as exc:
-                    outcome.pages_failed += 1
-                    if len(outcome.errors) < 3:
-                        outcome.errors.append(f"{type(exc).__name__}: {exc}")
-                    return
-                if getattr(result, "markdown", ""):
-                    outcome.pages_done += 1
-                else:
-                    outcome.pages_failed += 1
-
-            limiter = getattr(client, "limiter", None)
-            if limiter is not None and hasattr(limiter, "wait_for_capacity"):
-                tasks = []
-                for i, page in enumerate(pages):
-                    await limiter.wait_for_capacity()
-                    tasks.append(asyncio.create_task(one(i, page)))
-                    await asyncio.sleep(0)  # let it reach the limiter before asking for capacity again
-                await asyncio.gather(*tasks)
-            else:  # today: the stage bounds pages in flight by vllm.max_in_flight
-                bound = asyncio.Semaphore(cfg.vllm.max_in_flight)
-
-                async def bounded(i: int, page: CorpusPage) -> None:
-                    async with bound:
-                        await one(i, page)
-
-                await asyncio.gather(*(bounded(i, p) for i, p in enumerate(pages)))
-        return outcome
-
-    return asyncio.run(go())
+        yield client, build_engine(cfg.engine, client, cfg)
 
 
 def write_page_manifests(storage: Any, pages: list[CorpusPage], tag: str) -> list[str]:
     """Documents for the stage over ``pages``: runs of consecutive pages of one source become one document
-    whose manifest points at the already uploaded PNGs. Returns the doc ids."""
+    whose manifest points at the page PNGs (already in ``storage``). Returns the doc ids."""
     docs: list[list[CorpusPage]] = []
     for page in pages:
         if docs and docs[-1][-1].source == page.source and docs[-1][-1].page + 1 == page.page:
@@ -555,7 +493,7 @@ def write_page_manifests(storage: Any, pages: list[CorpusPage], tag: str) -> lis
 
 
 def run_vlm_stage(storage: Any, cfg: Any, doc_ids: list[str]) -> Outcome:
-    """(b) the vlm stage as the vlm_outputs asset calls it, with force_refresh."""
+    """(b) the vlm stage as the vlm_outputs asset calls it, with force_refresh (pages repeat)."""
     from mkg_pipeline.stages.vlm import process_documents
 
     async def go() -> Outcome:
@@ -564,25 +502,37 @@ def run_vlm_stage(storage: Any, cfg: Any, doc_ids: list[str]) -> Outcome:
                 storage,
                 engine,
                 doc_ids,
+                client.limiter,
                 server_url=client.server_url,
                 model=client.model,
-                max_pages_in_flight=cfg.vllm.max_in_flight,
                 force_refresh=True,
+                progress=lambda _message: None,
             )
-        failures = [o for o in summary.outcomes if o.status == "failed"]
         return Outcome(
-            pages_done=summary.count("done"),
-            pages_failed=len(failures) + len(summary.unrendered),
-            errors=[f"{o.doc_id} p{o.page}: {o.reason}: {o.message}" for o in failures[:3]],
+            pages_done=summary.processed,
+            pages_failed=summary.failed + len(summary.unrendered),
+            errors=[f"{r['doc_id']} p{r['page']}: {r['reason']}: {r['message']}" for r in summary.failure_rows[:3]],
         )
 
     return asyncio.run(go())
 
 
+def run_client_path(cfg: Any, pages: list[CorpusPage]) -> Outcome:
+    """(b') the same stage, engine and limiter on page images held in memory: S3 excluded, as MinerU's
+    client runs (its pages are in memory too)."""
+    from mkg_pipeline.storage import MemoryStorage
+
+    storage = MemoryStorage()
+    for page in {p.key: p for p in pages}.values():
+        storage.put_bytes(page.key, page.png, "image/png")
+    doc_ids = write_page_manifests(storage, pages, "mem")
+    return run_vlm_stage(storage, cfg, doc_ids)
+
+
 #: (part, module, function) wrapped during case (c) to split its CPU and wall time by step
 E2E_PARTS = (
     ("ingest", "mkg_pipeline.stages.ingest", "ingest_batch"),
-    ("render", "mkg_pipeline.stages.pages", "render_document"),
+    ("render", "mkg_pipeline.stages.pages", "render_batch"),
     ("vlm", "mkg_pipeline.stages.vlm", "process_documents"),
 )
 
@@ -841,13 +791,7 @@ def case_end_to_end(env: Env, setting: Setting, engine: str) -> Callable[[], Out
 
 
 def clear_bucket(storage: Any) -> None:
-    keys = [obj.key for obj in storage.list_objects("")]
-    for i in range(0, len(keys), 1000):
-        storage.fs.call_s3(
-            "delete_objects",
-            Bucket=storage.bucket,
-            Delete={"Objects": [{"Key": k} for k in keys[i : i + 1000]], "Quiet": True},
-        )
+    storage.delete_many([obj.key for obj in storage.list_objects("")])
 
 
 CASES = {

@@ -15,7 +15,12 @@ What it watches
     * 429 / 503 answers and timeouts.
 
 How it moves (AIMD, like TCP; one decision per queue reading, or per round trip without them)
-    * **probing** (from the start, and again after :data:`RESTART_AFTER` readings with an empty
+    * **slow start** (a fresh process, with queue readings): from :data:`INITIAL_LIMIT`, +1 per
+      answer, doubling every other round trip (the one between shows what the last doubling did),
+      until the first queue, an answer slower than :data:`SLOW_START_LATENCY_WITH_QUEUE` x the
+      fastest, a 429/503 or a timeout. A run pod's limiter starts cold every run, and readings come
+      only every few seconds: without this, filling a large server would take a minute;
+    * **probing** (after slow start, and again after :data:`RESTART_AFTER` readings with an empty
       queue): +1, +2, +4, ... per decision while the queue is empty, at most +50 % of the limit,
       until the first sign of congestion. A large server is found within a dozen readings, and a
       momentary empty queue in steady state does not make a large limit jump;
@@ -105,6 +110,13 @@ SRTT_GAIN = 0.1
 MIN_WINDOW_S = 0.01
 #: latency mode: decisions congested while already at the floor before the no-load level is re-learnt
 RELEARN_AFTER = 10
+#: where the limit starts (within the floor and the ceiling): like TCP's initial window, a guess small
+#: enough for a busy server to absorb and large enough that slow start is over in a few round trips
+INITIAL_LIMIT = 16
+#: slow start ends when an answer takes this many times the fastest one seen: 1.3 (LATENCY_TOLERANCE)
+#: when latency is all there is; with queue readings, whose empty queue says the server is not full,
+#: a GPU's latency growing with its batch is expected, and latency only guards against a runaway
+SLOW_START_LATENCY_WITH_QUEUE = 1.7
 
 
 class Signal(enum.StrEnum):
@@ -200,7 +212,7 @@ class AdaptiveLimiter:
         # read the server's queue at the same moment, see the same value and move together.
         self._wall_offset = wall_clock() - clock()
         self._lock = threading.Lock()
-        self._limit = float(min_limit if adaptive else max_limit)
+        self._limit = float(min(max(INITIAL_LIMIT, min_limit), max_limit) if adaptive else max_limit)
         self._in_flight = 0
         self._slot_waiters: deque[_Waiter] = deque()
         self._capacity_waiters: deque[_Waiter] = deque()
@@ -217,6 +229,17 @@ class AdaptiveLimiter:
         self._streak = 0  # consecutive decisions with an empty queue
         self._probing = True  # growing multiplicatively until the first sign of congestion
         self._probe_steps = 0
+        # Slow start: +1 per answer (the limit doubles every round trip) until the first sign of
+        # congestion, as TCP does; then the decisions below take over. Answers come every round trip,
+        # queue readings only every few seconds: a cold process would otherwise need a minute to fill
+        # a large server.
+        self._slow_start = adaptive
+        self._min_latency: float | None = None
+        # ... growing every other round trip (TCP Vegas): the round trip in between shows whether the
+        # last doubling overfilled the server before the next one doubles the excess.
+        self._slow_start_epoch: float | None = None
+        self._slow_start_hold = False
+        self._slow_start_base = self._limit  # the limit when the current growing round trip began
         self._last_decrease = -math.inf
         self._e2e: tuple[float, float] | None = None  # the server's latency sum and count at the last reading
         # the server's queue
@@ -350,6 +373,7 @@ class AdaptiveLimiter:
                 now = self._clock()
                 self._tick_locked(now)
                 if signal is Signal.OK and latency_s is not None:
+                    self._slow_start_locked(now, latency_s)
                     self._on_sample_locked(now, latency_s)
                 elif signal in (Signal.OVERLOAD, Signal.TIMEOUT):
                     self._decrease_locked(now, HARD_BACKOFF, signal.value)
@@ -442,6 +466,8 @@ class AdaptiveLimiter:
             if first:
                 log.info("concurrency limiter for %s: steering by the server's queue (/metrics)", self.server)
             verdict, reason = self._queue_verdict(self._queue)
+            if verdict is not _Verdict.CLEAR:  # a queue at the server: it is full, stop doubling at once
+                self._end_slow_start("queue")
             log.debug(
                 "concurrency limiter for %s: queue %g waiting / %g running, limit %d, in flight %d: %s",
                 self.server,
@@ -461,6 +487,9 @@ class AdaptiveLimiter:
         with self._lock:
             self._scraping = False
             self._next_scrape = self._grid_after(self._clock() + METRICS_RETRY_S)
+            # Doubling blind into a server that may already queue other pods' requests would fill its
+            # queue: without readings, the decisions on whole round trips' latency grow the limit.
+            self._end_slow_start("no /metrics")
             if self._queue is not None or not self._told_latency_mode:
                 log.info("concurrency limiter for %s: /metrics unavailable, steering by latency", self.server)
                 self._told_latency_mode = True
@@ -495,6 +524,32 @@ class AdaptiveLimiter:
         if queue is None or now - queue.at > STALE_AFTER_INTERVALS * self.scrape_interval_s:
             return None
         return queue
+
+    def _slow_start_locked(self, now: float, latency: float) -> None:
+        """One answer in slow start: grow by one while latency stays near the lowest seen, else stop."""
+        if not self._slow_start:
+            return
+        if self._min_latency is None or latency < self._min_latency:
+            self._min_latency = latency
+        tolerance = SLOW_START_LATENCY_WITH_QUEUE if self._fresh_queue(now) is not None else LATENCY_TOLERANCE
+        if latency > tolerance * self._min_latency:
+            self._end_slow_start("latency")
+            return
+        if self._slow_start_epoch is None:
+            self._slow_start_epoch = now
+        elif now - self._slow_start_epoch >= self._min_latency:  # a round trip: grow, then hold, then grow
+            self._slow_start_epoch = now
+            self._slow_start_hold = not self._slow_start_hold
+            self._slow_start_base = self._limit
+        in_use = self._in_flight + len(self._slot_waiters) + 1 >= UTILIZATION * self._limit
+        # At most double per growing round trip: a limit at the server's capacity then queues less than it.
+        if in_use and not self._slow_start_hold and self._limit + 1 < 2 * self._slow_start_base:
+            self._set_limit_locked(self._limit + 1, "slow start")
+
+    def _end_slow_start(self, reason: str) -> None:
+        if self._slow_start:
+            self._slow_start = False
+            log.debug("concurrency limiter for %s: slow start ends at %d (%s)", self.server, self.limit, reason)
 
     def _on_sample_locked(self, now: float, latency: float) -> None:
         self._srtt = latency if self._srtt is None else self._srtt + SRTT_GAIN * (latency - self._srtt)
@@ -551,6 +606,8 @@ class AdaptiveLimiter:
         return (_Verdict.CLEAR if ratio <= LATENCY_CLEAR else _Verdict.MILD), "grow"
 
     def _decide_locked(self, now: float, verdict: _Verdict, reason: str) -> None:
+        if verdict is not _Verdict.CLEAR:  # a queue forms, or latency rises: the server is full
+            self._end_slow_start(reason if verdict is _Verdict.CONGESTED else "queue")
         if verdict is _Verdict.CONGESTED:
             self._streak = 0
             self._probing = False
@@ -584,6 +641,7 @@ class AdaptiveLimiter:
         self._last_decrease = now
         self._streak = 0
         self._probing = False
+        self._end_slow_start(reason)
         self._set_limit_locked(self._limit * factor, reason)
 
     def _set_limit_locked(self, value: float, reason: str) -> None:

@@ -16,8 +16,10 @@ from mkg_pipeline.config import VLLMServerConfig
 from mkg_pipeline.vllm.limiter import (
     BACKOFF,
     HARD_BACKOFF,
+    INITIAL_LIMIT,
     LATENCY_TOLERANCE,
     METRICS_RETRY_S,
+    SLOW_START_LATENCY_WITH_QUEUE,
     AdaptiveLimiter,
     ServerMetrics,
     Signal,
@@ -44,8 +46,15 @@ def clock() -> FakeClock:
     return FakeClock(1000.0)
 
 
-def make(clock: FakeClock, *, min_limit: int = 2, max_limit: int = 256, **kw: object) -> AdaptiveLimiter:
-    return AdaptiveLimiter(SERVER, min_limit=min_limit, max_limit=max_limit, clock=clock, wall_clock=clock, **kw)  # type: ignore[arg-type]
+def make(
+    clock: FakeClock, *, min_limit: int = 2, max_limit: int = 256, cold: bool = False, **kw: object
+) -> AdaptiveLimiter:
+    """A limiter past slow start at its floor (the steady state the decisions below are about), or ``cold``."""
+    limiter = AdaptiveLimiter(SERVER, min_limit=min_limit, max_limit=max_limit, clock=clock, wall_clock=clock, **kw)  # type: ignore[arg-type]
+    if not cold:
+        limiter._end_slow_start("test")
+        limiter._limit = float(min_limit if limiter.adaptive else max_limit)
+    return limiter
 
 
 def fill(limiter: AdaptiveLimiter) -> list[Slot]:
@@ -91,7 +100,65 @@ def gauge() -> float | None:
 # -- growth --------------------------------------------------------------------------------
 
 
-def test_starts_at_the_floor_and_grows_faster_while_the_queue_stays_empty(clock: FakeClock) -> None:
+def round_trips(limiter: AdaptiveLimiter, clock: FakeClock, latencies: list[float]) -> list[int]:
+    """Busy round trips of a process that always wants more: every request answers after ``latency`` and
+    each answer is replaced at once (by as many requests as the limit then allows). The limit after each."""
+    limits = []
+    slots = fill(limiter)
+    for latency in latencies:
+        clock.now += latency
+        answered, slots = slots, []
+        for slot in answered:
+            slot.release(Signal.OK, latency)
+            slots += fill(limiter)
+        limits.append(limiter.limit)
+    release_all(slots, signal=Signal.NONE)
+    return limits
+
+
+def test_slow_start_from_the_initial_window_doubles_every_other_round_trip(clock: FakeClock) -> None:
+    limiter = make(clock, cold=True)
+    assert limiter.limit == INITIAL_LIMIT == 16
+    # +1 per answer within a growing round trip (at most doubling), then a round trip held to see what
+    # the doubling did, as TCP Vegas does.
+    assert round_trips(limiter, clock, [0.5] * 6) == [31, 31, 61, 61, 121, 121]
+
+
+def test_slow_start_ends_on_the_first_sign_of_congestion(clock: FakeClock) -> None:
+    limiter = make(clock, cold=True)
+    round_trips(limiter, clock, [0.5, 0.5])  # 31
+    # Without queue readings an answer slower than LATENCY_TOLERANCE x the fastest ends it; the
+    # decisions on the latency of whole round trips go on from there, in small steps.
+    (ended,) = round_trips(limiter, clock, [0.5 * LATENCY_TOLERANCE * 1.1])
+    assert ended < 40
+    assert round_trips(limiter, clock, [0.5] * 4)[-1] < 1.5 * ended  # no more doubling
+
+    queued = make(clock, cold=True)
+    busy_readings(queued, clock, [3], running=16)  # a queue at the server: over at once
+    assert round_trips(queued, clock, [0.5] * 4)[-1] <= 17
+
+    overloaded = make(clock, cold=True)
+    slots = fill(overloaded)
+    slots.pop().release(Signal.OVERLOAD)
+    assert overloaded.limit == 8
+    release_all(slots, latency=0.5)
+    assert overloaded.limit == 8
+
+
+def test_with_queue_readings_slow_start_tolerates_a_batch_growing_latency(clock: FakeClock) -> None:
+    """A GPU's latency grows with its batch: with an empty queue that is not congestion, up to a point."""
+    limiter = make(clock, cold=True)
+    limits = []
+    for latency in (0.5, 0.6, 0.7, 0.8):  # < SLOW_START_LATENCY_WITH_QUEUE x 0.5
+        reading(limiter, clock, waiting=0, running=limiter.limit)
+        limits += round_trips(limiter, clock, [latency])
+    assert limits[-1] > 2 * INITIAL_LIMIT
+    reading(limiter, clock, waiting=0, running=limiter.limit)
+    before = round_trips(limiter, clock, [0.5 * SLOW_START_LATENCY_WITH_QUEUE * 1.1])[-1]
+    assert round_trips(limiter, clock, [0.5, 0.5])[-1] == before
+
+
+def test_probing_after_slow_start_grows_faster_while_the_queue_stays_empty(clock: FakeClock) -> None:
     limiter = make(clock, min_limit=2)
     assert limiter.limit == 2
     limits = busy_readings(limiter, clock, [0] * 8)
@@ -249,7 +316,11 @@ def test_adaptive_false_is_a_fixed_limit_at_the_ceiling(clock: FakeClock) -> Non
 
 def test_from_config_bounds() -> None:
     limiter = AdaptiveLimiter.from_config(SERVER, VLLMServerConfig(url=SERVER, min_in_flight=3, max_in_flight=40))
-    assert (limiter.min_limit, limiter.max_limit, limiter.limit, limiter.adaptive) == (3, 40, 3, True)
+    assert (limiter.min_limit, limiter.max_limit, limiter.limit, limiter.adaptive) == (3, 40, INITIAL_LIMIT, True)
+    small = AdaptiveLimiter.from_config(SERVER, VLLMServerConfig(url=SERVER, min_in_flight=1, max_in_flight=8))
+    assert small.limit == 8  # the initial window within the bounds
+    large_floor = AdaptiveLimiter.from_config(SERVER, VLLMServerConfig(url=SERVER, min_in_flight=24))
+    assert large_floor.limit == 24
     fixed = AdaptiveLimiter.from_config(SERVER, VLLMServerConfig(url=SERVER, max_in_flight=40, adaptive=False))
     assert fixed.limit == 40
 
@@ -475,3 +546,25 @@ def test_the_floor_is_published_for_the_at_floor_alert_only_when_adaptive() -> N
     assert REGISTRY.get_sample_value("mineru_vllm_concurrency_floor", {"server": "http://floor-test:1"}) == 3
     assert REGISTRY.get_sample_value("mineru_vllm_concurrency_floor", {"server": "http://fixed-test:1"}) is None
     assert REGISTRY.get_sample_value("mineru_vllm_concurrency_limit", {"server": "http://fixed-test:1"}) == 9
+
+
+def test_a_cold_process_fills_the_server_within_a_benchmark_run() -> None:
+    """From its first request: 20 waves of a 32 x 0.5 s server (10 s) at >= 95 % of capacity, queue <= S.
+
+    A run pod is a fresh process: its limiter starts cold every run, so the first seconds count.
+    """
+    sim = Simulation(slots=32, latency=0.5)
+    sim.add_client(SimClient(sim, "cold", limiter=sim.limiter(min_limit=2, max_limit=256)))
+    sim.run(until=10)
+    assert sim.throughput() >= 0.95 * sim.capacity()
+    assert sim.server.max_waiting <= 32
+
+
+def test_a_cold_process_on_a_growing_latency_gpu_nears_the_best_fixed_concurrency() -> None:
+    slots, l0, k = 64, 0.1, 0.005
+    best = max(run_fixed(c, slots=slots, latency=l0, per_running=k, until=60, warmup_s=10) for c in (32, 64, 96, 128))
+    sim = Simulation(slots=slots, latency=l0, per_running=k)
+    sim.add_client(SimClient(sim, "cold", limiter=sim.limiter(min_limit=2, max_limit=256)))
+    sim.run(until=20)
+    assert sim.throughput() >= 0.9 * best
+    assert sim.server.max_waiting <= slots

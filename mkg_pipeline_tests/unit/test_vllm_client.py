@@ -35,7 +35,7 @@ from mkg_pipeline.vllm import (
 )
 from mkg_pipeline.vllm.breaker import BreakerState, CircuitBreaker, breaker_for, reset_breakers
 from mkg_pipeline.vllm.client import ANSWER_BYTES_PER_TOKEN, ANSWER_ENVELOPE_BYTES, OUT_OF_BAND_CONNECTIONS
-from mkg_pipeline.vllm.limiter import AdaptiveLimiter, limiter_for, reset_limiters
+from mkg_pipeline.vllm.limiter import INITIAL_LIMIT, AdaptiveLimiter, limiter_for, reset_limiters
 from mkg_pipeline.vllm.metrics import REGISTRY
 
 URL = "http://vlm.test:8000"
@@ -780,7 +780,7 @@ def test_from_config_sizes_the_pool_from_the_limiters_ceiling() -> None:
         assert pool._max_connections == 40 + OUT_OF_BAND_CONNECTIONS
         assert pool._max_keepalive_connections == 2
         assert client.limiter is limiter_for(URL)
-        assert (client.limiter.min_limit, client.limiter.max_limit, client.limiter.limit) == (3, 40, 3)
+        assert (client.limiter.min_limit, client.limiter.max_limit, client.limiter.limit) == (3, 40, INITIAL_LIMIT)
         assert client.limiter.deadline_s == 120
     finally:
         asyncio.run(client.aclose())
