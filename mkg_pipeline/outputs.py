@@ -419,9 +419,13 @@ def safe_page_markdown(markdown: str) -> str:
     4. a code fence still open at the end of the page is closed.
     """
     text = clean_text(markdown).replace("\r\n", "\n").replace("\r", "\n")
-    text = _defuse_html_blocks(text)
+    # Parsing is most of the cost of a page (the client's own work is a few ms): skip what cannot
+    # apply. HTML starts with "<"; code is fenced (` or ~) or indented; only a fence can swallow.
+    if "<" in text:
+        text = _defuse_html_blocks(text)
     lines = text.split("\n")
-    code, tables = _literal_lines(_parse(text), lines)
+    structured = "<" in text or "`" in text or "~" in text or any(line.startswith(("    ", "\t")) for line in lines)
+    code, tables = _literal_lines(_parse(text), lines) if structured else (set(), set())
     out: list[str] = []
     math_opened_at: int | None = None
     for index, line in enumerate(lines):
@@ -442,6 +446,8 @@ def safe_page_markdown(markdown: str) -> str:
     if math_opened_at is not None:
         out[math_opened_at] = out[math_opened_at].replace("$$", "\\$\\$", 1)
     text = "\n".join(out).strip("\n")
+    if "`" not in text and "~" not in text:
+        return text
     for _ in range(10):
         fence = _swallows(text)
         if fence is None:
