@@ -522,6 +522,13 @@ def _missing(uri: str) -> FileNotFoundError:
     return FileNotFoundError(f"no object at {uri}")
 
 
+def _parse_json(uri: str, data: bytes) -> Any:
+    try:
+        return json.loads(data)
+    except ValueError as exc:
+        raise ValueError(f"{uri} is not valid JSON: {exc}") from exc
+
+
 class Storage(Layout):
     """One bucket, the project's key layout, and the few (synchronous) operations the pipeline needs.
 
@@ -582,11 +589,7 @@ class Storage(Layout):
             raise _missing(self.uri(key)) from None
 
     def get_json(self, key: str) -> Any:
-        data = self.get_bytes(key)
-        try:
-            return json.loads(data)
-        except ValueError as exc:
-            raise ValueError(f"{self.uri(key)} is not valid JSON: {exc}") from exc
+        return _parse_json(self.uri(key), self.get_bytes(key))
 
     def head(self, key: str) -> ObjectInfo | None:
         """The object's size, ETag and modification time, or ``None`` if there is no such object."""
@@ -659,11 +662,7 @@ class AsyncStorage(Layout):
             raise _missing(self.uri(key)) from None
 
     async def get_json(self, key: str) -> Any:
-        data = await self.get_bytes(key)
-        try:
-            return json.loads(data)
-        except ValueError as exc:
-            raise ValueError(f"{self.uri(key)} is not valid JSON: {exc}") from exc
+        return _parse_json(self.uri(key), await self.get_bytes(key))
 
     async def head(self, key: str) -> ObjectInfo | None:
         return await self._ops.head(_check_key(key))
