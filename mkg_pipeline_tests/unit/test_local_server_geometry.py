@@ -345,6 +345,32 @@ def test_regions_find_a_plot_with_its_labels_but_not_its_caption() -> None:
     assert [block.type for block in blocks] == [BlockType.TEXT, BlockType.IMAGE, BlockType.TEXT]
 
 
+def test_a_caption_whose_second_row_is_detected_in_pieces_stays_text() -> None:
+    """zfn-chemistry-2p page 2 on MinerU's 1036x1036 layout image: the caption's second row comes back from
+    the detector as two short pieces, each short enough to pass for a label; taking them pulled the whole
+    caption into the figure's crop."""
+    import cv2
+
+    image = _page_image()
+    caption = [
+        line(200, 666, "Fig. 1. A kink-typed solitary wave with the parameters mu=1,"),  # close under the plot
+        line(200, 689, "y=1, q=1, C=1, r=-1,"),
+        line(370, 689, "and G=sqrt(-18r+12)/30."),
+    ]
+    labels = [line(160, 300 + 60 * i, f"{i}00", advance=9.0) for i in range(5)]
+    body = [*paragraph(100, 100, "body", 6, chars=100), *paragraph(100, 760, "after", 6, chars=100)]
+    _draw_text(image, [*body, *caption, *labels])
+    cv2.rectangle(image, (200, 280), (800, 660), (0, 0, 0), 2)
+    xs = np.arange(210, 790)
+    curve = np.stack([xs, 470 + 120 * np.sin(xs / 40.0)], axis=1).astype(np.int32)
+    cv2.polylines(image, [curve], False, (0, 0, 0), 2)
+
+    (figure,) = [v for v in find_regions(image, [*body, *caption, *labels]).visuals if v.kind is VisualKind.IMAGE]
+
+    assert figure.x1 <= 160 and figure.y2 >= 660
+    assert figure.y2 < caption[0].y1
+
+
 def test_a_figure_in_one_column_takes_no_labels_from_the_other_column() -> None:
     """zfn-chemistry-2p page 2: a plot in the right column, beside the left column's equation numbers,
     under the running head and page number.
