@@ -48,6 +48,7 @@ RULE_MIN_HEIGHT = 0.03  # vertical rules: at least this share of the image heigh
 FIGURE_MIN_SIDE = 0.08  # a figure is at least this share of the image in both directions
 FIGURE_MAX_TEXT = 0.3  # ...and its area is at most this share covered by text lines (more: a formula)
 FIGURE_MIN_INK = 0.005  # ...and at least this share of it is non-text ink
+CAPTION_MIN_WIDTH = 8.0  # body heights: a caption's line is at least this long (a tick label is a few)
 LABEL_MAX_WIDTH = 0.5  # text lines next to a figure narrower than this share of it are its labels
 RULE_ROW_SHARE = 0.6  # a pixel row of a table this much covered by horizontal rules is a rule
 RULE_COLUMN_SHARE = 0.2  # a pixel column this much covered by vertical rules is a column separator
@@ -152,15 +153,27 @@ def _figures(
     # Labels: short lines near a frame (tick labels, then the axis title beyond them) or inside it
     # (a legend); each goes to its nearest frame, so that neighbouring figures do not merge.
     figures = list(frames)
-    # The last line of a caption is short too, but sits under a long line it is aligned with.
+    # The last row of a caption is short too, but sits right under a long line it is aligned with;
+    # the detector may return that row in pieces, each one short: the pieces beside it go with it.
     taken: set[int] = {
         index
         for index, line in enumerate(lines)
         if any(
-            above.width > 2 * line.width and abs(above.x1 - line.x1) <= body and 0 <= line.y1 - above.y2 <= body
+            above.width >= max(1.2 * line.width, CAPTION_MIN_WIDTH * body)
+            and abs(above.x1 - line.x1) <= body
+            and 0 <= line.y1 - above.y2 <= body
             for above in lines
         )
     }
+    for _ in range(2):
+        taken |= {
+            index
+            for index, line in enumerate(lines)
+            if any(
+                _gap(lines[other], line) <= 2 * body and abs(lines[other].cy - line.cy) <= 0.25 * line.height
+                for other in taken
+            )
+        }
     first_row = min(line.y2 for line in lines) if lines else 0.0  # the page's top text row ends here…
     last_row = max(line.y1 for line in lines) if lines else 0.0  # …and its bottom row starts here
     for _ring in range(2):
