@@ -4,7 +4,10 @@ It starts a moto S3 server (the MinIO stand-in) and the local OpenAI-compatible
 VLM server, uploads corpus PDFs (one bad file included) to ``incoming/``,
 evaluates the real ``incoming_pdfs_sensor`` against a real Dagster instance in
 ``.demo/dagster_home``, materializes each batch it requests, prints per-document
-results, copies the outputs to ``.demo/outputs/`` and stops what it started.
+results, exports the outputs to ``.demo/outputs/`` as MinerU lays them out (one folder per
+source file: ``<name>.md``, ``<name>_content_list.json``, ``images/``; an ``index.md``), checks
+them (content list against the schema, every image link resolves, every crop opens) and stops
+what it started.
 
     python -m mkg_pipeline.demo                 # small default set (about a minute)
     python -m mkg_pipeline.demo --all           # the whole shared corpus (long: CPU OCR)
@@ -76,20 +79,49 @@ def _fresh_instance_dir(workdir: Path) -> Path:
     return home
 
 
-def _export_outputs(storage: Any, target: Path) -> int:
-    """Copy vlm/, rejected/ and quality/ out of the (in-memory) S3 stand-in before it stops."""
+#: the pipeline's own records, copied beside the documents (under _pipeline/)
+PIPELINE_RECORDS = ("rejected/", "quality/", "batches/")
+
+
+def _export_outputs(storage: Any, target: Path, documents: list[tuple[str, str]]) -> list[Any]:
+    """Copy the outputs out of the S3 stand-in before it stops: one MinerU-shaped folder per document
+    (``<name>/<name>.md``, ``<name>_content_list.json``, ``images/``; see mkg_pipeline/export.py), an
+    index, and the pipeline's records (rejections, quality reports, batch manifests) under ``_pipeline/``."""
+    from mkg_pipeline.export import export_documents
+
     if target.exists():
         shutil.rmtree(target)
-    count = 0
-    for prefix in ("vlm/", "rejected/", "quality/", "batches/"):
+    exported = export_documents(storage, target, documents)
+    for prefix in PIPELINE_RECORDS:
         for obj in storage.list_objects(prefix):
-            if "/pages/" in obj.key:
-                continue  # per-page cache entries: document.md and content.json hold them
-            path = target / obj.key
+            path = target / "_pipeline" / obj.key
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(storage.get_bytes(obj.key))
-            count += 1
-    return count
+    return exported
+
+
+def _print_exported(exported: list[Any], target: Path) -> bool:
+    """One line per exported document; True when every document passed its checks."""
+    print(f"\n=== exported to {target} (index: {target / 'index.md'}) ===")
+    columns = f"{'pages':>7s} {'figures':>7s} {'tables':>6s} {'html':>4s} {'images':>6s}"
+    print(f"  {'folder':40s} {columns}  content list / links")
+    for doc in exported:
+        check = doc.check
+        content = "valid" if check.content_list_error is None else f"INVALID ({check.content_list_error})"
+        problems = ", ".join(
+            f"{len(names)} {what}"
+            for names, what in (
+                (check.missing_images, "missing"),
+                (check.unreferenced_images, "unreferenced"),
+                (check.unreadable_images, "unreadable"),
+            )
+            if names
+        )
+        print(
+            f"  {doc.folder + '/':40s} {doc.pages_done:>3d}/{doc.pages_total:<3d} {check.figures:>7d} "
+            f"{check.tables:>6d} {check.html_tables:>4d} {check.images:>6d}  {content}; links {problems or 'ok'}"
+        )
+    return all(doc.check.ok for doc in exported)
 
 
 def _server_requests(url: str) -> float:
@@ -171,19 +203,21 @@ def run(args: argparse.Namespace) -> int:
         wall = time.monotonic() - started_at
         requests_made = _server_requests(vlm_server.url) - requests_before
 
-        pages_done = _print_report(storage, [r.partition_key for r in result.run_requests or []])
-        exported = _export_outputs(storage, workdir / "outputs")
+        pages_done, documents = _print_report(storage, [r.partition_key for r in result.run_requests or []])
+        exported = _export_outputs(storage, workdir / "outputs", documents)
+        ok = _print_exported(exported, workdir / "outputs") and ok
         print(
             f"\n{pages_done} page(s) in {wall:.1f}s ({pages_done / wall if wall else 0:.2f} pages/s end to end), "
             f"{requests_made:.0f} chat-completion request(s) to the VLM server"
         )
         print(
-            f"outputs copied to {workdir / 'outputs'} ({exported} files: vlm/<doc_id>/document.md, rejected/, quality/)"
+            f"outputs copied to {workdir / 'outputs'}: per document <name>/<name>.md, <name>_content_list.json, "
+            "images/; index.md; _pipeline/ (rejected/, quality/, batches/)"
         )
         home = os.environ["DAGSTER_HOME"]
         print(
             "Dagster UI on these runs (history, metadata, previews, checks):\n"
-            f"  DAGSTER_HOME={home} {REPO_ROOT / '.venv/bin/dagster-webserver'} -w {REPO_ROOT / 'workspace.yaml'}"
+            f"  DAGSTER_HOME={home} {_webserver()} -w {REPO_ROOT / 'workspace.yaml'}"
             " -p 3000   then open http://127.0.0.1:3000\n"
             "  (or rerun with --serve-ui to keep S3 and the VLM server up behind the UI)"
         )
@@ -196,15 +230,22 @@ def run(args: argparse.Namespace) -> int:
         print("stopped the local VLM server and the S3 stand-in")
 
 
-def _print_report(storage: Any, batch_ids: list[str]) -> int:
+def _print_report(storage: Any, batch_ids: list[str]) -> tuple[int, list[tuple[str, str]]]:
+    """Per input file its outcome; returns (pages done, [(file name, doc_id)] of accepted files)."""
     pages_done = 0
+    documents: list[tuple[str, str]] = []
     print("\n=== results ===")
     for batch_id in batch_ids:
         manifest = storage.get_json(storage.batch_key(batch_id))
         for key, result in manifest.get("results", {}).items():
             name = key.rsplit("/", 1)[-1]
             if result["status"] == "accepted":
-                status = storage.get_json(storage.vlm_status_key(result["doc_id"]))
+                documents.append((name, result["doc_id"]))
+                try:
+                    status = storage.get_json(storage.vlm_status_key(result["doc_id"]))
+                except FileNotFoundError:
+                    print(f"  OK       {name:40s} {result['doc_id']}  not assembled (see the run's log)")
+                    continue
                 pages_done += status["pages_done"]
                 failed = f", {len(status['failed_pages'])} failed" if status["failed_pages"] else ""
                 print(
@@ -217,13 +258,17 @@ def _print_report(storage: Any, batch_ids: list[str]) -> int:
                 print(f"           -> {storage.uri(storage.rejected_key(name))}")
             else:
                 print(f"  ERROR    {name:40s} {result.get('message')} (retried next run)")
-    return pages_done
+    return pages_done, documents
+
+
+def _webserver() -> str:
+    """dagster-webserver beside this Python (the venv the demo runs in), else from PATH."""
+    beside = Path(sys.executable).parent / "dagster-webserver"
+    return str(beside) if beside.exists() else "dagster-webserver"
 
 
 def _serve_ui(port: int) -> None:
-    argv = [str(REPO_ROOT / ".venv/bin/dagster-webserver"), "-w", str(REPO_ROOT / "workspace.yaml"), "-p", str(port)]
-    if not Path(argv[0]).exists():
-        argv[0] = "dagster-webserver"
+    argv = [_webserver(), "-w", str(REPO_ROOT / "workspace.yaml"), "-p", str(port)]
     print(f"serving the Dagster UI on http://127.0.0.1:{port} — Ctrl-C to stop everything")
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C ends the UI; `finally` then stops the servers
         subprocess.run(argv, check=False)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import statistics
+
 import numpy as np
 
 from mkg_pipeline.local_server.blocks import blocks_to_markdown, build_page, edge_zone_lines, lines_to_text
@@ -14,11 +16,33 @@ from mkg_pipeline.local_server.tables import table_grid
 
 # np.rot90 k that set the page upright -> MinerU's angle (PIL's counter-clockwise rotate).
 _ANGLE_OF_TURN = {0: 0, 1: 90, -1: 270}
+TURNED_MIN_SCORE = 0.8  # median recognition score that makes a reading turned 180° believable
 PAGE_NUMBER_MAX_WIDTH = 8.0  # edge-zone lines wider than this many body heights are not read in layout
 
 
 def _upright(image: np.ndarray, reading: Reading) -> np.ndarray:
     return np.ascontiguousarray(np.rot90(image, reading.turn)) if reading.turn else image
+
+
+def _read_either_way(engine: OcrEngine, image: np.ndarray, **options: int) -> tuple[np.ndarray, Reading]:
+    """(the image as read, its reading): read as sent, and turned 180° only when nothing reads upright.
+
+    Text upside down (a page rotated 180°) mostly reads as nothing above the recogniser's score
+    threshold (rotated-arabic-4p page 2: nothing at all). The detector only turns pages on their side
+    (90°), so such a page would answer empty on every run, and be rejected as ``empty`` every time.
+    Upright text read upside down still passes the recogniser's threshold here and there, as garbage
+    of middling scores; upside-down text read turned scores high. So the turned reading is kept only
+    when its median score is at least ``TURNED_MIN_SCORE``. An image with no text at all costs a
+    second detection only.
+    """
+    reading = engine.read(image, **options)
+    if reading.lines:
+        return image, reading
+    turned = np.ascontiguousarray(np.rot90(image, 2))
+    again = engine.read(turned, **options)
+    if again.lines and statistics.median(line.score for line in again.lines) >= TURNED_MIN_SCORE:
+        return turned, again
+    return image, reading
 
 
 def layout_answer(engine: OcrEngine, image: np.ndarray) -> str:
@@ -51,7 +75,7 @@ def layout_answer(engine: OcrEngine, image: np.ndarray) -> str:
 
 def recognition_answer(engine: OcrEngine, image: np.ndarray) -> str:
     """Text of a cropped block: rows joined with a space, paragraphs with a newline."""
-    reading = engine.read(image)
+    _image, reading = _read_either_way(engine, image)
     return lines_to_text(drop_edge_slivers(reading.lines, reading.width, reading.height))
 
 
@@ -66,7 +90,7 @@ def table_answer(engine: OcrEngine, image: np.ndarray) -> str:
 
 def page_markdown_answer(engine: OcrEngine, image: np.ndarray) -> str:
     """The whole page as Markdown, in reading order; figures left out, tables as Markdown tables."""
-    reading = engine.read(image, min_long_side=PAGE_MIN_LONG_SIDE)
+    image, reading = _read_either_way(engine, image, min_long_side=PAGE_MIN_LONG_SIDE)
     if not reading.lines:
         return ""
     regions = find_regions(_upright(image, reading), reading.lines)

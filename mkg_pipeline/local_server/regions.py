@@ -11,12 +11,19 @@ morphological operations, good enough for a development stand-in:
   the page in both directions, and not mostly text, seeds a figure. The figure
   grows over the rules it touches (a plot's frame), then over the short text
   lines inside it or next to it (a legend, tick labels, then axis titles),
-  each line going to the nearest figure; a caption (a long line) stays out.
+  each line going to the nearest figure; a caption (a long line) stays out, and
+  so does a short line of a text column beside the figure (an equation
+  number at the end of its row, held between the ends of that column's long
+  lines, which themselves do not reach the figure's side), and a line on the
+  page's first or last text row beyond the figure (a running head). A region
+  more than ``FIGURE_MAX_TEXT`` covered by text lines is a formula, not a figure.
 - **Tables**: rules outside figures. Rules that touch each other (a grid, with
   its filled header bars) form one table; separate horizontal rules of the
-  same width stacked with text rows between them (a booktabs table) form
-  another. A candidate is a table only if the text inside it falls into at
-  least two columns. Its inner rules are kept as row/column separators.
+  same width stacked with text rows between them (a booktabs table: at least
+  ``BOOKTABS_MIN_RULES`` thin rules, or a filled header bar and a rule; two
+  thin rules alone are as often two alike fraction bars) form another. A
+  candidate is a table only if the text inside it falls into at least two
+  columns. Its inner rules are kept as row/column separators.
 
 Everything else that is a long horizontal rule is returned as a separator:
 the reading order uses one crossing the column gutter to cut bands.
@@ -39,12 +46,14 @@ RULE_LEVEL = 235  # ...and a rule may be lighter (light-grey table rules)
 RULE_MIN_WIDTH = 0.08  # horizontal rules: at least this share of the image width
 RULE_MIN_HEIGHT = 0.03  # vertical rules: at least this share of the image height
 FIGURE_MIN_SIDE = 0.08  # a figure is at least this share of the image in both directions
-FIGURE_MAX_TEXT = 0.4  # ...and its area is at most this share covered by text lines
+FIGURE_MAX_TEXT = 0.3  # ...and its area is at most this share covered by text lines (more: a formula)
 FIGURE_MIN_INK = 0.005  # ...and at least this share of it is non-text ink
+CAPTION_MIN_WIDTH = 8.0  # body heights: a caption's line is at least this long (a tick label is a few)
 LABEL_MAX_WIDTH = 0.5  # text lines next to a figure narrower than this share of it are its labels
 RULE_ROW_SHARE = 0.6  # a pixel row of a table this much covered by horizontal rules is a rule
 RULE_COLUMN_SHARE = 0.2  # a pixel column this much covered by vertical rules is a column separator
 THICK_RULE = 5  # pixels: a thicker "rule" is a filled bar (a header row's background)
+BOOKTABS_MIN_RULES = 3  # thin rules of a booktabs table (top, header, bottom); fewer only with a filled bar
 
 
 @dataclass(frozen=True)
@@ -92,8 +101,32 @@ def _gap(a: Rect, b: Rect) -> float:
     return max(0.0, b.x1 - a.x2, a.x1 - b.x2, b.y1 - a.y2, a.y1 - b.y2)
 
 
+def _in_another_column(line: Rect, frame: Rect, lines: Sequence[OcrLine], body: float) -> bool:
+    """The line lies within a text column beside the figure: at least two long lines that do not reach
+    the figure's side hold it between their ends (an equation number at the end of its formula's row)."""
+    holders = 0
+    for other in lines:
+        if other.width < max(3 * line.width, 8 * body) or (other.x1 < frame.x2 and other.x2 > frame.x1):
+            continue
+        if other.x1 - body / 2 <= line.x1 and line.x2 <= other.x2 + body / 2:
+            holders += 1
+            if holders >= 2:
+                return True
+    return False
+
+
+def _edge_row(line: Rect, frame: Rect, first_row: float, last_row: float) -> bool:
+    """The line is on the page's top (bottom) text row, wholly above (below) the figure: a running head,
+    a page number."""
+    return (line.y2 <= frame.y1 and line.y1 < first_row) or (line.y1 >= frame.y2 and line.y2 > last_row)
+
+
 def _figures(
-    residual: np.ndarray, text: np.ndarray, rule_boxes: list[Rect], lines: Sequence[OcrLine], body: float
+    residual: np.ndarray,
+    text: np.ndarray,
+    rule_boxes: list[Rect],
+    lines: Sequence[OcrLine],
+    body: float,
 ) -> list[Rect]:
     import cv2
 
@@ -120,15 +153,29 @@ def _figures(
     # Labels: short lines near a frame (tick labels, then the axis title beyond them) or inside it
     # (a legend); each goes to its nearest frame, so that neighbouring figures do not merge.
     figures = list(frames)
-    # The last line of a caption is short too, but sits under a long line it is aligned with.
+    # The last row of a caption is short too, but sits right under a long line it is aligned with;
+    # the detector may return that row in pieces, each one short: the pieces beside it go with it.
     taken: set[int] = {
         index
         for index, line in enumerate(lines)
         if any(
-            above.width > 2 * line.width and abs(above.x1 - line.x1) <= body and 0 <= line.y1 - above.y2 <= body
+            above.width >= max(1.2 * line.width, CAPTION_MIN_WIDTH * body)
+            and abs(above.x1 - line.x1) <= body
+            and 0 <= line.y1 - above.y2 <= body
             for above in lines
         )
     }
+    for _ in range(2):
+        taken |= {
+            index
+            for index, line in enumerate(lines)
+            if any(
+                _gap(lines[other], line) <= 2 * body and abs(lines[other].cy - line.cy) <= 0.25 * line.height
+                for other in taken
+            )
+        }
+    first_row = min(line.y2 for line in lines) if lines else 0.0  # the page's top text row ends here…
+    last_row = max(line.y1 for line in lines) if lines else 0.0  # …and its bottom row starts here
     for _ring in range(2):
         grown = list(figures)
         for index, line in enumerate(lines):
@@ -137,6 +184,8 @@ def _figures(
             gaps = [_gap(figure, line) for figure in figures]
             nearest = min(range(len(figures)), key=gaps.__getitem__)
             frame = frames[nearest]
+            if _in_another_column(line, frame, lines, body) or _edge_row(line, frame, first_row, last_row):
+                continue  # the neighbour column's text (an equation number), a running head: never a label
             short = line.width <= LABEL_MAX_WIDTH * frame.width
             if inside(line, figures[nearest]) or (short and gaps[nearest] <= 1.5 * body):
                 grown[nearest] = _union(grown[nearest], line)
@@ -218,6 +267,8 @@ def _tables(
             if same and other not in used:
                 stack.append(other)
         for count in range(len(stack), 1, -1):
+            if count < BOOKTABS_MIN_RULES and all(plain[i].height <= THICK_RULE + 2 for i in stack[:count]):
+                continue  # two thin rules alone: as often the fraction bars of a formula set twice
             box = _union(top, plain[stack[count - 1]])
             table = _table(box, horizontal, vertical, lines)
             if table is not None and not any(inside(table, other, 0.5) for other in tables):

@@ -196,6 +196,25 @@ def test_scanned_page_without_text_layer_is_read(local_vlm_server: LocalVLMServe
     assert "edgar" in text and "england" in text
 
 
+def test_an_upside_down_page_and_block_are_read(local_vlm_server: LocalVLMServer) -> None:
+    """rotated-arabic-4p page 2 is turned 180°: its one line reads nothing upright, so it is read turned.
+    (Before: an empty answer for a page with a text layer, rejected as "empty" on every run.)"""
+    png = render_corpus_page("rotated-arabic-4p.pdf", 1)
+    assert "habibi" in corpus_page_text("rotated-arabic-4p.pdf", 1)
+    assert "habibi" in content_of(local_vlm_server.chat(PAGE_MARKDOWN_PROMPT, png))
+    # MinerU's recognition step gets the block's crop as the layout answer placed it.
+    layout = mineru_layout_parser().parse_layout_output(
+        content_of(local_vlm_server.chat(DEFAULT_PROMPTS["[layout]"], png))
+    )
+    (block,) = layout
+    page = Image.open(io.BytesIO(png))
+    x1, y1, x2, y2 = block.bbox
+    crop = page.crop((x1 * page.width, y1 * page.height, x2 * page.width, y2 * page.height))
+    buffer = io.BytesIO()
+    crop.save(buffer, format="PNG")
+    assert "habibi" in content_of(local_vlm_server.chat(DEFAULT_PROMPTS["[default]"], buffer.getvalue()))
+
+
 def test_tiny_pages_neither_crash_nor_hang(local_vlm_server: LocalVLMServer) -> None:
     # scanned-images-6p.pdf has 3.84 pt pages: a few pixels at any DPI.
     for index in range(6):

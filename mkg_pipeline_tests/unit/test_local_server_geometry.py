@@ -345,6 +345,117 @@ def test_regions_find_a_plot_with_its_labels_but_not_its_caption() -> None:
     assert [block.type for block in blocks] == [BlockType.TEXT, BlockType.IMAGE, BlockType.TEXT]
 
 
+def test_a_caption_whose_second_row_is_detected_in_pieces_stays_text() -> None:
+    """zfn-chemistry-2p page 2 on MinerU's 1036x1036 layout image: the caption's second row comes back from
+    the detector as two short pieces, each short enough to pass for a label; taking them pulled the whole
+    caption into the figure's crop."""
+    import cv2
+
+    image = _page_image()
+    caption = [
+        line(200, 666, "Fig. 1. A kink-typed solitary wave with the parameters mu=1,"),  # close under the plot
+        line(200, 689, "y=1, q=1, C=1, r=-1,"),
+        line(370, 689, "and G=sqrt(-18r+12)/30."),
+    ]
+    labels = [line(160, 300 + 60 * i, f"{i}00", advance=9.0) for i in range(5)]
+    body = [*paragraph(100, 100, "body", 6, chars=100), *paragraph(100, 760, "after", 6, chars=100)]
+    _draw_text(image, [*body, *caption, *labels])
+    cv2.rectangle(image, (200, 280), (800, 660), (0, 0, 0), 2)
+    xs = np.arange(210, 790)
+    curve = np.stack([xs, 470 + 120 * np.sin(xs / 40.0)], axis=1).astype(np.int32)
+    cv2.polylines(image, [curve], False, (0, 0, 0), 2)
+
+    (figure,) = [v for v in find_regions(image, [*body, *caption, *labels]).visuals if v.kind is VisualKind.IMAGE]
+
+    assert figure.x1 <= 160 and figure.y2 >= 660
+    assert figure.y2 < caption[0].y1
+
+
+def test_a_figure_in_one_column_takes_no_labels_from_the_other_column() -> None:
+    """zfn-chemistry-2p page 2: a plot in the right column, beside the left column's equation numbers,
+    under the running head and page number.
+
+    The numbers are short lines close to the plot's tick labels, but across the column gutter: they are
+    the left column's text, not the figure's, and must neither be cropped with it nor lost from the text.
+    The running head and the page number, on the page's first row just above the plot, are not its labels.
+    """
+    import cv2
+
+    image = _page_image()
+    left = paragraph(60, 100, "left", 24, chars=48)  # x 60..444
+    numbers = [line(410, 170 + 96 * i, f"({11 + i})") for i in range(4)]  # right-aligned in the left column
+    right_text = paragraph(530, 700, "right", 16, chars=50)  # x 530..930, under the figure
+    ticks = [line(470, 150 + 60 * i, f"{i}.5", advance=9.0) for i in range(5)]  # y-axis labels, left of the plot
+    furniture = [line(480, 100, "Notes"), line(900, 100, "273")]  # the page's first row, 20 px above the plot
+    _draw_text(image, [*left, *numbers, *right_text, *ticks, *furniture])
+    cv2.rectangle(image, (510, 140), (930, 460), (0, 0, 0), 2)  # the plot's frame
+    xs = np.arange(520, 920)
+    curve = np.stack([xs, 300 + 100 * np.sin(xs / 30.0)], axis=1).astype(np.int32)
+    cv2.polylines(image, [curve], False, (0, 0, 0), 3)
+    lines = [*left, *numbers, *right_text, *ticks, *furniture]
+
+    (figure,) = [v for v in find_regions(image, lines).visuals if v.kind is VisualKind.IMAGE]
+
+    assert figure.x1 <= 470 and figure.x2 >= 930  # the plot and its tick labels
+    assert figure.x1 > max(number.x2 for number in numbers) - 5  # none of the left column's numbers
+    assert figure.y1 > 130  # nor the running head
+    blocks = build_page(lines, height=1400, visuals=[figure])
+    text = "\n".join(block.text for block in blocks)
+    assert all(number.text in text for number in numbers)
+
+
+def test_a_displayed_formula_with_tall_brackets_is_not_a_figure() -> None:
+    """zfn-chemistry-2p page 2: a formula over two rows inside tall round brackets, with small super- and
+    subscripts the text detector boxes with no line. That ink smears into one large region, but a third of
+    it is text lines (a plot's labels cover a few per cent, a boxed flow chart about a quarter): a formula,
+    which must stay text rather than be cropped as a picture."""
+    import cv2
+
+    image = _page_image()
+    rows = [line(110, 610 + 60 * i, "ab+cd-ef=gh+ij-kl+mn-o", advance=13.0) for i in range(2)]
+    _draw_text(image, rows)
+    for y in range(590, 720, 14):  # the scripts no line holds
+        for x in range(110, 400, 14):
+            image[y : y + 4, x : x + 4] = 0
+    cv2.ellipse(image, (150, 655), (55, 75), 0, 120, 240, (0, 0, 0), 2)  # tall round brackets
+    cv2.ellipse(image, (360, 655), (55, 75), 0, -60, 60, (0, 0, 0), 2)
+    body = paragraph(100, 100, "body", 12, chars=60)
+    _draw_text(image, body)
+    regions = find_regions(image, [*body, *rows])
+    assert not [v for v in regions.visuals if v.kind is VisualKind.IMAGE]
+
+
+def test_two_alike_fraction_bars_are_not_a_booktabs_table_but_a_header_bar_and_a_rule_are() -> None:
+    """zfn-chemistry-2p page 2 sets one fraction twice, one under the other: two thin rules of the same
+    width with rows of text between them look like a booktabs table with no header rule. A booktabs table
+    has three rules (top, header, bottom); sci-tables-6p page 6 has a one-row table under a filled header
+    bar, closed by one rule, and that one stays a table."""
+    import cv2
+
+    image = _page_image()
+    formula = [
+        line(120, 560, "(3Gu2r2+300G3uy2r)t"),
+        line(200, 600, "5y2r"),
+        line(100, 640, "-6 y csgn(G) G2"),
+        line(330, 640, "tanh2"),
+        line(120, 680, "(3Gu2r2+300G3uy2r)t"),
+        line(200, 720, "5y2r"),
+    ]
+    for y in (590, 710):  # the two fraction bars
+        cv2.line(image, (110, y), (440, y), (0, 0, 0), 2)
+    table = [line(110, 1010, "Substance"), line(420, 1010, "Where used"), line(110, 1045, "Bisphenol A")]
+    table.append(line(420, 1045, "Laminate"))
+    cv2.rectangle(image, (100, 1000), (700, 1035), (90, 60, 30), -1)  # a filled header bar
+    cv2.line(image, (100, 1072), (700, 1072), (0, 0, 0), 1)  # and the rule under the only row
+    body = paragraph(100, 100, "body", 12, chars=60)
+    _draw_text(image, [*formula, *body, table[2], table[3]])
+
+    regions = find_regions(image, [*body, *formula, *table])
+
+    tables = [v for v in regions.visuals if v.kind is VisualKind.TABLE]
+    assert len(tables) == 1 and tables[0].y1 >= 990, tables
+
+
 def test_regions_find_ruled_and_booktabs_tables_and_free_rules() -> None:
     import cv2
 
