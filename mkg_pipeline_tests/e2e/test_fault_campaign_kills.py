@@ -1,0 +1,145 @@
+"""Fault campaign (issue 9), case 1: ``kill -9`` of a run's process group during each step.
+
+The run is ``dagster asset materialize`` in a session of its own; the test watches the bucket until the
+step is visibly half-way, then kills the whole group (CLI, step and worker processes) with SIGKILL.
+Right after the kill, the audit finds nothing lost (work left pending only). The killed run's batch
+lease is still live; the re-run, a new run, waits for it to expire (``workers.lease_ttl_s`` = 5 s
+here) and then does the batch, requesting exactly the pages that have no result.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from mkg_pipeline.ids import doc_id_from_sha256, sha256_hex
+from mkg_pipeline_tests.e2e.campaign import Campaign, report_row, variant, wait_until
+from mkg_pipeline_tests.fixtures.corpus import corpus_pdf
+from mkg_pipeline_tests.fixtures.pathological import tiling_pattern_pdf
+
+pytestmark = pytest.mark.e2e
+
+PAGES = {"minimal-document.pdf": 1, "two-pages.pdf": 2, "blank-page.pdf": 1}
+
+
+def _doc_pages(files: dict[str, bytes], pages: dict[str, int]) -> dict[str, int]:
+    """doc_id -> page count of the distinct documents among ``files`` (name -> bytes)."""
+    return {doc_id_from_sha256(sha256_hex(files[name])): count for name, count in pages.items()}
+
+
+def _lease(campaign: Campaign, batch: str) -> dict:
+    return campaign.storage.get_json(campaign.storage.lease_key(batch))
+
+
+def _assert_rerun_took_the_lease(campaign: Campaign, batch: str, killed_run: str, rerun_id: str) -> None:
+    lease = _lease(campaign, batch)
+    assert lease["run_id"] == rerun_id != killed_run, lease
+    assert lease.get("released_at"), lease  # and gave it back at the end
+
+
+def test_kill_during_raw_pdfs(campaign: Campaign) -> None:
+    """Killed after the first outcomes were recorded and drained, while one file still keeps a worker busy."""
+    files = {name: corpus_pdf(name).read_bytes() for name in PAGES}
+    # The same bytes under 23 more names (one document) fill the first flush of outcomes (25) ...
+    files.update({f"copy-{n:02d}-of-minimal.pdf": files["minimal-document.pdf"] for n in range(23)})
+    # ... and a file that keeps MuPDF busy for minutes holds the step open after it.
+    files["slow-tiling-pattern.pdf"] = tiling_pattern_pdf()
+    batch = campaign.new_batch(files)
+
+    run = campaign.start_cli(batch, extra_env={"MKG_WORKERS__TIMEOUT_S": "300"})
+    # Every small file validated (3 documents in raw/), the first 25 outcomes recorded and drained, the
+    # 26th validated but not recorded yet: the pathological file holds the step until its timeout.
+    wait_until(
+        lambda: (
+            0 < len(campaign.keys("incoming/")) < len(files)
+            and sum(k.endswith(".pdf") for k in campaign.keys("raw/")) == len(PAGES)
+        ),
+        "every document in raw/, some objects drained from incoming/, others still there",
+        run=run,
+    )
+    run.kill()
+    (killed,) = campaign.run_ids(batch)
+    assert _lease(campaign, batch)["run_id"] == killed
+    still_incoming = len(campaign.keys("incoming/"))
+    campaign.audit(pending=True)  # nothing lost: each object is recorded or still in incoming/
+
+    # The re-run rejects the pathological file quickly (validation_timeout) instead of waiting minutes.
+    campaign.set_env(MKG_WORKERS__TIMEOUT_S="3")
+    rerun = campaign.rerun_and_account(batch, _doc_pages(files, PAGES))
+    _assert_rerun_took_the_lease(campaign, batch, killed, rerun.view.run_id)
+    manifest = campaign.storage.get_json(campaign.storage.batch_key(batch))
+    outcomes = {key.removeprefix("incoming/"): r for key, r in manifest["results"].items()}
+    assert set(outcomes) == set(files)
+    assert outcomes["slow-tiling-pattern.pdf"]["reason"] == "validation_timeout"
+    assert sum(o["status"] == "accepted" and not o["duplicate"] for o in outcomes.values()) == len(PAGES)
+    assert not campaign.keys("incoming/")
+    report_row(
+        "kill -9 during raw_pdfs",
+        rerun,
+        f"killed run {campaign.view(killed).status}; re-run {rerun.view.describe()}",
+        f"{still_incoming} of {len(files)} objects still in incoming/ at the kill",
+    )
+
+
+def test_kill_during_parsed_pages(campaign: Campaign) -> None:
+    """Killed while some documents have page images but no manifest yet (S3 slowed so that it lasts)."""
+    files = {name: corpus_pdf(name).read_bytes() for name in PAGES}
+    files["two-pages-variant.pdf"] = variant("two-pages.pdf", 1)
+    pages = {**PAGES, "two-pages-variant.pdf": 2}
+    batch = campaign.new_batch(files)
+    assert campaign.materialize(batch, "raw_pdfs").success
+    doc_pages = _doc_pages(files, pages)
+
+    campaign.proxy.delay_s = 0.2
+    run = campaign.start_cli(batch, "parsed_pages,vlm_outputs,quality_baseline_diffs")
+
+    def half_rendered() -> bool:
+        keys = campaign.keys("pages/")
+        manifests = sum(k.endswith("/manifest.json") for k in keys)
+        return any(k.endswith(".png") for k in keys) and manifests < len(doc_pages)
+
+    wait_until(half_rendered, "some page images written, not every manifest", run=run)
+    run.kill()
+    campaign.proxy.delay_s = 0
+    (killed,) = campaign.run_ids(batch)[1:]
+    keys = campaign.keys("pages/")
+    pngs, manifests = sum(k.endswith(".png") for k in keys), sum(k.endswith("/manifest.json") for k in keys)
+    campaign.audit(pending=True)
+
+    rerun = campaign.rerun_and_account(batch, doc_pages)
+    _assert_rerun_took_the_lease(campaign, batch, killed, rerun.view.run_id)
+    report_row(
+        "kill -9 during parsed_pages",
+        rerun,
+        f"killed run {campaign.view(killed).status}; re-run {rerun.view.describe()}",
+        f"{pngs} page images and {manifests} of {len(doc_pages)} manifests at the kill",
+    )
+
+
+def test_kill_during_vlm_outputs(campaign: Campaign) -> None:
+    """Killed while some pages have results and others are in flight (each answer takes a second)."""
+    files = {name: corpus_pdf(name).read_bytes() for name in PAGES}
+    files["two-pages-variant.pdf"] = variant("two-pages.pdf", 2)
+    pages = {**PAGES, "two-pages-variant.pdf": 2}
+    batch = campaign.new_batch(files)
+    assert campaign.materialize(batch, "raw_pdfs,parsed_pages").success
+    doc_pages = _doc_pages(files, pages)
+    total = sum(doc_pages.values())
+
+    campaign.server.set_faults(latency_s=1.0)
+    run = campaign.start_cli(batch, "vlm_outputs,quality_baseline_diffs")
+    wait_until(lambda: 0 < len(campaign.page_results()) < total, "some page results stored, not all", run=run)
+    run.kill()
+    campaign.server.set_faults(latency_s=0.0)
+    (killed,) = campaign.run_ids(batch)[1:]
+    done = len(campaign.page_results())
+    campaign.audit(pending=True)
+
+    rerun = campaign.rerun_and_account(batch, doc_pages, select="vlm_outputs,quality_baseline_diffs")
+    assert rerun.missing == total - done > 0
+    _assert_rerun_took_the_lease(campaign, batch, killed, rerun.view.run_id)
+    report_row(
+        "kill -9 during vlm_outputs",
+        rerun,
+        f"killed run {campaign.view(killed).status}; re-run {rerun.view.describe()}",
+        f"{done} of {total} page results stored at the kill",
+    )
