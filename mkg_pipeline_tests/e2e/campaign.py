@@ -25,6 +25,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -48,6 +49,25 @@ POLL_S = 0.05
 LEASE_TTL_S = 5
 DAGSTER = Path(sys.executable).parent / "dagster"
 _PAGE_RESULT = re.compile(r"^vlm/([0-9a-f]{16})/pages/(\d+)\.([^./]+)\.json$")
+
+
+def tiny_pdf(tag: str, pages: int = 1) -> bytes:
+    """A small document (300 x 150 pt pages, one line of text each): cheap to render and to read on a
+    CPU, a text layer on every page, and its own doc_id per ``tag``."""
+    import pymupdf
+
+    with pymupdf.open() as document:
+        for n in range(1, pages + 1):
+            page = document.new_page(width=300, height=150)
+            page.insert_text((20, 50), f"Campaign {tag}, page {n} of {pages}.", fontsize=13)
+            page.insert_text((20, 80), "Nothing is ever lost.", fontsize=13)
+        return bytes(document.tobytes())
+
+
+def doc_id_of(data: bytes) -> str:
+    from mkg_pipeline.ids import doc_id_from_sha256, sha256_hex
+
+    return doc_id_from_sha256(sha256_hex(data))
 
 
 def variant(name: str, n: int) -> bytes:
@@ -148,7 +168,23 @@ class Campaign:
         return engine_identity(settings.engine, settings.vllm.model, settings.prompt_version)
 
     def requests(self) -> int:
+        """Chat completions the server answered so far (``vllm:request_success_total``)."""
         return int(self.server.read_metric("vllm:request_success_total"))
+
+    def settle(self) -> None:
+        """Wait until the server has nothing running or queued: requests a killed run left in flight are
+        answered (and counted) before a re-run's count starts."""
+        quiet = 0
+
+        def idle() -> bool:
+            nonlocal quiet
+            busy = self.server.read_metric("vllm:num_requests_running") + self.server.read_metric(
+                "vllm:num_requests_waiting"
+            )
+            quiet = 0 if busy else quiet + 1
+            return quiet >= 5
+
+        wait_until(idle, "the server has no request running or waiting")
 
     # ---- batches and runs ---------------------------------------------------------------------------
 
@@ -159,6 +195,31 @@ class Campaign:
         requests = self.pipeline.tick().run_requests or []
         assert len(requests) == 1, requests
         return str(requests[0].partition_key)
+
+    def materialize_in_thread(
+        self, batch: str, select: str = ALL_ASSETS, run_config: dict[str, Any] | None = None
+    ) -> Callable[[], dg.ExecuteInProcessResult]:
+        """Start :meth:`materialize` in a thread; the returned function joins it and gives its result."""
+        outcome: dict[str, Any] = {}
+
+        def target() -> None:
+            try:
+                outcome["result"] = self.materialize(batch, select, run_config)
+            except BaseException as exc:  # reported by join()
+                outcome["error"] = exc
+
+        thread = threading.Thread(target=target, name=f"run-{batch}")
+        thread.start()
+
+        def join() -> dg.ExecuteInProcessResult:
+            thread.join(timeout=WAIT_S)
+            assert not thread.is_alive(), f"the run of {batch} did not end within {WAIT_S:.0f}s"
+            if "error" in outcome:
+                raise outcome["error"]
+            return outcome["result"]  # type: ignore[no-any-return]
+
+        join.thread = thread  # type: ignore[attr-defined]
+        return join
 
     def materialize(
         self, batch: str, select: str = ALL_ASSETS, run_config: dict[str, Any] | None = None
@@ -291,18 +352,29 @@ class Campaign:
 
     # ---- the re-run ---------------------------------------------------------------------------------
 
-    def rerun_and_account(self, batch: str, doc_pages: dict[str, int], select: str = ALL_ASSETS) -> Rerun:
-        """Re-materialize ``batch``; it must succeed and request exactly the pages that had no result.
+    def rerun_and_account(
+        self,
+        batch: str,
+        doc_pages: dict[str, int],
+        select: str = ALL_ASSETS,
+        run_config: dict[str, Any] | None = None,
+        *,
+        pending: bool = False,
+    ) -> Rerun:
+        """Re-materialize ``batch`` (``doc_pages``: doc_id -> pages of the documents the re-run covers); it
+        must succeed and request exactly the pages that had no result.
 
         Asserts: the re-run's metadata (``pages_processed``, ``requests``,
         ``pages_cached``) and the server's request count agree with the pages missing before it, every
         page of ``doc_pages`` has its result afterwards (0 lost), no result was requested again (0
-        duplicated), every document's status is complete, and the audit is clean.
+        duplicated), every document's status is complete, and the audit is clean (with pending work only
+        if ``pending``: other documents of the batch that a case leaves for later).
         """
         missing = self.pages_without_result(doc_pages)
         total = sum(doc_pages.values())
+        self.settle()
         before = self.requests()
-        result = self.materialize(batch, select)
+        result = self.materialize(batch, select, run_config)
         view = self.view(result.run_id)
         assert result.success, view.describe()
         requested = self.requests() - before
@@ -317,7 +389,7 @@ class Campaign:
             status = self.storage.get_json(self.storage.vlm_status_key(doc_id))
             assert status["state"] == "complete", status
             assert status["pages_done"] == doc_pages[doc_id], status
-        self.audit()
+        self.audit(pending=pending)
         return Rerun(view=view, missing=missing, requested=requested, total=total)
 
 

@@ -11,19 +11,16 @@ from __future__ import annotations
 
 import pytest
 
-from mkg_pipeline.ids import doc_id_from_sha256, sha256_hex
-from mkg_pipeline_tests.e2e.campaign import Campaign, report_row, variant, wait_until
-from mkg_pipeline_tests.fixtures.corpus import corpus_pdf
+from mkg_pipeline_tests.e2e.campaign import Campaign, doc_id_of, report_row, tiny_pdf, wait_until
 from mkg_pipeline_tests.fixtures.pathological import tiling_pattern_pdf
 
 pytestmark = pytest.mark.e2e
 
-PAGES = {"minimal-document.pdf": 1, "two-pages.pdf": 2, "blank-page.pdf": 1}
 
-
-def _doc_pages(files: dict[str, bytes], pages: dict[str, int]) -> dict[str, int]:
-    """doc_id -> page count of the distinct documents among ``files`` (name -> bytes)."""
-    return {doc_id_from_sha256(sha256_hex(files[name])): count for name, count in pages.items()}
+def _documents(tag: str, *pages: int) -> tuple[dict[str, bytes], dict[str, int]]:
+    """Tiny documents with these page counts: (file name -> bytes, doc_id -> pages)."""
+    files = {f"{tag}-{n}.pdf": tiny_pdf(f"{tag} {n}", count) for n, count in enumerate(pages)}
+    return files, {doc_id_of(data): count for data, count in zip(files.values(), pages, strict=True)}
 
 
 def _lease(campaign: Campaign, batch: str) -> dict:
@@ -38,9 +35,9 @@ def _assert_rerun_took_the_lease(campaign: Campaign, batch: str, killed_run: str
 
 def test_kill_during_raw_pdfs(campaign: Campaign) -> None:
     """Killed after the first outcomes were recorded and drained, while one file still keeps a worker busy."""
-    files = {name: corpus_pdf(name).read_bytes() for name in PAGES}
+    files, doc_pages = _documents("ingest", 1, 2, 1)
     # The same bytes under 23 more names (one document) fill the first flush of outcomes (25) ...
-    files.update({f"copy-{n:02d}-of-minimal.pdf": files["minimal-document.pdf"] for n in range(23)})
+    files.update({f"copy-{n:02d}-of-ingest-0.pdf": files["ingest-0.pdf"] for n in range(23)})
     # ... and a file that keeps MuPDF busy for minutes holds the step open after it.
     files["slow-tiling-pattern.pdf"] = tiling_pattern_pdf()
     batch = campaign.new_batch(files)
@@ -51,7 +48,7 @@ def test_kill_during_raw_pdfs(campaign: Campaign) -> None:
     wait_until(
         lambda: (
             0 < len(campaign.keys("incoming/")) < len(files)
-            and sum(k.endswith(".pdf") for k in campaign.keys("raw/")) == len(PAGES)
+            and sum(k.endswith(".pdf") for k in campaign.keys("raw/")) == len(doc_pages)
         ),
         "every document in raw/, some objects drained from incoming/, others still there",
         run=run,
@@ -63,14 +60,14 @@ def test_kill_during_raw_pdfs(campaign: Campaign) -> None:
     campaign.audit(pending=True)  # nothing lost: each object is recorded or still in incoming/
 
     # The re-run rejects the pathological file quickly (validation_timeout) instead of waiting minutes.
-    campaign.set_env(MKG_WORKERS__TIMEOUT_S="3")
-    rerun = campaign.rerun_and_account(batch, _doc_pages(files, PAGES))
+    campaign.set_env(MKG_WORKERS__TIMEOUT_S="1")
+    rerun = campaign.rerun_and_account(batch, doc_pages)
     _assert_rerun_took_the_lease(campaign, batch, killed, rerun.view.run_id)
     manifest = campaign.storage.get_json(campaign.storage.batch_key(batch))
     outcomes = {key.removeprefix("incoming/"): r for key, r in manifest["results"].items()}
     assert set(outcomes) == set(files)
     assert outcomes["slow-tiling-pattern.pdf"]["reason"] == "validation_timeout"
-    assert sum(o["status"] == "accepted" and not o["duplicate"] for o in outcomes.values()) == len(PAGES)
+    assert sum(o["status"] == "accepted" and not o["duplicate"] for o in outcomes.values()) == len(doc_pages)
     assert not campaign.keys("incoming/")
     report_row(
         "kill -9 during raw_pdfs",
@@ -82,12 +79,9 @@ def test_kill_during_raw_pdfs(campaign: Campaign) -> None:
 
 def test_kill_during_parsed_pages(campaign: Campaign) -> None:
     """Killed while some documents have page images but no manifest yet (S3 slowed so that it lasts)."""
-    files = {name: corpus_pdf(name).read_bytes() for name in PAGES}
-    files["two-pages-variant.pdf"] = variant("two-pages.pdf", 1)
-    pages = {**PAGES, "two-pages-variant.pdf": 2}
+    files, doc_pages = _documents("render", 1, 2, 1, 2)
     batch = campaign.new_batch(files)
     assert campaign.materialize(batch, "raw_pdfs").success
-    doc_pages = _doc_pages(files, pages)
 
     campaign.proxy.delay_s = 0.2
     run = campaign.start_cli(batch, "parsed_pages,vlm_outputs,quality_baseline_diffs")
@@ -117,12 +111,9 @@ def test_kill_during_parsed_pages(campaign: Campaign) -> None:
 
 def test_kill_during_vlm_outputs(campaign: Campaign) -> None:
     """Killed while some pages have results and others are in flight (each answer takes a second)."""
-    files = {name: corpus_pdf(name).read_bytes() for name in PAGES}
-    files["two-pages-variant.pdf"] = variant("two-pages.pdf", 2)
-    pages = {**PAGES, "two-pages-variant.pdf": 2}
+    files, doc_pages = _documents("vlm", 2, 2, 1)
     batch = campaign.new_batch(files)
     assert campaign.materialize(batch, "raw_pdfs,parsed_pages").success
-    doc_pages = _doc_pages(files, pages)
     total = sum(doc_pages.values())
 
     campaign.server.set_faults(latency_s=1.0)
@@ -133,6 +124,8 @@ def test_kill_during_vlm_outputs(campaign: Campaign) -> None:
     (killed,) = campaign.run_ids(batch)[1:]
     done = len(campaign.page_results())
     campaign.audit(pending=True)
+    audit = campaign.audit_cli()  # as the person on call runs it
+    assert audit.returncode == 0 and "OK: nothing lost" in audit.stdout, audit.stdout + audit.stderr
 
     rerun = campaign.rerun_and_account(batch, doc_pages, select="vlm_outputs,quality_baseline_diffs")
     assert rerun.missing == total - done > 0
