@@ -8,7 +8,7 @@ import pytest
 
 from mkg_pipeline.config import PDFConfig
 from mkg_pipeline.ids import doc_id_for
-from mkg_pipeline.stages.ingest import ingest_batch
+from mkg_pipeline.stages.ingest import OutcomesNotRecorded, ingest_batch
 from mkg_pipeline.storage import MemoryStorage
 from mkg_pipeline_tests.fixtures.corpus import corpus_pdf
 from mkg_pipeline_tests.stages.conftest import Killed, drop, fail_once, kill_at_write, record_ops
@@ -176,8 +176,9 @@ def test_storage_down_when_recording_fails_the_step_and_drains_nothing() -> None
     storage = MemoryStorage()
     batch = drop(storage, BATCH)
     fail_once(storage, "put", lambda key: key.startswith("batches/"), OSError("connection refused"))
-    with pytest.raises(OSError, match="connection refused"):
+    with pytest.raises(OutcomesNotRecorded, match=r"could not be recorded .* connection refused") as failed:
         ingest_batch(storage, batch, LIMITS)
+    assert "Nothing is lost" in str(failed.value) and isinstance(failed.value.__cause__, OSError)
     assert len(storage.keys(storage.incoming_prefix)) == 5
     storage.memory.fault = None
     ingest_batch(storage, batch, LIMITS)
