@@ -345,6 +345,13 @@ class Campaign:
             assert not report.pending, report.to_text()
         return report
 
+    def assert_records_whole(self) -> None:
+        """Every JSON record the pipeline keeps parses: nothing half-written looks finished."""
+        for prefix in ("batches/", "raw/", "rejected/", "pages/", "vlm/", "leases/"):
+            for key in self.keys(prefix):
+                if key.endswith(".json"):
+                    assert isinstance(self.storage.get_json(key), dict | list), key
+
     def audit_cli(self) -> subprocess.CompletedProcess[str]:
         """``python -m mkg_pipeline.audit``, as the person on call runs it."""
         return subprocess.run(

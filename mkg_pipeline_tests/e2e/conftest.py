@@ -121,9 +121,10 @@ def pipeline_env(
         yield PipelineEnv(env=env, home=home, storage=storage, instance=instance)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def campaign_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    """The fault campaign's local VLM server (one per module): fault injection on, room for many requests."""
+    """The fault campaign's local VLM server: fault injection on (every fault off between cases), room for
+    many requests at once."""
     import secrets
 
     from mkg_pipeline_tests.fixtures.local_server import _new_server

@@ -4,7 +4,7 @@ Case 5 (issue 9 rows 5, 6, 7, 10, 11 and issue 10's validated answers): one batc
 fault, each sent alone (``doc_ids``) while the local server gives that answer to every request:
 
 - ``trickle`` (a body dripping one byte every 0.5 s, timeout 2 s): the page fails as ``timeout``;
-- ``huge`` (4 MB, over the answer cap): ``response_too_large``, the body is not read to its end;
+- ``huge`` (50 MB, far over the answer cap): ``response_too_large``, reading stops at the cap;
 - ``truncated`` / ``empty`` / ``repetition``: a recorded failure with that reason, nothing cached, the
   re-ask counted in ``requests``;
 - ``lone_surrogate``: the page is stored with U+FFFD, nothing crashes;
@@ -31,10 +31,11 @@ from mkg_pipeline_tests.e2e.campaign import Campaign, doc_id_of, report_row, tin
 pytestmark = pytest.mark.e2e
 
 REAL_CAUSES = {"connect", "timeout", "server_error"}
+HUGE_BYTES = 50_000_000
 #: fault -> (server settings, pages of its document, reason of the failed page or None: stored)
 HOSTILE: dict[str, tuple[dict[str, Any], int, str | None]] = {
     "trickle": ({"trickle_rate": 1.0, "trickle_interval_s": 0.5, "hang_s": 20.0}, 1, "timeout"),
-    "huge": ({"huge_rate": 1.0, "huge_bytes": 4_000_000}, 1, "response_too_large"),
+    "huge": ({"huge_rate": 1.0, "huge_bytes": HUGE_BYTES}, 1, "response_too_large"),
     "truncated": ({"truncated_rate": 1.0}, 1, "truncated"),
     "empty": ({"empty_rate": 1.0}, 1, "empty"),
     "repetition": ({"repetition_rate": 1.0}, 1, "repetition"),
@@ -107,6 +108,9 @@ def test_hostile_answers(campaign: Campaign) -> None:
                 assert view.vlm["requests"] == 2, (fault, view.vlm)  # the re-ask is counted
             if fault == "trickle":
                 assert "2s deadline" in failed["message"], failed
+            if fault == "huge":  # reading stopped at the cap (about 0.5 MB here), not at 50 MB
+                read = int(re.search(r"passed (\d+) bytes", failed["message"]).group(1))  # type: ignore[union-attr]
+                assert read < HUGE_BYTES // 10, failed
         campaign.audit(pending=True)  # the batch's other documents wait their turn
 
         rerun = campaign.rerun_and_account(batch, {doc_id: pages}, "vlm_outputs", _only(doc_id), pending=True)

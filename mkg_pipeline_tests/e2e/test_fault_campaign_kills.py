@@ -27,13 +27,22 @@ def _lease(campaign: Campaign, batch: str) -> dict:
     return campaign.storage.get_json(campaign.storage.lease_key(batch))
 
 
-def _assert_rerun_took_the_lease(campaign: Campaign, batch: str, killed_run: str, rerun_id: str) -> None:
+def _assert_killed_run_holds_the_lease(campaign: Campaign, batch: str, killed_run: str) -> None:
+    lease = _lease(campaign, batch)
+    assert lease["run_id"] == killed_run and not lease.get("released_at"), lease
+
+
+def _assert_rerun_took_the_lease(
+    campaign: Campaign, batch: str, killed_run: str, rerun_id: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The re-run (a new run) took the dead run's lease over once it expired, and gave it back at the end."""
+    assert f"took over the expired lease of run {killed_run}" in caplog.text
     lease = _lease(campaign, batch)
     assert lease["run_id"] == rerun_id != killed_run, lease
-    assert lease.get("released_at"), lease  # and gave it back at the end
+    assert lease.get("released_at"), lease
 
 
-def test_kill_during_raw_pdfs(campaign: Campaign) -> None:
+def test_kill_during_raw_pdfs(campaign: Campaign, caplog: pytest.LogCaptureFixture) -> None:
     """Killed after the first outcomes were recorded and drained, while one file still keeps a worker busy."""
     files, doc_pages = _documents("ingest", 1, 2, 1)
     # The same bytes under 23 more names (one document) fill the first flush of outcomes (25) ...
@@ -55,14 +64,15 @@ def test_kill_during_raw_pdfs(campaign: Campaign) -> None:
     )
     run.kill()
     (killed,) = campaign.run_ids(batch)
-    assert _lease(campaign, batch)["run_id"] == killed
+    _assert_killed_run_holds_the_lease(campaign, batch, killed)
     still_incoming = len(campaign.keys("incoming/"))
+    campaign.assert_records_whole()
     campaign.audit(pending=True)  # nothing lost: each object is recorded or still in incoming/
 
     # The re-run rejects the pathological file quickly (validation_timeout) instead of waiting minutes.
     campaign.set_env(MKG_WORKERS__TIMEOUT_S="1")
     rerun = campaign.rerun_and_account(batch, doc_pages)
-    _assert_rerun_took_the_lease(campaign, batch, killed, rerun.view.run_id)
+    _assert_rerun_took_the_lease(campaign, batch, killed, rerun.view.run_id, caplog)
     manifest = campaign.storage.get_json(campaign.storage.batch_key(batch))
     outcomes = {key.removeprefix("incoming/"): r for key, r in manifest["results"].items()}
     assert set(outcomes) == set(files)
@@ -77,7 +87,7 @@ def test_kill_during_raw_pdfs(campaign: Campaign) -> None:
     )
 
 
-def test_kill_during_parsed_pages(campaign: Campaign) -> None:
+def test_kill_during_parsed_pages(campaign: Campaign, caplog: pytest.LogCaptureFixture) -> None:
     """Killed while some documents have page images but no manifest yet (S3 slowed so that it lasts)."""
     files, doc_pages = _documents("render", 1, 2, 1, 2)
     batch = campaign.new_batch(files)
@@ -95,12 +105,14 @@ def test_kill_during_parsed_pages(campaign: Campaign) -> None:
     run.kill()
     campaign.proxy.delay_s = 0
     (killed,) = campaign.run_ids(batch)[1:]
+    _assert_killed_run_holds_the_lease(campaign, batch, killed)
     keys = campaign.keys("pages/")
     pngs, manifests = sum(k.endswith(".png") for k in keys), sum(k.endswith("/manifest.json") for k in keys)
+    campaign.assert_records_whole()
     campaign.audit(pending=True)
 
     rerun = campaign.rerun_and_account(batch, doc_pages)
-    _assert_rerun_took_the_lease(campaign, batch, killed, rerun.view.run_id)
+    _assert_rerun_took_the_lease(campaign, batch, killed, rerun.view.run_id, caplog)
     report_row(
         "kill -9 during parsed_pages",
         rerun,
@@ -109,7 +121,7 @@ def test_kill_during_parsed_pages(campaign: Campaign) -> None:
     )
 
 
-def test_kill_during_vlm_outputs(campaign: Campaign) -> None:
+def test_kill_during_vlm_outputs(campaign: Campaign, caplog: pytest.LogCaptureFixture) -> None:
     """Killed while some pages have results and others are in flight (each answer takes a second)."""
     files, doc_pages = _documents("vlm", 2, 2, 1)
     batch = campaign.new_batch(files)
@@ -122,17 +134,22 @@ def test_kill_during_vlm_outputs(campaign: Campaign) -> None:
     run.kill()
     campaign.server.set_faults(latency_s=0.0)
     (killed,) = campaign.run_ids(batch)[1:]
+    _assert_killed_run_holds_the_lease(campaign, batch, killed)
     done = len(campaign.page_results())
+    # Observed, not asserted: whether the killed run still holds its `vllm` pool slot (for the report).
+    holds_slot = killed in campaign.instance.event_log_storage.get_concurrency_info("vllm").active_run_ids
+    campaign.assert_records_whole()
     campaign.audit(pending=True)
     audit = campaign.audit_cli()  # as the person on call runs it
     assert audit.returncode == 0 and "OK: nothing lost" in audit.stdout, audit.stdout + audit.stderr
 
     rerun = campaign.rerun_and_account(batch, doc_pages, select="vlm_outputs,quality_baseline_diffs")
     assert rerun.missing == total - done > 0
-    _assert_rerun_took_the_lease(campaign, batch, killed, rerun.view.run_id)
+    _assert_rerun_took_the_lease(campaign, batch, killed, rerun.view.run_id, caplog)
     report_row(
         "kill -9 during vlm_outputs",
         rerun,
         f"killed run {campaign.view(killed).status}; re-run {rerun.view.describe()}",
-        f"{done} of {total} page results stored at the kill",
+        f"{done} of {total} page results stored at the kill; the killed run "
+        f"{'still holds' if holds_slot else 'holds no'} `vllm` pool slot",
     )

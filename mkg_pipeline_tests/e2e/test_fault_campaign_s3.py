@@ -58,6 +58,7 @@ def test_s3_down_mid_ingest(campaign: Campaign) -> None:
     message = view.step_failures["raw_pdfs"]
     assert "could not be recorded" in message and "is S3 reachable?" in message, message
     assert f"materialize raw_pdfs for batch {batch}" in message, message
+    campaign.assert_records_whole()
     campaign.audit(pending=True)  # nothing lost, nothing half-recorded: each object recorded or still in incoming/
 
     rerun = campaign.rerun_and_account(batch, doc_pages)
@@ -96,6 +97,7 @@ def test_s3_down_mid_vlm_leaves_status_stale(campaign: Campaign) -> None:
         assert status["run_id"] == result.run_id, status
         states[doc_id] = status["state"]
     assert "stale" in states.values() or any(s in {"partial", "failed"} for s in states.values()), states
+    campaign.assert_records_whole()
     campaign.audit(pending=True)
 
     rerun = campaign.rerun_and_account(batch, doc_pages)
