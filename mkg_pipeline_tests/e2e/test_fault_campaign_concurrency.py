@@ -8,9 +8,13 @@ each its own run): all complete, one request per page.
 
 from __future__ import annotations
 
+import os
+import signal
+from datetime import UTC, datetime
+
 import pytest
 
-from mkg_pipeline_tests.e2e.campaign import Campaign, Rerun, doc_id_of, report_row, tiny_pdf
+from mkg_pipeline_tests.e2e.campaign import Campaign, Rerun, doc_id_of, report_row, tiny_pdf, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -82,4 +86,55 @@ def test_eight_batches_at_once(campaign: Campaign) -> None:
         Rerun(reruns[0].view, missing=0, requested=0, total=len(doc_pages)),
         f"8 runs {sorted({v.status for v in views})}; re-runs requested 0 of {len(doc_pages)} pages",
         f"{requested} requests for {len(doc_pages)} pages",
+    )
+
+
+def test_a_run_paused_past_its_lease_stops_once_another_took_the_batch(campaign: Campaign) -> None:
+    """Row 2, the stalled holder: run A is frozen (SIGSTOP: a paused VM or container, a process stopped in a
+    debugger) for longer than the lease TTL, run B takes the expired lease over and does the batch, then A
+    wakes up. A must learn that it lost the batch before it starts another page: at most the page it had in
+    flight when it froze is requested twice, never the rest of the batch."""
+    pages = 6
+    data = tiny_pdf("paused holder", pages)
+    doc_id = doc_id_of(data)
+    batch = campaign.new_batch({"paused-holder.pdf": data})
+    assert campaign.materialize(batch, "raw_pdfs,parsed_pages").success
+    # One page at a time, each answer taking a second: A is always half-way through when it freezes.
+    campaign.set_env(MKG_VLLM__ADAPTIVE="false", MKG_VLLM__MIN_IN_FLIGHT="1", MKG_VLLM__MAX_IN_FLIGHT="1")
+    campaign.server.set_faults(latency_s=1.0)
+    campaign.settle()
+    before = campaign.requests()
+
+    a = campaign.start_cli(batch, "vlm_outputs")
+    wait_until(lambda: campaign.keys(campaign.storage.vlm_page_prefix(doc_id)), "run A stored a page", run=a)
+    os.killpg(a.process.pid, signal.SIGSTOP)
+    try:
+        (run_a,) = campaign.run_ids(batch)[1:]
+        lease_key = campaign.storage.lease_key(batch)
+        wait_until(
+            lambda: datetime.fromisoformat(campaign.storage.get_json(lease_key)["expires_at"]) < datetime.now(UTC),
+            "run A's lease expired while it is frozen",
+        )
+        join_b = campaign.materialize_in_thread(batch, "vlm_outputs")
+        wait_until(lambda: campaign.storage.get_json(lease_key)["run_id"] != run_a, "run B took the batch over")
+    finally:
+        os.killpg(a.process.pid, signal.SIGCONT)
+    view_b = campaign.view(join_b().run_id)
+    a.wait()
+    view_a = campaign.view(run_a)
+    campaign.server.set_faults(latency_s=0.0)
+    campaign.settle()
+    requested = campaign.requests() - before
+
+    assert view_b.status == "SUCCESS", view_b.describe()
+    assert requested <= pages + 1, f"{requested} requests for {pages} pages: run A went on after losing the batch"
+    assert view_a.status == "FAILURE", view_a.describe()
+    assert "no longer holds the lease" in view_a.step_failures.get("vlm_outputs", ""), view_a.describe()
+    campaign.audit()
+    rerun = campaign.rerun_and_account(batch, {doc_id: pages}, "vlm_outputs")
+    report_row(
+        "a run frozen past its lease TTL, another takes over, the first wakes up",
+        rerun,
+        f"A: {view_a.describe()} | B: {view_b.describe()}",
+        f"{requested} requests for {pages} pages (the page A had in flight when it froze is asked twice)",
     )
