@@ -86,7 +86,13 @@ def ingest_batch(
     *,
     drain_incoming: bool = True,
     progress: Callable[[str], None] = log.info,
+    claim: Callable[[], None] | None = None,
 ) -> IngestSummary:
+    """Ingest the objects of batch ``batch_id`` that have no final outcome yet (see the module docstring).
+
+    ``claim`` (the batch lease's ``check``) is called before each write of the batch manifest: a run that
+    lost the batch to another run raises there instead of overwriting the other run's outcomes.
+    """
     manifest = read_batch_manifest(storage, batch_id)
     results: dict[str, dict[str, Any]] = manifest.setdefault("results", {})
     summary = IngestSummary(batch_id=batch_id)
@@ -108,6 +114,8 @@ def ingest_batch(
     pending: list[dict[str, Any]] = []  # recorded in `results`, not yet in the stored manifest
 
     def flush() -> None:
+        if claim is not None:
+            claim()  # the manifest is read-modify-written: only by the batch's holder
         manifest["ingested_at"] = _now()
         try:
             storage.put_json(storage.batch_key(batch_id), manifest)  # outcomes first ...

@@ -183,3 +183,20 @@ def test_storage_down_when_recording_fails_the_step_and_drains_nothing() -> None
     storage.memory.fault = None
     ingest_batch(storage, batch, LIMITS)
     assert_all_done(storage, batch)
+
+
+def test_a_run_that_lost_its_batch_never_writes_the_manifest() -> None:
+    """Another run took the batch over (this one's lease expired): the manifest is the other run's to write."""
+    from mkg_pipeline.stages.lease import LeaseLost
+
+    storage = MemoryStorage()
+    batch = drop(storage, BATCH)
+    before = storage.get_json(storage.batch_key(batch))
+
+    def lost() -> None:
+        raise LeaseLost(f"batch {batch}: run r1 no longer holds the lease: another run took it over")
+
+    with pytest.raises(LeaseLost):
+        ingest_batch(storage, batch, LIMITS, claim=lost)
+    assert storage.get_json(storage.batch_key(batch)) == before
+    assert len(storage.keys(storage.incoming_prefix)) == 5  # nothing drained
