@@ -70,7 +70,7 @@ def test_kill_during_raw_pdfs(campaign: Campaign, caplog: pytest.LogCaptureFixtu
     campaign.audit(pending=True)  # nothing lost: each object is recorded or still in incoming/
 
     # The re-run rejects the pathological file quickly (validation_timeout) instead of waiting minutes.
-    campaign.set_env(MKG_WORKERS__TIMEOUT_S="1")
+    campaign.set_env(MKG_WORKERS__TIMEOUT_S="3")
     rerun = campaign.rerun_and_account(batch, doc_pages)
     _assert_rerun_took_the_lease(campaign, batch, killed, rerun.view.run_id, caplog)
     manifest = campaign.storage.get_json(campaign.storage.batch_key(batch))
@@ -122,14 +122,15 @@ def test_kill_during_parsed_pages(campaign: Campaign, caplog: pytest.LogCaptureF
 
 
 def test_kill_during_vlm_outputs(campaign: Campaign, caplog: pytest.LogCaptureFixture) -> None:
-    """Killed while some pages have results and others are in flight (each answer takes a second)."""
+    """Killed while some pages have results and others are in flight (each answer takes a second, two at a time)."""
     files, doc_pages = _documents("vlm", 2, 2, 1)
     batch = campaign.new_batch(files)
     assert campaign.materialize(batch, "raw_pdfs,parsed_pages").success
     total = sum(doc_pages.values())
 
     campaign.server.set_faults(latency_s=1.0)
-    run = campaign.start_cli(batch, "vlm_outputs,quality_baseline_diffs")
+    two_at_a_time = {"MKG_VLLM__ADAPTIVE": "false", "MKG_VLLM__MIN_IN_FLIGHT": "1", "MKG_VLLM__MAX_IN_FLIGHT": "2"}
+    run = campaign.start_cli(batch, "vlm_outputs,quality_baseline_diffs", extra_env=two_at_a_time)
     wait_until(lambda: 0 < len(campaign.page_results()) < total, "some page results stored, not all", run=run)
     run.kill()
     campaign.server.set_faults(latency_s=0.0)
