@@ -10,7 +10,8 @@ The invariant (DESIGN.md, CONTRACTS.md):
    (``vlm/<doc_id>/pages/<n>.<cache_key>.json``) or a failure in ``status.json`` with its reason and
    attempts, or its document is pending (no ``status.json`` yet);
 4. no orphans: nothing under ``pages/`` or ``vlm/`` for a document that is not in ``raw/``, and no
-   document in ``raw/`` that no batch accepted.
+   document in ``raw/`` that no batch accepted, unless the object that brought it is still pending in its
+   batch (validated, outcome not recorded yet: an ingest in progress, or killed before recording it).
 
 Each problem is a :class:`Finding` that says which object, document or page, what is missing and
 what to run. Severities: ``error`` (the invariant is broken: something is lost or inconsistent; exit
@@ -170,6 +171,8 @@ class _BatchIndex:
     batched_incoming: set[str] = field(default_factory=set)
     #: objects with no outcome that left incoming/: lost unless another manifest settled them
     lost_candidates: list[tuple[str, str, str, dict[str, Any] | None]] = field(default_factory=list)
+    #: (batch_id, key) of objects still in incoming/ without a final outcome: ingest pending or in progress
+    pending_objects: set[tuple[str, str]] = field(default_factory=set)
 
 
 def _read_manifest(storage: Storage, key: str, report: AuditReport) -> dict[str, Any] | None:
@@ -284,6 +287,7 @@ def _check_manifest(
             if current.etag != etag:
                 continue  # replaced after batching: the new version is new work, the sensor batches it
             report.pending[(batch_id, _PENDING_WHAT["ingest"])] += 1
+            index.pending_objects.add((batch_id, key))
             if status == "error":
                 report.add(
                     Finding(
@@ -433,6 +437,25 @@ def _get(storage: Storage, key: str, what: str, doc_id: str, report: AuditReport
             )
         )
         return None
+
+
+def _being_ingested(storage: Storage, doc: _DocKeys, index: _BatchIndex) -> bool:
+    """A raw document that no batch accepted yet because its object's outcome is not recorded yet.
+
+    A worker writes ``raw/<doc>.pdf``, then ``raw/<doc>.json`` (naming the object and its batch), and the
+    run records the outcome in the batch manifest later, every FLUSH_EVERY objects: in between (a healthy
+    run, or one killed there) the document is in raw/ while its object is still pending in incoming/. The
+    next run records it. Only a document with nothing rendered qualifies; one GET per such document.
+    """
+    if not index.pending_objects or "pdf" not in doc.raw or doc.pages or doc.vlm:
+        return False
+    if "json" not in doc.raw:
+        return True  # the PDF is written just before its metadata, by an object still pending
+    try:
+        meta = storage.get_json(storage.raw_meta_key(doc.doc_id))
+    except (FileNotFoundError, ValueError):
+        return False
+    return isinstance(meta, dict) and (str(meta.get("batch_id")), str(meta.get("source_key"))) in index.pending_objects
 
 
 def _check_document(
@@ -641,7 +664,11 @@ def audit_bucket(
                 _check_manifest(storage, obj.key[len("batches/") : -len(".json")], manifest, look, index, report)
     _report_lost(storage, index, report)
     for doc in _stream_documents(storage, raw, report):
-        _check_document(storage, doc, identity, index.doc_batch.get(doc.doc_id), True, report)
+        batch_id = index.doc_batch.get(doc.doc_id)
+        if batch_id is None and _being_ingested(storage, doc, index):
+            report.counts["documents"] += 1  # its object is pending in its batch (counted there)
+            continue
+        _check_document(storage, doc, identity, batch_id, True, report)
     _check_unbatched(storage, index, incoming, (now or datetime.now(UTC)).timestamp(), report)
     return report
 

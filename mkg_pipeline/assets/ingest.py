@@ -24,19 +24,30 @@ class RawPdfsConfig(dg.Config):
 )
 def raw_pdfs(context: dg.AssetExecutionContext, config: RawPdfsConfig, s3: S3StorageResource) -> dg.MaterializeResult:
     from mkg_pipeline.markdown_table import markdown_table
-    from mkg_pipeline.stages.ingest import ingest_batch
+    from mkg_pipeline.stages.ingest import OutcomesNotRecorded, ingest_batch
+    from mkg_pipeline.stages.lease import LeaseLost
 
     storage = s3.storage()
     settings = get_settings()
-    with claimed_batch(context, storage):
-        summary = ingest_batch(
-            storage,
-            context.partition_key,
-            settings.pdf,
-            settings.workers,
-            drain_incoming=config.drain_incoming,
-            progress=context.log.info,
-        )
+    try:
+        with claimed_batch(context, storage) as lease:
+            summary = ingest_batch(
+                storage,
+                context.partition_key,
+                settings.pdf,
+                settings.workers,
+                drain_incoming=config.drain_incoming,
+                progress=context.log.info,
+                claim=lease.check,
+            )
+    except OutcomesNotRecorded as exc:
+        raise dg.Failure(description=str(exc)) from None
+    except LeaseLost as exc:
+        raise dg.Failure(
+            description=f"{exc}. This run stopped before writing the batch manifest; the run that took the batch "
+            "over records every outcome.",
+            allow_retries=False,
+        ) from None
     if summary.errors:
         context.log.warning(f"{len(summary.errors)} object(s) hit errors and will be retried: {summary.errors}")
     rejected_rows = [[key.rsplit("/", 1)[-1], r["reason"], r["message"]] for key, r in summary.rejected.items()]

@@ -39,12 +39,12 @@ def vlm_outputs(
     from mkg_pipeline.outputs import preview_markdown
     from mkg_pipeline.pipeline_metrics import push_metrics
     from mkg_pipeline.stages.batches import accepted_doc_ids, read_batch_manifest
-    from mkg_pipeline.stages.vlm import StorageUnavailable, process_documents
+    from mkg_pipeline.stages.vlm import ClaimLost, StorageUnavailable, process_documents
 
     storage = s3.storage()
     doc_ids = accepted_doc_ids(read_batch_manifest(storage, context.partition_key), config.doc_ids)
 
-    async def run():  # type: ignore[no-untyped-def]
+    async def run(claim):  # type: ignore[no-untyped-def]
         async with vllm.open_engine() as (client, engine):
             context.log.info(f"{len(doc_ids)} document(s) → {engine.identity} at {client.server_url}")
             if not await client.health_check():
@@ -61,13 +61,16 @@ def vlm_outputs(
                 run_id=context.run_id,
                 force_refresh=config.force_refresh,
                 progress=context.log.info,
+                claim=claim,
             )
 
     try:
-        with claimed_batch(context, storage):
-            summary = asyncio.run(run())
+        with claimed_batch(context, storage) as lease:
+            summary = asyncio.run(run(lease.check))
     except StorageUnavailable as exc:
         raise dg.Failure(description=str(exc)) from None
+    except ClaimLost as exc:
+        raise dg.Failure(description=str(exc), allow_retries=False) from None
     finally:
         push_metrics(grouping_key={"partition": context.partition_key, "asset": "vlm_outputs"})
 

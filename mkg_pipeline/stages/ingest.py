@@ -46,6 +46,15 @@ FLUSH_EVERY_S: Final = 30.0
 FINISHED: Final = frozenset({"accepted", "rejected"})
 
 
+class OutcomesNotRecorded(RuntimeError):
+    """The batch manifest could not be written (S3 unreachable): the step fails, the next run resumes.
+
+    Nothing is lost: objects whose outcome is not recorded are still in ``incoming/`` (they are drained only
+    after their outcome is stored), and documents a worker already wrote to ``raw/`` are recognised, not
+    duplicated, when the next run ingests those objects again.
+    """
+
+
 @dataclass
 class IngestSummary:
     batch_id: str
@@ -77,7 +86,13 @@ def ingest_batch(
     *,
     drain_incoming: bool = True,
     progress: Callable[[str], None] = log.info,
+    claim: Callable[[], None] | None = None,
 ) -> IngestSummary:
+    """Ingest the objects of batch ``batch_id`` that have no final outcome yet (see the module docstring).
+
+    ``claim`` (the batch lease's ``check``) is called before each write of the batch manifest: a run that
+    lost the batch to another run raises there instead of overwriting the other run's outcomes.
+    """
     manifest = read_batch_manifest(storage, batch_id)
     results: dict[str, dict[str, Any]] = manifest.setdefault("results", {})
     summary = IngestSummary(batch_id=batch_id)
@@ -99,10 +114,21 @@ def ingest_batch(
     pending: list[dict[str, Any]] = []  # recorded in `results`, not yet in the stored manifest
 
     def flush() -> None:
+        if claim is not None:
+            claim()  # the manifest is read-modify-written: only by the batch's holder
         manifest["ingested_at"] = _now()
-        storage.put_json(storage.batch_key(batch_id), manifest)  # outcomes first ...
-        if drain_incoming:
-            summary.drained += _drain_all(storage, pending, results)  # ... then drains
+        try:
+            storage.put_json(storage.batch_key(batch_id), manifest)  # outcomes first ...
+            if drain_incoming:
+                summary.drained += _drain_all(storage, pending, results)  # ... then drains
+        except Exception as exc:
+            raise OutcomesNotRecorded(
+                f"the outcome of {len(pending)} object(s) of batch {batch_id} could not be recorded in "
+                f"{storage.uri(storage.batch_key(batch_id))} (or their drain from incoming/ failed): is S3 reachable? "
+                f"Last error: {type(exc).__name__}: {exc}. Nothing is lost: every object without a recorded outcome "
+                f"is still in incoming/, and what was recorded stays. Once S3 answers, materialize raw_pdfs for batch "
+                f"{batch_id} again: it resumes from the recorded outcomes."
+            ) from exc
         pending.clear()
 
     pool, target = document_pool(storage, workers or WorkersConfig(), len(todo), preload=(__name__,))

@@ -172,7 +172,17 @@ class BatchLease:
         return self._record
 
     def check(self) -> None:
-        """Raise :class:`LeaseLost` if another run took the batch over; call it between units of work."""
+        """Raise :class:`LeaseLost` if another run took the batch over; call it between units of work.
+
+        Free while the lease is valid by this holder's clock. Once it has expired (this process was frozen,
+        or could not renew for longer than the TTL), another run may have taken the batch over without this
+        one knowing yet: it renews first, which replaces exactly the version it wrote and so fails if someone
+        took over (or if S3 cannot confirm it). The background renewal may only notice that later.
+        """
+        record = self._record
+        expired = record is not None and self.clock() >= _ts(record.expires_at)
+        if self._lost is None and self._etag is not None and expired:
+            self.renew()
         if self._lost is not None:
             raise LeaseLost(f"batch {self.batch_id}: run {self.run_id} no longer holds the lease: {self._lost}")
 

@@ -68,6 +68,10 @@ class StorageUnavailable(RuntimeError):
     """The bucket could not record a document's outcome; the step fails, the next run resumes."""
 
 
+class ClaimLost(RuntimeError):
+    """Another run took the batch over (this one's lease expired): this run stopped starting work on it."""
+
+
 # ---- what a run reports -----------------------------------------------------------------------------
 
 
@@ -200,8 +204,11 @@ class _BatchRun:
         run_id: str,
         force_refresh: bool,
         progress: Callable[[str], None],
+        claim: Callable[[], None] | None = None,
     ) -> None:
         self.s3 = s3
+        self.claim = claim
+        self.claim_lost: str | None = None
         self.engine = engine
         self.gate = gate
         self.summary = summary
@@ -217,6 +224,16 @@ class _BatchRun:
         self.changed = asyncio.Event()
 
     # -- scheduling ---------------------------------------------------------------------------------
+
+    def holds_claim(self) -> bool:
+        """Whether this run still holds its batch; once another run took it over, start nothing more on it."""
+        if self.claim_lost is None and self.claim is not None:
+            try:
+                self.claim()
+            except Exception as exc:
+                self.claim_lost = str(exc)
+                self.progress(f"STOPPING: {exc}")
+        return self.claim_lost is None
 
     def _has_room(self) -> bool:
         gate = self.gate
@@ -314,6 +331,8 @@ class _BatchRun:
             await self._wait_for_room()
             if self.s3_down:  # no point queueing pages that cannot be read or recorded; the next run resumes
                 self.summary.unrecorded.append(doc.doc_id)
+                return
+            if not self.holds_claim():  # the batch is another run's now: it does this page
                 return
             self._spawn(job)
         doc.scheduled_all = True
@@ -414,7 +433,7 @@ class _BatchRun:
     # -- assembly -----------------------------------------------------------------------------------
 
     def _maybe_assemble(self, doc: _Document) -> None:
-        if doc.complete and doc.doc_id not in self.summary.documents:
+        if doc.complete and doc.doc_id not in self.summary.documents and self.holds_claim():
             self.summary.documents[doc.doc_id] = "assembling"
             task = asyncio.create_task(self._assemble(doc), name=f"assemble {doc.doc_id}")
             self.assembly_tasks.add(task)
@@ -533,17 +552,30 @@ async def process_documents(
     run_id: str = "",
     force_refresh: bool = False,
     progress: Callable[[str], None] = log.info,
+    claim: Callable[[], None] | None = None,
 ) -> VLMSummary:
     """Send every page of ``doc_ids`` through ``engine``; returns the run's counters.
 
     Raises :class:`StorageUnavailable` when some document's outcome could not be recorded (the bucket is
     unreachable): everything that was recorded stays, and the next run resumes from it.
+
+    ``claim`` (the batch lease's ``check``) is called before each document, page and assembly is started;
+    once it raises, the run starts nothing more (pages in flight finish and are kept, documents are left to
+    the run that took the batch over) and :class:`ClaimLost` is raised at the end.
     """
     started = time.monotonic()
     summary = VLMSummary(engine=engine.identity, model=model, server_url=server_url)
     async with storage.session() as s3:
         batch = _BatchRun(
-            s3, engine, gate, summary, model=model, run_id=run_id, force_refresh=force_refresh, progress=progress
+            s3,
+            engine,
+            gate,
+            summary,
+            model=model,
+            run_id=run_id,
+            force_refresh=force_refresh,
+            progress=progress,
+            claim=claim,
         )
         reporter = asyncio.create_task(batch.report_progress(started))
         try:
@@ -551,6 +583,8 @@ async def process_documents(
                 if batch.s3_down:
                     summary.unrecorded.append(doc_id)
                     continue
+                if not batch.holds_claim():
+                    break
                 try:
                     opened = await batch.open_document(doc_id)
                 except Exception as exc:  # S3 failing on one document's manifest/status: not the others
@@ -568,6 +602,12 @@ async def process_documents(
             for task in [*batch.page_tasks, *batch.assembly_tasks]:
                 task.cancel()
     summary.wall_s = time.monotonic() - started
+    if batch.claim_lost is not None:
+        raise ClaimLost(
+            f"{batch.claim_lost}. This run stopped starting pages and documents of the batch when it learned it; "
+            f"the {summary.processed} page(s) it finished are stored. The run that took the batch over does the "
+            "rest; if that one fails too, materialize vlm_outputs again (only missing pages are requested)"
+        )
     if summary.unrecorded:
         cause = f"; last error: {batch.last_storage_error}" if batch.last_storage_error else ""
         raise StorageUnavailable(

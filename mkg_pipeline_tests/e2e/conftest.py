@@ -119,3 +119,54 @@ def pipeline_env(
         monkeypatch.setenv(key, value)
     with dg.DagsterInstance.from_config(str(home)) as instance:
         yield PipelineEnv(env=env, home=home, storage=storage, instance=instance)
+
+
+@pytest.fixture(scope="session")
+def campaign_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """The fault campaign's local VLM server: fault injection on (every fault off between cases), room for
+    many requests at once."""
+    import secrets
+
+    from mkg_pipeline_tests.fixtures.local_server import _new_server
+
+    server = _new_server(
+        tmp_path_factory.mktemp("campaign-vlm"),
+        api_key=f"campaign-{secrets.token_hex(8)}",
+        max_num_seqs=8,
+        enable_fault_injection=True,
+    )
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def campaign(
+    pipeline_env: PipelineEnv,
+    campaign_server: Any,
+    storage_config: Any,
+    tcp_proxy: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> Iterator[Any]:
+    """One case of the fault campaign (e2e/campaign.py): the pipeline reaches S3 through a proxy the case can
+    cut, and the campaign server with every fault off; a short batch lease; every CLI run killed at teardown."""
+    from mkg_pipeline.local_server.settings import FaultSettings
+    from mkg_pipeline_tests.e2e.campaign import LEASE_TTL_S, Campaign
+
+    campaign_server.set_faults(**FaultSettings().to_dict())
+    proxy = tcp_proxy(str(storage_config.endpoint_url))
+    case = Campaign(pipeline_env, campaign_server, proxy, monkeypatch)
+    case.set_env(
+        MKG_STORAGE__ENDPOINT_URL=proxy.url,
+        MKG_VLLM__URL=campaign_server.url,
+        MKG_VLLM__API_KEY=campaign_server.api_key,
+        MKG_VLLM__MODEL=campaign_server.model,
+        MKG_WORKERS__LEASE_TTL_S=str(LEASE_TTL_S),
+        MKG_CIRCUIT_BREAKER__RECOVERY_TIMEOUT_S="1",
+    )
+    try:
+        yield case
+    finally:
+        case.stop_cli_runs()

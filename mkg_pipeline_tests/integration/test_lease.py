@@ -125,6 +125,27 @@ def test_an_expired_lease_is_taken_over_and_its_old_holder_learns_it(any_storage
     taker.check()
 
 
+def test_check_asks_s3_once_the_holders_own_lease_has_expired(any_storage: Storage) -> None:
+    """A holder frozen past its TTL learns of a takeover at its next check, before its renewal thread
+    runs; with nobody else around it renews and goes on. While valid, check makes no request."""
+    clock = FakeClock()
+    frozen = _lease(any_storage, "run-A", clock)
+    frozen.acquire()
+    clock.now += 5
+    frozen.check()  # valid: no request, nothing changes
+    assert _holder(any_storage).renewed_at is None
+
+    clock.now += 6  # past its expiry, nobody took over: check renews it
+    frozen.check()
+    assert _holder(any_storage).run_id == "run-A" and _holder(any_storage).renewed_at is not None
+
+    clock.now += 11  # past the renewed expiry, and this time run-B takes over
+    _lease(any_storage, "run-B", clock).acquire()
+    with pytest.raises(LeaseLost, match="no longer holds the lease"):
+        frozen.check()
+    assert _holder(any_storage).run_id == "run-B"
+
+
 def test_renewal_keeps_the_lease_alive(any_storage: Storage) -> None:
     clock = FakeClock()
     holder = _lease(any_storage, "run-A", clock)

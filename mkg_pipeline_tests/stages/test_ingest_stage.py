@@ -8,7 +8,7 @@ import pytest
 
 from mkg_pipeline.config import PDFConfig
 from mkg_pipeline.ids import doc_id_for
-from mkg_pipeline.stages.ingest import ingest_batch
+from mkg_pipeline.stages.ingest import OutcomesNotRecorded, ingest_batch
 from mkg_pipeline.storage import MemoryStorage
 from mkg_pipeline_tests.fixtures.corpus import corpus_pdf
 from mkg_pipeline_tests.stages.conftest import Killed, drop, fail_once, kill_at_write, record_ops
@@ -176,9 +176,27 @@ def test_storage_down_when_recording_fails_the_step_and_drains_nothing() -> None
     storage = MemoryStorage()
     batch = drop(storage, BATCH)
     fail_once(storage, "put", lambda key: key.startswith("batches/"), OSError("connection refused"))
-    with pytest.raises(OSError, match="connection refused"):
+    with pytest.raises(OutcomesNotRecorded, match=r"could not be recorded .* connection refused") as failed:
         ingest_batch(storage, batch, LIMITS)
+    assert "Nothing is lost" in str(failed.value) and isinstance(failed.value.__cause__, OSError)
     assert len(storage.keys(storage.incoming_prefix)) == 5
     storage.memory.fault = None
     ingest_batch(storage, batch, LIMITS)
     assert_all_done(storage, batch)
+
+
+def test_a_run_that_lost_its_batch_never_writes_the_manifest() -> None:
+    """Another run took the batch over (this one's lease expired): the manifest is the other run's to write."""
+    from mkg_pipeline.stages.lease import LeaseLost
+
+    storage = MemoryStorage()
+    batch = drop(storage, BATCH)
+    before = storage.get_json(storage.batch_key(batch))
+
+    def lost() -> None:
+        raise LeaseLost(f"batch {batch}: run r1 no longer holds the lease: another run took it over")
+
+    with pytest.raises(LeaseLost):
+        ingest_batch(storage, batch, LIMITS, claim=lost)
+    assert storage.get_json(storage.batch_key(batch)) == before
+    assert len(storage.keys(storage.incoming_prefix)) == 5  # nothing drained

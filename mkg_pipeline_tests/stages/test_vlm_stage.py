@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from mkg_pipeline.engines.base import AnswerRejected, PageInput, PageResult, engine_identity
-from mkg_pipeline.stages.vlm import StorageUnavailable, VLMSummary, process_documents
+from mkg_pipeline.stages.vlm import ClaimLost, StorageUnavailable, VLMSummary, process_documents
 from mkg_pipeline.storage import MemoryStorage
 from mkg_pipeline.vllm.errors import CircuitOpenError, VLLMConnectionError
 
@@ -342,3 +342,25 @@ def test_s3_down_for_the_whole_step_fails_once_and_the_next_run_resumes(
     summary = run(storage, engine, ["doca", "docb"])
     assert summary.processed == 80
     assert summary.documents == {"doca": "complete", "docb": "complete"}
+
+
+def test_a_run_that_lost_its_batch_starts_nothing_more(storage: MemoryStorage, engine: ScriptedEngine) -> None:
+    """Once the claim check raises (another run took the batch over), no page, document or assembly starts;
+    the pages already done are stored, and the step ends with ClaimLost."""
+    seed_document(storage, "doca", 6)
+    seed_document(storage, "docb", 2)
+    engine.gate.limit = 1
+    checks = {"n": 0}
+
+    def claim() -> None:
+        checks["n"] += 1
+        if len(engine.calls) >= 2:
+            raise RuntimeError("batch b1: run r1 no longer holds the lease: another run took it over after it expired")
+
+    with pytest.raises(ClaimLost, match="no longer holds the lease"):
+        run(storage, engine, ["doca", "docb"], claim=claim)
+    assert checks["n"] > 0
+    assert len(engine.calls) <= 2 + 2  # what was started before (the limit and the look-ahead), nothing after
+    assert not any("docb" in call for call in engine.calls)
+    assert len(storage.keys(storage.vlm_page_prefix("doca"))) == len(engine.calls)  # what was asked is kept
+    assert not storage.exists(storage.vlm_status_key("doca"))  # left to the run that took the batch over

@@ -248,6 +248,22 @@ def test_orphan_raw_document_in_no_batch() -> None:
     assert finding.doc_id == orphan and "no batch" in finding.message
 
 
+def test_a_document_validated_but_not_recorded_yet_is_pending_not_orphan() -> None:
+    """Between a worker writing raw/ and the run recording the outcome (or a run killed there), the
+    document's object is still pending in incoming/: an ingest in progress, not a loss."""
+    storage = _clean_bucket()
+    doc = "00000000000000ab"
+    storage.put_bytes(storage.raw_key(doc), b"%PDF new")
+    assert _audit(storage).ok  # the PDF is written first, its metadata just after
+    storage.put_json(storage.raw_meta_key(doc), {"doc_id": doc, "source_key": "incoming/new.pdf", "batch_id": BATCH})
+    report = _audit(storage)
+    assert report.findings == [], report.to_text()
+
+    # Metadata naming an object that is no longer pending (recorded elsewhere, or gone): an orphan again.
+    storage.put_json(storage.raw_meta_key(doc), {"doc_id": doc, "source_key": "incoming/old.pdf", "batch_id": BATCH})
+    assert _only(_audit(storage), "orphan_raw").doc_id == doc
+
+
 def test_orphan_outputs_of_an_unknown_document() -> None:
     storage = _clean_bucket()
     ghost = "00000000000000ee"
