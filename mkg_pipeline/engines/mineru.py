@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 from mkg_pipeline.engines.base import AnswerRejected, PageInput, PageResult, engine_identity
 from mkg_pipeline.engines.figures import crop_jpeg, decode_page, image_name
 from mkg_pipeline.engines.mineru_content import CROPPED_TYPES, blocks_to_page
-from mkg_pipeline.engines.validation import find_repetition, next_max_tokens
+from mkg_pipeline.engines.validation import answer_problem, log_rejected, next_max_tokens
 from mkg_pipeline.outputs import clean_text
 from mkg_pipeline.vllm.errors import VLLMResponseError
 
@@ -145,21 +145,13 @@ def _build_routed_client_class() -> type:
                         f"unusable MinerU answer: {exc}", server=self._vllm.server_url, label=label
                     ) from exc
                 finish_reason = data["choices"][0].get("finish_reason")
-                repetition = find_repetition(text)
-                if finish_reason == "length":
-                    reason, detail = "truncated", f"cut off at max_tokens={body['max_tokens']}"
-                elif repetition is not None:
-                    reason, detail = "repetition", repetition.describe()
-                else:
+                # One block may well read empty (a rule, a blank cell); "empty" is judged on the whole page.
+                problem = answer_problem(text, finish_reason, require_text=False)
+                if problem is None:
                     answer.text, answer.finish_reason = text, finish_reason
                     return text
-                log.warning(
-                    "%s: %s answer (%s); %s",
-                    label,
-                    reason,
-                    detail,
-                    "asking again" if ask <= self._max_reasks else "giving up",
-                )
+                reason, detail = problem
+                log_rejected(label, reason, detail, ask=ask, max_reasks=self._max_reasks)
                 body["max_tokens"] = next_max_tokens(int(body["max_tokens"]), reason)
                 if "max_completion_tokens" in body:
                     body["max_completion_tokens"] = body["max_tokens"]

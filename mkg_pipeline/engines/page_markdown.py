@@ -14,7 +14,6 @@ fenced code as ``code``. The model gives no positions, so items have no ``bbox``
 
 from __future__ import annotations
 
-import logging
 import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -22,14 +21,12 @@ from typing import TYPE_CHECKING, Any
 from mkg_pipeline.engines.base import AnswerRejected, PageInput, PageResult, engine_identity
 from mkg_pipeline.engines.mineru_content import latex_body, text_math_to_dollars
 from mkg_pipeline.engines.prompts import PAGE_MARKDOWN_PROMPT, PAGE_MARKDOWN_SYSTEM_PROMPT
-from mkg_pipeline.engines.validation import answer_problem, next_max_tokens
+from mkg_pipeline.engines.validation import answer_problem, log_rejected, next_max_tokens
 from mkg_pipeline.outputs import clean_text, html_to_text, safe_page_markdown, sanitize_table_html
 
 if TYPE_CHECKING:
     from mkg_pipeline.config import MinerUConfig
     from mkg_pipeline.vllm.client import VLLMClient
-
-log = logging.getLogger(__name__)
 
 ENGINE_NAME = "page_markdown"
 
@@ -188,13 +185,7 @@ class PageMarkdownEngine:
                     finish_reason=result.finish_reason,
                 )
             reason, detail = problem
-            log.warning(
-                "%s: %s answer (%s); %s",
-                label,
-                reason,
-                detail,
-                "asking again" if ask <= self._max_reasks else "giving up",
-            )
+            log_rejected(label, reason, detail, ask=ask, max_reasks=self._max_reasks)
             max_tokens = next_max_tokens(max_tokens, reason)
         raise AnswerRejected(reason, requests, f"{page.label}: {reason} answer ({detail}) after {requests} asks")
 

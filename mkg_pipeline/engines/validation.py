@@ -30,8 +30,11 @@ model (or a server-side limit) ended with ``stop``.
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
 
 MIN_RUN_CHARS = 2000
 MIN_REPEATS = 10
@@ -90,6 +93,11 @@ def answer_problem(text: str, finish_reason: str | None, *, require_text: bool) 
     if repetition is not None:
         return "repetition", f"runaway repetition: {repetition.describe()}"
     return None
+
+
+def log_rejected(label: str, reason: str, detail: str, *, ask: int, max_reasks: int) -> None:
+    """One line per rejected answer, saying whether it is asked again (every ask is a request)."""
+    log.warning("%s: %s answer (%s); %s", label, reason, detail, "asking again" if ask <= max_reasks else "giving up")
 
 
 def next_max_tokens(max_tokens: int, reason: str, ceiling: int = 131_072) -> int:
