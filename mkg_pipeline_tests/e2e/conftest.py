@@ -135,11 +135,8 @@ def campaign_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         max_num_seqs=8,
         enable_fault_injection=True,
     )
-    server.start()
-    try:
+    with server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture
