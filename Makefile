@@ -9,6 +9,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
+# Two pytest workers (pytest-xdist), a test file each: the e2e tests spend much of their time waiting on
+# servers and Dagster subprocesses, so two overlap well even on CI's two cores. More workers would each
+# start their own local VLM server and moto; set TEST_WORKERS=0 to run in one process.
+TEST_WORKERS ?= 2
 DEMO_ARGS ?=
 
 .PHONY: install demo test test-fast lint promtool clean
@@ -34,7 +38,7 @@ demo: $(STAMP)
 	$(PY) -m mkg_pipeline.demo $(DEMO_ARGS)
 
 test: $(STAMP) promtool lint
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # Unit and in-process stage tests only: no servers, no Dagster instance; under a minute.
 test-fast: $(STAMP) lint

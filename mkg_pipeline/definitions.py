@@ -18,6 +18,12 @@ from mkg_pipeline.sensors import incoming_pdfs_sensor
 
 defs = dg.Definitions(
     assets=pipeline_assets,
+    # One process per run: the steps of a batch (raw_pdfs -> parsed_pages -> vlm_outputs -> checks) depend on
+    # one another, so Dagster's default multiprocess executor bought no parallelism, only a new Python process
+    # per step and per check, each importing Dagster and this code location again (about 1 s of CPU each, and
+    # ~150 MB each at once on a run pod). Rendering has its own worker pool (pdf/pool.py), and a run killed
+    # as a whole is what run monitoring and the batch lease already handle.
+    executor=dg.in_process_executor,
     asset_checks=[bucket_accounting],
     jobs=[ingest_job, baseline_quality_job, promote_baseline_job],
     sensors=[incoming_pdfs_sensor],

@@ -239,14 +239,10 @@ class Campaign:
         )
 
     def start_cli(self, batch: str, select: str = ALL_ASSETS, extra_env: dict[str, str] | None = None) -> CliRun:
-        """``dagster asset materialize`` as users and CI run it, in a session of its own.
-
-        With the in-process executor (run config): the steps run in the CLI's process instead of one new
-        process each, which keeps eight runs at once affordable on two cores; a kill of the process group
-        takes the run down the same way (steps, worker pools and all)."""
+        """``dagster asset materialize`` as users and CI run it, in a session of its own: a kill of the
+        process group takes the run down with its worker pools."""
         log = self.pipeline.home.parent / f"cli-run-{len(self.cli_runs)}.log"
         argv = [str(DAGSTER), "asset", "materialize", "-m", "mkg_pipeline", "--select", select, "--partition", batch]
-        argv += ["--config-json", json.dumps({"execution": {"config": {"in_process": {}}}})]
         with log.open("wb") as out:
             process = subprocess.Popen(
                 argv,
