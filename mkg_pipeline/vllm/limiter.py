@@ -17,8 +17,12 @@ What it watches
 How it moves (AIMD, like TCP; one decision per queue reading, or per round trip without them)
     * **slow start** (a fresh process, with queue readings): from :data:`INITIAL_LIMIT`, +1 per
       answer, doubling every other round trip (the one between shows what the last doubling did),
-      until the first queue, an answer slower than :data:`SLOW_START_LATENCY_WITH_QUEUE` x the
-      fastest, a 429/503 or a timeout. A run pod's limiter starts cold every run, and readings come
+      until the first queue in a reading, a doubling that raised the rate of answers by less than
+      :data:`SLOW_START_GAIN` (the server was full: the queue it built is at most its batch), a 429/503
+      or a timeout. A round trip ends with the first answer to a request sent within it, so a GPU
+      whose latency grows with its batch gets longer rounds, not a false alarm. (Without readings
+      slow start is skipped; before the first one arrives, an answer slower than
+      :data:`LATENCY_TOLERANCE` x the fastest ends it.) A run pod's limiter starts cold every run, and readings come
       only every few seconds: without this, filling a large server would take a minute;
     * **probing** (after slow start, and again after :data:`RESTART_AFTER` readings with an empty
       queue): +1, +2, +4, ... per decision while the queue is empty, at most +50 % of the limit,
@@ -113,10 +117,9 @@ RELEARN_AFTER = 10
 #: where the limit starts (within the floor and the ceiling): like TCP's initial window, a guess small
 #: enough for a busy server to absorb and large enough that slow start is over in a few round trips
 INITIAL_LIMIT = 16
-#: slow start ends when an answer takes this many times the fastest one seen: 1.3 (LATENCY_TOLERANCE)
-#: when latency is all there is; with queue readings, whose empty queue says the server is not full,
-#: a GPU's latency growing with its batch is expected, and latency only guards against a runaway
-SLOW_START_LATENCY_WITH_QUEUE = 1.7
+#: slow start ends when a doubled limit raised the rate of answers by less than this factor: the server
+#: was already full (BBR's startup ends on the same test); the queue it built is then at most its batch
+SLOW_START_GAIN = 1.25
 
 
 class Signal(enum.StrEnum):
@@ -240,6 +243,15 @@ class AdaptiveLimiter:
         self._slow_start_epoch: float | None = None
         self._slow_start_hold = False
         self._slow_start_base = self._limit  # the limit when the current growing round trip began
+        # The most this process wanted in flight during this round trip and the one before: "in use" for
+        # slow start. The instant an answer arrives says little, since a batch's answers come together,
+        # before the process has sent the next requests.
+        self._round_trip_demand = 0
+        self._last_round_trip_demand = 0
+        # Answers in the current round trip, and the rate of answers in the last held one: a doubling that
+        # does not raise the rate by SLOW_START_GAIN found the server full (BBR's startup does the same).
+        self._round_answers = 0
+        self._held_rate: float | None = None
         self._last_decrease = -math.inf
         self._e2e: tuple[float, float] | None = None  # the server's latency sum and count at the last reading
         # the server's queue
@@ -326,7 +338,7 @@ class AdaptiveLimiter:
                 return Slot(self)
             waiter = _Waiter(loop)
             self._slot_waiters.append(waiter)
-            self._peak_demand = max(self._peak_demand, self._in_flight + len(self._slot_waiters))
+            self._note_demand_locked(self._in_flight + len(self._slot_waiters))
         try:
             await waiter.future
         except asyncio.CancelledError:
@@ -353,7 +365,7 @@ class AdaptiveLimiter:
             waiter = _Waiter(loop)
             self._capacity_waiters.append(waiter)
             # Somebody wants more than the limit allows: the limit is in use.
-            self._peak_demand = max(self._peak_demand, self._in_flight + len(self._slot_waiters) + 1)
+            self._note_demand_locked(self._in_flight + len(self._slot_waiters) + 1)
         try:
             await waiter.future
         except asyncio.CancelledError:
@@ -364,7 +376,11 @@ class AdaptiveLimiter:
 
     def _take_locked(self) -> None:
         self._in_flight += 1
-        self._peak_demand = max(self._peak_demand, self._in_flight + len(self._slot_waiters))
+        self._note_demand_locked(self._in_flight + len(self._slot_waiters))
+
+    def _note_demand_locked(self, demand: int) -> None:
+        self._peak_demand = max(self._peak_demand, demand)
+        self._round_trip_demand = max(self._round_trip_demand, demand)
 
     def _release(self, signal: Signal, latency_s: float | None) -> None:
         with self._lock:
@@ -526,22 +542,35 @@ class AdaptiveLimiter:
         return queue
 
     def _slow_start_locked(self, now: float, latency: float) -> None:
-        """One answer in slow start: grow by one while latency stays near the lowest seen, else stop."""
+        """One answer in slow start: grow by one while the server shows no sign of being full, else stop."""
         if not self._slow_start:
             return
         if self._min_latency is None or latency < self._min_latency:
             self._min_latency = latency
-        tolerance = SLOW_START_LATENCY_WITH_QUEUE if self._fresh_queue(now) is not None else LATENCY_TOLERANCE
-        if latency > tolerance * self._min_latency:
+        # Without readings, latency is the only sign. With them, an empty queue says the server is not
+        # full, and a GPU's latency growing with its batch is expected (its throughput grows with it): a
+        # queue in a reading ends slow start (observe_queue), and so does a doubling that did not pay.
+        if self._fresh_queue(now) is None and latency > LATENCY_TOLERANCE * self._min_latency:
             self._end_slow_start("latency")
             return
+        self._round_answers += 1
         if self._slow_start_epoch is None:
             self._slow_start_epoch = now
-        elif now - self._slow_start_epoch >= self._min_latency:  # a round trip: grow, then hold, then grow
+        elif now - latency >= self._slow_start_epoch:  # sent after this round began: the round is over
+            rate = self._round_answers / max(now - self._slow_start_epoch, 1e-6)
+            if self._slow_start_hold:  # a round held at the last doubled limit: did the doubling pay?
+                if self._held_rate is not None and rate < SLOW_START_GAIN * self._held_rate:
+                    self._end_slow_start("throughput")
+                    return
+                self._held_rate = rate
             self._slow_start_epoch = now
-            self._slow_start_hold = not self._slow_start_hold
+            self._round_answers = 0
+            self._slow_start_hold = not self._slow_start_hold  # grow a round, then hold one to see
             self._slow_start_base = self._limit
-        in_use = self._in_flight + len(self._slot_waiters) + 1 >= UTILIZATION * self._limit
+            self._last_round_trip_demand = self._round_trip_demand
+            self._round_trip_demand = self._in_flight + len(self._slot_waiters)
+        demand = max(self._round_trip_demand, self._last_round_trip_demand, self._in_flight + 1)
+        in_use = demand >= UTILIZATION * self._slow_start_base
         # At most double per growing round trip: a limit at the server's capacity then queues less than it.
         if in_use and not self._slow_start_hold and self._limit + 1 < 2 * self._slow_start_base:
             self._set_limit_locked(self._limit + 1, "slow start")
@@ -612,6 +641,8 @@ class AdaptiveLimiter:
             self._streak = 0
             self._probing = False
             self._decrease_locked(now, BACKOFF, reason)
+        elif self._slow_start:
+            pass  # slow start grows per answer, within its own ceiling
         elif self._peak_demand >= max(1.0, UTILIZATION * self.limit):
             self._streak = self._streak + 1 if verdict is _Verdict.CLEAR else 0
             if self._streak >= RESTART_AFTER and not self._probing:

@@ -19,7 +19,6 @@ from mkg_pipeline.vllm.limiter import (
     INITIAL_LIMIT,
     LATENCY_TOLERANCE,
     METRICS_RETRY_S,
-    SLOW_START_LATENCY_WITH_QUEUE,
     AdaptiveLimiter,
     ServerMetrics,
     Signal,
@@ -168,16 +167,28 @@ def test_slow_start_ends_on_the_first_sign_of_congestion(clock: FakeClock) -> No
 
 
 def test_with_queue_readings_slow_start_tolerates_a_batch_growing_latency(clock: FakeClock) -> None:
-    """A GPU's latency grows with its batch: with an empty queue that is not congestion, up to a point."""
+    """A GPU's latency grows with its batch, and its throughput with it: with an empty queue in the readings
+    that is no congestion. Slow start goes on while each doubling raises the rate of answers, and ends at
+    the first that does not: the server was full, and the queue it built is at most its batch."""
+    slots = 64
+
+    def gpu_latency(in_flight: int) -> float:  # 0.1 s + 5 ms per running sequence; the rest queue
+        return (0.1 + 0.005 * min(in_flight, slots)) * max(1.0, in_flight / slots)
+
     limiter = make(clock, cold=True)
     limits = []
-    for latency in (0.5, 0.6, 0.7, 0.8):  # < SLOW_START_LATENCY_WITH_QUEUE x 0.5
-        reading(limiter, clock, waiting=0, running=limiter.limit)
-        limits += round_trips(limiter, clock, [latency])
-    assert limits[-1] > 2 * INITIAL_LIMIT
-    reading(limiter, clock, waiting=0, running=limiter.limit)
-    before = round_trips(limiter, clock, [0.5 * SLOW_START_LATENCY_WITH_QUEUE * 1.1])[-1]
-    assert round_trips(limiter, clock, [0.5, 0.5])[-1] == before
+    for _ in range(10):
+        if clock.now >= limiter.next_scrape_at:
+            reading(limiter, clock, waiting=0, running=min(limiter.limit, slots))  # the queue stays empty...
+        limits += burst_round_trips(limiter, clock, [gpu_latency(limiter.limit)])
+    final = limits[-1]
+    # ... past the 1.7 x the first answers' latency that ended it before (at 41 in flight) ...
+    assert gpu_latency(final) > 1.7 * gpu_latency(INITIAL_LIMIT)
+    # ... and ended by the rate test with the server all but full, its queue at most its batch.
+    assert not limiter._slow_start and max(limits[-4:]) - min(limits[-4:]) <= 2  # readings' +1 steps from here
+    best = slots / gpu_latency(slots)
+    assert min(final, slots) / gpu_latency(final) >= 0.95 * best
+    assert final - slots <= slots
 
 
 def test_probing_after_slow_start_grows_faster_while_the_queue_stays_empty(clock: FakeClock) -> None:
