@@ -22,8 +22,9 @@ How it moves (AIMD, like TCP; one decision per queue reading, or per round trip 
       or a timeout. A round trip ends with the first answer to a request sent within it, so a GPU
       whose latency grows with its batch gets longer rounds, not a false alarm. (Without readings
       slow start is skipped; before the first one arrives, an answer slower than
-      :data:`LATENCY_TOLERANCE` x the fastest ends it.) A run pod's limiter starts cold every run, and readings come
-      only every few seconds: without this, filling a large server would take a minute;
+      :data:`LATENCY_TOLERANCE` x the fastest ends it.) A run pod's limiter starts cold every run,
+      and readings come only every few seconds: without this, filling a large server would take a
+      minute;
     * **probing** (after slow start, and again after :data:`RESTART_AFTER` readings with an empty
       queue): +1, +2, +4, ... per decision while the queue is empty, at most +50 % of the limit,
       until the first sign of congestion. A large server is found within a dozen readings, and a
