@@ -17,27 +17,14 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import re
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import saturation  # the benchmark's simulator, corpus pages and client path
-
-METRIC = r"^{name}\{{[^}}]*\}} (\S+)"
-
-
-def server_queue(url: str) -> tuple[float, float]:
-    text = urllib.request.urlopen(url + "/metrics", timeout=1).read().decode()
-    running, waiting = (
-        float(re.search(METRIC.format(name=name), text, re.M).group(1))  # type: ignore[union-attr]
-        for name in ("vllm:num_requests_running", "vllm:num_requests_waiting")
-    )
-    return running, waiting
 
 
 def main() -> int:
@@ -71,7 +58,8 @@ def main() -> int:
 
         def sample() -> None:
             while not done.is_set():
-                running, waiting = server_queue(sim.url)
+                metrics = sim.scrape()
+                running, waiting = metrics["vllm:num_requests_running"], metrics["vllm:num_requests_waiting"]
                 rows.append((time.perf_counter() - started, limiter.limit, limiter.in_flight, running, waiting))
                 done.wait(0.25)
 
