@@ -5,6 +5,7 @@ from __future__ import annotations
 import dagster as dg
 import pytest
 
+from mkg_pipeline_tests.e2e.campaign import tiny_pdf
 from mkg_pipeline_tests.e2e.conftest import PipelineEnv
 
 pytestmark = pytest.mark.e2e
@@ -26,13 +27,13 @@ def test_promote_then_daily_job_detects_regression(pipeline_env: PipelineEnv, lo
     assert isinstance(skipped, dg.SkipReason)
     assert "promote_baseline_job" in skipped.skip_message
 
-    pipeline_env.upload("minimal-document.pdf")
+    pipeline_env.upload("golden.pdf", data=tiny_pdf("golden"))  # two lines of text: cheap to read three times
     batch = pipeline_env.tick().run_requests[0].partition_key
     assert pipeline_env.materialize(batch).success
 
     promote = defs.resolve_job_def("promote_baseline_job").execute_in_process(
         instance=pipeline_env.instance,
-        run_config={"ops": {"promote_baseline": {"config": {"batch_id": batch, "sources": ["minimal-document.pdf"]}}}},
+        run_config={"ops": {"promote_baseline": {"config": {"batch_id": batch, "sources": ["golden.pdf"]}}}},
     )
     assert promote.success
     golden = golden_partition("default")

@@ -22,6 +22,7 @@ import jsonschema
 import pytest
 
 from mkg_pipeline.outputs import CONTENT_LIST_SCHEMA, PAGE_MARKER_RE
+from mkg_pipeline_tests.e2e.campaign import tiny_pdf
 from mkg_pipeline_tests.e2e.conftest import PipelineEnv
 from mkg_pipeline_tests.fixtures.corpus import corpus_pdf
 
@@ -153,7 +154,8 @@ def test_truncated_empty_and_repeating_answers_fail_their_pages_and_are_asked_ag
     # One request per page, so the seed decides each request's fate; the immediate re-ask is
     # covered by the engine tests (test_engines.py, test_engine_answers.py).
     monkeypatch.setenv("MKG_ANSWERS__MAX_REASKS", "0")
-    pipeline_env.upload("pdflatex-4-pages.pdf")  # every page has a text layer: an empty answer is a failure
+    # Four one-line pages, each with a text layer (so an empty answer is a failure), cheap to read.
+    pipeline_env.upload("four-pages.pdf", data=tiny_pdf("answers", 4))
     storage = pipeline_env.storage
     batch = pipeline_env.tick().run_requests[0].partition_key
 

@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from mkg_pipeline_tests.e2e.campaign import tiny_pdf
 from mkg_pipeline_tests.e2e.conftest import PipelineEnv
 
 pytestmark = pytest.mark.e2e
@@ -59,7 +60,8 @@ def test_cli_materialize_good_and_bad_batch(pipeline_env: PipelineEnv, local_vlm
 
 
 def test_rematerialization_makes_no_requests(pipeline_env: PipelineEnv, local_vlm_server) -> None:
-    pipeline_env.upload("minimal-document.pdf")
+    data = tiny_pdf("rematerialization")  # one line of text: what matters here is the requests, not the text
+    pipeline_env.upload("document.pdf", data=data)
     batch = pipeline_env.tick().run_requests[0].partition_key
     first = pipeline_env.materialize_cli(batch)
     assert first.returncode == 0, first.stderr[-4000:]
@@ -70,7 +72,7 @@ def test_rematerialization_makes_no_requests(pipeline_env: PipelineEnv, local_vl
     assert _requests(local_vlm_server) - before == 0
 
     # The same bytes dropped again under another name are the same document: still no request.
-    pipeline_env.upload("minimal-document.pdf", as_name="copy-of-minimal.pdf")
+    pipeline_env.upload("copy-of-document.pdf", data=data)
     second_batch = pipeline_env.tick().run_requests[0].partition_key
     third = pipeline_env.materialize(second_batch)
     assert third.success
@@ -78,7 +80,9 @@ def test_rematerialization_makes_no_requests(pipeline_env: PipelineEnv, local_vl
 
 
 def test_server_stopped_mid_run_loses_nothing(pipeline_env: PipelineEnv, start_local_vlm_server, monkeypatch) -> None:
-    server = start_local_vlm_server()
+    # Each answer takes half a second more (a sleep in the server, no CPU), so the stop lands mid-document
+    # however fast the pages are read; four one-line pages keep the OCR cheap.
+    server = start_local_vlm_server(latency_s=0.5)
     monkeypatch.setenv("MKG_VLLM__URL", server.url)
     monkeypatch.setenv("MKG_VLLM__API_KEY", server.api_key or "")
     # Pages one after another, so the stop lands mid-document.
@@ -87,7 +91,7 @@ def test_server_stopped_mid_run_loses_nothing(pipeline_env: PipelineEnv, start_l
     monkeypatch.setenv("MKG_VLLM__MAX_IN_FLIGHT", "1")
     # The breaker is per process and outlives the run, as in a long-lived worker: keep its probe delay short.
     monkeypatch.setenv("MKG_CIRCUIT_BREAKER__RECOVERY_TIMEOUT_S", "1")
-    pipeline_env.upload("pdflatex-4-pages.pdf")
+    pipeline_env.upload("server-stopped.pdf", data=tiny_pdf("server stopped", 4))
     batch = pipeline_env.tick().run_requests[0].partition_key
     storage = pipeline_env.storage
 

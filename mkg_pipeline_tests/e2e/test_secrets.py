@@ -15,6 +15,7 @@ import pytest
 
 from mkg_pipeline.assets import pipeline_assets
 from mkg_pipeline.resources import S3StorageResource, VLLMResource
+from mkg_pipeline_tests.e2e.campaign import tiny_pdf
 from mkg_pipeline_tests.e2e.conftest import PipelineEnv
 from mkg_pipeline_tests.fixtures.corpus import REPO_ROOT
 
@@ -64,7 +65,7 @@ def test_secrets_reach_the_resources_as_env_vars_and_stay_out_of_the_run_storage
 ) -> None:
     api_key = local_vlm_server.api_key  # the server refuses requests without it
     s3_secret = f"s3-secret-{secrets.token_hex(12)}"  # moto accepts any secret key
-    pipeline_env.upload("minimal-document.pdf")
+    pipeline_env.upload("document.pdf", data=tiny_pdf("secrets"))
     batch = pipeline_env.tick().run_requests[0].partition_key
     before = local_vlm_server.read_metric("vllm:request_success_total")
 
