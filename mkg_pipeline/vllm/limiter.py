@@ -15,8 +15,9 @@ What it watches
     * 429 / 503 answers and timeouts.
 
 How it moves (AIMD, like TCP; one decision per queue reading, or per round trip without them)
-    * **slow start** (a fresh process, with queue readings): from :data:`INITIAL_LIMIT`, +1 per
-      answer, doubling every other round trip (the one between shows what the last doubling did),
+    * **slow start** (a fresh process, with queue readings): from :data:`INITIAL_LIMIT`, a round trip
+      held to measure the rate there, then +1 per answer, doubling every other round trip (the one
+      between shows what the last doubling did),
       until the first queue in a reading, a doubling that raised the rate of answers by less than
       :data:`SLOW_START_GAIN` (the server was full: the queue it built is at most its batch), a 429/503
       or a timeout. A round trip ends with the first answer to a request sent within it, so a GPU
@@ -116,8 +117,11 @@ MIN_WINDOW_S = 0.01
 #: latency mode: decisions congested while already at the floor before the no-load level is re-learnt
 RELEARN_AFTER = 10
 #: where the limit starts (within the floor and the ceiling): like TCP's initial window, a guess small
-#: enough for a busy server to absorb and large enough that slow start is over in a few round trips
-INITIAL_LIMIT = 16
+#: enough for a busy server to absorb and large enough that slow start is over in a few round trips. A GPU
+#: serving a 7B VLM batches far more than 32 sequences (vLLM's own default is 256); starting at 16 left
+#: half of a 32-slot server idle for the first round trip, a whole wave of a 20-wave run (0.91 -> 0.96
+#: of capacity on ``benchmarks/limiter_trace.py --setting 32x0.5``).
+INITIAL_LIMIT = 32
 #: slow start ends when a doubled limit raised the rate of answers by less than this factor: the server
 #: was already full (BBR's startup ends on the same test); the queue it built is then at most its batch
 SLOW_START_GAIN = 1.25
@@ -242,7 +246,10 @@ class AdaptiveLimiter:
         # ... growing every other round trip (TCP Vegas): the round trip in between shows whether the
         # last doubling overfilled the server before the next one doubles the excess.
         self._slow_start_epoch: float | None = None
-        self._slow_start_hold = False
+        # The first round trip is held: it measures the rate at the initial window, so that already the
+        # first doubling is tested (else a server full at the initial window is found only after two
+        # doublings, with a queue of three times its batch).
+        self._slow_start_hold = True
         self._slow_start_base = self._limit  # the limit when the current growing round trip began
         # The most this process wanted in flight during this round trip and the one before: "in use" for
         # slow start. The instant an answer arrives says little, since a batch's answers come together,

@@ -45,6 +45,7 @@ class SimServer:
         self.running = 0
         self.queue: deque[_Request] = deque()
         self.max_waiting = 0
+        self.max_waiting_after_warmup = 0
         self.completed = 0
         self.latency_sum = 0.0  # vllm:e2e_request_latency_seconds_sum / _count
 
@@ -58,6 +59,8 @@ class SimServer:
         else:
             self.queue.append(request)
             self.max_waiting = max(self.max_waiting, len(self.queue))
+            if self.sim.clock.now >= self.sim.warmup_s:
+                self.max_waiting_after_warmup = max(self.max_waiting_after_warmup, len(self.queue))
 
     def _start(self, request: _Request) -> None:
         self.running += 1

@@ -117,10 +117,11 @@ def round_trips(limiter: AdaptiveLimiter, clock: FakeClock, latencies: list[floa
 
 def test_slow_start_from_the_initial_window_doubles_every_other_round_trip(clock: FakeClock) -> None:
     limiter = make(clock, cold=True)
-    assert limiter.limit == INITIAL_LIMIT == 16
-    # +1 per answer within a growing round trip (at most doubling), then a round trip held to see what
-    # the doubling did, as TCP Vegas does.
-    assert round_trips(limiter, clock, [0.5] * 6) == [31, 31, 61, 61, 121, 121]
+    assert limiter.limit == INITIAL_LIMIT == 32
+    # The first round trip is held (it measures the rate at the initial window); then +1 per answer
+    # within a growing round trip (at most doubling), and a round trip held to see what the doubling
+    # did, as TCP Vegas does.
+    assert round_trips(limiter, clock, [0.5] * 6) == [32, 63, 63, 125, 125, 249]
 
 
 def burst_round_trips(limiter: AdaptiveLimiter, clock: FakeClock, latencies: list[float]) -> list[int]:
@@ -142,28 +143,28 @@ def test_slow_start_grows_when_a_round_trip_answers_in_one_burst(clock: FakeCloc
     instant an answer arrives: answers that arrive together would otherwise stop the growth after the
     first one (seen in the saturation benchmark: 16 -> 19 in two seconds against a 32 x 0.5 s server)."""
     limiter = make(clock, cold=True)
-    assert burst_round_trips(limiter, clock, [0.5] * 4) == [31, 31, 61, 61]
+    assert burst_round_trips(limiter, clock, [0.5] * 4) == [32, 63, 63, 125]
 
 
 def test_slow_start_ends_on_the_first_sign_of_congestion(clock: FakeClock) -> None:
     limiter = make(clock, cold=True)
-    round_trips(limiter, clock, [0.5, 0.5])  # 31
+    (_, grown) = round_trips(limiter, clock, [0.5, 0.5])  # held, then doubled: 63
     # Without queue readings an answer slower than LATENCY_TOLERANCE x the fastest ends it; the
     # decisions on the latency of whole round trips go on from there, in small steps.
     (ended,) = round_trips(limiter, clock, [0.5 * LATENCY_TOLERANCE * 1.1])
-    assert ended < 40
+    assert ended <= grown + 1  # no more doubling: at most the +1 of a decision
     assert round_trips(limiter, clock, [0.5] * 4)[-1] < 1.5 * ended  # no more doubling
 
     queued = make(clock, cold=True)
     busy_readings(queued, clock, [3], running=16)  # a queue at the server: over at once
-    assert round_trips(queued, clock, [0.5] * 4)[-1] <= 17
+    assert round_trips(queued, clock, [0.5] * 4)[-1] <= INITIAL_LIMIT + 1
 
     overloaded = make(clock, cold=True)
     slots = fill(overloaded)
     slots.pop().release(Signal.OVERLOAD)
-    assert overloaded.limit == 8
+    assert overloaded.limit == INITIAL_LIMIT // 2
     release_all(slots, latency=0.5)
-    assert overloaded.limit == 8
+    assert overloaded.limit == INITIAL_LIMIT // 2
 
 
 def test_with_queue_readings_slow_start_tolerates_a_batch_growing_latency(clock: FakeClock) -> None:
@@ -183,7 +184,7 @@ def test_with_queue_readings_slow_start_tolerates_a_batch_growing_latency(clock:
         limits += burst_round_trips(limiter, clock, [gpu_latency(limiter.limit)])
     final = limits[-1]
     # ... past the 1.7 x the first answers' latency that ended it before (at 41 in flight) ...
-    assert gpu_latency(final) > 1.7 * gpu_latency(INITIAL_LIMIT)
+    assert final > 41
     # ... and ended by the rate test with the server all but full, its queue at most its batch.
     assert not limiter._slow_start and max(limits[-4:]) - min(limits[-4:]) <= 2  # readings' +1 steps from here
     best = slots / gpu_latency(slots)
@@ -352,8 +353,8 @@ def test_from_config_bounds() -> None:
     assert (limiter.min_limit, limiter.max_limit, limiter.limit, limiter.adaptive) == (3, 40, INITIAL_LIMIT, True)
     small = AdaptiveLimiter.from_config(SERVER, VLLMServerConfig(url=SERVER, min_in_flight=1, max_in_flight=8))
     assert small.limit == 8  # the initial window within the bounds
-    large_floor = AdaptiveLimiter.from_config(SERVER, VLLMServerConfig(url=SERVER, min_in_flight=24))
-    assert large_floor.limit == 24
+    large_floor = AdaptiveLimiter.from_config(SERVER, VLLMServerConfig(url=SERVER, min_in_flight=48))
+    assert large_floor.limit == 48
     fixed = AdaptiveLimiter.from_config(SERVER, VLLMServerConfig(url=SERVER, max_in_flight=40, adaptive=False))
     assert fixed.limit == 40
 
@@ -547,7 +548,10 @@ def test_three_processes_share_a_server_fairly_and_fill_it(metrics: bool) -> Non
     fair_share = total / 3
     for client in clients:
         assert client.completed_after_warmup / sim.measured_s >= 0.8 * fair_share, (client.name, limits)
-    assert sim.server.max_waiting <= slots
+    assert sim.server.max_waiting_after_warmup <= slots
+    # A process that joins cold sends its initial window before its first reading: on this small server
+    # that is a transient queue on top of the standing one, never a doubling of it.
+    assert sim.server.max_waiting <= slots + INITIAL_LIMIT
 
 
 def test_growing_latency_gpu_within_ten_percent_of_the_best_fixed_concurrency() -> None:
