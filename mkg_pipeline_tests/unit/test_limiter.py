@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Iterator
 
 import pytest
 
@@ -31,13 +30,6 @@ from mkg_pipeline.vllm.metrics import REGISTRY
 from mkg_pipeline_tests.unit.limiter_sim import FakeClock, SimClient, Simulation, run_fixed
 
 SERVER = "http://gpu-box:8000"
-
-
-@pytest.fixture(autouse=True)
-def _fresh_registry() -> Iterator[None]:
-    reset_limiters()
-    yield
-    reset_limiters()
 
 
 @pytest.fixture

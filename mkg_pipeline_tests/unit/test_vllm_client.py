@@ -33,9 +33,9 @@ from mkg_pipeline.vllm import (
     VLLMServerError,
     VLLMTimeoutError,
 )
-from mkg_pipeline.vllm.breaker import BreakerState, CircuitBreaker, breaker_for, reset_breakers
+from mkg_pipeline.vllm.breaker import BreakerState, CircuitBreaker, breaker_for
 from mkg_pipeline.vllm.client import ANSWER_BYTES_PER_TOKEN, ANSWER_ENVELOPE_BYTES, OUT_OF_BAND_CONNECTIONS
-from mkg_pipeline.vllm.limiter import INITIAL_LIMIT, AdaptiveLimiter, limiter_for, reset_limiters
+from mkg_pipeline.vllm.limiter import INITIAL_LIMIT, AdaptiveLimiter, limiter_for
 from mkg_pipeline.vllm.metrics import REGISTRY
 
 URL = "http://vlm.test:8000"
@@ -77,15 +77,6 @@ class FakeClock:
 
     def __call__(self) -> float:
         return self.now
-
-
-@pytest.fixture(autouse=True)
-def _fresh_registries() -> Iterator[None]:
-    reset_breakers()
-    reset_limiters()
-    yield
-    reset_breakers()
-    reset_limiters()
 
 
 @pytest.fixture
