@@ -29,6 +29,7 @@ from mkg_pipeline_tests.fixtures.local_server import (
     LocalVLMServer,
     chat_body,
     corpus_page_text,
+    lorem_png,
     mineru_layout_parser,
     render_corpus_page,
 )
@@ -277,7 +278,7 @@ def test_streaming_answers_server_sent_events(local_vlm_server: LocalVLMServer) 
 
 def test_concurrent_requests_queue_behind_max_num_seqs(start_local_vlm_server: StartServer) -> None:
     server = start_local_vlm_server(max_num_seqs=2)
-    png = render_corpus_page("minimal-document.pdf", 0, dpi=100)
+    png = lorem_png()
     labels = {"model_name": server.model}
     assert server.read_metric("vllm:request_success_total") == 0
     waiting_seen: list[float] = []
@@ -379,7 +380,7 @@ def test_fault_injection_when_enabled(start_local_vlm_server: StartServer) -> No
 def test_hostile_answers_when_enabled(start_local_vlm_server: StartServer) -> None:
     """Issue 9's hostile answers, each forced by its rate at run time, each counted in the fault metric."""
     server = start_local_vlm_server(api_key="fault-key", enable_fault_injection=True)
-    png = render_corpus_page("minimal-document.pdf", 0, dpi=72)
+    png = lorem_png()
     prompt = PAGE_MARKDOWN_PROMPT
 
     def with_only(fault: str) -> httpx.Response:
