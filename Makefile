@@ -41,7 +41,7 @@ demo: $(STAMP)
 # compileall first: the suite starts a few hundred Python processes (Dagster runs, render workers,
 # servers), and where PYTHONDONTWRITEBYTECODE is set each of them would compile the package from source.
 test: $(STAMP) promtool lint
-	$(PY) -m compileall -q mkg_pipeline >/dev/null
+	$(PY) -m compileall -q mkg_pipeline mkg_pipeline_tests >/dev/null
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # Unit and in-process stage tests only: no servers, no Dagster instance; under a minute.
