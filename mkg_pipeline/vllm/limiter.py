@@ -248,7 +248,7 @@ class AdaptiveLimiter:
         self._slow_start_epoch: float | None = None
         # The first round trip is held: it measures the rate at the initial window, so that already the
         # first doubling is tested (else a server full at the initial window is found only after two
-        # doublings, with a queue of three times its batch).
+        # doublings, with three times its batch in flight).
         self._slow_start_hold = True
         self._slow_start_base = self._limit  # the limit when the current growing round trip began
         # The most this process wanted in flight during this round trip and the one before: "in use" for
