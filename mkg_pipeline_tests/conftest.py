@@ -43,9 +43,9 @@ def _settings_from_this_tests_environment() -> Iterator[None]:
 @pytest.fixture(autouse=True)
 def _a_cold_process_per_test() -> Iterator[None]:
     """Breakers and limiters live once per server URL per process, like a run pod's. A test worker is one
-    process for hundreds of tests, and ports are reused: without this a test inherits the breaker opened,
-    or the limit backed off to its floor, by an earlier test whose server on the same URL was killed, and
-    waits for it (seen as tests taking 70 s in the suite that take 11 s alone)."""
+    process for hundreds of tests, and ports are reused: without this a test could inherit the breaker
+    opened, or the limit backed off to its floor, by an earlier test whose server on the same URL was
+    killed. (The 70-s tests of the suite were the signal trap above, not this.)"""
     from mkg_pipeline.vllm.breaker import reset_breakers
     from mkg_pipeline.vllm.limiter import reset_limiters
 
