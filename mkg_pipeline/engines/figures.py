@@ -25,8 +25,8 @@ def decode_page(png: bytes) -> Image.Image:
     from PIL import Image
 
     with Image.open(io.BytesIO(png)) as opened:
-        opened.load()
-        return opened.convert("RGB")
+        opened.load()  # the pixels are in memory once loaded: the image outlives its file object
+        return opened if opened.mode == "RGB" else opened.convert("RGB")  # convert() would copy an RGB page
 
 
 def pixel_box(bbox: Sequence[float], width: int, height: int) -> tuple[int, int, int, int] | None:

@@ -202,6 +202,38 @@ async def test_page_png_is_decoded_once_and_mineru_opens_no_http_pool(
     assert not hasattr(engine, "aclose")
 
 
+def _sent_png(body: dict) -> bytes:
+    url = body["messages"][-1]["content"][0]["image_url"]["url"]
+    assert url.startswith("data:image/png;base64,"), url[:40]
+    return base64.b64decode(url.split(",", 1)[1])
+
+
+def _pixels(png: bytes) -> tuple[tuple[int, int], str, bytes]:
+    with Image.open(io.BytesIO(png)) as image:
+        return image.size, image.mode, hashlib.sha256(image.tobytes()).digest()
+
+
+async def test_images_sent_are_mineru_s_own_pixels_encoded_fast(page: PageInput) -> None:
+    """The layout image and every crop carry exactly the pixels MinerU's own http-client path sends, PNG at
+    zlib's fastest level (the FLEVEL bits of each IDAT stream's header say which level wrote it)."""
+    from mineru_vl_utils import MinerUClient
+
+    _, server, _ = await extract(page)
+    reference = MinerUClient(
+        backend="http-client", server_url="http://reference.test", model_name="m", skip_model_name_checking=True
+    )
+    reference.client._client.close()
+    helper = reference.helper  # MinerU's own: its backend is "http-client", so it returns PNG bytes
+    image = decode_page(page.png)
+    expected = [helper.prepare_for_layout(image)]
+    expected += helper.prepare_for_extract(image, helper.parse_layout_output(LAYOUT))[0]
+    sent = [_sent_png(body) for body in server.bodies]
+    assert sorted(map(_pixels, sent)) == sorted(map(_pixels, expected))
+    for png in sent:
+        idat = png.index(b"IDAT") + 4
+        assert png[idat + 1] >> 6 == 0, "zlib level 1 writes FLEVEL 0 (fastest)"
+
+
 async def test_same_crop_same_name(page: PageInput) -> None:
     first, _, _ = await extract(page)
     second, _, _ = await extract(page)
@@ -267,3 +299,33 @@ def test_engine_names_come_from_the_configuration_and_each_builds() -> None:
         assert engine.name == name and engine.identity == f"{name}|scripted/model|v1"
     with pytest.raises(ValueError, match="unknown engine 'olmocr'; expected one of mineru, page_markdown"):
         build_engine("olmocr", client, settings())
+
+
+async def test_pages_are_decoded_a_core_s_worth_at_a_time(page: PageInput, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A wave of pages started together is decoded ``available_cpus()`` at a time, not all at once: the thread
+    pool is first-in first-out, so decoding every page of the wave first would hold back the first request."""
+    import threading
+    import time
+
+    from mkg_pipeline.engines import mineru
+    from mkg_pipeline.pdf.pool import available_cpus
+
+    decoding, peak, lock = 0, 0, threading.Lock()
+
+    def slow_decode(png: bytes) -> Image.Image:
+        nonlocal decoding, peak
+        with lock:
+            decoding += 1
+            peak = max(peak, decoding)
+        time.sleep(0.05)  # long enough for the other pages' decodes to overlap, were they let through
+        with lock:
+            decoding -= 1
+        return decode_page(png)
+
+    monkeypatch.setattr(mineru, "decode_page", slow_decode)
+    server = ScriptedVLM(answer)
+    async with server.client() as client:
+        engine = build_engine("mineru", client, settings())
+        results = await asyncio.gather(*(engine.extract(page) for _ in range(12)))
+    assert all(result.content_list for result in results)
+    assert peak == min(available_cpus(), 12)
