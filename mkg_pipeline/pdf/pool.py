@@ -24,6 +24,14 @@ asks the kernel to kill it when the process that started it dies (``PR_SET_PDEAT
 itself killed leaves no worker grinding on a pathological page. (A ``forkserver`` would start workers
 faster, but its workers are the forkserver's children: they would outlive a killed run.)
 
+A spawned process normally re-runs the parent's main script first (as ``__mp_main__``), in case the task
+functions live there. In a run pod the main script is Dagster's console script (``dagster api
+execute_run``, ``dagster asset materialize``), so each worker imported all of Dagster (0.7 s of CPU) for
+nothing. The stages' pools run functions of their own modules (``preload``), so they pass
+``import_parent_main=False`` and their workers skip it. Multiprocessing has no switch for this: the
+preparation data of processes named :data:`WORKER_NAME` (ours only) is filtered, see
+:func:`_preparation_data`.
+
 :class:`InlinePool` has the same interface and runs calls in the calling process, without the limit: for
 storage that other processes cannot reach (the in-memory storage of stage tests) and for debugging.
 """
@@ -36,6 +44,8 @@ import importlib
 import logging
 import math
 import multiprocessing
+import multiprocessing.context
+import multiprocessing.spawn
 import os
 import signal
 import sys
@@ -56,6 +66,10 @@ _CGROUP_V1_QUOTA: Final = Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us")
 _CGROUP_V1_PERIOD: Final = Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us")
 #: prctl(2) option: the signal this process gets when the thread that created it exits
 _PR_SET_PDEATHSIG: Final = 1
+#: the process name of workers that do not re-run the parent's main script (module docstring)
+WORKER_NAME: Final = "mkg-document-worker"
+#: what a spawned child is told to import as its main module (``multiprocessing.spawn``)
+_MAIN_KEYS: Final = ("init_main_from_path", "init_main_from_name")
 
 
 @dataclass(frozen=True)
@@ -119,13 +133,46 @@ def _start_worker(parent_pid: int, preload: tuple[str, ...]) -> None:
         importlib.import_module(module)
 
 
+def _preparation_data(name: str) -> dict[str, Any]:
+    """``multiprocessing.spawn.get_preparation_data``, without the main module for our own workers."""
+    data = _spawn_preparation_data(name)
+    if name == WORKER_NAME:
+        for key in _MAIN_KEYS:
+            data.pop(key, None)
+    return data
+
+
+_spawn_preparation_data = multiprocessing.spawn.get_preparation_data
+# Installed once per process; any other process name gets multiprocessing's own data unchanged.
+multiprocessing.spawn.get_preparation_data = _preparation_data  # type: ignore[assignment]
+
+
+class _WorkerProcess(multiprocessing.context.SpawnProcess):
+    """A spawned worker under :data:`WORKER_NAME`, whatever name the pool gives it."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.name = WORKER_NAME
+
+
+class _SpawnWithoutMain(multiprocessing.context.SpawnContext):
+    Process = _WorkerProcess
+
+
 class WorkerPool(Generic[K]):
     """``processes`` worker processes; each call gets at most ``timeout_s`` seconds of wall clock.
 
     Use as a context manager; :meth:`run` yields results as calls finish (not in submission order).
     """
 
-    def __init__(self, processes: int, timeout_s: float | None, *, preload: Iterable[str] = ()) -> None:
+    def __init__(
+        self,
+        processes: int,
+        timeout_s: float | None,
+        *,
+        preload: Iterable[str] = (),
+        import_parent_main: bool = True,
+    ) -> None:
         import pebble  # only the processes that run a pool need it
 
         if processes < 1:
@@ -136,7 +183,8 @@ class WorkerPool(Generic[K]):
             max_workers=processes,
             initializer=_start_worker,
             initargs=(os.getpid(), tuple(preload)),
-            context=multiprocessing.get_context("spawn"),
+            # without the parent's main script when the tasks do not live there (module docstring)
+            context=multiprocessing.get_context("spawn") if import_parent_main else _SpawnWithoutMain(),
         )
 
     def __enter__(self) -> WorkerPool[K]:

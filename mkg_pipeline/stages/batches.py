@@ -126,4 +126,6 @@ def document_pool(
     if storage.config is None:
         return InlinePool(), storage
     processes = pool_size(workers.render_processes, documents)
-    return WorkerPool(processes, workers.timeout_s, preload=preload), storage.config
+    # The tasks are functions of the preloaded stage modules: the workers need not re-run the parent's main
+    # script (in a run pod, Dagster's console script: all of Dagster imported once more per worker).
+    return WorkerPool(processes, workers.timeout_s, preload=preload, import_parent_main=False), storage.config

@@ -119,3 +119,52 @@ def test_a_killed_run_leaves_no_worker_behind(tmp_path: Path) -> None:
             time.sleep(0.1)
     finally:
         run.kill()
+
+
+_MAIN_SCRIPT = """
+import os, sys
+with open(sys.argv[1], "a") as log:  # every process that runs this script, workers re-running it included
+    log.write(f"{os.getpid()}\\n")
+from mkg_pipeline.pdf.pool import WorkerPool
+from tasks import pid_and_main
+
+if __name__ == "__main__":
+    for import_parent_main in (True, False):
+        with WorkerPool(1, timeout_s=None, preload=("tasks",), import_parent_main=import_parent_main) as pool:
+            ((_, (pid, main)),) = pool.run(pid_and_main, [("doc", ())])
+            print(import_parent_main, pid, main)
+"""
+
+_TASKS = """
+import os, sys
+
+def pid_and_main():
+    return os.getpid(), getattr(sys.modules.get("__mp_main__"), "__file__", None)
+"""
+
+
+def test_stage_workers_do_not_re_run_the_parent_s_main_script(tmp_path: Path) -> None:
+    """In a run pod the main script is Dagster's console script: a worker re-running it imports all of Dagster."""
+    import subprocess
+    import sys
+
+    (tmp_path / "tasks.py").write_text(_TASKS)
+    (tmp_path / "main_script.py").write_text(_MAIN_SCRIPT)
+    log = tmp_path / "ran-main.log"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+    done = subprocess.run(
+        [sys.executable, str(tmp_path / "main_script.py"), str(log)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    (with_main, with_pid, with_file), (without_main, without_pid, without_file) = (
+        line.split() for line in done.stdout.splitlines()
+    )
+    assert (with_main, without_main) == ("True", "False")
+    ran_main = set(log.read_text().split())
+    assert with_pid in ran_main and with_file.endswith("main_script.py")  # multiprocessing's default
+    assert without_pid not in ran_main and without_file == "None"  # the stages' pools
+    assert len(ran_main) == 2  # the script itself and the one worker that was allowed to
