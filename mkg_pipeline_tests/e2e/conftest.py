@@ -70,12 +70,16 @@ class PipelineEnv:
         )
         return process
 
-    def materialize(self, partition: str, run_config: dict | None = None) -> dg.ExecuteInProcessResult:
+    def materialize(
+        self, partition: str, run_config: dict | None = None, select: str | None = None
+    ) -> dg.ExecuteInProcessResult:
+        """In this process (no Dagster start-up to pay); ``select`` as the CLI's ``--select``, default all."""
         from mkg_pipeline.assets import pipeline_assets
         from mkg_pipeline.resources import pipeline_resources
 
         return dg.materialize(
             pipeline_assets,
+            selection=select.split(",") if select else None,
             partition_key=partition,
             instance=self.instance,
             resources=pipeline_resources(),  # what the code location uses
