@@ -98,10 +98,8 @@ def _step_name(prompt: str) -> str:
     return text.replace(" ", "_") or "predict"
 
 
-def png_bytes(image: Image.Image | bytes) -> bytes:
-    """``image`` as PNG at :data:`PNG_COMPRESS_LEVEL` (bytes pass through: already encoded)."""
-    if isinstance(image, bytes):
-        return image
+def png_bytes(image: Image.Image) -> bytes:
+    """``image`` as PNG at :data:`PNG_COMPRESS_LEVEL`."""
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
     return buffer.getvalue()
@@ -144,16 +142,15 @@ def _build_routed_client_class() -> type:
             step = _step_name(prompt or self.prompt)
             answer = _Answer(step)
             call.answers.append(answer)  # before any await: answers keep the order requests start in
-            # Encoded off the event loop (module docstring); the two-step protocol sends one image per request.
-            items = image if isinstance(image, list | tuple) else [image]
-            pngs = [await asyncio.to_thread(png_bytes, item) for item in items]
+            # MinerU's two-step extraction sends one PIL image per request, unencoded (module docstring):
+            # encoded here, off the event loop.
+            png = await asyncio.to_thread(png_bytes, image)
             body = self.build_request_body(
                 system_prompt=self.system_prompt,
-                image=pngs,
+                image=[png],
                 prompt=prompt,
                 sampling_params=sampling_params,
-                # None lets MinerU sniff the format of bytes handed over already encoded
-                image_format=None if any(isinstance(item, bytes) for item in items) else "png",
+                image_format="png",
                 priority=priority,
             )
             body.setdefault("max_tokens", self._max_tokens)
