@@ -78,9 +78,14 @@ def page_png() -> bytes:
     return buffer.getvalue()
 
 
-def _block_of(body: dict) -> int:
+def _sent_png(body: dict) -> bytes:
     url = body["messages"][-1]["content"][0]["image_url"]["url"]
-    crop = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).convert("RGB")
+    assert url.startswith("data:image/png;base64,"), url[:40]
+    return base64.b64decode(url.split(",", 1)[1])
+
+
+def _block_of(body: dict) -> int:
+    crop = Image.open(io.BytesIO(_sent_png(body))).convert("RGB")
     pixel = crop.getpixel((crop.width // 2, crop.height // 2))
     return min(range(len(BLOCKS)), key=lambda i: sum((a - b) ** 2 for a, b in zip(pixel, _color(i), strict=True)))
 
@@ -200,12 +205,6 @@ async def test_page_png_is_decoded_once_and_mineru_opens_no_http_pool(
     routed = engine._mineru.client
     assert routed._aio_client_cache == {}  # MinerU's own transport was never used
     assert not hasattr(engine, "aclose")
-
-
-def _sent_png(body: dict) -> bytes:
-    url = body["messages"][-1]["content"][0]["image_url"]["url"]
-    assert url.startswith("data:image/png;base64,"), url[:40]
-    return base64.b64decode(url.split(",", 1)[1])
 
 
 def _pixels(png: bytes) -> tuple[tuple[int, int], str, bytes]:
