@@ -18,9 +18,9 @@ detection and crops it for recognition, and we crop the same image for figures a
 Image encoding: MinerU's helper PNG-encodes the layout image and every crop at zlib's level 6 (PIL's
 default) when its backend is ``http-client``; with any other backend name it hands over the PIL image
 instead. We give the helper another name (``HELPER_BACKEND``) and encode each image once, in a worker
-thread, at zlib level 1 (:func:`png_bytes`): the same pixels (PNG is lossless), at about half the CPU,
-and smaller bodies on document images. Encoding was the largest part of the client's CPU per request,
-and on a two-core worker the client's CPU is what bounds how busy it keeps the server.
+thread, with unfiltered rows at zlib level 1 (:func:`png_bytes`): the same pixels (PNG is lossless), at
+under half the CPU, and smaller bodies on document images. Encoding was the largest part of the client's
+CPU per request, and on a two-core worker the client's CPU is what bounds how busy it keeps the server.
 
 Validated answers, per request and per page:
 
@@ -47,6 +47,8 @@ import io
 import json
 import logging
 import os
+import struct
+import zlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -70,8 +72,11 @@ ENGINE_NAME = "mineru"
 #: MinerU's helper returns PIL images (not PNG bytes) for any backend but "http-client" (module docstring)
 HELPER_BACKEND = "mkg-routed-http-client"
 #: zlib level of the PNGs sent: level 1 took half the CPU of PIL's default (6) on corpus pages, and its
-#: files were smaller there too (PNG's filters do most of the work on document images)
+#: files were smaller there too
 PNG_COMPRESS_LEVEL = 1
+#: PNG colour type of each PIL mode :func:`png_bytes` writes itself (8 bits a sample; len(mode) samples a pixel)
+_PNG_COLOR_TYPES = {"L": 0, "RGB": 2, "RGBA": 6}
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 @dataclass
@@ -99,10 +104,36 @@ def _step_name(prompt: str) -> str:
 
 
 def png_bytes(image: Image.Image) -> bytes:
-    """``image`` as PNG at :data:`PNG_COMPRESS_LEVEL`."""
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
-    return buffer.getvalue()
+    """``image`` as a PNG: rows unfiltered (filter type 0), deflated at :data:`PNG_COMPRESS_LEVEL`.
+
+    Written here rather than by Pillow (a deliberate deviation from "use the library"): Pillow's encoder
+    always picks each row's filter by trying all five, and on a 1036 x 1036 layout image that cost more
+    than the deflate itself (20 ms at level 1, of which 12 ms at level 0, against 8 ms for unfiltered rows
+    at level 1, whose file was smaller too: 304 against 343 KB, a page of mostly flat background). The
+    container is three chunks of the PNG specification; modes other than L, RGB and RGBA go to Pillow.
+    """
+    color_type = _PNG_COLOR_TYPES.get(image.mode)
+    width, height = image.size
+    if color_type is None or not width or not height:
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+        return buffer.getvalue()
+    stride = width * len(image.mode)
+    pixels = memoryview(image.tobytes())
+    rows = b"".join(part for y in range(height) for part in (b"\0", pixels[y * stride : (y + 1) * stride]))
+    header = struct.pack(">IIBBBBB", width, height, 8, color_type, 0, 0, 0)  # deflate, adaptive, no interlace
+    return b"".join(
+        (
+            _PNG_SIGNATURE,
+            _png_chunk(b"IHDR", header),
+            _png_chunk(b"IDAT", zlib.compress(rows, PNG_COMPRESS_LEVEL)),
+            _png_chunk(b"IEND", b""),
+        )
+    )
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
 def _build_routed_client_class() -> type:
