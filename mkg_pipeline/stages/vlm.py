@@ -267,16 +267,22 @@ class _BatchRun:
     async def open_document(self, doc_id: str) -> tuple[_Document, list[_PageJob]] | None:
         """Read a document's manifest and cached results; None when there is nothing to do for it."""
         s3 = self.s3
-        try:
-            manifest = await s3.get_json(s3.page_manifest_key(doc_id))
-        except FileNotFoundError:
+        # The three reads at once, not one after another: the first document's are on the path to the
+        # first request, and every document's on the producer's.
+        reads = await asyncio.gather(
+            s3.get_json(s3.page_manifest_key(doc_id)),
+            self._read_status(doc_id),
+            self._cached_keys(doc_id),
+            return_exceptions=True,
+        )
+        manifest, previous, existing = reads
+        if isinstance(manifest, FileNotFoundError):
             self.summary.unrendered.append(doc_id)
             self.progress(f"{doc_id}: SKIPPED, no page manifest yet; materialize parsed_pages for its batch")
             return None
-        previous = await self._read_status(doc_id)
-        existing: set[str] = set()
-        if not self.force_refresh:
-            existing = {o.key async for o in s3.list_objects(s3.vlm_page_prefix(doc_id))}
+        for result in reads:
+            if isinstance(result, BaseException):
+                raise result
         doc = _Document(
             doc_id=doc_id,
             source=str(manifest.get("source", doc_id)),
@@ -304,6 +310,12 @@ class _BatchRun:
         if doc.cached:
             self.progress(f"{doc_id} ({doc.source}): {len(doc.cached)}/{len(doc.pages)} pages cached")
         return doc, todo
+
+    async def _cached_keys(self, doc_id: str) -> set[str]:
+        """Keys of the page results stored for a document (none wanted when refreshing)."""
+        if self.force_refresh:
+            return set()
+        return {o.key async for o in self.s3.list_objects(self.s3.vlm_page_prefix(doc_id))}
 
     async def _read_status(self, doc_id: str) -> dict[str, Any] | None:
         try:
