@@ -1,10 +1,11 @@
 """The stages' worker processes against real S3 (moto): parallel documents, a wall-clock limit per document.
 
 Issue 9, row 4: a 760-byte tiling-pattern PDF and an 88 KB PDF of 2 M path operations each keep MuPDF busy
-for minutes. Validation and rendering run in worker processes that are killed at ``workers.timeout_s``
-(4 s here: far below the minutes these files take, far above what a normal document needs even on a
-loaded 2-core machine), the document is recorded (rejected ``validation_timeout`` / ``render_timeout``) and the others
-carry on. Assertions are on outcomes, never on durations.
+for minutes. Validation and rendering run in worker processes that are killed at ``workers.timeout_s``, the
+document is recorded (rejected ``validation_timeout`` / ``render_timeout``) and the others carry on.
+Assertions are on outcomes, never on durations. The limit here is 10 s: far below the minutes these files
+take, far above what a normal document needs even on a loaded 2-core machine. (With 4 s, a two-page
+document, whose time includes its worker's first S3 client, was cut off in two whole-suite runs here.)
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from mkg_pipeline_tests.stages.conftest import drop
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 PDF = PDFConfig(dpi=36)
-WORKERS = WorkersConfig(timeout_s=4, render_processes=2)
+WORKERS = WorkersConfig(timeout_s=10, render_processes=2)
 #: for tests about parallelism, not about the limit
 GENEROUS = WorkersConfig(timeout_s=600, render_processes=2)
 TWO = corpus_pdf("two-pages.pdf").read_bytes()
