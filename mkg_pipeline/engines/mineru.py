@@ -19,8 +19,9 @@ Image encoding: MinerU's helper PNG-encodes the layout image and every crop at z
 default) when its backend is ``http-client``; with any other backend name it hands over the PIL image
 instead. We give the helper another name (``HELPER_BACKEND``) and encode each image once, in a worker
 thread, with unfiltered rows at zlib level 1 (:func:`png_bytes`): the same pixels (PNG is lossless), at
-under half the CPU, and smaller bodies on document images. Encoding was the largest part of the client's
-CPU per request, and on a two-core worker the client's CPU is what bounds how busy it keeps the server.
+about a third of the CPU of MinerU's encoding, and smaller bodies on document images. Encoding was the
+largest part of the client's CPU per request, and on a two-core worker the client's CPU is what bounds
+how busy it keeps the server.
 
 Validated answers, per request and per page:
 
@@ -108,8 +109,8 @@ def png_bytes(image: Image.Image) -> bytes:
 
     Written here rather than by Pillow (a deliberate deviation from "use the library"): Pillow's encoder
     always picks each row's filter by trying all five, and on a 1036 x 1036 layout image that cost more
-    than the deflate itself (20 ms at level 1, of which 12 ms at level 0, against 8 ms for unfiltered rows
-    at level 1, whose file was smaller too: 304 against 343 KB, a page of mostly flat background). The
+    than the deflate itself (20 ms at level 1, and still 12 ms at level 0, against 8-12 ms for unfiltered
+    rows at level 1, whose file was smaller too: 308 against 343 KB, a page of mostly flat background). The
     container is three chunks of the PNG specification; modes other than L, RGB and RGBA go to Pillow.
     """
     color_type = _PNG_COLOR_TYPES.get(image.mode)
