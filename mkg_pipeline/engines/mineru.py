@@ -48,11 +48,10 @@ import io
 import json
 import logging
 import os
-import struct
-import zlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from mkg_pipeline import png
 from mkg_pipeline.engines.base import AnswerRejected, PageInput, PageResult, engine_identity
 from mkg_pipeline.engines.figures import crop_jpeg, decode_page, image_name
 from mkg_pipeline.engines.mineru_content import CROPPED_TYPES, blocks_to_page
@@ -75,9 +74,8 @@ HELPER_BACKEND = "mkg-routed-http-client"
 #: zlib level of the PNGs sent: level 1 took half the CPU of PIL's default (6) on corpus pages, and its
 #: files were smaller there too
 PNG_COMPRESS_LEVEL = 1
-#: PNG colour type of each PIL mode :func:`png_bytes` writes itself (8 bits a sample; len(mode) samples a pixel)
-_PNG_COLOR_TYPES = {"L": 0, "RGB": 2, "RGBA": 6}
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+#: PIL modes :func:`png_bytes` writes without Pillow (8 bits a sample, ``len(mode)`` samples a pixel)
+_UNFILTERED_MODES = frozenset({"L", "RGB", "RGBA"})
 
 
 @dataclass
@@ -105,36 +103,20 @@ def _step_name(prompt: str) -> str:
 
 
 def png_bytes(image: Image.Image) -> bytes:
-    """``image`` as a PNG: rows unfiltered (filter type 0), deflated at :data:`PNG_COMPRESS_LEVEL`.
+    """``image`` as a PNG, rows unfiltered, at :data:`PNG_COMPRESS_LEVEL` (:mod:`mkg_pipeline.png`).
 
-    Written here rather than by Pillow (a deliberate deviation from "use the library"): Pillow's encoder
-    always picks each row's filter by trying all five, and on a 1036 x 1036 layout image that cost more
-    than the deflate itself (20 ms at level 1, and still 12 ms at level 0, against 8-12 ms for unfiltered
-    rows at level 1, whose file was smaller too: 308 against 343 KB, a page of mostly flat background). The
-    container is three chunks of the PNG specification; modes other than L, RGB and RGBA go to Pillow.
+    Not Pillow's encoder: it tries all five row filters on every row, and on a 1036 x 1036 layout image
+    that cost more than the deflate itself (20 ms at level 1, and still 12 ms at level 0, against 8-12 ms
+    for unfiltered rows at level 1, whose file was smaller too: 308 against 343 KB). Modes other than L,
+    RGB and RGBA go to Pillow.
     """
-    color_type = _PNG_COLOR_TYPES.get(image.mode)
+    channels = len(image.mode) if image.mode in _UNFILTERED_MODES else 0
     width, height = image.size
-    if color_type is None or not width or not height:
+    if not channels or not width or not height:
         buffer = io.BytesIO()
         image.save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
         return buffer.getvalue()
-    stride = width * len(image.mode)
-    pixels = memoryview(image.tobytes())
-    rows = b"".join(part for y in range(height) for part in (b"\0", pixels[y * stride : (y + 1) * stride]))
-    header = struct.pack(">IIBBBBB", width, height, 8, color_type, 0, 0, 0)  # deflate, adaptive, no interlace
-    return b"".join(
-        (
-            _PNG_SIGNATURE,
-            _png_chunk(b"IHDR", header),
-            _png_chunk(b"IDAT", zlib.compress(rows, PNG_COMPRESS_LEVEL)),
-            _png_chunk(b"IEND", b""),
-        )
-    )
-
-
-def _png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return png.encode(image.tobytes(), width, height, channels, width * channels, PNG_COMPRESS_LEVEL)
 
 
 def _build_routed_client_class() -> type:

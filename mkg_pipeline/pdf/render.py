@@ -24,14 +24,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import struct
-import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Final
 
 import pymupdf
 
+from mkg_pipeline import png
 from mkg_pipeline.pdf.validate import error_text, open_pdf
 
 log = logging.getLogger(__name__)
@@ -45,7 +44,6 @@ MIN_SIDE_PX: Final = 16
 STORE_TRIM_EVERY: Final = 32
 #: zlib level of the page PNGs (0-9), chosen by measurement: see the module doc and benchmarks/render.py
 PNG_COMPRESSION: Final = 3
-_PNG_SIGNATURE: Final = b"\x89PNG\r\n\x1a\n"
 
 #: PageFailure.reason codes
 LOAD_FAILED: Final = "load_failed"
@@ -111,33 +109,15 @@ def effective_dpi(width_pt: float, height_pt: float, dpi: float, max_render_pixe
     return max(chosen, 0.01)
 
 
-def _png_chunk(kind: bytes, body: bytes) -> bytes:
-    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-
 def encode_png(pix: pymupdf.Pixmap, level: int = PNG_COMPRESSION) -> bytes:
     """An 8-bit RGB (or grey) PNG of ``pix`` (no alpha), deflated at zlib ``level``, rows unfiltered.
 
     The same image MuPDF's ``tobytes("png")`` writes (filter type 0, one IDAT), at a chosen compression
-    level. Rows are streamed into the compressor, so no second copy of the samples is made.
+    level (:mod:`mkg_pipeline.png`).
     """
     if pix.alpha or pix.n not in (1, 3):
         raise ValueError(f"encode_png takes grey or RGB pixmaps without alpha, got n={pix.n} alpha={pix.alpha}")
-    width, height, stride = pix.width, pix.height, pix.stride
-    samples = pix.samples_mv
-    row = width * pix.n
-    deflate = zlib.compressobj(level)
-    parts = []
-    for y in range(height):
-        start = y * stride
-        parts.append(deflate.compress(b"\x00"))  # filter type 0 (None) for this row
-        parts.append(deflate.compress(samples[start : start + row]))
-    parts.append(deflate.flush())
-    colour = 2 if pix.n == 3 else 0
-    header = struct.pack(">IIBBBBB", width, height, 8, colour, 0, 0, 0)
-    return b"".join(
-        (_PNG_SIGNATURE, _png_chunk(b"IHDR", header), _png_chunk(b"IDAT", b"".join(parts)), _png_chunk(b"IEND", b""))
-    )
+    return png.encode(pix.samples_mv, pix.width, pix.height, pix.n, pix.stride, level)
 
 
 def _render_png(page: pymupdf.Page, dpi: float) -> tuple[bytes, int, int]:
