@@ -29,12 +29,10 @@ import asyncio
 import json
 import os
 import statistics
-import struct
 import subprocess
 import sys
 import time
 import urllib.request
-import zlib
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -42,14 +40,10 @@ REPO_ROOT = HERE.parent
 
 
 def tiny_png(width: int = 256, height: int = 256) -> bytes:
-    """A white greyscale PNG, built without PIL (the payload does not matter here, its size barely)."""
+    """A white greyscale PNG (the payload does not matter here, its size barely)."""
+    from mkg_pipeline import png
 
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    raw = b"".join(b"\x00" + b"\xff" * width for _ in range(height))
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+    return png.encode(b"\xff" * width * height, width, height, 1, width, 6)
 
 
 # -- one worker process ---------------------------------------------------------------------
