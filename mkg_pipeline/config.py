@@ -68,6 +68,14 @@ class VLLMServerConfig(_Section):
 
     url: str = Field("http://127.0.0.1:8000", description="Base URL of the vLLM (or local) server, without /v1.")
     model: str = Field("Qwen/Qwen2.5-VL-7B-Instruct", min_length=1, description="Served model name sent in requests.")
+    # NoDecode: from the environment a comma-separated list (a,b), not JSON.
+    served_model_aliases: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description=(
+            "Other model names the server may answer with (e.g. vLLM's --served-model-name); "
+            "an answer from any other model is a failure (model_mismatch)."
+        ),
+    )
     api_key: SecretStr | None = Field(None, description="Bearer token for /v1/*; never logged.")
     connection_timeout_s: float = Field(10.0, ge=0.1, le=300, description="TCP connect timeout in seconds.")
     max_in_flight: int = Field(
@@ -89,6 +97,20 @@ class VLLMServerConfig(_Section):
         ceiling = info.data.get("max_in_flight")
         if ceiling is not None and value > ceiling:
             raise ValueError(f"must be <= vllm.max_in_flight ({ceiling})")
+        return value
+
+    @field_validator("served_model_aliases", mode="before")
+    @classmethod
+    def _aliases_comma_separated(cls, value: Any) -> Any:
+        return [item.strip() for item in value.split(",") if item.strip()] if isinstance(value, str) else value
+
+    @field_validator("served_model_aliases")
+    @classmethod
+    def _aliases_are_names(cls, value: list[str]) -> list[str]:
+        # Compared exactly with the answer's model field: a blank or padded name could never match.
+        for name in value:
+            if not name or name != name.strip():
+                raise ValueError(f"model names must be non-empty, without surrounding spaces: {name!r}")
         return value
 
     @field_validator("url")

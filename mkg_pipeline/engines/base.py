@@ -9,8 +9,7 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-#: Why an answer that arrived fine over HTTP is still not a page result.
-REJECT_REASONS = ("truncated", "empty", "repetition")
+from mkg_pipeline.engines.validation import REJECT_REASONS
 
 
 @dataclass(frozen=True)
@@ -41,12 +40,16 @@ class PageResult:
     requests: int
     #: what the model said (surrogates replaced), kept in the page record; mineru: JSON list of its answers
     raw_answer: str
-    #: the server's finish_reason ("stop"); mineru: "stop" when every answer stopped
+    #: the server's finish_reason: always "stop" (engines.validation); mineru: every answer stopped
     finish_reason: str | None
+    #: the model that answered, as the answer names it: the configured model or one of its aliases
+    #: (``vllm.served_model_aliases``); "" only from test doubles that do not say
+    model: str = ""
 
 
 class AnswerRejected(Exception):
-    """The server answered, but the answer is not a page result: truncated, empty or a repetition loop.
+    """The server answered, but the answer is not a page result: another model's, not finished with ``stop``
+    (truncated, content filter, abort, ...), empty or a repetition loop (``engines.validation``).
 
     Raised by ``PageEngine.extract`` after its immediate re-asks (``answers.max_reasks``) are spent.
     The stage records a failed page with ``reason`` (never caches anything) so the next run asks again.

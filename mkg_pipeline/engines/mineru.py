@@ -27,10 +27,12 @@ Validated answers, per request and per page:
 
 - every request carries ``max_tokens`` (``answers.max_tokens`` when MinerU's sampling params set
   none), so a runaway answer is cut off rather than read without bound;
-- a request answered with ``finish_reason: "length"`` (``truncated``) or a runaway repetition
-  (``repetition``, see :mod:`mkg_pipeline.engines.validation`) is re-asked at once, up to
-  ``answers.max_reasks`` times, with ``max_tokens`` doubled after a truncation; if it stays bad the
-  whole page is rejected with that reason: a page with a cut-off block is not a finished page;
+- a request answered by another model than the configured one or its aliases (``model_mismatch``),
+  with any ``finish_reason`` but ``"stop"`` (``truncated`` for ``length``, ``finish_<reason>``
+  otherwise) or with a runaway repetition (``repetition``, see :mod:`mkg_pipeline.engines.validation`)
+  is re-asked at once, up to ``answers.max_reasks`` times, with ``max_tokens`` doubled after a
+  truncation; if it stays bad the whole page is rejected with that reason: a page with a cut-off
+  block, or a block read by another model, is not a finished page;
 - an empty *block* answer is accepted (MinerU's own ``[Non-Text]`` and blank crops are normal), but a
   page whose text layer has text and whose blocks yield no content-list item at all is ``empty``:
   the whole page (layout and recognition) is asked again, up to ``answers.max_reasks`` times;
@@ -55,7 +57,13 @@ from mkg_pipeline import png
 from mkg_pipeline.engines.base import AnswerRejected, PageInput, PageResult, engine_identity
 from mkg_pipeline.engines.figures import crop_jpeg, decode_page, image_name
 from mkg_pipeline.engines.mineru_content import CROPPED_TYPES, blocks_to_page
-from mkg_pipeline.engines.validation import answer_problem, log_rejected, next_max_tokens
+from mkg_pipeline.engines.validation import (
+    answer_problem,
+    finish_problem,
+    log_rejected,
+    model_problem,
+    next_max_tokens,
+)
 from mkg_pipeline.outputs import clean_text
 from mkg_pipeline.vllm.errors import VLLMResponseError
 
@@ -83,6 +91,7 @@ class _Answer:
     step: str
     text: str = ""
     finish_reason: str | None = None
+    model: str | None = None
 
 
 @dataclass
@@ -95,6 +104,13 @@ class _PageCall:
 
 # The page being extracted, visible to the routed client's aio_predict (MinerU's API has no per-call context).
 _current_page: contextvars.ContextVar[_PageCall | None] = contextvars.ContextVar("mineru_page_call", default=None)
+
+
+def _content_of(choice: Any) -> str:
+    """The text of an answer's choice, for the detail of a rejection ("" if it has none)."""
+    message = choice.get("message") if isinstance(choice, dict) else None
+    content = message.get("content") if isinstance(message, dict) else None
+    return content if isinstance(content, str) else ""
 
 
 def _step_name(prompt: str) -> str:
@@ -121,6 +137,8 @@ def png_bytes(image: Image.Image) -> bytes:
 
 def _build_routed_client_class() -> type:
     from mineru_vl_utils.vlm_client.http_client import HttpVlmClient
+
+    from mkg_pipeline.vllm.client import answer_model
 
     class RoutedHttpVlmClient(HttpVlmClient):  # type: ignore[misc]
         """MinerU's HTTP client with every request sent through our guarded VLLMClient, answers validated."""
@@ -174,17 +192,31 @@ def _build_routed_client_class() -> type:
                 label = base_label if ask == 1 else f"{base_label} ask={ask}"
                 call.requests += 1
                 data = await self._vllm.post_chat_completion(body, label=label)
-                try:
-                    text = clean_text(str(self.get_response_content(data)))
-                except Exception as exc:  # MinerU's RequestError/ServerError on a body it cannot use
-                    raise VLLMResponseError(
-                        f"unusable MinerU answer: {exc}", server=self._vllm.server_url, label=label
-                    ) from exc
-                finish_reason = data["choices"][0].get("finish_reason")
-                # One block may well read empty (a rule, a blank cell); "empty" is judged on the whole page.
-                problem = answer_problem(text, finish_reason, require_text=False)
+                choice = data["choices"][0]
+                finish_reason = choice.get("finish_reason") if isinstance(choice, dict) else None
+                model = answer_model(data)
+                # Who answered and how it ended are judged before MinerU reads the answer: its reader
+                # refuses every finish_reason but stop/length with an error of its own, not a re-ask.
+                problem = model_problem(model, self._vllm.accepted_models) or finish_problem(
+                    finish_reason, _content_of(choice)
+                )
                 if problem is None:
-                    answer.text, answer.finish_reason = text, finish_reason
+                    try:
+                        text = clean_text(str(self.get_response_content(data)))
+                    except Exception as exc:  # MinerU's RequestError/ServerError on a body it cannot use
+                        raise VLLMResponseError(
+                            f"unusable MinerU answer: {exc}", server=self._vllm.server_url, label=label
+                        ) from exc
+                    # One block may well read empty (a rule, a blank cell); "empty" is judged on the whole page.
+                    problem = answer_problem(
+                        text,
+                        finish_reason,
+                        model=model,
+                        accepted_models=self._vllm.accepted_models,
+                        require_text=False,
+                    )
+                if problem is None:
+                    answer.text, answer.finish_reason, answer.model = text, finish_reason, model
                     return text
                 reason, detail = problem
                 log_rejected(label, reason, detail, ask=ask, max_reasks=self._max_reasks)
@@ -267,17 +299,23 @@ class MinerUEngine:
             requests += call.requests
             markdown, content_list, images = await asyncio.to_thread(_page_outputs, image, blocks, page.page_idx)
             if content_list or page.text_layer_chars <= 0:
-                other = sorted({str(a.finish_reason) for a in call.answers} - {"stop"})
+                # Every answer was checked (model and finish_reason) before MinerU saw it.
+                models = sorted({a.model for a in call.answers if a.model})
                 return PageResult(
                     markdown=markdown,
                     content_list=content_list,
                     images=images,
                     requests=requests,
                     raw_answer=json.dumps(
-                        [{"step": a.step, "finish_reason": a.finish_reason, "answer": a.text} for a in call.answers],
+                        [
+                            {"step": a.step, "finish_reason": a.finish_reason, "model": a.model, "answer": a.text}
+                            for a in call.answers
+                        ],
                         ensure_ascii=False,
                     ),
-                    finish_reason=other[0] if other else "stop",
+                    finish_reason="stop",
+                    # One name, unless a balancer spread the page's requests over several accepted aliases.
+                    model=", ".join(models) or self._client.model,
                 )
             log.warning(
                 "%s: no content on a page with a %d-character text layer (%d blocks); %s",

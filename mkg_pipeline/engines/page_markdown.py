@@ -1,9 +1,11 @@
 """One request per page with a page-to-Markdown prompt (Qwen2.5-VL-7B-Instruct and the like).
 
-The answer is validated (:mod:`mkg_pipeline.engines.validation`): ``finish_reason: "length"``
-(``truncated``), an empty answer on a page with a text layer (``empty``) or a runaway repetition
-(``repetition``) is asked again at once, up to ``answers.max_reasks`` times (``max_tokens`` doubled
-after a truncation), then rejected with :class:`AnswerRejected`; every ask counts in ``requests``.
+The answer is validated (:mod:`mkg_pipeline.engines.validation`): an answer from another model
+(``model_mismatch``), any ``finish_reason`` but ``"stop"`` (``truncated`` for ``length``,
+``finish_<reason>`` otherwise), an empty answer on a page with a text layer (``empty``) or a runaway
+repetition (``repetition``) is asked again at once, up to ``answers.max_reasks`` times (``max_tokens``
+doubled after a truncation), then rejected with :class:`AnswerRejected`; every ask counts in
+``requests``. The result records the model that answered.
 
 An accepted answer becomes the page's Markdown (made safe by :func:`safe_page_markdown`) and a
 MinerU content list parsed from it with a CommonMark parser (markdown-it, with GFM tables): one
@@ -173,8 +175,14 @@ class PageMarkdownEngine:
             requests += 1
             raw = clean_text(result.text)
             body = strip_markdown_fence(raw).strip()
-            problem = answer_problem(body, result.finish_reason, require_text=page.text_layer_chars > 0)
-            if problem is None:
+            problem = answer_problem(
+                body,
+                result.finish_reason,
+                model=result.model,
+                accepted_models=self._client.accepted_models,
+                require_text=page.text_layer_chars > 0,
+            )
+            if problem is None and result.model is not None:
                 markdown = outside_code(body, text_math_to_dollars)
                 return PageResult(
                     markdown=safe_page_markdown(markdown),
@@ -183,7 +191,9 @@ class PageMarkdownEngine:
                     requests=requests,
                     raw_answer=raw,
                     finish_reason=result.finish_reason,
+                    model=result.model,
                 )
+            assert problem is not None  # an answer without a model is a model_mismatch
             reason, detail = problem
             log_rejected(label, reason, detail, ask=ask, max_reasks=self._max_reasks)
             max_tokens = next_max_tokens(max_tokens, reason)

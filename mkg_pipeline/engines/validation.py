@@ -1,9 +1,23 @@
-"""When an answer that arrived fine is still not a page: truncated, empty, or a repetition loop.
+"""When an answer that arrived fine is still not a page: another model, not finished, empty, or a loop.
 
 olmOCR's idea: bad *output* is retried like a transport error, instead of being cached as done.
+Only an answer from the configured model (or one of ``vllm.served_model_aliases``) whose
+``finish_reason`` is ``"stop"`` can become a page. The reasons, checked in this order:
 
+``model_mismatch``
+    The answer's ``model`` is not the configured model nor one of its aliases, or the answer names no
+    model. Compared exactly (no case folding, no trimming): vLLM's served names are exact strings, and an
+    answer cached under the configured model's key must be that model's. Checked first: another
+    model's answer says nothing about this one's.
 ``truncated``
     ``finish_reason == "length"``: the model was cut off at ``max_tokens``; the end of the page is missing.
+``finish_<reason>``
+    Any other ``finish_reason`` but ``"stop"`` (compared exactly): ``finish_content_filter`` (a filter
+    withheld all or part of the answer), ``finish_abort`` (vLLM aborted the request: the text stops
+    wherever it was), ``finish_tool_calls`` / ``finish_function_call`` (the model called a tool
+    instead of answering), ``finish_error``; ``finish_missing`` when the answer has none (null,
+    absent or empty), and ``finish_unknown`` for any other string. The set is closed, so a server's
+    invention never becomes a metric label; the detail quotes what the server said.
 ``empty``
     Nothing but whitespace, on a page whose PDF text layer has text (``text_layer_chars > 0``).
 ``repetition``
@@ -32,9 +46,34 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Collection
 from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
+
+#: the one finish reason of a finished answer
+FINISHED = "stop"
+#: the reason a page fails with, per finish_reason the server may give (anything else: ``finish_unknown``)
+FINISH_REASONS: dict[str, str] = {
+    "length": "truncated",
+    "content_filter": "finish_content_filter",
+    "abort": "finish_abort",
+    "tool_calls": "finish_tool_calls",
+    "function_call": "finish_function_call",
+    "error": "finish_error",
+}
+FINISH_MISSING = "finish_missing"
+FINISH_UNKNOWN = "finish_unknown"
+MODEL_MISMATCH = "model_mismatch"
+#: Why an answer that arrived fine over HTTP is still not a page result (``AnswerRejected.reason``).
+REJECT_REASONS: tuple[str, ...] = (
+    MODEL_MISMATCH,
+    *FINISH_REASONS.values(),
+    FINISH_MISSING,
+    FINISH_UNKNOWN,
+    "empty",
+    "repetition",
+)
 
 MIN_RUN_CHARS = 2000
 MIN_REPEATS = 10
@@ -83,10 +122,48 @@ def find_repetition(
     return None
 
 
-def answer_problem(text: str, finish_reason: str | None, *, require_text: bool) -> tuple[str, str] | None:
-    """(reason, detail) when an answer must not become a page result, else None."""
+def _shown(value: object, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def model_problem(model: str | None, accepted_models: Collection[str]) -> tuple[str, str] | None:
+    """(``model_mismatch``, detail) unless ``model`` is exactly one of ``accepted_models``."""
+    if model is not None and model in accepted_models:
+        return None
+    expected = " or ".join(repr(name) for name in sorted(accepted_models))
+    said = "an answer that names no model" if model is None else f"an answer from model {_shown(model)}"
+    return MODEL_MISMATCH, f"{said}, not from {expected}"
+
+
+def finish_problem(finish_reason: str | None, text: str) -> tuple[str, str] | None:
+    """(reason, detail) unless ``finish_reason`` is exactly ``"stop"``."""
+    if finish_reason == FINISHED:
+        return None
     if finish_reason == "length":
-        return "truncated", f"answer cut off at max_tokens after {len(text)} characters"
+        return "truncated", f"answer cut off at max_tokens (finish_reason 'length') after {len(text)} characters"
+    if not finish_reason:
+        return FINISH_MISSING, f"answer without a finish_reason ({_shown(finish_reason)}) after {len(text)} characters"
+    reason = FINISH_REASONS.get(finish_reason, FINISH_UNKNOWN)
+    return reason, f"answer ended with finish_reason {_shown(finish_reason)}, not 'stop', after {len(text)} characters"
+
+
+def answer_problem(
+    text: str,
+    finish_reason: str | None,
+    *,
+    model: str | None,
+    accepted_models: Collection[str],
+    require_text: bool,
+) -> tuple[str, str] | None:
+    """(reason, detail) when an answer must not become a page result, else None (module docstring).
+
+    ``model`` is the answer's ``model`` field (None if absent), ``accepted_models`` the configured model
+    and its aliases (``VLLMClient.accepted_models``).
+    """
+    problem = model_problem(model, accepted_models) or finish_problem(finish_reason, text)
+    if problem is not None:
+        return problem
     if require_text and not text.strip():
         return "empty", "empty answer for a page whose text layer has text"
     repetition = find_repetition(text)

@@ -396,7 +396,7 @@ class _BatchRun:
                 page=n,
                 cache_key=job.cache_key,
                 engine=self.engine.identity,
-                model=self.model,
+                model=result.model or self.model,  # who answered: the configured model or an accepted alias
                 latency_s=round(latency, 4),
             )
             record["run_id"] = self.run_id

@@ -103,7 +103,8 @@ class ChatResult:
 
     text: str
     finish_reason: str | None
-    model: str
+    #: the answer's ``model`` field as sent (None if absent or not a string): who answered, never assumed
+    model: str | None
     prompt_tokens: int | None
     completion_tokens: int | None
     latency_s: float
@@ -232,6 +233,12 @@ def _parse_chat_text(raw: bytes) -> dict[str, Any]:
     return data  # type: ignore[no-any-return]
 
 
+def answer_model(data: dict[str, Any]) -> str | None:
+    """The ``model`` an answer names, exactly as sent; None if it names none (absent, null, not a string)."""
+    model = data.get("model")
+    return model if isinstance(model, str) else None
+
+
 def _parse_models(raw: bytes) -> list[str]:
     data = json.loads(raw)
     items = data.get("data") if isinstance(data, dict) else None
@@ -308,6 +315,11 @@ class VLLMClient:
     @property
     def model(self) -> str:
         return self._server.model
+
+    @property
+    def accepted_models(self) -> frozenset[str]:
+        """The model names an answer may carry: the configured model and ``vllm.served_model_aliases``."""
+        return frozenset((self._server.model, *self._server.served_model_aliases))
 
     @property
     def breaker(self) -> CircuitBreaker:
@@ -400,7 +412,7 @@ class VLLMClient:
         return ChatResult(
             text=choice["message"]["content"],
             finish_reason=choice.get("finish_reason"),
-            model=str(data.get("model") or self.model),
+            model=answer_model(data),
             prompt_tokens=usage.get("prompt_tokens"),
             completion_tokens=usage.get("completion_tokens"),
             latency_s=time.perf_counter() - started,

@@ -1,4 +1,5 @@
-"""Validated answers (issue 10; issue 9 row 11): a truncated, empty or looping answer is never a page result.
+"""Validated answers (issue 10; issue 9 row 11; issue 21 rows 2, 3): a truncated, empty or looping answer, an
+answer that did not finish with ``stop`` or one from another model is never a page result.
 
 Both engines run on our real VLLMClient over a scripted transport (``scripted_vlm``), so what is
 asked (max_tokens, how often) is what a server would see.
@@ -8,12 +9,16 @@ from __future__ import annotations
 
 import io
 import json
+from typing import Any
 
 import pytest
 
-from mkg_pipeline.config import AnswersConfig, MinerUConfig
-from mkg_pipeline.engines import AnswerRejected, PageInput, build_engine
-from mkg_pipeline_tests.unit.scripted_vlm import ScriptedVLM, prompt_of
+from mkg_pipeline.config import AnswersConfig, CircuitBreakerConfig, HTTPClientConfig, MinerUConfig, VLLMServerConfig
+from mkg_pipeline.engines import REJECT_REASONS, AnswerRejected, PageInput, build_engine
+from mkg_pipeline.engines.validation import answer_problem
+from mkg_pipeline.vllm.breaker import CircuitBreaker
+from mkg_pipeline.vllm.client import VLLMClient
+from mkg_pipeline_tests.unit.scripted_vlm import MODEL, URL, ScriptedVLM, prompt_of
 
 PNG = b"\x89PNG\r\n\x1a\n-not-decoded-by-page_markdown"
 LOOP = "The patient was given the dose. " * 120
@@ -158,8 +163,228 @@ async def test_no_reasks_configured_means_one_request() -> None:
     assert caught.value.requests == 1 == len(server.bodies)
 
 
-def test_rejection_reasons_are_the_documented_three() -> None:
+def test_rejection_reasons_are_known() -> None:
     with pytest.raises(ValueError, match="unknown rejection reason"):
         AnswerRejected("timeout", 1)
     rejected = AnswerRejected("empty", 2, "doc=x page=1: empty")
     assert (rejected.error_type, rejected.requests, str(rejected)) == ("empty", 2, "doc=x page=1: empty")
+
+
+# ----------------------------------------------------------------------------- honest answers (issue 21 rows 2, 3)
+#
+# Only finish_reason "stop" from the configured model (or a configured alias) is a finished page;
+# every other finish reason and every other model is a recorded failure with a stable reason.
+
+FINISH_CASES = [
+    ("length", "truncated"),
+    ("content_filter", "finish_content_filter"),
+    ("abort", "finish_abort"),
+    ("tool_calls", "finish_tool_calls"),
+    ("function_call", "finish_function_call"),
+    ("error", "finish_error"),
+    (None, "finish_missing"),
+    ("", "finish_missing"),
+    ("STOP", "finish_unknown"),  # finish reasons are compared exactly
+    ("stop ", "finish_unknown"),
+    ("eos_token", "finish_unknown"),
+    ("x" * 500, "finish_unknown"),  # a server's invention never becomes a metric label
+]
+
+
+def honest_client(server: ScriptedVLM, aliases: tuple[str, ...] = ()) -> VLLMClient:
+    """ScriptedVLM's client, with ``vllm.served_model_aliases``."""
+    import httpx
+
+    return VLLMClient(
+        VLLMServerConfig(url=URL, model=MODEL, served_model_aliases=list(aliases)),
+        HTTPClientConfig(max_attempts=1),
+        transport=httpx.MockTransport(server._handle),
+        breaker=CircuitBreaker(URL, CircuitBreakerConfig()),
+    )
+
+
+def answer_from(
+    text: str, finish_reason: str | None = "stop", model: object = MODEL, *, omit_model: bool = False
+) -> Any:
+    """A chat completion answered by ``model`` (absent with ``omit_model``)."""
+    import httpx
+
+    body: dict[str, Any] = {
+        "id": "chatcmpl-honest",
+        "object": "chat.completion",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason}],
+    }
+    if not omit_model:
+        body["model"] = model
+    return httpx.Response(200, json=body)
+
+
+@pytest.mark.parametrize(("finish_reason", "reason"), FINISH_CASES)
+def test_every_finish_reason_but_stop_is_a_problem_with_a_stable_reason(finish_reason: str | None, reason: str) -> None:
+    problem = answer_problem("A whole page.", finish_reason, model=MODEL, accepted_models={MODEL}, require_text=True)
+    assert problem is not None and problem[0] == reason
+    assert reason in REJECT_REASONS
+    if finish_reason is not None and len(finish_reason) < 100:
+        assert repr(finish_reason) in problem[1]  # the detail names what the server said
+    assert answer_problem("A whole page.", "stop", model=MODEL, accepted_models={MODEL}, require_text=True) is None
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        "other/model",
+        MODEL.upper(),  # exact match: served names are case-sensitive in vLLM
+        f" {MODEL}",
+        f"{MODEL}\n",
+        "",
+        None,  # the answer names no model
+        7,
+    ],
+)
+def test_an_answer_from_another_model_is_a_mismatch(model: object) -> None:
+    answered = model if isinstance(model, str) or model is None else str(model)
+    problem = answer_problem("A whole page.", "stop", model=answered, accepted_models={MODEL}, require_text=True)
+    assert problem is not None and problem[0] == "model_mismatch"
+    assert MODEL in problem[1]  # the detail names the configured model
+
+
+def test_model_mismatch_is_judged_before_the_finish_reason() -> None:
+    problem = answer_problem("cut", "length", model="other/model", accepted_models={MODEL}, require_text=True)
+    assert problem is not None and problem[0] == "model_mismatch"
+
+
+@pytest.mark.parametrize(("finish_reason", "reason"), [c for c in FINISH_CASES if c[0] != "length"][:7])
+async def test_page_markdown_odd_finish_reason_is_reasked_then_rejected(finish_reason: str | None, reason: str) -> None:
+    server = ScriptedVLM(lambda body: answer_from("A page, maybe cut", finish_reason))
+    async with server.client() as client:
+        with pytest.raises(AnswerRejected) as caught:
+            await build_engine("page_markdown", client, settings(max_tokens=64, max_reasks=1)).extract(page())
+    assert (caught.value.reason, caught.value.requests) == (reason, 2)
+    assert [b["max_tokens"] for b in server.bodies] == [64, 64]  # only a truncation raises the budget
+    assert "doc=d0 page=1" in str(caught.value)
+
+
+async def test_page_markdown_content_filter_on_a_scanned_page_is_not_a_blank_page() -> None:
+    """The issue's case: an empty answer, finish_reason content_filter, on a page without a text layer."""
+    server = ScriptedVLM(lambda body: answer_from("", "content_filter"))
+    async with server.client() as client:
+        with pytest.raises(AnswerRejected) as caught:
+            await build_engine("page_markdown", client, settings(max_reasks=0)).extract(page(text_layer_chars=0))
+    assert caught.value.reason == "finish_content_filter"
+
+
+async def test_page_markdown_abort_then_stop_is_a_result() -> None:
+    answers = iter([answer_from("# Title\n\nCut", "abort"), answer_from("# Title\n\nThe whole page.")])
+    server = ScriptedVLM(lambda body: next(answers))
+    async with server.client() as client:
+        result = await build_engine("page_markdown", client, settings()).extract(page())
+    assert (result.markdown, result.finish_reason, result.requests) == ("# Title\n\nThe whole page.", "stop", 2)
+    assert result.model == MODEL
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        answer_from("A whole page.", model="other/model"),
+        answer_from("A whole page.", model=MODEL.upper()),
+        answer_from("A whole page.", model=f"{MODEL} "),
+        answer_from("A whole page.", omit_model=True),
+        answer_from("A whole page.", model=None),
+        answer_from("A whole page.", model=["list"]),
+    ],
+)
+async def test_page_markdown_answer_from_another_model_is_rejected(answer: Any) -> None:
+    server = ScriptedVLM(lambda body: answer)
+    async with server.client() as client:
+        with pytest.raises(AnswerRejected) as caught:
+            await build_engine("page_markdown", client, settings(max_reasks=1)).extract(page())
+    assert (caught.value.reason, caught.value.requests) == ("model_mismatch", 2)
+    assert MODEL in str(caught.value) and "doc=d0 page=1" in str(caught.value)
+
+
+async def test_page_markdown_answer_from_a_configured_alias_is_recorded_under_that_name() -> None:
+    server = ScriptedVLM(lambda body: answer_from("A whole page.", model="qwen-served"))
+    async with honest_client(server, aliases=("qwen-served",)) as client:
+        engine = build_engine("page_markdown", client, settings())
+        result = await engine.extract(page())
+    assert (result.markdown, result.model, result.requests) == ("A whole page.", "qwen-served", 1)
+    assert server.bodies[0]["model"] == MODEL  # the request still names the configured model
+    assert MODEL in engine.identity  # and the cache key is still the configured model's
+
+
+async def test_an_alias_does_not_accept_every_model() -> None:
+    server = ScriptedVLM(lambda body: answer_from("A whole page.", model="third/model"))
+    async with honest_client(server, aliases=("qwen-served",)) as client:
+        with pytest.raises(AnswerRejected) as caught:
+            await build_engine("page_markdown", client, settings(max_reasks=0)).extract(page())
+    assert caught.value.reason == "model_mismatch" and "qwen-served" in str(caught.value)
+
+
+def two_choices(first: tuple[str, str], second: tuple[str, str]) -> Any:
+    import httpx
+
+    choices = [
+        {"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+        for i, (text, finish) in enumerate((first, second))
+    ]
+    return httpx.Response(200, json={"id": "c", "object": "chat.completion", "model": MODEL, "choices": choices})
+
+
+async def test_a_finish_reason_that_differs_per_choice_is_judged_on_the_choice_used() -> None:
+    """The page is made of choices[0] (n is never asked for): its finish_reason decides, whatever the others say."""
+    server = ScriptedVLM(lambda body: two_choices(("The page.", "stop"), ("Cut", "length")))
+    async with server.client() as client:
+        result = await build_engine("page_markdown", client, settings(max_reasks=0)).extract(page())
+    assert (result.markdown, result.finish_reason) == ("The page.", "stop")
+
+    server = ScriptedVLM(lambda body: two_choices(("Cut", "length"), ("The page.", "stop")))
+    async with server.client() as client:
+        with pytest.raises(AnswerRejected) as caught:
+            await build_engine("page_markdown", client, settings(max_reasks=0)).extract(page())
+    assert caught.value.reason == "truncated"
+
+
+@pytest.mark.parametrize(("finish_reason", "reason"), [("abort", "finish_abort"), (None, "finish_missing")])
+async def test_mineru_block_with_an_odd_finish_reason_rejects_the_page(finish_reason: str | None, reason: str) -> None:
+    server = ScriptedVLM(
+        lambda body: answer_from(ONE_TEXT_BLOCK) if "Layout" in prompt_of(body) else answer_from("Cut", finish_reason)
+    )
+    async with server.client() as client:
+        with pytest.raises(AnswerRejected) as caught:
+            await build_engine("mineru", client, settings(max_reasks=1)).extract(page(png=white_png()))
+    assert (caught.value.reason, caught.value.requests) == (reason, 3)  # layout + 2 asks of the block
+    assert "doc=d0 page=1 step=text_recognition" in str(caught.value)
+
+
+async def test_mineru_layout_with_content_filter_rejects_the_page() -> None:
+    server = ScriptedVLM(lambda body: answer_from("", "content_filter"))
+    async with server.client() as client:
+        with pytest.raises(AnswerRejected) as caught:
+            await build_engine("mineru", client, settings(max_reasks=1)).extract(
+                page(text_layer_chars=0, png=white_png())
+            )
+    assert (caught.value.reason, caught.value.requests) == ("finish_content_filter", 2)
+
+
+@pytest.mark.parametrize("step", ["Layout", "Recognition"])
+async def test_mineru_any_request_answered_by_another_model_rejects_the_page(step: str) -> None:
+    def answer(body: dict) -> Any:
+        prompt = prompt_of(body)
+        model = "other/model" if step in prompt else MODEL
+        return answer_from(ONE_TEXT_BLOCK if "Layout" in prompt else "The paragraph.", model=model)
+
+    server = ScriptedVLM(answer)
+    async with server.client() as client:
+        with pytest.raises(AnswerRejected) as caught:
+            await build_engine("mineru", client, settings(max_reasks=0)).extract(page(png=white_png()))
+    assert caught.value.reason == "model_mismatch" and "other/model" in str(caught.value)
+
+
+async def test_mineru_answers_from_an_alias_are_recorded_under_that_name() -> None:
+    server = ScriptedVLM(
+        lambda body: answer_from(ONE_TEXT_BLOCK if "Layout" in prompt_of(body) else "The paragraph.", model="mineru")
+    )
+    async with honest_client(server, aliases=("mineru",)) as client:
+        result = await build_engine("mineru", client, settings()).extract(page(png=white_png()))
+    assert (result.model, result.finish_reason, result.requests) == ("mineru", "stop", 2)
+    assert result.content_list[0]["text"] == "The paragraph."

@@ -34,7 +34,7 @@ from mkg_pipeline.engines.figures import crop_jpeg, decode_page, image_name
 from mkg_pipeline.outputs import CONTENT_LIST_SCHEMA
 from mkg_pipeline.vllm.breaker import CircuitBreaker
 from mkg_pipeline.vllm.client import VLLMClient
-from mkg_pipeline_tests.unit.scripted_vlm import ScriptedVLM, chat_response, prompt_of
+from mkg_pipeline_tests.unit.scripted_vlm import MODEL, ScriptedVLM, chat_response, prompt_of
 
 
 def box(x1: int, y1: int, x2: int, y2: int, kind: str) -> str:
@@ -294,7 +294,7 @@ async def test_mineru_concurrency_is_not_capped_below_the_limiter() -> None:
     image.save(buffer, "PNG")
     config = MinerUConfig()
     client = VLLMClient(
-        VLLMServerConfig(url="http://scripted-concurrency.test", model="m", adaptive=False),
+        VLLMServerConfig(url="http://scripted-concurrency.test", model=MODEL, adaptive=False),
         HTTPClientConfig(max_attempts=1),
         transport=httpx.MockTransport(handler),
         breaker=CircuitBreaker("http://scripted-concurrency.test", CircuitBreakerConfig()),

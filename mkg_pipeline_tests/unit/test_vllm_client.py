@@ -1142,3 +1142,55 @@ async def test_callers_waiting_on_probes_fail_with_the_cause_when_a_probe_fails(
         with pytest.raises(CircuitOpenError) as info:
             await asyncio.wait_for(waiter, timeout=5)
     assert info.value.first_cause == "server_error"
+
+
+# -- who answered (issue 21 row 3) ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("answered", "expected"),
+    [
+        (MODEL, MODEL),
+        ("other/model", "other/model"),
+        (f" {MODEL.upper()} ", f" {MODEL.upper()} "),
+        (None, None),
+        (7, None),
+    ],
+)
+async def test_chat_result_model_is_the_answers_own_never_the_requests(
+    router: respx.MockRouter, sleeps: SleepRecorder, answered: object, expected: str | None
+) -> None:
+    router.post("/v1/chat/completions").mock(return_value=httpx.Response(200, json=ok_body(model=answered)))
+    async with make_client(sleeps) as client:
+        result = await client.chat_completion("Convert this page to Markdown.", [PNG])
+    assert result.model == expected
+
+
+async def test_chat_result_model_is_none_when_the_answer_names_none(
+    router: respx.MockRouter, sleeps: SleepRecorder
+) -> None:
+    body = ok_body()
+    del body["model"]
+    router.post("/v1/chat/completions").mock(return_value=httpx.Response(200, json=body))
+    async with make_client(sleeps) as client:
+        result = await client.chat_completion("Convert this page to Markdown.", [PNG])
+    assert result.model is None and result.finish_reason == "stop"
+
+
+def test_accepted_models_are_the_configured_model_and_its_aliases() -> None:
+    assert VLLMClient(VLLMServerConfig(url=URL, model=MODEL)).accepted_models == {MODEL}
+    server = VLLMServerConfig(url=URL, model=MODEL, served_model_aliases=["qwen", "qwen-vl"])
+    assert VLLMClient(server).accepted_models == {MODEL, "qwen", "qwen-vl"}
+
+
+def test_aliases_from_the_environment_are_comma_separated_and_exact_names() -> None:
+    from pydantic import ValidationError
+
+    from mkg_pipeline.config import load_config
+
+    config = load_config(environ={"MKG_VLLM__SERVED_MODEL_ALIASES": "qwen, qwen-vl,"})
+    assert config.vllm.served_model_aliases == ["qwen", "qwen-vl"]
+    assert load_config(environ={}).vllm.served_model_aliases == []
+    for bad in ([" qwen"], [""], ["qwen\n"]):
+        with pytest.raises(ValidationError, match="without surrounding spaces"):
+            VLLMServerConfig(url=URL, model=MODEL, served_model_aliases=bad)
