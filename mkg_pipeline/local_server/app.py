@@ -27,7 +27,14 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from mkg_pipeline.local_server import protocol, responses
-from mkg_pipeline.local_server.faults import FaultDecision, FaultInjector, hostile_content
+from mkg_pipeline.local_server.faults import (
+    CONTENT_FAULTS,
+    FORCED_FINISH_FAULTS,
+    WRONG_MODEL_NAME,
+    FaultDecision,
+    FaultInjector,
+    hostile_content,
+)
 from mkg_pipeline.local_server.metrics import ServerMetrics
 from mkg_pipeline.local_server.ocr import EnginePool, ImageDecodeError, decode_image
 from mkg_pipeline.local_server.protocol import RequestError, Route
@@ -341,18 +348,22 @@ async def _chat_completions(state: ServerState, request: Request) -> Response:
 
     hostile = decision.answer if decision is not None else None
     forced_finish: str | None = None
-    if hostile in ("truncated", "empty", "repetition", "lone_surrogate", "html"):
+    if hostile in CONTENT_FAULTS:
         state.metrics.record_fault(hostile)
         log.warning("fault injection: a %s answer", hostile)
         content, forced_finish = hostile_content(hostile, content)
-    content, finish_reason = protocol.truncate_to_tokens(content, limit)
-    if forced_finish == "length":
-        finish_reason = "length"
+    content, limit_finish = protocol.truncate_to_tokens(content, limit)
+    finish_reason: str | None = forced_finish if hostile in FORCED_FINISH_FAULTS else limit_finish
+    model = chat.model or settings.model_name
+    if hostile == "wrong_model":
+        state.metrics.record_fault(hostile)
+        log.warning("fault injection: answering as %s", WRONG_MODEL_NAME)
+        model = WRONG_MODEL_NAME
     completion_tokens = max(1, protocol.estimate_text_tokens(len(content)))
     if hostile == "huge":
         completion_tokens = protocol.estimate_text_tokens(state.faults.settings.huge_bytes) if state.faults else 1
     state.metrics.record_success(
-        finished_reason=finish_reason,
+        finished_reason=finish_reason or "none",
         prompt_tokens=prompt_tokens,
         generation_tokens=completion_tokens,
         e2e_s=answered - arrived,
@@ -371,7 +382,7 @@ async def _chat_completions(state: ServerState, request: Request) -> Response:
     completion = Completion(
         completion_id=f"chatcmpl-{uuid.uuid4().hex}",
         created=int(time.time()),
-        model=chat.model or settings.model_name,
+        model=model,
         content=content,
         finish_reason=finish_reason,
         usage={

@@ -19,7 +19,17 @@ order of :data:`settings.ANSWER_FAULTS` (the first one drawn wins):
   apart from a truncation);
 - ``lone_surrogate``: the answer with ``\\ud800`` inside (sent as that JSON escape);
 - ``html``: the answer followed by a fake page marker, a script, an unclosed
-  comment and an unclosed code fence.
+  comment and an unclosed code fence;
+- ``content_filter``: nothing, ``finish_reason: "content_filter"`` (a filter
+  withheld the answer; on a scanned page it looks like a blank page);
+- ``abort``: the first half of the answer, ``finish_reason: "abort"`` (vLLM
+  aborted the request mid-answer);
+- ``no_finish``: the first half of the answer, ``finish_reason: null``;
+- ``wrong_model``: the real answer, named as :data:`WRONG_MODEL_NAME`'s (a proxy
+  or a server serving another model than the one asked for).
+
+The content faults and the dishonest endings set ``finish_reason`` whatever the
+request's token limit says; the others keep the model's own.
 
 Every request draws the same random numbers in the same order (one per
 fault), so with ``--fault-seed`` the n-th request meets the same fate whatever
@@ -43,6 +53,12 @@ HOSTILE_HTML = (
     "<!-- an unclosed comment swallows what follows\n\n```\nan unclosed code fence"
 )
 TRUNCATION_FILLER = "The answer was cut off in the middle of a sentence because the model ran out of tok"
+#: the model name a ``wrong_model`` answer carries
+WRONG_MODEL_NAME = "mkg-fault/another-model"
+#: faults that rewrite the model's answer (:func:`hostile_content`)
+CONTENT_FAULTS = ("truncated", "empty", "repetition", "lone_surrogate", "html", "content_filter", "abort", "no_finish")
+#: content faults whose finish_reason wins over the one the token limit gives
+FORCED_FINISH_FAULTS = frozenset({"truncated", "content_filter", "abort", "no_finish"})
 
 
 @dataclass(frozen=True)
@@ -55,11 +71,20 @@ class FaultDecision:
     """A hostile answer (one of ``ANSWER_FAULTS``) to give instead of the model's, or None."""
 
 
-def hostile_content(fault: str, content: str) -> tuple[str, str]:
+def _half(content: str) -> str:
+    return content[: len(content) // 2] if len(content) >= 2 else TRUNCATION_FILLER
+
+
+def hostile_content(fault: str, content: str) -> tuple[str, str | None]:
     """(content, finish_reason) of a content-level hostile answer made from the model's real ``content``."""
     if fault == "truncated":
-        cut = content[: len(content) // 2] if len(content) >= 2 else TRUNCATION_FILLER
-        return cut, "length"
+        return _half(content), "length"
+    if fault == "content_filter":
+        return "", "content_filter"
+    if fault == "abort":
+        return _half(content), "abort"
+    if fault == "no_finish":
+        return _half(content), None
     if fault == "empty":
         return "", "stop"
     if fault == "repetition":

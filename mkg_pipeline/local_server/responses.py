@@ -24,7 +24,7 @@ class Completion:
     created: int
     model: str
     content: str
-    finish_reason: str
+    finish_reason: str | None  # None only from fault injection (no_finish)
     usage: dict[str, int]
 
     def body(self) -> dict[str, Any]:

@@ -44,7 +44,19 @@ IGNORED_VLLM_FLAGS: dict[str, bool] = {
 DEFAULT_TRICKLE_INTERVAL_S = 2.0  # one byte every two seconds: slower than any read timeout notices
 DEFAULT_HUGE_BYTES = 400_000_000  # the 400 MB answer of the fault campaign
 
-ANSWER_FAULTS = ("trickle", "huge", "truncated", "empty", "repetition", "lone_surrogate", "html")
+ANSWER_FAULTS = (
+    "trickle",
+    "huge",
+    "truncated",
+    "empty",
+    "repetition",
+    "lone_surrogate",
+    "html",
+    "content_filter",
+    "abort",
+    "no_finish",
+    "wrong_model",
+)
 """Hostile answers, drawn in this order after the model answered (see faults.py)."""
 
 
@@ -59,8 +71,12 @@ class FaultSettings:
     ``trickle_rate`` (a 200 whose body dribbles one byte every
     ``trickle_interval_s`` for ``hang_s``), ``huge_rate`` (an answer of
     ``huge_bytes``, streamed), ``lone_surrogate_rate`` (``"\\ud800"`` in the
-    content) and ``html_rate`` (fake page markers, unclosed comments and fences,
-    a script).
+    content), ``html_rate`` (fake page markers, unclosed comments and fences,
+    a script), the dishonest endings ``content_filter_rate`` (nothing,
+    ``finish_reason: "content_filter"``), ``abort_rate`` (half the answer,
+    ``"abort"``) and ``no_finish_rate`` (half the answer, ``finish_reason:
+    null``), and ``wrong_model_rate`` (the real answer under another model's
+    name).
     """
 
     error_rate: float = 0.0
@@ -79,6 +95,10 @@ class FaultSettings:
     repetition_rate: float = 0.0
     lone_surrogate_rate: float = 0.0
     html_rate: float = 0.0
+    content_filter_rate: float = 0.0
+    abort_rate: float = 0.0
+    no_finish_rate: float = 0.0
+    wrong_model_rate: float = 0.0
 
     def to_dict(self) -> dict[str, float | int | bool]:
         return asdict(self)
@@ -225,6 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
         ("repetition", "whose answer ends in a runaway repeated phrase"),
         ("lone-surrogate", "whose answer holds a lone surrogate (\\ud800)"),
         ("html", "whose answer holds fake page markers, unclosed comments/fences and a script"),
+        ("content-filter", "answered with nothing and finish_reason content_filter"),
+        ("abort", "whose answer stops halfway with finish_reason abort"),
+        ("no-finish", "whose answer stops halfway with no finish_reason (null)"),
+        ("wrong-model", "answered under another model's name"),
     ):
         faults.add_argument(f"--fault-{fault}-rate", type=_rate, default=0.0, help=f"share of requests {what}")
     faults.add_argument(

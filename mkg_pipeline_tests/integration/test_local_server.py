@@ -21,7 +21,7 @@ from PIL import Image
 
 from mkg_pipeline.engines.prompts import PAGE_MARKDOWN_PROMPT
 from mkg_pipeline.local_server.blocks import BlockType
-from mkg_pipeline.local_server.faults import REPEATED_PHRASE
+from mkg_pipeline.local_server.faults import REPEATED_PHRASE, WRONG_MODEL_NAME
 from mkg_pipeline.local_server.settings import ANSWER_FAULTS
 from mkg_pipeline.quality import normalise_text, similarity
 from mkg_pipeline_tests.fixtures.corpus import corpus_pdf
@@ -402,8 +402,20 @@ def test_hostile_answers_when_enabled(start_local_vlm_server: StartServer) -> No
     assert "\ud800" in surrogate.json()["choices"][0]["message"]["content"]
     html = with_only("html").json()["choices"][0]["message"]["content"]
     assert "<!-- page 99 -->" in html and "<script>" in html and html.rstrip().endswith("an unclosed code fence")
-    for fault in ("truncated", "empty", "repetition", "lone_surrogate", "html"):
-        assert server.read_metric("mkg_local_server_faults_injected_total", {"fault": fault}) == 1, fault
+    # Issue 21 rows 2 and 3: answers that end any other way than "stop", and another model's name.
+    filtered = with_only("content_filter").json()["choices"][0]
+    assert (filtered["finish_reason"], filtered["message"]["content"]) == ("content_filter", "")
+    aborted = with_only("abort").json()["choices"][0]
+    assert aborted["finish_reason"] == "abort" and real.startswith(aborted["message"]["content"])
+    unfinished = with_only("no_finish").json()["choices"][0]
+    assert unfinished["finish_reason"] is None and len(unfinished["message"]["content"]) < len(real)
+    wrong = with_only("wrong_model").json()
+    assert wrong["model"] == WRONG_MODEL_NAME != server.model and wrong["choices"][0]["message"]["content"] == real
+    server.set_faults(**{f"{other}_rate": 0.0 for other in ANSWER_FAULTS})
+    assert server.chat(prompt, png, timeout=60).json()["model"] == server.model
+    for fault in ANSWER_FAULTS:
+        if fault not in ("trickle", "huge"):
+            assert server.read_metric("mkg_local_server_faults_injected_total", {"fault": fault}) == 1, fault
 
 
 def test_trickle_never_finishes_and_huge_is_streamed_in_bounded_memory(start_local_vlm_server: StartServer) -> None:

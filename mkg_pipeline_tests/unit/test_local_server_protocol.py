@@ -24,7 +24,7 @@ from PIL import Image
 from mkg_pipeline.engines.prompts import PAGE_MARKDOWN_PROMPT
 from mkg_pipeline.local_server import protocol
 from mkg_pipeline.local_server.app import create_app
-from mkg_pipeline.local_server.faults import REPEATED_PHRASE, FaultInjector, hostile_content
+from mkg_pipeline.local_server.faults import REPEATED_PHRASE, WRONG_MODEL_NAME, FaultInjector, hostile_content
 from mkg_pipeline.local_server.geometry import OcrLine
 from mkg_pipeline.local_server.ocr import EnginePool, Reading
 from mkg_pipeline.local_server.protocol import RequestError, Route
@@ -486,3 +486,56 @@ async def test_app_trickles_and_streams_a_huge_answer_without_content_length() -
         assert len(streamed.content) >= size and streamed.text.endswith("data: [DONE]\n\n")
         metrics = (await client.get("/metrics")).text
         assert _fault_count(metrics, "trickle") == 2.0 and _fault_count(metrics, "huge") == 2.0
+
+
+def test_dishonest_endings() -> None:
+    """Issue 21 row 2: answers that end any other way than ``stop``."""
+    answer = "A real answer of the model, long enough to be cut in the middle."
+    assert hostile_content("content_filter", answer) == ("", "content_filter")
+    for fault, finish in (("abort", "abort"), ("no_finish", None)):
+        cut, reason = hostile_content(fault, answer)
+        assert reason == finish and answer.startswith(cut) and 0 < len(cut) < len(answer), fault
+        assert hostile_content(fault, "")[0]  # something, even when the model said nothing
+
+
+async def test_app_answers_dishonest_endings_and_another_models_name() -> None:
+    """Issue 21 rows 2 and 3: odd finish reasons and a wrong model name, each counted; JSON and events alike."""
+    settings = ServerSettings(fault_injection=True)
+    async with _in_process(settings, _FakePool(settings.max_num_seqs)) as client:
+        await _wait_healthy(client)
+
+        async def only(fault: str, **extra: Any) -> httpx.Response:
+            reset = {f"{other}_rate": 0.0 for other in ANSWER_FAULTS}
+            assert (await client.post("/fault-injection", json={**reset, f"{fault}_rate": 1.0})).status_code == 200
+            return await _answer(client, **extra)
+
+        filtered = (await only("content_filter")).json()
+        assert filtered["choices"][0]["finish_reason"] == "content_filter"
+        assert filtered["choices"][0]["message"]["content"] == "" and filtered["model"] == DEFAULT_MODEL_NAME
+        aborted = (await only("abort")).json()["choices"][0]
+        assert (aborted["finish_reason"], aborted["message"]["content"]) == ("abort", "he")
+        unfinished = (await only("no_finish")).json()["choices"][0]
+        assert "finish_reason" in unfinished and unfinished["finish_reason"] is None
+        assert unfinished["message"]["content"] == "he"
+        # A max_tokens cut does not hide the injected ending.
+        limited = (await only("abort", max_tokens=1)).json()["choices"][0]
+        assert limited["finish_reason"] == "abort"
+
+        wrong = (await only("wrong_model")).json()
+        assert wrong["model"] == WRONG_MODEL_NAME != DEFAULT_MODEL_NAME
+        assert (wrong["choices"][0]["finish_reason"], wrong["choices"][0]["message"]["content"]) == ("stop", "hello")
+        events = (await only("wrong_model", stream=True)).text
+        assert f'"model":"{WRONG_MODEL_NAME}"' in events and DEFAULT_MODEL_NAME not in events
+        stream_unfinished = (await only("no_finish", stream=True)).text
+        assert '"finish_reason":"stop"' not in stream_unfinished and stream_unfinished.endswith("data: [DONE]\n\n")
+
+        metrics = (await client.get("/metrics")).text
+        for fault, count in (("content_filter", 1.0), ("abort", 2.0), ("no_finish", 2.0), ("wrong_model", 2.0)):
+            assert _fault_count(metrics, fault) == count, fault
+        assert 'finished_reason="none"' in metrics and 'finished_reason="content_filter"' in metrics
+
+        # Off again: the model's own answer, under the requested name.
+        reset = {f"{other}_rate": 0.0 for other in ANSWER_FAULTS}
+        await client.post("/fault-injection", json=reset)
+        healthy = (await _answer(client)).json()
+        assert (healthy["model"], healthy["choices"][0]["finish_reason"]) == (DEFAULT_MODEL_NAME, "stop")
