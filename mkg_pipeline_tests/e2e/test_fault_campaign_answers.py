@@ -14,6 +14,21 @@ fault, each sent alone (``doc_ids``) while the local server gives that answer to
 After each fault the audit is clean (the batch's other documents wait their turn) and, the fault off,
 the re-run requests exactly the failed pages.
 
+Case 5b (issue 21 rows 2 and 3, dishonest answers): one document per fault, each sent alone while the
+local server gives that answer to every request:
+
+- ``abort`` (half the answer), ``no_finish`` (half the answer, ``finish_reason: null``) and
+  ``content_filter`` (nothing, ``finish_reason: "content_filter"``, on a scanned page, where an empty
+  answer is a blank page): a recorded failure ``finish_abort``, ``finish_missing``,
+  ``finish_content_filter``; nothing cached, the re-ask counted;
+- ``wrong_model`` (the real answer, named ``mkg-fault/another-model``): ``model_mismatch``, nothing cached
+  under the configured model's key;
+- ``wrong_model`` again, with that name configured in ``vllm.served_model_aliases``: stored, its record
+  names the model that answered, under the configured model's cache key.
+
+After each fault the audit is clean but for the failed page (pending), and, the fault off, the re-run
+requests exactly that page again and completes the document.
+
 Case 6 (row 8, row 15): the server killed mid-run: every failed page records the first real cause
 (connect, timeout, server_error), never ``circuit_open``; the run fails visibly (page_failure_rate)
 while every finished page is kept; the re-run, once the server is back, requests exactly the rest.
@@ -121,6 +136,82 @@ def test_hostile_answers(campaign: Campaign) -> None:
             view.describe(),
             f"page {'stored' if reason is None else 'failed as ' + reason}",
         )
+    campaign.audit()  # every document done, nothing pending
+
+
+#: fault -> reason of the failed page (issue 21 rows 2 and 3)
+DISHONEST: dict[str, str] = {
+    "abort": "finish_abort",
+    "no_finish": "finish_missing",
+    "wrong_model": "model_mismatch",
+    "content_filter": "finish_content_filter",  # on a scanned page, where "nothing" looked like a blank page
+}
+
+
+def scanned_pdf(tag: str) -> bytes:
+    """``tiny_pdf(tag)`` as a scan: the page is one image, with no text layer (``text_layer_chars`` 0)."""
+    import pymupdf
+
+    with pymupdf.open(stream=tiny_pdf(tag), filetype="pdf") as source, pymupdf.open() as scan:
+        pixmap = source[0].get_pixmap(dpi=150)
+        page = scan.new_page(width=source[0].rect.width, height=source[0].rect.height)
+        page.insert_image(page.rect, stream=pixmap.tobytes("png"))
+        return bytes(scan.tobytes())
+
+
+def test_dishonest_answers(campaign: Campaign) -> None:
+    from mkg_pipeline.local_server.faults import WRONG_MODEL_NAME
+
+    cases = [*DISHONEST, "alias"]
+    files = {
+        f"dishonest-{case}.pdf": (scanned_pdf if case == "content_filter" else tiny_pdf)(f"dishonest {case}")
+        for case in cases
+    }
+    docs = {case: doc_id_of(files[f"dishonest-{case}.pdf"]) for case in cases}
+    batch = campaign.new_batch(files)
+    assert campaign.materialize(batch, "raw_pdfs,parsed_pages").success
+    storage = campaign.storage
+    no_fault = {f"{fault}_rate": 0.0 for fault in DISHONEST}
+
+    for fault, reason in DISHONEST.items():
+        doc_id = docs[fault]
+        campaign.server.set_faults(**{f"{fault}_rate": 1.0})
+        result = campaign.materialize(batch, "vlm_outputs", _only(doc_id))
+        campaign.server.set_faults(**no_fault)
+        view = campaign.view(result.run_id)
+        status = storage.get_json(storage.vlm_status_key(doc_id))
+        assert view.vlm is not None, (fault, view.describe())
+        # A recorded failure with its own reason, nothing cached, and the run fails visibly.
+        assert not result.success and "page_failure_rate" in view.failed_checks, (fault, view.describe())
+        (failed,) = status["failed_pages"]
+        assert (failed["reason"], failed["attempts"], status["state"]) == (reason, 1, "failed"), (fault, status)
+        assert f"doc={doc_id} page=1" in failed["message"], failed
+        assert not campaign.keys(storage.vlm_page_prefix(doc_id)), fault  # nothing cached, under any key
+        assert view.vlm["requests"] == 2, (fault, view.vlm)  # the re-ask is counted
+        if fault == "wrong_model":
+            assert WRONG_MODEL_NAME in failed["message"] and campaign.server.model in failed["message"], failed
+        report = campaign.audit(pending=True)  # clean: the failure is recorded with its reason and attempts
+        assert report.counts["pages_failed"] == 1, report.to_text()
+
+        rerun = campaign.rerun_and_account(batch, {doc_id: 1}, "vlm_outputs", _only(doc_id), pending=True)
+        assert rerun.missing == 1 == rerun.requested, fault
+        (key,) = campaign.keys(storage.vlm_page_prefix(doc_id))
+        record = storage.get_json(key)
+        assert (record["model"], record["finish_reason"]) == (campaign.server.model, "stop"), record
+        report_row(f"dishonest answer: {fault}", rerun, view.describe(), f"page failed as {reason}")
+
+    # The user's choice: the server's other name is configured as an alias, and its answers are accepted.
+    doc_id = docs["alias"]
+    campaign.set_env(MKG_VLLM__SERVED_MODEL_ALIASES=WRONG_MODEL_NAME)
+    campaign.server.set_faults(wrong_model_rate=1.0)
+    rerun = campaign.rerun_and_account(batch, {doc_id: 1}, "vlm_outputs", _only(doc_id), pending=False)
+    campaign.server.set_faults(**no_fault)
+    campaign.set_env(MKG_VLLM__SERVED_MODEL_ALIASES="")
+    (key,) = campaign.keys(storage.vlm_page_prefix(doc_id))
+    record = storage.get_json(key)
+    assert record["model"] == WRONG_MODEL_NAME, record  # who answered
+    assert record["engine"] == campaign.identity() and campaign.server.model in record["engine"], record
+    report_row("answer from a configured alias", rerun, rerun.view.describe(), "stored, record names the alias")
     campaign.audit()  # every document done, nothing pending
 
 
