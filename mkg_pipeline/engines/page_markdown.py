@@ -182,7 +182,7 @@ class PageMarkdownEngine:
                 accepted_models=self._client.accepted_models,
                 require_text=page.text_layer_chars > 0,
             )
-            if problem is None and result.model is not None:
+            if problem is None:
                 markdown = outside_code(body, text_math_to_dollars)
                 return PageResult(
                     markdown=safe_page_markdown(markdown),
@@ -191,9 +191,8 @@ class PageMarkdownEngine:
                     requests=requests,
                     raw_answer=raw,
                     finish_reason=result.finish_reason,
-                    model=result.model,
+                    model=result.model or self._client.model,  # never empty: a nameless answer is a mismatch
                 )
-            assert problem is not None  # an answer without a model is a model_mismatch
             reason, detail = problem
             log_rejected(label, reason, detail, ask=ask, max_reasks=self._max_reasks)
             max_tokens = next_max_tokens(max_tokens, reason)
