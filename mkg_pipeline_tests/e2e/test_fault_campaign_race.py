@@ -97,7 +97,7 @@ def test_a_replacement_between_check_and_read_at_ingest(campaign: Campaign) -> N
     # The batched version was overwritten before it could be read: it is not recorded as the new bytes.
     manifest = campaign.storage.get_json(campaign.storage.batch_key(batch))
     outcome = manifest["results"][key]
-    assert outcome["status"] == "error" and "replaced since it was batched" in outcome["message"], outcome
+    assert outcome["status"] == "superseded" and "replaced since it was batched" in outcome["message"], outcome
     assert not campaign.keys("raw/")
     _the_new_version_is_processed_next(
         campaign, key, landed[0], new, "a new version lands between ingest's check and its read", view.describe()

@@ -64,10 +64,18 @@ def test_a_replacement_between_check_and_read_is_not_ingested_as_the_batched_ver
     summary = ingest_batch(storage, batch, LIMITS)
     # The batched version is gone (overwritten): the batch must not claim it was the new bytes.
     assert doc_id_for(NEW) not in summary.accepted.values(), summary
-    assert "replaced since it was batched" in summary.errors[KEY]
+    assert "replaced since it was batched" in summary.superseded[KEY]
     assert storage.keys("raw/") == []
     assert storage.get_bytes(KEY) == NEW  # left for the sensor
     assert audit_bucket(storage, IDENTITY).ok
+    # A re-run does not turn the superseded version into an error; the new version's own batch drains it,
+    # and the old version is never reported lost (it was overwritten by its sender, not by the pipeline).
+    assert ingest_batch(storage, batch, LIMITS).superseded == summary.superseded
+    later = drop(storage, {"report.pdf": NEW}, batch_id="b-later")
+    assert ingest_batch(storage, later, LIMITS).accepted == {KEY: doc_id_for(NEW)}
+    assert storage.keys("incoming/") == []
+    report = audit_bucket(storage, IDENTITY)
+    assert report.ok and report.counts["superseded"] == 1, report.to_text()
 
 
 def test_a_bucket_that_ignores_conditional_deletes_keeps_objects_instead_of_losing_them() -> None:
