@@ -755,7 +755,13 @@ class Storage(Layout):
         or four requests. An S3 that cannot be asked (outage) raises; the answer is never guessed.
         """
         if self._drain_strategy is None:
-            if self.backend.run(lambda ops: ops.versioning()) == "Enabled":
+            try:
+                status = self.backend.run(lambda ops: ops.versioning())
+            except OSError as exc:
+                if not _answered(exc):
+                    raise  # no answer (S3 unreachable): decide later, never guess
+                status = ""  # refused (a credential without s3:GetBucketVersioning): try the next strategy
+            if status == "Enabled":
                 self._drain_strategy = BY_VERSION_ID
             else:
                 self._drain_strategy = BY_IF_MATCH if self._delete_if_match_honoured() else KEEP

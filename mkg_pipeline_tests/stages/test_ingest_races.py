@@ -14,6 +14,7 @@ from mkg_pipeline.audit import audit_bucket
 from mkg_pipeline.config import PDFConfig
 from mkg_pipeline.ids import doc_id_for
 from mkg_pipeline.stages.ingest import ingest_batch
+from mkg_pipeline.stages.sensor_plan import pending_objects
 from mkg_pipeline.storage import MemoryStorage
 from mkg_pipeline_tests.fixtures.corpus import corpus_pdf
 from mkg_pipeline_tests.stages.conftest import drop
@@ -96,3 +97,4 @@ def test_a_bucket_that_ignores_conditional_deletes_keeps_objects_instead_of_losi
     again = ingest_batch(storage, batch, LIMITS)
     assert again.accepted == {KEY: doc_id_for(OLD)} and again.drained == 0
     assert storage.keys("incoming/") == [KEY]
+    assert pending_objects(storage, batch) == []  # done: never a reason for the sensor to retry the batch
