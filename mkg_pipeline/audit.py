@@ -174,8 +174,11 @@ class _BatchIndex:
     batched_incoming: set[int] = field(default_factory=set)
     #: (batch_id, count) of settled objects left in incoming/ because the bucket cannot drain safely
     kept: Counter[str] = field(default_factory=Counter)
-    #: objects with no outcome that left incoming/: lost unless another manifest settled them
-    lost_candidates: list[tuple[str, str, str, dict[str, Any] | None]] = field(default_factory=list)
+    #: hash(key) -> created_at of the newest batch that settled some version of that name
+    settled_names: dict[int, str] = field(default_factory=dict)
+    #: objects with no outcome that left incoming/: lost unless another manifest settled them, or a later
+    #: batch settled a newer version of the name (then this version was overwritten: superseded)
+    lost_candidates: list[tuple[str, str, str, str, dict[str, Any] | None]] = field(default_factory=list)
     #: (batch_id, key) of objects still in incoming/ without a final outcome: ingest pending or in progress
     pending_objects: set[tuple[str, str]] = field(default_factory=set)
 
@@ -233,6 +236,7 @@ def _check_manifest(
 ) -> None:
     report.counts["batches"] += 1
     results = manifest.get("results") or {}
+    created = str(manifest.get("created_at") or "")
     for doc_id in manifest.get("doc_ids") or []:  # golden batches list documents directly
         index.doc_batch.setdefault(doc_id, batch_id)
     for obj in manifest.get("objects") or []:
@@ -276,6 +280,8 @@ def _check_manifest(
                 )
         if status in {"accepted", "rejected"}:
             index.settled.add(hash((key, etag)))
+            if created > index.settled_names.get(hash(key), ""):
+                index.settled_names[hash(key)] = created
             if current is not None and current.etag == etag and outcome.get("kept_in_incoming"):  # type: ignore[union-attr]
                 index.kept[batch_id] += 1  # left there on purpose (ingest.py, storage.drain): not a stopped run
             elif current is not None and current.etag == etag:
@@ -312,13 +318,18 @@ def _check_manifest(
                     )
                 )
             continue
-        index.lost_candidates.append((batch_id, key, etag, outcome))
+        index.lost_candidates.append((batch_id, created, key, etag, outcome))
 
 
 def _report_lost(storage: Storage, index: _BatchIndex, report: AuditReport) -> None:
-    for batch_id, key, etag, outcome in index.lost_candidates:
+    for batch_id, created, key, etag, outcome in index.lost_candidates:
         if hash((key, etag)) in index.settled:
             continue  # ingested through another batch (requested again after its first batch failed)
+        if created and index.settled_names.get(hash(key), "") > created:
+            # A batch made later settled another version of this name: this one was overwritten by its
+            # sender before it was read (the later batch's run drained the new version first).
+            report.counts["superseded"] += 1
+            continue
         report.add(
             Finding(
                 "object_lost",

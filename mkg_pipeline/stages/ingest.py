@@ -15,9 +15,10 @@ Nothing can be lost, wherever the run is killed:
    check and the DELETE (issue 21, row 1): :meth:`Storage.drain` removes exactly the batched version, by
    version id on a versioned bucket or with ``If-Match`` where S3 honours it, and deletes nothing where it
    can do neither (MinIO without versioning): the object is then kept in ``incoming/``, its outcome marked
-   ``kept_in_incoming`` (storage.py, "Draining incoming/");
-   Ingest reads the object with ``If-Match: <batched ETag>``, so the bytes validated are those of the
-   batched version, never a version that replaced it between a check and the read;
+   ``kept_in_incoming`` (storage.py, "Draining incoming/"). Likewise ingest reads the object with
+   ``If-Match: <batched ETag>``, so the bytes validated are those of the batched version, never of one
+   that replaced it between a check and the read; a version overwritten before it was read is recorded
+   ``superseded`` (final, never drained: the new version is the sensor's);
 3. everything written before the outcome is idempotent too (same key, same bytes), so an object ingested
    again after a kill ends the same way, and is not mistaken for a duplicate of itself.
 

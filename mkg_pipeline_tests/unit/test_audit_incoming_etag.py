@@ -52,3 +52,29 @@ def test_a_batched_new_version_that_vanished_unprocessed_is_lost() -> None:
     storage.delete("incoming/a.pdf")
     finding = _only(_audit(storage), "object_lost")
     assert finding.batch_id == later and finding.subject.endswith("incoming/a.pdf")
+
+
+def test_a_version_overwritten_and_ingested_through_a_later_batch_is_superseded_not_lost() -> None:
+    """new.pdf (batched, not ingested yet) is overwritten; the new version's later batch runs first and drains
+    it; the first batch then finds nothing: that version was overwritten by its sender, not lost."""
+    storage = _clean_bucket()
+    etag = storage.put_bytes("incoming/new.pdf", b"%PDF the sender's new version")
+    later = "b20260101T130000-00000002"
+    storage.put_json(
+        storage.batch_key(later),
+        {
+            "batch_id": later,
+            "created_at": "2026-01-01T13:00:00+00:00",
+            "objects": [{"key": "incoming/new.pdf", "etag": etag, "size": 28}],
+            "results": {"incoming/new.pdf": {"status": "rejected", "reason": "not_a_pdf", "message": "x"}},
+        },
+    )
+    storage.put_json(storage.rejected_key("new.pdf"), {"reason": "not_a_pdf"})
+    storage.delete("incoming/new.pdf")
+    report = _audit(storage)
+    assert _kinds(report) == [] and report.counts["superseded"] == 1, report.to_text()
+    # The other way round (the settling batch is the older one) the version is lost, as before.
+    manifest = storage.get_json(storage.batch_key(later))
+    manifest["created_at"] = "2025-12-31T00:00:00+00:00"
+    storage.put_json(storage.batch_key(later), manifest)
+    assert _kinds(_audit(storage)) == ["object_lost"]
