@@ -36,8 +36,9 @@ deleted, and a new version landing in between is deleted unprocessed. Two mechan
 1. ``version_id``, a versioned bucket (GetBucketVersioning says ``Enabled``): the drain lists the key's
    versions, deletes the batched one by its version id (and the older, superseded ones first, so none of
    them becomes current again), and a version uploaded meanwhile is another version id, never touched.
-   AWS S3 and MinIO both implement versioning and DeleteObject by VersionId (MinIO on any erasure or
-   single-drive deployment since 2022); moto too. This is the one to use on MinIO.
+   AWS S3 and MinIO both implement versioning and DeleteObject by VersionId (MinIO on its erasure-coded
+   and single-drive backends, not the legacy filesystem mode); moto too. This is the one to use on
+   MinIO: deploy/ versions ``incoming/`` there, every other prefix excluded.
 2. ``if_match``, DeleteObject with ``If-Match: <ETag>``: S3 deletes only if the current version still has
    that ETag, atomically (AWS general purpose buckets since 2025-09; moto). MinIO **ignores** the header
    and deletes anyway (minio/minio#21677), so it is trusted only after a probe: a scratch object under
