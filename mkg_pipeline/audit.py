@@ -3,7 +3,9 @@
 The invariant (DESIGN.md, CONTRACTS.md):
 
 1. every object of every batch manifest ended in ``raw/`` (accepted) or ``rejected/``, or is still
-   pending in ``incoming/``;
+   pending in ``incoming/``. Objects are told apart by key **and ETag**: a new version under the name of a
+   batched object is new work, listed as waiting for the sensor (and named once it waits too long), and a
+   batched version that left incoming/ without an outcome is lost, whatever else now has its name;
 2. every document in ``raw/`` has a page manifest or a recorded render failure, or is pending (never
    rendered yet);
 3. every page of a page manifest has a result for the configured engine identity
@@ -167,10 +169,16 @@ class _BatchIndex:
     doc_batch: dict[str, str] = field(default_factory=dict)
     #: hashes of (key, etag) that some manifest settled (accepted/rejected)
     settled: set[int] = field(default_factory=set)
-    #: keys of incoming/ that some manifest lists
-    batched_incoming: set[str] = field(default_factory=set)
-    #: objects with no outcome that left incoming/: lost unless another manifest settled them
-    lost_candidates: list[tuple[str, str, str, dict[str, Any] | None]] = field(default_factory=list)
+    #: hashes of (key, etag) of incoming/ objects some manifest lists *as that version*: a new version under
+    #: a batched name is new work, never hidden by the old version's batch (issue 21, row 8)
+    batched_incoming: set[int] = field(default_factory=set)
+    #: (batch_id, count) of settled objects left in incoming/ because the bucket cannot drain safely
+    kept: Counter[str] = field(default_factory=Counter)
+    #: hash(key) -> created_at of the newest batch that settled some version of that name
+    settled_names: dict[int, str] = field(default_factory=dict)
+    #: objects with no outcome that left incoming/: lost unless another manifest settled them, or a later
+    #: batch settled a newer version of the name (then this version was overwritten: superseded)
+    lost_candidates: list[tuple[str, str, str, str, dict[str, Any] | None]] = field(default_factory=list)
     #: (batch_id, key) of objects still in incoming/ without a final outcome: ingest pending or in progress
     pending_objects: set[tuple[str, str]] = field(default_factory=set)
 
@@ -228,6 +236,7 @@ def _check_manifest(
 ) -> None:
     report.counts["batches"] += 1
     results = manifest.get("results") or {}
+    created = str(manifest.get("created_at") or "")
     for doc_id in manifest.get("doc_ids") or []:  # golden batches list documents directly
         index.doc_batch.setdefault(doc_id, batch_id)
     for obj in manifest.get("objects") or []:
@@ -237,8 +246,8 @@ def _check_manifest(
         status = (outcome or {}).get("status")
         uri = storage.uri(key)
         current = look.in_incoming(key)
-        if current is not None:
-            index.batched_incoming.add(key)
+        if current is not None and current.etag == etag:
+            index.batched_incoming.add(hash((key, etag)))
         if status == "accepted":
             doc_id = outcome["doc_id"]  # type: ignore[index]
             index.doc_batch.setdefault(doc_id, batch_id)
@@ -271,7 +280,11 @@ def _check_manifest(
                 )
         if status in {"accepted", "rejected"}:
             index.settled.add(hash((key, etag)))
-            if current is not None and current.etag == etag:
+            if created > index.settled_names.get(hash(key), ""):
+                index.settled_names[hash(key)] = created
+            if current is not None and current.etag == etag and outcome.get("kept_in_incoming"):  # type: ignore[union-attr]
+                index.kept[batch_id] += 1  # left there on purpose (ingest.py, storage.drain): not a stopped run
+            elif current is not None and current.etag == etag:
                 report.add(
                     Finding(
                         "not_drained",
@@ -282,6 +295,11 @@ def _check_manifest(
                         batch_id,
                     )
                 )
+            continue
+        if status == "superseded":
+            # Overwritten by a new upload before it could be read (ingest saw its ETag change): nothing of this
+            # version to account for; the new version is accounted for by its own key + ETag.
+            report.counts["superseded"] += 1
             continue
         if current is not None:
             if current.etag != etag:
@@ -300,13 +318,18 @@ def _check_manifest(
                     )
                 )
             continue
-        index.lost_candidates.append((batch_id, key, etag, outcome))
+        index.lost_candidates.append((batch_id, created, key, etag, outcome))
 
 
 def _report_lost(storage: Storage, index: _BatchIndex, report: AuditReport) -> None:
-    for batch_id, key, etag, outcome in index.lost_candidates:
+    for batch_id, created, key, etag, outcome in index.lost_candidates:
         if hash((key, etag)) in index.settled:
             continue  # ingested through another batch (requested again after its first batch failed)
+        if created and index.settled_names.get(hash(key), "") > created:
+            # A batch made later settled another version of this name: this one was overwritten by its
+            # sender before it was read (the later batch's run drained the new version first).
+            report.counts["superseded"] += 1
+            continue
         report.add(
             Finding(
                 "object_lost",
@@ -322,11 +345,32 @@ def _report_lost(storage: Storage, index: _BatchIndex, report: AuditReport) -> N
         )
 
 
+def _report_kept(storage: Storage, index: _BatchIndex, report: AuditReport) -> None:
+    """One warning for the ingested objects kept in incoming/ (a bucket that cannot drain them safely)."""
+    if not index.kept:
+        return
+    report.counts["kept_in_incoming"] += sum(index.kept.values())
+    batches = ", ".join(sorted(index.kept)[:5]) + (" ..." if len(index.kept) > 5 else "")
+    report.add(
+        Finding(
+            "kept_in_incoming",
+            WARNING,
+            storage.uri(storage.incoming_prefix),
+            f"{sum(index.kept.values())} ingested object(s) of {len(index.kept)} batch(es) ({batches}) are kept in "
+            "incoming/: the bucket is not versioned and this S3 ignores If-Match on DeleteObject, so deleting "
+            "them could remove a new version uploaded meanwhile. Nothing is lost; incoming/ grows",
+            "enable versioning on the bucket (MinIO: `mc version enable ALIAS/BUCKET`, with a noncurrent-version "
+            "expiry rule; docs/deployment.md), then materialize raw_pdfs for those batches: they are drained "
+            "without being ingested again",
+        )
+    )
+
+
 def _check_unbatched(
     storage: Storage, index: _BatchIndex, incoming: dict[str, ObjectInfo], now: float, report: AuditReport
 ) -> None:
     for key, info in incoming.items():
-        if key in index.batched_incoming or key.endswith("/"):
+        if hash((key, info.etag)) in index.batched_incoming or key.endswith("/"):
             continue
         age = now - info.last_modified.timestamp() if info.last_modified else 0.0
         if age < UNBATCHED_AFTER_S:
@@ -663,6 +707,7 @@ def audit_bucket(
             if manifest is not None:
                 _check_manifest(storage, obj.key[len("batches/") : -len(".json")], manifest, look, index, report)
     _report_lost(storage, index, report)
+    _report_kept(storage, index, report)
     for doc in _stream_documents(storage, raw, report):
         batch_id = index.doc_batch.get(doc.doc_id)
         if batch_id is None and _being_ingested(storage, doc, index):
@@ -679,6 +724,7 @@ def _audit_batch(storage: Storage, identity: str, batch_id: str, index: _BatchIn
         return
     _check_manifest(storage, batch_id, manifest, _Lookups(storage), index, report)
     _report_lost(storage, index, report)
+    _report_kept(storage, index, report)
     for doc_id in [d for d, b in index.doc_batch.items() if b == batch_id]:
         doc = _DocKeys(doc_id)
         doc.raw.update(o.key.rsplit(".", 1)[-1] for o in storage.list_objects(f"raw/{doc_id}."))

@@ -27,6 +27,31 @@ succeeds, so a killed writer never leaves a half object that looks finished, and
 the old or the new version of a key. Conditional writes (``if_none_match`` / ``if_match``) let a
 writer claim a key or replace exactly the version it read (the batch lease uses them).
 
+Draining ``incoming/`` without losing a new version (issue 21): an ingested object is removed with
+:meth:`Storage.drain`, which deletes exactly the version that was batched and never a newer one uploaded
+under the same name in between. An unconditional DELETE cannot promise that: the name is checked, then
+deleted, and a new version landing in between is deleted unprocessed. Two mechanisms close the gap, and
+:meth:`Storage.drain_strategy` picks, once per Storage, the first one this bucket honours:
+
+1. ``version_id``, a versioned bucket (GetBucketVersioning says ``Enabled``): the drain lists the key's
+   versions, deletes the batched one by its version id (and the older, superseded ones first, so none of
+   them becomes current again), and a version uploaded meanwhile is another version id, never touched.
+   AWS S3 and MinIO both implement versioning and DeleteObject by VersionId (MinIO on its erasure-coded
+   and single-drive backends, not the legacy filesystem mode); moto too. This is the one to use on
+   MinIO: deploy/ versions ``incoming/`` there, every other prefix excluded.
+2. ``if_match``, DeleteObject with ``If-Match: <ETag>``: S3 deletes only if the current version still has
+   that ETag, atomically (AWS general purpose buckets since 2025-09; moto). MinIO **ignores** the header
+   and deletes anyway (minio/minio#21677), so it is trusted only after a probe: a scratch object under
+   ``probes/`` is deleted with a wrong ETag, and the server must refuse (412) and keep it.
+3. otherwise ``keep``: nothing is deleted from ``incoming/``. Ingested objects stay there, recorded with
+   their key and ETag (the batch manifest marks them ``kept_in_incoming``), so the sensor, the audit and a
+   re-run know them as done. Nothing is lost; incoming/ grows until versioning is enabled, and the
+   audit says so.
+
+Reads that must see the version that was checked use ``If-Match`` on GetObject (honoured by AWS, MinIO
+and moto alike): :meth:`Storage.get_bytes` with ``if_match`` raises :class:`PreconditionFailed` when the
+object was replaced, so a HEAD-then-GET never pairs one version's ETag with another's bytes.
+
 Two faces over one set of operations:
 
 - :class:`Storage`, synchronous, for the sensor, ingest, rendering, audit and tools;
@@ -45,6 +70,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import re
 import threading
@@ -57,11 +83,15 @@ from typing import Any, Final, Protocol
 from mkg_pipeline.config import StorageConfig
 from mkg_pipeline.ids import doc_id_for
 
+log = logging.getLogger(__name__)
+
 __all__ = [
+    "DRAIN_STRATEGIES",
     "AsyncStorage",
     "MemoryBackend",
     "MemoryStorage",
     "ObjectInfo",
+    "ObjectVersion",
     "PreconditionFailed",
     "Storage",
     "doc_id_for",
@@ -77,6 +107,21 @@ _LIST_PAGE_SIZE: Final = 1000
 #: connections of one async session: the page path keeps this many GETs/PUTs in flight at most
 ASYNC_POOL_CONNECTIONS: Final = 64
 
+#: how :meth:`Storage.drain` removes an ingested object (module doc, "Draining incoming/")
+BY_VERSION_ID: Final = "version_id"
+BY_IF_MATCH: Final = "if_match"
+KEEP: Final = "keep"
+DRAIN_STRATEGIES: Final = (BY_VERSION_ID, BY_IF_MATCH, KEEP)
+#: what :meth:`Storage.drain` did: removed it; removed nothing, or only the batched version, and a newer
+#: version waits under the key; no version with that ETag exists; nothing removed (strategy ``keep``)
+DRAINED: Final = "drained"
+NEWER_WAITS: Final = "newer_waits"
+NOT_FOUND: Final = "not_found"
+KEPT: Final = "kept"
+#: where the conditional-delete probe writes its scratch object (no stage lists this prefix)
+PROBE_PREFIX: Final = "probes/"
+_WRONG_ETAG: Final = "0" * 32
+
 
 class PreconditionFailed(Exception):
     """A conditional write lost: the key exists (``if_none_match``) or changed (``if_match``)."""
@@ -91,6 +136,16 @@ class ObjectInfo:
     etag: str
     last_modified: datetime | None
     content_type: str | None = None
+    version_id: str | None = None  # from HEAD, on a versioned bucket
+
+
+@dataclass(frozen=True)
+class ObjectVersion:
+    """One version of a key (ListObjectVersions), newest first in :meth:`Storage.list_versions`."""
+
+    version_id: str
+    etag: str
+    is_latest: bool
 
 
 def json_bytes(obj: Any) -> bytes:
@@ -222,12 +277,15 @@ class Layout:
 class Ops(Protocol):
     """The operations one backend session offers (keys already checked, relative to the bucket)."""
 
-    async def get(self, key: str) -> bytes: ...
+    async def get(self, key: str, if_match: str | None = None) -> bytes: ...
     async def put(
         self, key: str, data: bytes, content_type: str | None, if_none_match: bool, if_match: str | None
     ) -> str: ...
     async def head(self, key: str) -> ObjectInfo | None: ...
     async def delete(self, keys: list[str]) -> None: ...
+    async def delete_one(self, key: str, if_match: str | None, version_id: str | None) -> None: ...
+    async def list_versions(self, key: str) -> list[ObjectVersion]: ...
+    async def versioning(self) -> str: ...
     async def copy(self, src: str, dst: str) -> None: ...
     async def list_page(self, prefix: str, token: str | None) -> tuple[list[ObjectInfo], str | None]: ...
     async def ensure_bucket(self) -> None: ...
@@ -241,8 +299,16 @@ class _S3Ops:
         self.bucket = bucket
         self.region = region
 
-    async def get(self, key: str) -> bytes:
-        response = await self.fs._call_s3("get_object", Bucket=self.bucket, Key=key)
+    async def get(self, key: str, if_match: str | None = None) -> bytes:
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
+        if if_match:
+            kwargs["IfMatch"] = f'"{if_match}"'
+        try:
+            response = await self.fs._call_s3("get_object", **kwargs)
+        except OSError as exc:
+            if if_match and not isinstance(exc, FileNotFoundError) and _is_412(exc):
+                raise PreconditionFailed(f"{key} is no longer the version with ETag {if_match}: {exc}") from None
+            raise
         body = response["Body"]
         try:
             return bytes(await body.read())
@@ -280,12 +346,47 @@ class _S3Ops:
             etag=str(response.get("ETag", "")).strip('"'),
             last_modified=response.get("LastModified"),
             content_type=response.get("ContentType"),
+            version_id=response.get("VersionId"),
         )
 
     async def delete(self, keys: list[str]) -> None:
         for start in range(0, len(keys), 1000):
             chunk = [{"Key": k} for k in keys[start : start + 1000]]
             await self.fs._call_s3("delete_objects", Bucket=self.bucket, Delete={"Objects": chunk, "Quiet": True})
+
+    async def delete_one(self, key: str, if_match: str | None, version_id: str | None) -> None:
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
+        if if_match:
+            kwargs["IfMatch"] = f'"{if_match}"'
+        if version_id:
+            kwargs["VersionId"] = version_id
+        try:
+            await self.fs._call_s3("delete_object", **kwargs)
+        except OSError as exc:
+            # With If-Match, S3 answers 412 when the current version has another ETag and 404 when there is
+            # no object (s3fs: OSError / FileNotFoundError); a plain DELETE of a missing key succeeds.
+            if if_match and not isinstance(exc, FileNotFoundError) and _is_412(exc):
+                raise PreconditionFailed(f"conditional delete of {key} lost: {exc}") from None
+            raise
+
+    async def list_versions(self, key: str) -> list[ObjectVersion]:
+        versions: list[ObjectVersion] = []
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": key}
+        while True:
+            response = await self.fs._call_s3("list_object_versions", **kwargs)
+            versions += [
+                ObjectVersion(str(v["VersionId"]), str(v.get("ETag", "")).strip('"'), bool(v.get("IsLatest")))
+                for v in response.get("Versions", [])
+                if v.get("Key") == key  # the prefix also matches longer names
+            ]
+            if not response.get("IsTruncated"):
+                return versions
+            kwargs["KeyMarker"] = response.get("NextKeyMarker")
+            kwargs["VersionIdMarker"] = response.get("NextVersionIdMarker")
+
+    async def versioning(self) -> str:
+        response = await self.fs._call_s3("get_bucket_versioning", Bucket=self.bucket)
+        return str(response.get("Status") or "")
 
     async def copy(self, src: str, dst: str) -> None:
         await self.fs._call_s3(
@@ -318,6 +419,13 @@ class _S3Ops:
         with contextlib.suppress(FileExistsError, PermissionError):
             await self.fs._call_s3("create_bucket", **kwargs)
         await self.fs._call_s3("head_bucket", Bucket=self.bucket)
+
+
+def _answered(exc: BaseException) -> bool:
+    """Whether S3 answered the request (with an error), rather than being unreachable."""
+    return isinstance(getattr(exc.__cause__, "response", None), dict) or isinstance(
+        getattr(exc, "response", None), dict
+    )
 
 
 def _is_412(exc: BaseException) -> bool:
@@ -424,6 +532,8 @@ class MemoryBackend:
 
     objects: dict[str, _MemoryObject] = field(default_factory=dict)
     fault: Callable[[str, str], None] | None = None
+    #: False: DeleteObject ignores If-Match and deletes anyway, as MinIO does (the ``keep`` drain strategy)
+    honours_delete_if_match: bool = True
     calls: dict[str, int] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -452,11 +562,13 @@ class _MemoryOps:
     def __init__(self, backend: MemoryBackend) -> None:
         self.b = backend
 
-    async def get(self, key: str) -> bytes:
+    async def get(self, key: str, if_match: str | None = None) -> bytes:
         self.b._enter("get", key)
         obj = self.b.objects.get(key)
         if obj is None:
             raise FileNotFoundError(key)
+        if if_match and obj.etag != if_match:
+            raise PreconditionFailed(f"{key} is no longer the version with ETag {if_match}")
         return obj.data
 
     async def put(
@@ -485,6 +597,25 @@ class _MemoryOps:
             self.b._enter("delete", key)
             with self.b._lock:
                 self.b.objects.pop(key, None)
+
+    async def delete_one(self, key: str, if_match: str | None, version_id: str | None) -> None:
+        self.b._enter("delete", key)
+        if version_id:
+            raise NotImplementedError("the in-memory bucket has no versions")
+        with self.b._lock:
+            current = self.b.objects.get(key)
+            if if_match and self.b.honours_delete_if_match:
+                if current is None:
+                    raise FileNotFoundError(key)
+                if current.etag != if_match:
+                    raise PreconditionFailed(f"conditional delete of {key} lost: its ETag changed")
+            self.b.objects.pop(key, None)
+
+    async def list_versions(self, key: str) -> list[ObjectVersion]:
+        raise NotImplementedError("the in-memory bucket has no versions")
+
+    async def versioning(self) -> str:
+        return ""
 
     async def copy(self, src: str, dst: str) -> None:
         self.b._enter("copy", dst)
@@ -541,6 +672,7 @@ class Storage(Layout):
         self.backend = backend
         #: how to reach the same bucket from another process (rendering workers); None for in-memory storage
         self.config = config
+        self._drain_strategy: str | None = None
 
     @classmethod
     def from_config(cls, cfg: StorageConfig) -> Storage:
@@ -581,10 +713,12 @@ class Storage(Layout):
     def put_json(self, key: str, obj: Any, **conditions: Any) -> str:
         return self.put_bytes(key, json_bytes(obj), "application/json", **conditions)
 
-    def get_bytes(self, key: str) -> bytes:
+    def get_bytes(self, key: str, *, if_match: str | None = None) -> bytes:
+        """The object's bytes; with ``if_match``, only if its current ETag is still that one (else
+        :class:`PreconditionFailed`): the read is of exactly the version that was checked."""
         _check_key(key)
         try:
-            return bytes(self.backend.run(lambda ops: ops.get(key)))
+            return bytes(self.backend.run(lambda ops: ops.get(key, if_match)))
         except FileNotFoundError:
             raise _missing(self.uri(key)) from None
 
@@ -609,6 +743,94 @@ class Storage(Layout):
         checked = [_check_key(k) for k in keys]
         if checked:
             self.backend.run(lambda ops: ops.delete(checked))
+
+    def list_versions(self, key: str) -> list[ObjectVersion]:
+        """The versions of exactly this key (delete markers left out), newest first, on a versioned bucket."""
+        _check_key(key)
+        return self.backend.run(lambda ops: ops.list_versions(key))  # type: ignore[no-any-return]
+
+    def drain_strategy(self) -> str:
+        """How this bucket lets :meth:`drain` remove a version without touching a newer one (module doc).
+
+        Decided once per Storage: one GetBucketVersioning, and, on an unversioned bucket, a probe of three
+        or four requests. An S3 that cannot be asked (outage) raises; the answer is never guessed.
+        """
+        if self._drain_strategy is None:
+            try:
+                status = self.backend.run(lambda ops: ops.versioning())
+            except OSError as exc:
+                if not _answered(exc):
+                    raise  # no answer (S3 unreachable): decide later, never guess
+                status = ""  # refused (a credential without s3:GetBucketVersioning): try the next strategy
+            if status == "Enabled":
+                self._drain_strategy = BY_VERSION_ID
+            else:
+                self._drain_strategy = BY_IF_MATCH if self._delete_if_match_honoured() else KEEP
+            if self._drain_strategy == KEEP:
+                log.warning(
+                    "%s: versioning is off and this S3 ignores If-Match on DeleteObject (as MinIO does): "
+                    "ingested objects are left in incoming/ rather than deleted, since a plain DELETE could "
+                    "remove a new version uploaded meanwhile. Nothing is lost, but incoming/ grows: enable "
+                    "versioning on the bucket (MinIO: `mc version enable ALIAS/%s`; docs/deployment.md).",
+                    self.uri(""),
+                    self.bucket,
+                )
+        return self._drain_strategy
+
+    def _delete_if_match_honoured(self) -> bool:
+        """Whether DeleteObject refuses a wrong If-Match (412) rather than deleting anyway (MinIO)."""
+        import uuid
+
+        probe = f"{PROBE_PREFIX}delete-if-match/{uuid.uuid4().hex}"
+        self.put_bytes(probe, b"does this S3 honour If-Match on DeleteObject?")
+        try:
+            self.backend.run(lambda ops: ops.delete_one(probe, _WRONG_ETAG, None))
+        except PreconditionFailed:
+            return True
+        except OSError as exc:
+            if not _answered(exc):
+                raise  # no answer (S3 unreachable): decide later, never guess
+            log.info("%s: DeleteObject with If-Match is refused (%s): not used", self.uri(""), exc)
+            return False
+        finally:
+            with contextlib.suppress(Exception):
+                self.delete(probe)
+        return False  # deleted despite the wrong ETag: the header is ignored
+
+    def drain(self, key: str, etag: str | None) -> str:
+        """Remove the version of ``key`` whose ETag is ``etag`` (an ingested object), never a newer one.
+
+        Returns :data:`DRAINED` (removed; the key is gone unless a newer version waits), :data:`NEWER_WAITS`
+        (a newer version is under the key; left for the sensor), :data:`NOT_FOUND` or :data:`KEPT`
+        (strategy ``keep``: nothing removed). Without ``etag`` (a manifest that has none), the version
+        current at the time of the call is the one removed.
+        """
+        _check_key(key)
+        strategy = self.drain_strategy()
+        if strategy == KEEP:
+            return KEPT
+        if not etag:
+            current = self.head(key)
+            if current is None:
+                return NOT_FOUND
+            etag = current.etag
+        if strategy == BY_IF_MATCH:
+            try:
+                self.backend.run(lambda ops: ops.delete_one(key, etag, None))
+            except PreconditionFailed:
+                return NEWER_WAITS
+            except FileNotFoundError:
+                return NOT_FOUND
+            return DRAINED
+        versions = self.list_versions(key)
+        index = next((i for i, v in enumerate(versions) if v.etag == etag), None)
+        if index is None:
+            return NEWER_WAITS if versions else NOT_FOUND
+        # Older versions were superseded by the batched one: removed first (oldest first), so that none of
+        # them becomes the current version, and the sensor never sees an old version reappear.
+        for version in [*reversed(versions[index + 1 :]), versions[index]]:
+            self.backend.run(lambda ops, v=version.version_id: ops.delete_one(key, None, v))
+        return DRAINED if index == 0 else NEWER_WAITS
 
     def copy(self, src: str, dst: str) -> None:
         """Server-side copy within the bucket (the bytes never pass through this process)."""
@@ -655,9 +877,9 @@ class AsyncStorage(Layout):
     async def put_json(self, key: str, obj: Any, **conditions: Any) -> str:
         return await self.put_bytes(key, json_bytes(obj), "application/json", **conditions)
 
-    async def get_bytes(self, key: str) -> bytes:
+    async def get_bytes(self, key: str, *, if_match: str | None = None) -> bytes:
         try:
-            return await self._ops.get(_check_key(key))
+            return await self._ops.get(_check_key(key), if_match)
         except FileNotFoundError:
             raise _missing(self.uri(key)) from None
 

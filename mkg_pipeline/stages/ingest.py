@@ -11,7 +11,14 @@ Nothing can be lost, wherever the run is killed:
    of that flush are drained, so a killed run leaves each object either still in ``incoming/`` or recorded;
 2. drains are idempotent: a re-run finds the recorded outcome, and drains an object still in ``incoming/``
    with the batched ETag without ingesting it again. An object replaced since it was batched (another ETag)
-   is left alone: it is new work for the sensor;
+   is left alone: it is new work for the sensor. That holds even when the new version lands between the
+   check and the DELETE (issue 21, row 1): :meth:`Storage.drain` removes exactly the batched version, by
+   version id on a versioned bucket or with ``If-Match`` where S3 honours it, and deletes nothing where it
+   can do neither (MinIO without versioning): the object is then kept in ``incoming/``, its outcome marked
+   ``kept_in_incoming`` (storage.py, "Draining incoming/"). Likewise ingest reads the object with
+   ``If-Match: <batched ETag>``, so the bytes validated are those of the batched version, never of one
+   that replaced it between a check and the read; a version overwritten before it was read is recorded
+   ``superseded`` (final, never drained: the new version is the sensor's);
 3. everything written before the outcome is idempotent too (same key, same bytes), so an object ingested
    again after a kill ends the same way, and is not mistaken for a duplicate of itself.
 
@@ -35,7 +42,7 @@ from mkg_pipeline.pdf.pool import TaskFailed
 from mkg_pipeline.pdf.validate import VALIDATION_TIMEOUT, PDFRejected, validate_pdf
 from mkg_pipeline.pipeline_metrics import DOCUMENTS_REJECTED
 from mkg_pipeline.stages.batches import document_pool, read_batch_manifest, storage_for
-from mkg_pipeline.storage import PreconditionFailed, Storage
+from mkg_pipeline.storage import DRAINED, KEEP, NEWER_WAITS, PreconditionFailed, Storage
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +51,13 @@ log = logging.getLogger(__name__)
 FLUSH_EVERY: Final = 25
 FLUSH_EVERY_S: Final = 30.0
 FINISHED: Final = frozenset({"accepted", "rejected"})
+#: the batched version was overwritten by a new one before it could be read: nothing of it to ingest, and
+#: the new version is new work for the sensor. Final (never ingested again), never drained.
+SUPERSEDED: Final = "superseded"
+_KEPT_WHY: Final = (
+    "not deleted from incoming/: the bucket is not versioned and S3 ignores If-Match on DeleteObject, so a "
+    "delete could remove a new version uploaded meanwhile"
+)
 
 
 class OutcomesNotRecorded(RuntimeError):
@@ -61,6 +75,7 @@ class IngestSummary:
     accepted: dict[str, str] = field(default_factory=dict)  # source key -> doc_id
     rejected: dict[str, dict[str, str]] = field(default_factory=dict)  # source key -> {reason, message}
     errors: dict[str, str] = field(default_factory=dict)  # source key -> message (retried next time)
+    superseded: dict[str, str] = field(default_factory=dict)  # source key -> message (a new version waits)
     duplicates: int = 0
     pages: dict[str, int] = field(default_factory=dict)  # doc_id -> page count
     drained: int = 0  # objects removed from incoming/ by this run
@@ -100,7 +115,7 @@ def ingest_batch(
     todo: list[dict[str, Any]] = []
     for obj in objects:
         previous = results.get(obj["key"])
-        if previous and previous.get("status") in FINISHED:
+        if previous and previous.get("status") in FINISHED | {SUPERSEDED}:
             _count(summary, obj["key"], previous)  # recorded by an earlier run: never ingested twice
         else:
             todo.append(obj)
@@ -118,6 +133,10 @@ def ingest_batch(
             claim()  # the manifest is read-modify-written: only by the batch's holder
         manifest["ingested_at"] = _now()
         try:
+            if drain_incoming and storage.drain_strategy() == KEEP:
+                for obj in pending:  # recorded as kept, so the audit and re-runs know them as done
+                    if results[obj["key"]]["status"] in FINISHED:
+                        results[obj["key"]]["kept_in_incoming"] = _KEPT_WHY
             storage.put_json(storage.batch_key(batch_id), manifest)  # outcomes first ...
             if drain_incoming:
                 summary.drained += _drain_all(storage, pending, results)  # ... then drains
@@ -182,20 +201,19 @@ def ingest_object_task(
 def ingest_object(storage: Storage, batch_id: str, key: str, etag: str | None, limits: PDFConfig) -> dict[str, Any]:
     """Validate one incoming object and write ``raw/`` or ``rejected/``; return its outcome (not recorded)."""
     name = _source_name(key)
-    current = storage.head(key)
-    if current is None:
-        return {"status": "error", "message": f"{storage.uri(key)} vanished before it was ingested", "at": _now()}
-    if etag and current.etag != etag:
-        return {
-            "status": "error",
-            "message": f"{storage.uri(key)} was replaced since it was batched (ETag {etag} -> {current.etag}); "
-            "the new version is left in incoming/ for the sensor",
-            "at": _now(),
-        }
     try:
-        data = storage.get_bytes(key)
+        # One conditional GET, not HEAD then GET: a version landing in between would be read as this one.
+        data = storage.get_bytes(key, if_match=etag) if etag else storage.get_bytes(key)
     except FileNotFoundError:
         return {"status": "error", "message": f"{storage.uri(key)} vanished before it was ingested", "at": _now()}
+    except PreconditionFailed:
+        # Only a new upload changes an incoming/ object's ETag: the pipeline never writes there.
+        return {
+            "status": SUPERSEDED,
+            "message": f"{storage.uri(key)} was replaced since it was batched (ETag {etag} is no longer its "
+            "current version); the new version is left in incoming/ for the sensor",
+            "at": _now(),
+        }
     try:
         info = validate_pdf(data, name, limits)
     except PDFRejected as rejection:
@@ -251,6 +269,8 @@ def _count(summary: IngestSummary, key: str, outcome: dict[str, Any]) -> None:
         summary.duplicates += int(bool(outcome.get("duplicate")))
     elif status == "rejected":
         summary.rejected[key] = {"reason": outcome["reason"], "message": outcome["message"]}
+    elif status == SUPERSEDED:
+        summary.superseded[key] = outcome["message"]
     else:
         summary.errors[key] = outcome["message"]
 
@@ -261,6 +281,8 @@ def _describe(outcome: dict[str, Any]) -> str:
         return f"accepted as {outcome['doc_id']} ({outcome['pages']} pages{dup})"
     if outcome["status"] == "rejected":
         return f"REJECTED ({outcome['reason']}): {outcome['message']}"
+    if outcome["status"] == SUPERSEDED:
+        return f"SUPERSEDED: {outcome['message']}"
     return f"ERROR (will retry): {outcome['message']}"
 
 
@@ -272,12 +294,8 @@ def _drain_all(storage: Storage, objects: list[dict[str, Any]], results: dict[st
 
 
 def _drain(storage: Storage, key: str, etag: str | None) -> bool:
-    """Remove an ingested object from incoming/, unless it was replaced meanwhile (then it is new work)."""
-    current = storage.head(key)
-    if current is None:
-        return False
-    if etag and current.etag != etag:
+    """Remove an ingested object from incoming/, never a version that replaced it (that is new work)."""
+    done = storage.drain(key, etag)
+    if done == NEWER_WAITS:
         log.info("%s was replaced since it was batched; leaving the new version for the sensor", key)
-        return False
-    storage.delete(key)
-    return True
+    return done == DRAINED

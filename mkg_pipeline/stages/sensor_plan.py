@@ -214,10 +214,15 @@ def retry_run_key(batch_id: str, attempt: int) -> str:
 
 
 def pending_objects(storage: Storage, batch_id: str) -> list[IncomingObject]:
-    """The objects of a batch still in ``incoming/`` as batched (same ETag): one HEAD per object of one batch."""
+    """The objects of a batch still in ``incoming/`` as batched (same ETag) and without a final outcome: one
+    HEAD per such object of one batch. Settled objects can stay in incoming/ (a bucket that cannot drain
+    them safely keeps them, storage.py): they are done, never a reason to run the batch again."""
     manifest = read_batch_manifest(storage, batch_id)
+    results = manifest.get("results") or {}
     pending = []
     for obj in manifest.get("objects", []):
+        if (results.get(obj["key"]) or {}).get("status") in {"accepted", "rejected"}:
+            continue
         current = storage.head(obj["key"])
         if current is not None and current.etag == obj.get("etag"):
             pending.append(IncomingObject(obj["key"], obj["etag"], int(obj.get("size", current.size))))

@@ -142,7 +142,7 @@ def test_an_object_replaced_before_ingest_is_left_for_the_sensor() -> None:
     batch = drop(storage, {"two-pages.pdf": "two-pages.pdf"})
     storage.put_bytes("incoming/two-pages.pdf", MINIMAL)
     summary = ingest_batch(storage, batch, LIMITS)
-    assert "replaced since it was batched" in summary.errors["incoming/two-pages.pdf"]
+    assert "replaced since it was batched" in summary.superseded["incoming/two-pages.pdf"]
     assert storage.keys(storage.incoming_prefix) == ["incoming/two-pages.pdf"]
     assert storage.keys("raw/") == []
 
