@@ -95,6 +95,10 @@ _FIGURE_RE = re.compile(
 _IMAGE_ONLY_RE = re.compile(r"^!\[(?P<alt>[^\]\n]*)\]\((?P<path>images/[0-9a-f]{64}\.jpg)\)$")
 
 
+class PageImageError(ValueError):
+    """The page PNG handed to the engine cannot be decoded (a rendering fault, not the model's)."""
+
+
 class FrontMatterError(ValueError):
     """An answer that is not olmOCR's format: no front matter, bad YAML, a missing or ill-typed field."""
 
@@ -249,9 +253,11 @@ def _crop_figures(markdown: str, png: bytes) -> tuple[str, dict[str, bytes], dic
         images[name] = jpeg
         boxes[name] = bbox_1000(bbox) or [0, 0, 0, 0]
         alt = " ".join(match.group("alt").replace("[", "(").replace("]", ")").split())
-        return f"![{alt}]({name})"
+        # A block of its own, as MinerU places figures: every crop becomes an image item.
+        return f"\n\n![{alt}]({name})\n\n"
 
-    return _FIGURE_RE.sub(crop, markdown), images, boxes
+    cropped = _FIGURE_RE.sub(crop, markdown)
+    return (re.sub(r"\n{3,}", "\n\n", cropped).strip("\n") if images else markdown), images, boxes
 
 
 def _content_list(markdown: str, page_idx: int, boxes: dict[str, list[int]]) -> list[dict[str, Any]]:
@@ -376,7 +382,10 @@ class OlmOcrEngine:
     async def extract(self, page: PageInput) -> PageResult:
         import asyncio
 
-        upright = await asyncio.to_thread(fit_longest_side, page.png)
+        try:
+            upright = await asyncio.to_thread(fit_longest_side, page.png)
+        except (OSError, ValueError) as exc:  # PIL's UnidentifiedImageError is an OSError
+            raise PageImageError(f"{page.label}: the page image cannot be decoded: {exc}") from exc
         rotation = 0
         sent = upright
         requests = 0

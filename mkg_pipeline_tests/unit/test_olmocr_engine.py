@@ -19,6 +19,7 @@ from mkg_pipeline.engines.olmocr import (
     FrontMatter,
     FrontMatterError,
     OlmOcrEngine,
+    PageImageError,
     parse_answer,
 )
 from mkg_pipeline.engines.prompts import OLMOCR_PROMPT
@@ -113,13 +114,14 @@ async def test_asks_with_olmocrs_prompt_first_then_the_image_and_returns_the_pag
 
 async def test_a_figure_label_is_cropped_from_the_image_the_model_saw() -> None:
     # The mark is the top-left 30x30 px of a 120x160 page: the model labels it in pixels.
-    answer = olmocr_answer("Before.\n\n![A black square](page_0_0_30_30.png)\n\nAfter.")
+    answer = olmocr_answer("Before. ![A black square](page_0_0_30_30.png) After.")
     server = ScriptedVLM(lambda body: answer)
     async with server.client() as client:
         result = await build_engine("olmocr", client, settings()).extract(page(marked_page_png()))
     (name,) = result.images
     assert name.startswith("images/") and f"![A black square]({name})" in result.markdown
-    image = next(item for item in result.content_list if item["type"] == "image")
+    assert [item["type"] for item in result.content_list] == ["text", "image", "text"]  # a block of its own
+    image = result.content_list[1]
     assert image["img_path"] == name and image["bbox"] == [0, 0, 250, 188]
     from PIL import Image
 
@@ -145,6 +147,14 @@ async def test_identity_changes_with_the_engine_its_prompt_and_the_prompt_versio
         page_markdown = build_engine("page_markdown", client, settings())
     assert olmocr.identity.startswith(f"olmocr|{MODEL}|v1+olmocr-")
     assert len({olmocr.identity, bumped.identity, page_markdown.identity}) == 3
+
+
+async def test_an_undecodable_page_image_is_a_specific_error_before_any_request() -> None:
+    server = ScriptedVLM(lambda body: olmocr_answer(UPRIGHT_TEXT))
+    async with server.client() as client:
+        with pytest.raises(PageImageError, match="doc=d0 page=4"):
+            await build_engine("olmocr", client, settings()).extract(page(b"\x89PNG\r\n\x1a\nnot really"))
+    assert server.bodies == []
 
 
 # ----------------------------------------------------------------------------- rotation
