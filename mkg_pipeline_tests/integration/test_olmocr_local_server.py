@@ -133,3 +133,17 @@ async def test_cut_off_and_formatless_answers_are_reasked_then_rejected(start_lo
     assert (formatless.value.reason, formatless.value.requests) == ("front_matter", 3)
     assert (cut.value.reason, cut.value.requests) == ("truncated", 2)
     assert "Lorem ipsum" in result.markdown and result.requests == 1
+
+
+async def test_a_figure_the_server_labels_is_cropped_by_the_engine(local_vlm_server) -> None:
+    """zfn-chemistry-2p page 2 holds a figure: labelled in olmOCR's pixels, cropped, linked, listed."""
+    page = PageInput(
+        png=render_corpus_page("zfn-chemistry-2p.pdf", 1), page_idx=1, text_layer_chars=100, label="test zfn page=2"
+    )
+    async with _client(local_vlm_server) as client:
+        result = await build_engine("olmocr", client, SETTINGS).extract(page)
+    jsonschema.validate(result.content_list, CONTENT_LIST_SCHEMA)
+    figures = [item for item in result.content_list if item["type"] == "image"]
+    assert figures and {item["img_path"] for item in figures} == set(result.images)
+    assert all(f"]({item['img_path']})" in result.markdown for item in figures)
+    assert "](page_" not in result.markdown
