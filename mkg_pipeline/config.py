@@ -50,7 +50,7 @@ _SECRET_MARKERS = ("key", "secret", "password", "token")
 _BOUND_SIGNS = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<", "min_length": "length >=", "max_length": "length <="}
 DEFAULT_CONFIG_FILE = Path(__file__).resolve().parent.parent / "config" / "mineru.yaml"
 
-EngineName = Literal["mineru", "page_markdown"]
+EngineName = Literal["mineru", "page_markdown", "olmocr"]
 
 
 class ConfigError(ValueError):

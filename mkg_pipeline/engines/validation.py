@@ -22,6 +22,9 @@ Only an answer from the configured model (or one of ``vllm.served_model_aliases`
     Nothing but whitespace, on a page whose PDF text layer has text (``text_layer_chars > 0``).
 ``repetition``
     A runaway loop at the end of the answer, found by :func:`find_repetition`.
+``front_matter``
+    An engine whose model answers in a fixed format (olmOCR's YAML front matter) got an answer that is
+    not in it: missing, unparsable or with a wrong field (``engines.olmocr``).
 
 The repetition detector
 -----------------------
@@ -73,6 +76,7 @@ REJECT_REASONS: tuple[str, ...] = (
     FINISH_UNKNOWN,
     "empty",
     "repetition",
+    "front_matter",
 )
 
 MIN_RUN_CHARS = 2000

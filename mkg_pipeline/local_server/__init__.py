@@ -16,6 +16,7 @@ Modules, one job each:
   block types; the page's Markdown and a crop's plain text.
 - ``tables``: a table's cell grid from its lines and rules; OTSL and Markdown.
 - ``mineru_format``: MinerU's layout answer (boxes, types, rotation) and table answer.
+- ``olmocr_format``: olmOCR-2's answer (YAML front matter, then Markdown with HTML tables).
 - ``regions``: figures, ruled tables and rules found on the page image (numpy, OpenCV).
 - ``ocr``: image decoding and the RapidOCR wrapper (the model is imported
   lazily, when the server starts, never on import of this package).
@@ -27,6 +28,6 @@ Modules, one job each:
 - ``app``: the ASGI application factory (FastAPI).
 
 Importing this package, or its pure modules (settings, protocol, geometry,
-blocks, tables, mineru_format, faults), imports nothing heavy: no numpy, no
+blocks, tables, mineru_format, olmocr_format, faults), imports nothing heavy: no numpy, no
 onnxruntime, no rapidocr, no OpenCV.
 """

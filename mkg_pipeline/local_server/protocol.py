@@ -25,6 +25,8 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 LAYOUT_MARKER = "Layout Detection:"
 TABLE_MARKER = "Table Recognition:"
 TEXT_MARKERS = ("Text Recognition:", "Formula Recognition:", "Image Analysis:")
+#: a phrase of olmOCR-2's prompt (engines.prompts.OLMOCR_PROMPT); answered by answers.olmocr_answer
+OLMOCR_MARKER = "with a front matter section on top specifying values for the primary_language"
 
 
 class Route(enum.StrEnum):
@@ -34,12 +36,14 @@ class Route(enum.StrEnum):
     """MinerU's table recognition: the crop of one table, answered in OTSL."""
     RECOGNITION = "recognition"
     """MinerU's text (and formula, image) recognition: the text of one block's crop."""
+    OLMOCR = "olmocr"
+    """olmOCR-2's prompt: the whole page as YAML front matter (language, rotation, ...) and Markdown."""
     PAGE_MARKDOWN = "page_markdown"
     """Anything else: the whole page as Markdown."""
 
 
 def route_for_prompt(prompt: str | None) -> Route:
-    """MinerU's two-step prompts are recognised by their markers; anything else is a page."""
+    """MinerU's two-step prompts and olmOCR's are recognised by their markers; anything else is a page."""
     text = prompt or ""
     if LAYOUT_MARKER in text:
         return Route.LAYOUT
@@ -47,6 +51,8 @@ def route_for_prompt(prompt: str | None) -> Route:
         return Route.TABLE
     if any(marker in text for marker in TEXT_MARKERS):
         return Route.RECOGNITION
+    if OLMOCR_MARKER in text:
+        return Route.OLMOCR
     return Route.PAGE_MARKDOWN
 
 

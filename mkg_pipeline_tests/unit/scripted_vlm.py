@@ -71,3 +71,73 @@ class ScriptedVLM:
     @property
     def prompts(self) -> list[str]:
         return [prompt_of(body) for body in self.bodies]
+
+
+# ----------------------------------------------------------------------------- olmOCR-2-style answers
+
+
+def image_of(body: dict[str, Any]) -> bytes:
+    """The PNG bytes of the first ``data:`` image in a chat body."""
+    import base64
+
+    for part in body["messages"][-1]["content"]:
+        if isinstance(part, dict) and part.get("type") == "image_url":
+            return base64.b64decode(part["image_url"]["url"].split(",", 1)[1])
+    raise AssertionError("the request has no image")
+
+
+def olmocr_answer(
+    text: str,
+    *,
+    language: str | None = "en",
+    rotation_valid: bool = True,
+    rotation_correction: int = 0,
+    is_table: bool = False,
+    is_diagram: bool = False,
+) -> str:
+    """An answer as olmOCR-2 writes it: YAML front matter (Python-style ``True``/``False``, ``None`` as
+    ``null``), then the page text (olmocr/train/dataloader.py ``FrontMatterOutputFormat``)."""
+    return (
+        "---\n"
+        f"primary_language: {'null' if language is None else language}\n"
+        f"is_rotation_valid: {rotation_valid}\n"
+        f"rotation_correction: {rotation_correction}\n"
+        f"is_table: {is_table}\n"
+        f"is_diagram: {is_diagram}\n"
+        "---\n"
+        f"{text}"
+    ).strip()
+
+
+def marked_page_png(width: int = 120, height: int = 160) -> bytes:
+    """A white portrait page with a black square in its top-left corner: its orientation is visible."""
+    import io
+
+    from PIL import Image
+
+    image = Image.new("RGB", (width, height), "white")
+    image.paste((0, 0, 0), (0, 0, width // 4, width // 4))
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def correction_for(png: bytes) -> int:
+    """olmOCR's ``rotation_correction`` for an image of :func:`marked_page_png`: the PIL
+    ``ROTATE_<n>`` (counter-clockwise) turn that sets it upright (portrait, mark top-left)."""
+    import io
+
+    from PIL import Image
+
+    turns = {0: None, 90: Image.Transpose.ROTATE_90, 180: Image.Transpose.ROTATE_180, 270: Image.Transpose.ROTATE_270}
+    with Image.open(io.BytesIO(png)) as opened:
+        image = opened.convert("L")
+    for degrees, turn in turns.items():
+        turned = image if turn is None else image.transpose(turn)
+        if (
+            turned.height > turned.width
+            and turned.getpixel((2, 2)) < 128
+            and turned.getpixel((turned.width - 3, 2)) > 128
+        ):
+            return degrees
+    raise AssertionError("not a marked page")
