@@ -11,12 +11,14 @@ With ``/metrics`` (:class:`ReadingLaw`, one decision per reading)
 
         limit = x * T / D + FAIR_STEP
 
-    that is, its share of the target plus an equal step. All processes scale by the same factor, so
-    the total moves to ``T`` in one decision whatever the number of processes; the equal step makes
-    the shares converge (a gap between two processes shrinks by ``T / (T + N * FAIR_STEP)`` per
-    decision, as in additive-increase multiplicative-decrease). The limit is *set* from what is in
-    flight, not multiplied into itself, so a decrease that takes a round trip to show (requests are
-    never cancelled; they finish) is not repeated on every reading meanwhile.
+    that is, its share of the target plus an equal step (none after preemptions or with the KV cache
+    as the limit: there a standing queue is what preempts). All processes scale by the same factor,
+    so the total moves to ``T`` in one decision whatever the number of processes; the equal step
+    makes the shares converge (a gap between two processes shrinks by ``T / (T + N * FAIR_STEP)``
+    per decision, as in additive-increase multiplicative-decrease). The limit is *set* from what is
+    in flight, not multiplied into itself, so a decrease that takes a round trip to show (requests
+    are never cancelled; they finish) is not repeated on every reading meanwhile. (While the limit
+    is in use and nothing drains, ``x`` is the limit itself, its fraction kept.)
 
     The target:
 
@@ -25,12 +27,15 @@ With ``/metrics`` (:class:`ReadingLaw`, one decision per reading)
       server was seen to hold when it last had a queue (its capacity; a large step straight to it
       when capacity appears, e.g. another process finished) and by the KV cache's room at the
       current use per sequence;
-    * **a queue**: the server runs all it can (``R`` is its capacity); ``T = R + QUEUE_TOLERANCE x R``:
+    * **a queue**: the server runs all it can (``R`` is its capacity); ``T = R + QUEUE_TOLERANCE x R``
+      (at least :data:`QUEUE_MIN` waiting):
       a short standing queue keeps a batching server full, since a finished sequence is replaced at
       once, without a round trip to the client. When memory is the limit (preemptions were seen),
       no standing queue: vLLM admits what waits as soon as blocks free, and preempts later;
     * **preemptions** (``vllm:num_preemptions_total`` rose): ``T = R x PREEMPT_BACKOFF``;
-    * **KV cache near full** (``>= KV_FULL``): no growth;
+    * **KV cache near full** (``>= KV_FULL``) while nothing waits: no growth (with a queue, the KV
+      cache counts only once preemptions showed that memory is the limit: the local server reports
+      full slots as a full cache);
     * **latency near the client's deadline**: ``T = D x BACKOFF``.
 
     A process grows only while its limit is in use (demand reached it since the last decision), so
@@ -43,8 +48,13 @@ Without ``/metrics`` (:class:`AnswerClockedStart`, then :class:`LatencyLaw`)
     server was full; BBR's startup ends on the same test). A GPU's latency grows with its batch, so
     latency alone says little; the rate of answers stops rising when the batch is full. The limit
     then goes back to the level whose rate was worth it, and the round's latency becomes the
-    reference. **After it**, each round trip's mean latency against the lowest of the last few:
-    above :data:`LATENCY_TOLERANCE` x backs off, within :data:`LATENCY_CLEAR` x grows (+1, +2, +4, ...).
+    reference. **After it**, each round trip's mean latency against the lowest seen (re-learnt
+    after :data:`RELEARN_AFTER` congested decisions at the floor): above :data:`LATENCY_TOLERANCE` x
+    backs off by :data:`BACKOFF`, within :data:`LATENCY_CLEAR` x grows (+1, +2, +4, ...).
+
+    Latency alone cannot tell another process's queue from a GPU's larger batch (both raise the
+    latency as this process grows), so without /metrics shares between processes are not
+    guaranteed: keep /metrics reachable.
 """
 
 from __future__ import annotations

@@ -542,6 +542,28 @@ async def test_wait_for_capacity_resolves_when_a_reading_raises_the_limit(clock:
     release_all(held)
 
 
+def test_wait_for_capacity_in_another_threads_loop_is_woken_by_a_release(clock: FakeClock) -> None:
+    """The primitive a stage awaits: resolved through call_soon_threadsafe, whichever loop releases."""
+    limiter = make(clock, min_limit=1, max_limit=1, adaptive=False)
+    held = limiter.try_acquire()
+    assert held is not None
+    woken = threading.Event()
+
+    def other_loop() -> None:
+        async def main() -> None:
+            await limiter.wait_for_capacity()
+            woken.set()
+
+        asyncio.run(main())
+
+    thread = threading.Thread(target=other_loop)
+    thread.start()
+    assert not woken.wait(0.2)
+    held.release()
+    thread.join(10)
+    assert woken.is_set()
+
+
 async def test_a_woken_capacity_waiter_that_is_cancelled_passes_its_turn_on(clock: FakeClock) -> None:
     limiter = make(clock, min_limit=1, max_limit=1, adaptive=False)
     held = await limiter.acquire()
