@@ -39,7 +39,8 @@ With ``/metrics`` (:class:`ReadingLaw`, one decision per reading)
     * **latency near the client's deadline**: ``T = D x BACKOFF``.
 
     A process grows only while its limit is in use (demand reached it since the last decision), so
-    an idle process keeps no headroom it could dump on the server at once.
+    an idle process gains no headroom it could dump on the server at once; what it keeps is cut to
+    its share as soon as the server is over its target.
 
 Without ``/metrics`` (:class:`AnswerClockedStart`, then :class:`LatencyLaw`)
     Answers are the clock. **Slow start**: +1 per answer while the limit is in use, so the limit
@@ -202,7 +203,9 @@ class ReadingLaw:
         # blocks free, and preempted later).
         new = base * target / total + (0.0 if reason in (Reason.KV_FULL, Reason.PREEMPTION) else FAIR_STEP)
         if not in_use:
-            new = min(new, limit)
+            # Not used: no growth, and no cut either unless the server is over its target (a process
+            # still sending its first requests, or near the end of its pages, keeps its limit).
+            new = min(new, limit) if target < total else limit
         fast = reason is Reason.ROOM and in_use
         return Decision(new, reason, fast)
 

@@ -192,8 +192,10 @@ def test_no_growth_while_the_limit_is_not_used(clock: FakeClock) -> None:
     for _ in range(5):
         reading(limiter, clock, 0)
     assert limiter.limit == 10
-    limiter._limit = 40.0  # above the floor, a limit that is not used shrinks toward what is
-    reading(limiter, clock, 0)
+    limiter._limit = 40.0  # a limit that is not used is kept (the process may be starting up) ...
+    reading(limiter, clock, 0, running=1)
+    assert limiter.limit == 40
+    reading(limiter, clock, 20, running=64)  # ... until the server is over its target: then its share
     assert limiter.limit == 10
     assert slot is not None
     slot.release()
