@@ -32,6 +32,9 @@ With ``/metrics`` (:class:`ReadingLaw`, one decision per reading)
       a short standing queue keeps a batching server full, since a finished sequence is replaced at
       once, without a round trip to the client. When memory is the limit (preemptions were seen),
       no standing queue: vLLM admits what waits as soon as blocks free, and preempts later;
+    * **a burst being taken in**: a queue no longer than what the last growth sent (or than the
+      previous reading's queue, shrinking; or anything at the first reading) may only be waiting for
+      the scheduler, which takes in so many prompt tokens per step: hold, read again soon;
     * **preemptions** (``vllm:num_preemptions_total`` rose): ``T = R x PREEMPT_BACKOFF``;
     * **KV cache near full** (``>= KV_FULL``) while nothing waits: no growth (with a queue, the KV
       cache counts only once preemptions showed that memory is the limit: the local server reports
@@ -138,6 +141,7 @@ class Reason(enum.StrEnum):
     """Why a reading's decision moved the limit (``AdaptiveLimiter.last_decision``)."""
 
     ROOM = "grow"  # no queue: every request sent runs
+    ADMITTING = "admitting"  # what waits is what was just sent: the server may still be taking it in
     QUEUE = "queue"  # the server runs all it can; aim at its batch plus a short queue
     PREEMPTION = "preemption"
     KV_FULL = "kv-full"
@@ -152,6 +156,9 @@ class Decision:
     fast: bool
 
 
+_NO_STEP = (Reason.KV_FULL, Reason.PREEMPTION, Reason.ADMITTING)
+
+
 class ReadingLaw:
     """One decision per /metrics reading; see the module docstring. Holds what readings taught."""
 
@@ -160,15 +167,25 @@ class ReadingLaw:
         self.capacity: float | None = None
         #: preemptions were seen: memory, not slots, limits the batch; keep no standing queue
         self.memory_bound = False
+        #: how many requests (of all processes) may still be on their way into the batch: what the
+        #: last growth added, or a queue that is shrinking (None before the first reading: all of them)
+        self._burst: float | None = None
 
     def decide(self, reading: QueueReading, in_flight: int, limit: float, in_use: bool, latency_high: bool) -> Decision:
         waiting, running, kv = reading.waiting, reading.running, reading.kv_usage
         # What all processes have at the server; at least what this one has (some may be on the wire).
         total = max(waiting + running, float(in_flight), 1.0)
+        burst, self._burst = (total if self._burst is None else self._burst), 0.0
         if reading.preempted:
             self.memory_bound = True
             self.capacity = running * PREEMPT_BACKOFF
             target, reason = self.capacity, Reason.PREEMPTION
+        elif 0 < waiting <= burst + QUEUE_MIN:  # (one more: requests are whole, limits are not)
+            # A burst just sent waits for the scheduler (vLLM takes in so many prompt tokens per step):
+            # no sign of a full server yet. Hold, and read again soon; a queue that stops shrinking is
+            # a real one.
+            target, reason = total, Reason.ADMITTING
+            self._burst = waiting * 0.9 - QUEUE_MIN  # it must shrink to go on counting as a burst
         elif waiting > 0:
             self.capacity = running
             if self.memory_bound and kv is not None and kv < KV_ROOM:
@@ -201,12 +218,14 @@ class ReadingLaw:
         # The equal step is what makes shares converge; it stands as a queue of FAIR_STEP per process,
         # harmless where slots are the limit, not where memory is (a waiting request is admitted as
         # blocks free, and preempted later).
-        new = base * target / total + (0.0 if reason in (Reason.KV_FULL, Reason.PREEMPTION) else FAIR_STEP)
+        new = base * target / total + (0.0 if reason in _NO_STEP else FAIR_STEP)
+        if reason is Reason.ROOM and base > 0:  # all processes together add about this much
+            self._burst = max(0.0, (new - base) * total / base)
         if not in_use:
             # Not used: no growth, and no cut either unless the server is over its target (a process
             # still sending its first requests, or near the end of its pages, keeps its limit).
             new = min(new, limit) if target < total else limit
-        fast = reason is Reason.ROOM and in_use
+        fast = (reason is Reason.ROOM and in_use) or reason is Reason.ADMITTING
         return Decision(new, reason, fast)
 
 

@@ -11,7 +11,9 @@ Two servers:
   (plus a prefill cost per prompt token admitted); ``max_num_seqs`` sequences at most; a KV-cache
   budget in tokens (prompt + tokens generated so far). A waiting request is admitted while a slot
   is free and its prompt fits in the cache; when the running sequences outgrow the cache the newest
-  is preempted and recomputed later, as vLLM does. Output lengths vary (200-2,000 tokens).
+  is preempted and recomputed later, as vLLM does. Output lengths vary (200-2,000 tokens). With
+  ``batched_tokens`` (vLLM's ``max_num_batched_tokens``) a step takes in only so many prompt
+  tokens, so a burst of requests shows as waiting for a few steps although slots are free.
 
 Each process has unlimited demand: it starts a request whenever its limiter gives a slot, and
 scrapes the server's /metrics whenever its limiter asks for it (the reading arrives
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 import random
 from collections import deque
 from collections.abc import Callable
@@ -127,6 +130,7 @@ class GpuServer:
         prefill_per_token_s: float = 0.00001,
         output_tokens: tuple[int, int] = (200, 2000),
         tokens_per_step: int = 10,
+        batched_tokens: int | None = None,
         seed: int = 7,
     ) -> None:
         self.sim = sim
@@ -138,6 +142,9 @@ class GpuServer:
         self.prefill_per_token_s = prefill_per_token_s
         self.output_tokens = output_tokens
         self.chunk = tokens_per_step
+        #: vLLM's max_num_batched_tokens: prompt tokens taken in per engine step (None: no limit), so a
+        #: burst of requests waits a few steps before it runs
+        self.batched_tokens = batched_tokens
         self._random = random.Random(seed)
         self.running_seqs: list[_Sequence] = []
         self.queue: deque[_Sequence] = deque()
@@ -190,7 +197,8 @@ class GpuServer:
             self.first_request_at = self.sim.clock.now
         low, high = self.output_tokens
         self.queue.append(_Sequence(request, self._random.randint(low, high)))
-        self._admit()
+        if self.batched_tokens is None:  # else it waits for the next step
+            self._admit()
         if not self._stepping:
             self._stepping = True
             self.sim.at(self.sim.clock.now, self._step)
@@ -199,7 +207,14 @@ class GpuServer:
         """Waiting sequences into free slots while their prompt fits; returns the prefill time."""
         self._account()
         prefill = 0.0
-        while self.queue and self.running < self.slots and self.kv_used + self.prompt_tokens <= self.kv_budget:
+        budget = math.inf if self.batched_tokens is None else self.batched_tokens * self.chunk
+        while (
+            self.queue
+            and self.running < self.slots
+            and self.kv_used + self.prompt_tokens <= self.kv_budget
+            and budget >= self.prompt_tokens
+        ):
+            budget -= self.prompt_tokens
             seq = self.queue.popleft()
             self.running_seqs.append(seq)
             self.kv_used += self.prompt_tokens + seq.generated

@@ -49,6 +49,7 @@ def make(
     limiter = AdaptiveLimiter(SERVER, min_limit=min_limit, max_limit=max_limit, clock=clock, wall_clock=clock, **kw)  # type: ignore[arg-type]
     if not cold and limiter.adaptive:
         limiter._limit = float(min_limit)
+        limiter._law._burst = 0.0  # readings before these: nothing is on its way into the batch
     return limiter
 
 
@@ -134,6 +135,25 @@ def test_a_short_queue_within_the_tolerance_still_grows_by_the_equal_step(clock:
     # 2 waiting of 32 running: within a tenth of the batch, so the total may grow to 35.2 of which this
     # process (30 of the 34) takes its share, plus the equal step.
     assert busy_readings(limiter, clock, [2])[0] == int(30 * 35.2 / 34 + FAIR_STEP) == 33
+
+
+def test_a_queue_no_longer_than_the_burst_just_sent_is_not_taken_for_a_full_server(clock: FakeClock) -> None:
+    """vLLM takes in so many prompt tokens per step: a burst waits a few steps although slots are free."""
+    limiter = make(clock, cold=True)
+    slots = fill(limiter)
+    reading(limiter, clock, waiting=32, running=0)  # the first reading: the initial window, still waiting
+    assert (limiter.limit, limiter.last_decision) == (INITIAL_LIMIT, "admitting")
+    assert limiter.next_scrape_at - clock.now <= FAST_SCRAPE_INTERVAL_S
+    reading(limiter, clock, waiting=0, running=32)
+    assert limiter.limit == 50
+    slots += fill(limiter)
+    reading(limiter, clock, waiting=15, running=35)  # at most the 18 just sent: hold
+    assert (limiter.limit, limiter.last_decision) == (50, "admitting")
+    reading(limiter, clock, waiting=10, running=40)  # shrinking: still being taken in
+    assert limiter.last_decision == "admitting"
+    reading(limiter, clock, waiting=10, running=40)  # it stopped shrinking: a real queue, the server is full
+    assert limiter.last_decision == "queue" and limiter.limit < 50
+    release_all(slots)
 
 
 def test_room_steps_straight_to_the_capacity_seen_and_no_further(clock: FakeClock) -> None:
@@ -685,6 +705,17 @@ def test_a_cold_pod_fills_an_idle_gpu_within_seconds_whatever_the_latency() -> N
     assert server.max_waiting <= server.slots
     assert server.preemptions == 0 and pod.timeouts == 0
     assert sim.throughput() >= 0.9 * sim.capacity()  # the first 57 s included
+
+
+def test_a_cold_pod_fills_a_gpu_that_takes_in_a_burst_a_few_prompts_per_step() -> None:
+    """vLLM's scheduler takes in max_num_batched_tokens of prompts per step (8,192 here, ~5 pages): every
+    growth shows as a queue for a few steps, which must not read as a full server."""
+    sim = Simulation.gpu(batched_tokens=8192)
+    gpu_pods(sim, 1, 0)
+    sim.run(until=60)
+    server = sim.server
+    assert isinstance(server, GpuServer) and server.first_request_at is not None
+    assert server.nine_tenths_at is not None and server.nine_tenths_at - server.first_request_at <= 10
 
 
 def test_without_metrics_a_cold_pod_fills_an_idle_gpu_within_three_round_trips() -> None:
