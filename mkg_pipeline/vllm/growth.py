@@ -234,7 +234,8 @@ class AnswerClockedStart:
 
     def __init__(self, limit: float, now: float) -> None:
         self.active = True
-        self._level = limit  # the limit when this round began
+        #: the limit when this round began (a round is as many answers)
+        self.level = limit
         self._round_start = now
         self._answers = 0
         self._latency_sum = 0.0
@@ -246,20 +247,20 @@ class AnswerClockedStart:
         """The limit after one answer."""
         self._answers += 1
         self._latency_sum += latency
-        if in_use and limit + 1 <= 2 * self._level:
+        if in_use and limit + 1 <= 2 * self.level:
             limit += 1
-        if self._answers >= self._level:  # as many answers as the round's limit: a round trip
+        if self._answers >= self.level:  # as many answers as the round's limit: a round trip
             rate = self._answers / max(now - self._round_start, 1e-6)
             mean = self._latency_sum / self._answers
             prev = self._prev
             if prev is not None and rate < SLOW_START_GAIN * prev[1]:
                 # Full: keep the level that was worth it (the doubling, if it still paid a little).
-                level, ref = (self._level, mean) if rate >= KEEP_GAIN * prev[1] else (prev[0], prev[2])
+                level, ref = (self.level, mean) if rate >= KEEP_GAIN * prev[1] else (prev[0], prev[2])
                 self.active = False
                 self.result = (level, ref)
                 return level
-            self._prev = (self._level, rate, mean)
-            self._level, self._round_start, self._answers, self._latency_sum = limit, now, 0, 0.0
+            self._prev = (self.level, rate, mean)
+            self.level, self._round_start, self._answers, self._latency_sum = limit, now, 0, 0.0
         return limit
 
 

@@ -411,11 +411,11 @@ class AdaptiveLimiter(SlotPool):
             return  # readings decide (or the first scrape has not told yet)
         start = self._start
         if start is not None and start.active:
-            level = start._level
+            level = start.level
             demand = max(self._round_peak, default=0)
             in_use = max(demand, self._in_flight + 1) >= UTILIZATION * level
             new = start.on_answer(now, latency, self._limit, in_use)
-            if start._level != level:  # a new round: its demand starts from now
+            if start.level != level:  # a new round: its demand starts from now
                 self._round_peak = (self._in_flight + len(self._slot_waiters), self._round_peak[0])
             if not start.active and start.result is not None:
                 self._latency_law.seed(start.result[1])
