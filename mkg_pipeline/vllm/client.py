@@ -648,7 +648,7 @@ class VLLMClient:
             if reading is None:
                 limiter.metrics_unavailable()
             else:
-                limiter.observe_queue(reading.waiting, reading.running, reading.latency_sum, reading.latency_count)
+                limiter.observe_metrics(reading)
 
     # -- error mapping -------------------------------------------------------------------------
 

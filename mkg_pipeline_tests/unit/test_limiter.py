@@ -1,7 +1,8 @@
 """The adaptive concurrency limiter, driven by a fake clock and scripted readings (no sleeping, no timing).
 
 The last tests run the deterministic discrete-event simulation of ``limiter_sim``: several
-processes' limiters against one simulated batching server.
+processes' limiters against one simulated server, a fast batching one or a GPU with continuous
+batching, a KV-cache budget and 50-s pages.
 """
 
 from __future__ import annotations
@@ -13,11 +14,15 @@ import pytest
 
 from mkg_pipeline.config import VLLMServerConfig
 from mkg_pipeline.vllm.limiter import (
-    BACKOFF,
+    FAIR_STEP,
+    FAST_SCRAPE_INTERVAL_S,
+    GROWTH,
     HARD_BACKOFF,
     INITIAL_LIMIT,
     LATENCY_TOLERANCE,
     METRICS_RETRY_S,
+    PREEMPT_BACKOFF,
+    QUEUE_TOLERANCE,
     AdaptiveLimiter,
     ServerMetrics,
     Signal,
@@ -27,7 +32,7 @@ from mkg_pipeline.vllm.limiter import (
     reset_limiters,
 )
 from mkg_pipeline.vllm.metrics import REGISTRY
-from mkg_pipeline_tests.unit.limiter_sim import FakeClock, SimClient, Simulation, run_fixed
+from mkg_pipeline_tests.unit.limiter_sim import FakeClock, GpuServer, SimClient, Simulation, run_fixed
 
 SERVER = "http://gpu-box:8000"
 
@@ -40,11 +45,11 @@ def clock() -> FakeClock:
 def make(
     clock: FakeClock, *, min_limit: int = 2, max_limit: int = 256, cold: bool = False, **kw: object
 ) -> AdaptiveLimiter:
-    """A limiter past slow start at its floor (the steady state the decisions below are about), or ``cold``."""
+    """A limiter at its floor (the steady state the decisions below start from), or ``cold`` (its initial window)."""
     limiter = AdaptiveLimiter(SERVER, min_limit=min_limit, max_limit=max_limit, clock=clock, wall_clock=clock, **kw)  # type: ignore[arg-type]
-    if not cold:
-        limiter._end_slow_start("test")
-        limiter._limit = float(min_limit if limiter.adaptive else max_limit)
+    if not cold and limiter.adaptive:
+        limiter._limit = float(min_limit)
+        limiter._law._burst = 0.0  # readings before these: nothing is on its way into the batch
     return limiter
 
 
@@ -62,12 +67,12 @@ def release_all(slots: list[Slot], latency: float = 1.0, signal: Signal = Signal
     slots.clear()
 
 
-def reading(limiter: AdaptiveLimiter, clock: FakeClock, waiting: float, running: float = 32) -> None:
+def reading(limiter: AdaptiveLimiter, clock: FakeClock, waiting: float, running: float = 32, **metrics: float) -> None:
     """One scrape of /metrics at its due time, and the decision applied at its common instant."""
     clock.now = max(clock.now, limiter.next_scrape_at)
     assert limiter.claim_scrape()
     clock.now += 0.01  # the GET /metrics
-    limiter.observe_queue(waiting, running)
+    limiter.observe_metrics(ServerMetrics(waiting, running, **metrics))
     clock.now = max(clock.now, limiter.next_wakeup_at)
     limiter.tick()
 
@@ -88,115 +93,117 @@ def gauge() -> float | None:
     return REGISTRY.get_sample_value("mineru_vllm_concurrency_limit", {"server": SERVER})
 
 
-# -- growth --------------------------------------------------------------------------------
+# -- with /metrics: one decision per reading -------------------------------------------------
 
 
-def round_trips(limiter: AdaptiveLimiter, clock: FakeClock, latencies: list[float]) -> list[int]:
-    """Busy round trips of a process that always wants more: every request answers after ``latency`` and
-    each answer is replaced at once (by as many requests as the limit then allows). The limit after each."""
-    limits = []
-    slots = fill(limiter)
-    for latency in latencies:
-        clock.now += latency
-        answered, slots = slots, []
-        for slot in answered:
-            slot.release(Signal.OK, latency)
-            slots += fill(limiter)
-        limits.append(limiter.limit)
-    release_all(slots, signal=Signal.NONE)
-    return limits
-
-
-def test_slow_start_from_the_initial_window_doubles_every_other_round_trip(clock: FakeClock) -> None:
+def test_while_the_server_has_room_each_reading_grows_the_limit_by_half_and_reads_sooner(clock: FakeClock) -> None:
+    """Nothing waits, so every request sent is running: x GROWTH per reading (plus the equal step), read every
+    half second while it grows. A cold process fills an idle 256-slot server in five readings."""
     limiter = make(clock, cold=True)
-    assert limiter.limit == INITIAL_LIMIT == 32
-    # The first round trip is held (it measures the rate at the initial window); then +1 per answer
-    # within a growing round trip (at most doubling), and a round trip held to see what the doubling
-    # did, as TCP Vegas does.
-    assert round_trips(limiter, clock, [0.5] * 6) == [32, 63, 63, 125, 125, 249]
-
-
-def burst_round_trips(limiter: AdaptiveLimiter, clock: FakeClock, latencies: list[float]) -> list[int]:
-    """Like :func:`round_trips`, but as a real process sees a server that finishes a batch at once: the
-    round trip's answers all arrive before the process gets to send the next requests."""
     limits = []
-    slots = fill(limiter)
-    for latency in latencies:
-        clock.now += latency
-        release_all(slots, latency=latency)
+    for _ in range(6):
         slots = fill(limiter)
+        reading(limiter, clock, waiting=0, running=len(slots))
         limits.append(limiter.limit)
-    release_all(slots, signal=Signal.NONE)
-    return limits
+        assert limiter.last_decision == "grow"
+        assert limiter.next_scrape_at - clock.now <= FAST_SCRAPE_INTERVAL_S
+        release_all(slots, signal=Signal.NONE)
+    assert limits[0] == int(INITIAL_LIMIT * GROWTH + FAIR_STEP) == 50
+    assert limits == [50, 77, 117, 178, 256, 256]  # the ceiling (fractions are kept)
+    assert gauge() == 256
 
 
-def test_slow_start_grows_when_a_round_trip_answers_in_one_burst(clock: FakeClock) -> None:
-    """In use means the process used its limit during the round trip, not that every slot is taken at the
-    instant an answer arrives: answers that arrive together would otherwise stop the growth after the
-    first one (seen in the saturation benchmark: 16 -> 19 in two seconds against a 32 x 0.5 s server)."""
-    limiter = make(clock, cold=True)
-    assert burst_round_trips(limiter, clock, [0.5] * 4) == [32, 63, 63, 125]
+def test_a_queue_aims_at_the_running_batch_plus_a_tenth(clock: FakeClock) -> None:
+    limiter = make(clock)
+    limiter._limit = 100.0
+    slots = fill(limiter)
+    reading(limiter, clock, waiting=50, running=100)  # all 150 at the server: 100 of them ours
+    target = 100 * (1 + QUEUE_TOLERANCE)
+    assert limiter.limit == int(100 * target / 150 + FAIR_STEP) == 75
+    assert limiter.last_decision == "queue"
+    assert limiter.next_scrape_at - clock.now > FAST_SCRAPE_INTERVAL_S  # steady state: the normal interval
+    # Requests are never cancelled: the cut shows only as they finish. A reading before then sees the
+    # same queue, and the limit stays where it was set (scaled from what is in flight, not from itself).
+    reading(limiter, clock, waiting=50, running=100)
+    assert limiter.limit == 75
+    release_all(slots)
 
 
-def test_slow_start_ends_on_the_first_sign_of_congestion(clock: FakeClock) -> None:
-    limiter = make(clock, cold=True)
-    (_, grown) = round_trips(limiter, clock, [0.5, 0.5])  # held, then doubled: 63
-    # Without queue readings an answer slower than LATENCY_TOLERANCE x the fastest ends it; the
-    # decisions on the latency of whole round trips go on from there, in small steps.
-    (ended,) = round_trips(limiter, clock, [0.5 * LATENCY_TOLERANCE * 1.1])
-    assert ended <= grown + 1  # no more doubling: at most the +1 of a decision
-    assert round_trips(limiter, clock, [0.5] * 4)[-1] < 1.5 * ended  # no more doubling
-
-    queued = make(clock, cold=True)
-    busy_readings(queued, clock, [3], running=16)  # a queue at the server: over at once
-    assert round_trips(queued, clock, [0.5] * 4)[-1] <= INITIAL_LIMIT + 1
-
-    overloaded = make(clock, cold=True)
-    slots = fill(overloaded)
-    slots.pop().release(Signal.OVERLOAD)
-    assert overloaded.limit == INITIAL_LIMIT // 2
-    release_all(slots, latency=0.5)
-    assert overloaded.limit == INITIAL_LIMIT // 2
-
-
-def test_with_queue_readings_slow_start_tolerates_a_batch_growing_latency(clock: FakeClock) -> None:
-    """A GPU's latency grows with its batch, and its throughput with it: with an empty queue in the readings
-    that is no congestion. Slow start goes on while each doubling raises the rate of answers, and ends at
-    the first that does not: the server was full, and the queue it built is at most its batch."""
-    slots = 64
-
-    def gpu_latency(in_flight: int) -> float:  # 0.1 s + 5 ms per running sequence; the rest queue
-        return (0.1 + 0.005 * min(in_flight, slots)) * max(1.0, in_flight / slots)
-
-    limiter = make(clock, cold=True)
-    limits = []
-    for _ in range(10):
-        if clock.now >= limiter.next_scrape_at:
-            reading(limiter, clock, waiting=0, running=min(limiter.limit, slots))  # the queue stays empty...
-        limits += burst_round_trips(limiter, clock, [gpu_latency(limiter.limit)])
-    final = limits[-1]
-    # ... past the 1.7 x the first answers' latency that ended it before (at 41 in flight) ...
-    assert final > 41
-    # ... and ended by the rate test with the server all but full, its queue at most its batch.
-    assert not limiter._slow_start and max(limits[-4:]) - min(limits[-4:]) <= 2  # readings' +1 steps from here
-    best = slots / gpu_latency(slots)
-    assert min(final, slots) / gpu_latency(final) >= 0.95 * best
-    assert final - slots <= slots
-
-
-def test_probing_after_slow_start_grows_faster_while_the_queue_stays_empty(clock: FakeClock) -> None:
-    limiter = make(clock, min_limit=2)
-    assert limiter.limit == 2
-    limits = busy_readings(limiter, clock, [0] * 8)
-    # +1, then +50 % at most per decision: a large server is found in a dozen readings.
-    assert limits == [3, 4, 6, 10, 15, 22, 34, 51]
-    assert gauge() == 51
-
-
-def test_a_short_queue_still_grows_by_one(clock: FakeClock) -> None:
+def test_a_short_queue_within_the_tolerance_still_grows_by_the_equal_step(clock: FakeClock) -> None:
     limiter = make(clock, min_limit=10)
-    # 5 waiting of 32 running is within the tolerance (0.2 x running): keep the batch fed, grow slowly.
-    assert busy_readings(limiter, clock, [5, 5, 5]) == [11, 12, 13]
+    limiter._limit = 30.0
+    # 2 waiting of 32 running: within a tenth of the batch, so the total may grow to 35.2 of which this
+    # process (30 of the 34) takes its share, plus the equal step.
+    assert busy_readings(limiter, clock, [2])[0] == int(30 * 35.2 / 34 + FAIR_STEP) == 33
+
+
+def test_a_queue_no_longer_than_the_burst_just_sent_is_not_taken_for_a_full_server(clock: FakeClock) -> None:
+    """vLLM takes in so many prompt tokens per step: a burst waits a few steps although slots are free."""
+    limiter = make(clock, cold=True)
+    slots = fill(limiter)
+    reading(limiter, clock, waiting=32, running=0)  # the first reading: the initial window, still waiting
+    assert (limiter.limit, limiter.last_decision) == (INITIAL_LIMIT, "admitting")
+    assert limiter.next_scrape_at - clock.now <= FAST_SCRAPE_INTERVAL_S
+    reading(limiter, clock, waiting=0, running=32)
+    assert limiter.limit == 50
+    slots += fill(limiter)
+    reading(limiter, clock, waiting=15, running=35)  # at most the 18 just sent: hold
+    assert (limiter.limit, limiter.last_decision) == (50, "admitting")
+    reading(limiter, clock, waiting=10, running=40)  # shrinking: still being taken in
+    assert limiter.last_decision == "admitting"
+    reading(limiter, clock, waiting=10, running=40)  # it stopped shrinking: a real queue, the server is full
+    assert limiter.last_decision == "queue" and limiter.limit < 50
+    release_all(slots)
+
+
+def test_room_steps_straight_to_the_capacity_seen_and_no_further(clock: FakeClock) -> None:
+    limiter = make(clock)
+    limiter._limit = 150.0
+    slots = fill(limiter)
+    reading(limiter, clock, waiting=20, running=160)  # a queue: the server holds 160
+    assert limiter.limit == int(150 * 176 / 180 + FAIR_STEP) == 148
+    release_all(slots)
+    slots = fill(limiter)
+    # The other processes left: 148 run, nothing waits. Back to what the server held (plus a tenth), at once.
+    reading(limiter, clock, waiting=0, running=148)
+    assert limiter.last_decision == "grow"
+    assert limiter.limit == int(limiter._limit) and 176 < limiter.limit <= 176 + FAIR_STEP + 1
+    release_all(slots)
+    slots = fill(limiter)
+    reading(limiter, clock, waiting=0, running=len(slots))  # it holds more than it did: find it again
+    assert limiter.limit > 1.4 * len(slots)
+    release_all(slots)
+
+
+def test_preemptions_cut_the_target_and_memory_then_allows_no_standing_queue(clock: FakeClock) -> None:
+    limiter = make(clock)
+    limiter._limit = 160.0
+    slots = fill(limiter)
+    reading(limiter, clock, waiting=0, running=160, kv_usage=0.8, preemptions=12)  # a counter's first value: history
+    assert limiter.last_decision == "grow"
+    slots += fill(limiter)
+    in_flight = limiter.in_flight
+    reading(limiter, clock, waiting=10, running=in_flight - 10, kv_usage=1.0, preemptions=16)  # 4 preempted
+    assert limiter.last_decision == "preemption"
+    assert limiter.limit == int(in_flight * (in_flight - 10) * PREEMPT_BACKOFF / in_flight)
+    release_all(slots[limiter.limit :])
+    slots = slots[: limiter.limit]
+    # Memory is the limit now: a short queue is no longer tolerated, the cache is filled to 90 % only.
+    reading(limiter, clock, waiting=3, running=limiter.limit - 3, kv_usage=0.95, preemptions=16)
+    assert limiter.last_decision == "kv-full"
+    assert limiter.limit < len(slots) - 3
+    release_all(slots)
+
+
+def test_kv_cache_near_full_stops_growth_and_its_room_bounds_it(clock: FakeClock) -> None:
+    limiter = make(clock)
+    limiter._limit = 32.0
+    slots = fill(limiter)
+    reading(limiter, clock, waiting=0, running=32, kv_usage=0.97)
+    assert (limiter.limit, limiter.last_decision) == (32, "kv-full")
+    reading(limiter, clock, waiting=0, running=32, kv_usage=0.8)  # room for 32 x 0.9 / 0.8 = 36
+    assert limiter.limit == int(36 + FAIR_STEP)
+    release_all(slots)
 
 
 def test_no_growth_while_the_limit_is_not_used(clock: FakeClock) -> None:
@@ -205,62 +212,45 @@ def test_no_growth_while_the_limit_is_not_used(clock: FakeClock) -> None:
     for _ in range(5):
         reading(limiter, clock, 0)
     assert limiter.limit == 10
+    limiter._limit = 40.0  # a limit that is not used is kept (the process may be starting up) ...
+    reading(limiter, clock, 0, running=1)
+    assert limiter.limit == 40
+    reading(limiter, clock, 20, running=64)  # ... until the server is over its target: then its share
+    assert limiter.limit == 10
     assert slot is not None
     slot.release()
 
 
-# -- back-off on each congestion signal ----------------------------------------------------
-
-
-def test_a_long_queue_backs_off_multiplicatively_once_per_round_trip(clock: FakeClock) -> None:
-    limiter = make(clock, min_limit=2)
-    limiter._limit = 100.0
-    slots = fill(limiter)
-    release_all(slots[:10], latency=3.0)  # a round trip of 3 s
-    reading(limiter, clock, waiting=20, running=64)  # 20 > 0.2 x 64
-    assert limiter.limit == int(100 * BACKOFF) == 90
-    assert limiter.last_decision == "queue"
-    reading(limiter, clock, waiting=20, running=64)  # 2 s later: within the round trip, no second cut
-    assert limiter.limit == 90
-    reading(limiter, clock, waiting=20, running=64)  # past it: the queue is still long
-    assert limiter.limit == 81
-    release_all(slots)
-
-
-def test_the_hold_off_after_a_decrease_is_the_servers_latency_the_same_for_every_process(clock: FakeClock) -> None:
-    """Two processes, one of which sees its answers late (a busy event loop), decide alike."""
-    limiters = [make(clock), make(clock)]
-    for limiter, own_latency in zip(limiters, (0.5, 9.0), strict=True):
-        limiter._limit = 40.0
-        release_all(fill(limiter), latency=own_latency)
-    limits: list[list[int]] = [[], []]
-    total, count = 0.0, 0
-    for _ in range(6):  # the queue stays long; the server's requests take 3 s on average
-        total, count = total + 30 * 3.0, count + 30
-        for limiter, seen in zip(limiters, limits, strict=True):
-            slots = fill(limiter)
-            clock.now = max(clock.now, limiter.next_scrape_at)
+def test_shares_converge_whatever_the_start(clock: FakeClock) -> None:
+    """Two processes read the same server: both scale by the same factor and add the same step."""
+    a, b = make(clock), make(clock)
+    a._limit, b._limit = 200.0, 10.0
+    slots = {a: fill(a), b: fill(b)}
+    gaps = []
+    for _ in range(250):
+        gaps.append(abs(a.limit - b.limit))
+        total = a.in_flight + b.in_flight
+        running, waiting = min(total, 160), max(0, total - 160)
+        clock.now = max(a.next_scrape_at, b.next_scrape_at)
+        for limiter in (a, b):
             assert limiter.claim_scrape()
-            limiter.observe_queue(20, 32, total, count)
-            slots.pop().release()
-            seen.append(limiter.limit)
-            release_all(slots, signal=Signal.NONE)
-        clock.now = max(lim.next_wakeup_at for lim in limiters)
-        for limiter in limiters:
+        clock.now += 0.01
+        for limiter in (a, b):
+            limiter.observe_queue(waiting, running)
+        clock.now = max(a.next_wakeup_at, b.next_wakeup_at)
+        for limiter in (a, b):
             limiter.tick()
-    assert limits[0] == limits[1]
-    # a cut, then one reading (2 s < 3 s) held off, then the next cut
-    assert [lim.limit for lim in limiters] == [int(40 * BACKOFF**3)] * 2
-
-
-def test_a_momentary_empty_queue_grows_by_one_a_lasting_one_probes_again(clock: FakeClock) -> None:
-    limiter = make(clock)
-    limiter._limit = 20.0
-    busy_readings(limiter, clock, [20])  # congestion: probing is over
-    assert limiter.limit == 18
-    limits = busy_readings(limiter, clock, [0, 0, 0, 0, 0, 3])
-    # +1, +1 (could be a blip), then the queue stays empty: +1, +2, +4; a queue again: +1
-    assert limits == [19, 20, 21, 23, 27, 28]
+            # answers come and the process sends what its new limit allows
+            held = slots[limiter]
+            release_all(held[limiter.limit :])
+            del held[limiter.limit :]
+            held += fill(limiter)
+    # The gap shrinks by T / (T + 2 x FAIR_STEP) per reading: geometrically, slowly with only two processes.
+    assert gaps[50] < gaps[0] / 2 and gaps[150] < gaps[50] / 4
+    assert abs(a.limit - b.limit) <= 3
+    assert 160 <= a.limit + b.limit <= 160 * (1 + QUEUE_TOLERANCE) + 2 * FAIR_STEP + 2
+    for held in slots.values():
+        release_all(held)
 
 
 @pytest.mark.parametrize("signal", [Signal.OVERLOAD, Signal.TIMEOUT], ids=["429-503", "timeout"])
@@ -292,19 +282,19 @@ def test_latency_near_the_deadline_backs_off_even_with_an_empty_queue(clock: Fak
     release_all(slots, latency=200.0)  # > half of the 300 s deadline: pages are about to time out
     slots = fill(limiter)
     reading(limiter, clock, waiting=0, running=64)
-    assert limiter.limit == int(64 * BACKOFF)
+    assert limiter.limit < 64
     assert limiter.last_decision == "latency"
     release_all(slots)
 
 
-def test_with_queue_readings_a_latency_growing_with_the_batch_is_not_congestion(clock: FakeClock) -> None:
+def test_a_latency_growing_with_the_batch_is_not_congestion(clock: FakeClock) -> None:
     """A GPU's latency grows with its batch while its throughput does too: only the queue says "too much"."""
     limiter = make(clock, deadline_s=300)
     limiter._limit = 8.0
     slots = fill(limiter)
-    release_all(slots, latency=1.0)  # no-load level
+    release_all(slots, latency=1.0)
     limits = []
-    for latency in (2.0, 3.0, 4.0):  # four times the no-load latency, and still no queue
+    for latency in (2.0, 3.0, 4.0):  # four times the first answers' latency, and still no queue
         slots = fill(limiter)
         reading(limiter, clock, waiting=0, running=limiter.limit)
         release_all(slots, latency=latency)
@@ -351,7 +341,7 @@ def test_from_config_bounds() -> None:
     assert fixed.limit == 40
 
 
-# -- without /metrics: latency alone -------------------------------------------------------
+# -- without /metrics: answers steer ------------------------------------------------------
 
 
 def latency_windows(limiter: AdaptiveLimiter, clock: FakeClock, latencies: list[float]) -> list[int]:
@@ -365,19 +355,63 @@ def latency_windows(limiter: AdaptiveLimiter, clock: FakeClock, latencies: list[
     return limits
 
 
-def test_without_metrics_latency_near_its_no_load_level_grows(clock: FakeClock) -> None:
-    limiter = make(clock, min_limit=4)
+def latency_mode(limiter: AdaptiveLimiter, *, slow_start: bool = False) -> AdaptiveLimiter:
+    """The first scrape finds no /metrics (404, or not vLLM): answers steer; past slow start unless asked."""
     assert limiter.claim_scrape()
-    limiter.metrics_unavailable()  # 404 on /metrics, or not a vLLM server
+    limiter.metrics_unavailable()
     assert not limiter.uses_server_metrics
+    if not slow_start and limiter._start is not None:
+        limiter._start.active = False
+    return limiter
+
+
+def round_trips(limiter: AdaptiveLimiter, clock: FakeClock, latencies: list[float]) -> list[int]:
+    """Busy round trips of a process that always wants more: every request answers after ``latency`` and
+    each answer is replaced at once (by as many requests as the limit then allows). The limit after each."""
+    limits = []
+    slots = fill(limiter)
+    for latency in latencies:
+        clock.now += latency
+        answered, slots = slots, []
+        for slot in answered:
+            slot.release(Signal.OK, latency)
+            slots += fill(limiter)
+        limits.append(limiter.limit)
+    release_all(slots, signal=Signal.NONE)
+    return limits
+
+
+def test_without_metrics_slow_start_doubles_every_round_trip_while_the_rate_of_answers_rises(clock: FakeClock) -> None:
+    limiter = latency_mode(make(clock, cold=True, max_limit=1024), slow_start=True)
+    assert limiter.in_slow_start
+    # A server with room for all: each round trip answers twice as many in the same time.
+    assert round_trips(limiter, clock, [0.5] * 3) == [64, 128, 256]
+    # Full at 128: 256 in flight take twice as long, the rate of answers stopped rising. Slow start
+    # ends, back at the level that paid, and its latency is the reference from here on.
+    round_trips(limiter, clock, [1.0])
+    assert not limiter.in_slow_start
+    assert limiter.limit == 128
+    assert limiter.no_load_latency_s == 0.5
+
+
+def test_without_metrics_slow_start_ends_on_overload(clock: FakeClock) -> None:
+    limiter = latency_mode(make(clock, cold=True), slow_start=True)
+    slots = fill(limiter)
+    slots.pop().release(Signal.OVERLOAD)
+    assert limiter.limit == INITIAL_LIMIT // 2 and not limiter.in_slow_start
+    release_all(slots, latency=0.5)
+    assert limiter.limit <= INITIAL_LIMIT // 2 + 1
+
+
+def test_without_metrics_latency_near_its_reference_grows(clock: FakeClock) -> None:
+    limiter = latency_mode(make(clock, min_limit=4))
     limits = latency_windows(limiter, clock, [1.0] * 12)
     assert limits[-1] > 4 * limits[0]
     assert limiter.no_load_latency_s == 1.0
 
 
 def test_without_metrics_rising_latency_backs_off(clock: FakeClock) -> None:
-    limiter = make(clock, min_limit=4)
-    limiter.metrics_unavailable()
+    limiter = latency_mode(make(clock, min_limit=4))
     latency_windows(limiter, clock, [1.0] * 6)
     # Decisions come every other round trip (answers sent under the old limit are not judged).
     limits = latency_windows(limiter, clock, [LATENCY_TOLERANCE * 1.5] * 16)
@@ -506,13 +540,64 @@ vllm:num_requests_running{engine="1",model_name="qwen"} 60.0
 vllm:num_requests_waiting_by_reason{reason="capacity"} 99.0
 vllm:num_preemptions_total{engine="0"} 7.0
 """
-    assert parse_queue_metrics(text) == ServerMetrics(5.0, 124.0)
+    assert parse_queue_metrics(text) == ServerMetrics(5.0, 124.0, preemptions=7.0)
     assert parse_queue_metrics("vllm:num_requests_waiting 0\n") == ServerMetrics(0.0, 0.0)
     assert parse_queue_metrics("# nothing from vLLM here\nup 1\n") is None
     latency = (
         'vllm:e2e_request_latency_seconds_sum{engine="0"} 12.5\nvllm:e2e_request_latency_seconds_count{engine="0"} 5\n'
     )
-    assert parse_queue_metrics(text + latency) == ServerMetrics(5.0, 124.0, 12.5, 5.0)
+    assert parse_queue_metrics(text + latency) == ServerMetrics(5.0, 124.0, 12.5, 5.0, preemptions=7.0)
+    kv = 'vllm:kv_cache_usage_perc{engine="0"} 0.5\nvllm:kv_cache_usage_perc{engine="1"} 0.75\n'
+    assert parse_queue_metrics(text + kv) == ServerMetrics(5.0, 124.0, kv_usage=0.75, preemptions=7.0)  # the fullest
+    old_name = "vllm:gpu_cache_usage_perc 0.25\n"  # vLLM before V1
+    assert parse_queue_metrics(text + old_name) == ServerMetrics(5.0, 124.0, kv_usage=0.25, preemptions=7.0)
+
+
+async def test_wait_for_capacity_resolves_when_a_reading_raises_the_limit(clock: FakeClock) -> None:
+    limiter = make(clock, min_limit=2)
+    held = fill(limiter)
+    waiters = [asyncio.create_task(limiter.wait_for_capacity()) for _ in range(3)]
+    await asyncio.sleep(0)
+    assert not any(w.done() for w in waiters)
+    reading(limiter, clock, waiting=0, running=2)  # room: 2 x 1.5 + 2 = 5, three more may start
+    await asyncio.wait_for(asyncio.gather(*waiters), 5)
+    release_all(held)
+
+
+def test_wait_for_capacity_in_another_threads_loop_is_woken_by_a_release(clock: FakeClock) -> None:
+    """The primitive a stage awaits: resolved through call_soon_threadsafe, whichever loop releases."""
+    limiter = make(clock, min_limit=1, max_limit=1, adaptive=False)
+    held = limiter.try_acquire()
+    assert held is not None
+    woken = threading.Event()
+
+    def other_loop() -> None:
+        async def main() -> None:
+            await limiter.wait_for_capacity()
+            woken.set()
+
+        asyncio.run(main())
+
+    thread = threading.Thread(target=other_loop)
+    thread.start()
+    assert not woken.wait(0.2)
+    held.release()
+    thread.join(10)
+    assert woken.is_set()
+
+
+async def test_a_woken_capacity_waiter_that_is_cancelled_passes_its_turn_on(clock: FakeClock) -> None:
+    limiter = make(clock, min_limit=1, max_limit=1, adaptive=False)
+    held = await limiter.acquire()
+    first = asyncio.create_task(limiter.wait_for_capacity())
+    second = asyncio.create_task(limiter.wait_for_capacity())
+    await asyncio.sleep(0)
+    held.release()  # room for one: the first is woken ...
+    first.cancel()  # ... but gives up before it runs
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    await asyncio.wait_for(second, 5)
+    assert limiter.has_room()
 
 
 # -- simulation: several processes, one server ----------------------------------------------
@@ -525,12 +610,12 @@ def three_processes(sim: Simulation, stagger_s: float) -> list[SimClient]:
     ]
 
 
-@pytest.mark.parametrize("metrics", [True, False], ids=["queue-readings", "latency-only"])
-def test_three_processes_share_a_server_fairly_and_fill_it(metrics: bool) -> None:
+@pytest.mark.parametrize("kv_as_slots", [False, True], ids=["no-kv", "kv-as-slots"])
+def test_three_processes_share_a_fast_server_fairly_and_fill_it(kv_as_slots: bool) -> None:
     """S slots x L seconds; the processes start 20 s apart, each wanting all it can get."""
-    slots, latency = 32, 0.5
-    sim = Simulation(slots=slots, latency=latency, warmup_s=200)
-    sim.metrics = metrics
+    slots = 32
+    sim = Simulation(slots=slots, latency=0.5, warmup_s=200)
+    sim.kv_as_slots = kv_as_slots
     clients = three_processes(sim, stagger_s=20)
     sim.run(until=500)
     total = sim.throughput()
@@ -546,6 +631,18 @@ def test_three_processes_share_a_server_fairly_and_fill_it(metrics: bool) -> Non
     assert sim.server.max_waiting <= slots + INITIAL_LIMIT
 
 
+def test_without_metrics_three_processes_fill_a_fast_server() -> None:
+    """Latency alone cannot tell another process's queue from a GPU's larger batch (both raise the latency
+    as this process grows): shares are not guaranteed without /metrics, the throughput and the ceiling are."""
+    sim = Simulation(slots=32, latency=0.5, warmup_s=200)
+    sim.metrics = False
+    clients = three_processes(sim, stagger_s=20)
+    sim.run(until=500)
+    assert sim.throughput() >= 0.97 * sim.capacity()
+    assert all(not c.limiter.uses_server_metrics for c in clients if c.limiter is not None)
+    assert sim.server.max_waiting <= 3 * 256
+
+
 def test_growing_latency_gpu_within_ten_percent_of_the_best_fixed_concurrency() -> None:
     """Latency L0 + k x running: throughput rises with the batch up to S, then only the queue grows."""
     slots, l0, k = 64, 0.25, 0.01
@@ -557,6 +654,127 @@ def test_growing_latency_gpu_within_ten_percent_of_the_best_fixed_concurrency() 
     assert sim.throughput() >= 0.9 * best
     assert sim.server.max_waiting <= slots
     assert client.limiter is not None and client.limiter.uses_server_metrics
+
+
+@pytest.mark.parametrize("kv_as_slots", [False, True], ids=["no-kv", "kv-as-slots"])
+def test_a_cold_process_fills_the_server_within_a_benchmark_run(kv_as_slots: bool) -> None:
+    """From its first request: 20 waves of a 32 x 0.5 s server (10 s) at >= 95 % of capacity, queue <= S.
+
+    A run pod is a fresh process: its limiter starts cold every run, so the first seconds count. The
+    local server reports full slots as a full KV cache: that must not keep the limiter below them.
+    """
+    sim = Simulation(slots=32, latency=0.5)
+    sim.kv_as_slots = kv_as_slots
+    sim.add_client(SimClient(sim, "cold", limiter=sim.limiter(min_limit=2, max_limit=256)))
+    sim.run(until=10)
+    assert sim.throughput() >= 0.95 * sim.capacity()
+    assert sim.server.max_waiting <= 32
+
+
+def test_a_cold_process_on_a_growing_latency_gpu_nears_the_best_fixed_concurrency() -> None:
+    slots, l0, k = 64, 0.1, 0.005
+    best = max(run_fixed(c, slots=slots, latency=l0, per_running=k, until=60, warmup_s=10) for c in (32, 64, 96, 128))
+    sim = Simulation(slots=slots, latency=l0, per_running=k)
+    sim.add_client(SimClient(sim, "cold", limiter=sim.limiter(min_limit=2, max_limit=256)))
+    sim.run(until=20)
+    assert sim.throughput() >= 0.9 * best
+    assert sim.server.max_waiting <= slots
+
+
+# -- simulation: a GPU (continuous batching, 50-s pages, a KV cache) -------------------------
+
+
+def gpu_pods(sim: Simulation, count: int, stagger_s: float) -> list[SimClient]:
+    return [
+        sim.add_client(
+            SimClient(sim, f"pod{i}", limiter=sim.limiter(min_limit=2, max_limit=256), start_at=i * stagger_s)
+        )
+        for i in range(count)
+    ]
+
+
+def test_a_cold_pod_fills_an_idle_gpu_within_seconds_whatever_the_latency() -> None:
+    """256 slots, ~10 s for a page alone and ~57 s in a full batch: the running batch reaches 0.9 of its
+    maximum within 10 s of the first request (readings, not answers, clock the growth)."""
+    sim = Simulation.gpu()
+    (pod,) = gpu_pods(sim, 1, 0)
+    sim.run(until=300)
+    server = sim.server
+    assert isinstance(server, GpuServer) and server.first_request_at is not None
+    assert server.nine_tenths_at is not None and server.nine_tenths_at - server.first_request_at <= 10
+    assert server.max_waiting <= server.slots
+    assert server.preemptions == 0 and pod.timeouts == 0
+    assert sim.throughput() >= 0.9 * sim.capacity()  # the first 57 s included
+
+
+def test_a_cold_pod_fills_a_gpu_that_takes_in_a_burst_a_few_prompts_per_step() -> None:
+    """vLLM's scheduler takes in max_num_batched_tokens of prompts per step (8,192 here, ~5 pages): every
+    growth shows as a queue for a few steps, which must not read as a full server."""
+    sim = Simulation.gpu(batched_tokens=8192)
+    gpu_pods(sim, 1, 0)
+    sim.run(until=60)
+    server = sim.server
+    assert isinstance(server, GpuServer) and server.first_request_at is not None
+    assert server.nine_tenths_at is not None and server.nine_tenths_at - server.first_request_at <= 10
+
+
+def test_without_metrics_a_cold_pod_fills_an_idle_gpu_within_three_round_trips() -> None:
+    """Answers clock it: the limit doubles per round trip while the rate of answers rises. Three doublings
+    take 32 -> 256; the round trips lengthen as the batch grows (about 17, 22 and 34 s here)."""
+    sim = Simulation.gpu()
+    sim.metrics = False
+    (pod,) = gpu_pods(sim, 1, 0)
+    sim.run(until=600)
+    server = sim.server
+    assert isinstance(server, GpuServer)
+
+    def round_trip(batch: int) -> float:  # mean page latency at this batch
+        return sum(server.output_tokens) / 2 * (server.step_base_s + server.step_per_seq_s * batch)
+
+    assert server.nine_tenths_at is not None
+    assert server.nine_tenths_at <= 1.1 * (round_trip(32) + round_trip(64) + round_trip(128))
+    assert pod.limiter is not None and not pod.limiter.in_slow_start and pod.limiter.limit >= 0.9 * server.slots
+    assert sim.throughput() >= 0.85 * sim.capacity()  # the three round trips of growth included
+
+
+def test_eight_pods_joining_20s_apart_share_a_gpu_fairly_and_keep_it_full() -> None:
+    sim = Simulation.gpu(warmup_s=140)  # the last pod starts at 140 s
+    pods = gpu_pods(sim, 8, 20)
+    sim.run(until=800)
+    server = sim.server
+    total = sim.throughput()
+    assert total >= 0.95 * sim.capacity()
+    for pod in pods:
+        assert pod.completed_after_warmup / sim.measured_s >= 0.8 * total / 8, pod.name
+        assert pod.timeouts == 0
+    assert server.max_waiting <= server.slots
+    assert server.preemptions == 0
+
+
+def test_eight_pods_on_a_kv_bound_gpu_keep_preemptions_near_zero() -> None:
+    """A cache for ~130 sequences of 256 slots: memory, not slots, is the limit. Overfilling it preempts
+    (and recomputes) the newest sequences; the limiters aim at a cache 90 % full with no standing queue."""
+    kv = {"kv_budget_tokens": 300_000}
+    best = 0.0
+    for concurrency in (112, 120, 128, 136, 144):
+        fixed = Simulation.gpu(warmup_s=140, **kv)
+        fixed.add_client(SimClient(fixed, "fixed", fixed=concurrency))
+        fixed.run(until=800)
+        best = max(best, fixed.throughput())
+    sim = Simulation.gpu(warmup_s=140, **kv)
+    pods = gpu_pods(sim, 8, 20)
+    server = sim.server
+    assert isinstance(server, GpuServer)
+    before: list[int] = []
+    sim.at(140, lambda: before.append(server.preemptions))
+    sim.run(until=800)
+    total = sim.throughput()
+    assert total >= 0.95 * best
+    done = sum(pod.completed_after_warmup for pod in pods)
+    assert server.preemptions - before[0] <= 0.01 * done  # once all run
+    for pod in pods:
+        assert pod.completed_after_warmup / sim.measured_s >= 0.8 * total / 8, pod.name
+    assert server.max_waiting <= server.slots
 
 
 def test_a_floor_above_the_ceiling_is_a_configuration_error() -> None:
@@ -575,25 +793,3 @@ def test_the_floor_is_published_for_the_at_floor_alert_only_when_adaptive() -> N
     assert REGISTRY.get_sample_value("mineru_vllm_concurrency_floor", {"server": "http://floor-test:1"}) == 3
     assert REGISTRY.get_sample_value("mineru_vllm_concurrency_floor", {"server": "http://fixed-test:1"}) is None
     assert REGISTRY.get_sample_value("mineru_vllm_concurrency_limit", {"server": "http://fixed-test:1"}) == 9
-
-
-def test_a_cold_process_fills_the_server_within_a_benchmark_run() -> None:
-    """From its first request: 20 waves of a 32 x 0.5 s server (10 s) at >= 95 % of capacity, queue <= S.
-
-    A run pod is a fresh process: its limiter starts cold every run, so the first seconds count.
-    """
-    sim = Simulation(slots=32, latency=0.5)
-    sim.add_client(SimClient(sim, "cold", limiter=sim.limiter(min_limit=2, max_limit=256)))
-    sim.run(until=10)
-    assert sim.throughput() >= 0.95 * sim.capacity()
-    assert sim.server.max_waiting <= 32
-
-
-def test_a_cold_process_on_a_growing_latency_gpu_nears_the_best_fixed_concurrency() -> None:
-    slots, l0, k = 64, 0.1, 0.005
-    best = max(run_fixed(c, slots=slots, latency=l0, per_running=k, until=60, warmup_s=10) for c in (32, 64, 96, 128))
-    sim = Simulation(slots=slots, latency=l0, per_running=k)
-    sim.add_client(SimClient(sim, "cold", limiter=sim.limiter(min_limit=2, max_limit=256)))
-    sim.run(until=20)
-    assert sim.throughput() >= 0.9 * best
-    assert sim.server.max_waiting <= slots
