@@ -158,3 +158,40 @@ def test_golden_batches_list_documents_directly() -> None:
     storage.put_json(storage.batch_key("golden"), manifest)
     assert render_batch(storage, "golden", PDF).rendered == 1
     assert storage.exists(storage.page_manifest_key(doc_id_for(TWO)))
+
+
+def test_a_missing_or_damaged_page_image_is_rendered_again_by_a_plain_rerun() -> None:
+    """Issue 21 row 11: a deleted page PNG was named by the audit, but the re-run said "already rendered"."""
+    storage, batch = ingested({"four.pdf": FOUR})
+    render_batch(storage, batch, PDF)
+    doc_id = doc_id_for(FOUR)
+    manifest = storage.get_json(storage.page_manifest_key(doc_id))
+    good = {p["page"]: storage.get_bytes(p["png_key"]) for p in manifest["pages"]}
+    storage.delete(storage.page_png_key(doc_id, 2))  # deleted
+    storage.put_bytes(storage.page_png_key(doc_id, 3), b"")  # zero bytes
+    storage.put_bytes(storage.page_png_key(doc_id, 4), bytes(len(good[4])))  # same size, not the image
+    ops = record_ops(storage)
+    again = render_batch(storage, batch, PDF)
+    assert (again.rendered, again.skipped) == (1, 0)
+    assert sorted(png_puts(ops)) == [storage.page_png_key(doc_id, n) for n in (2, 3, 4)]  # page 1 is kept
+    for n, data in good.items():
+        assert storage.get_bytes(storage.page_png_key(doc_id, n)) == data
+    repaired = storage.get_json(storage.page_manifest_key(doc_id))
+    assert [p["page"] for p in repaired["pages"]] == [1, 2, 3, 4] and repaired["failed_pages"] == []
+    assert render_batch(storage, batch, PDF).skipped == 1  # and now it is complete again
+
+
+@pytest.mark.parametrize(
+    "manifest",
+    [b"{not json", b"[]", b"null", b'{"version": 1, "dpi": 36}', b'{"version": 1, "dpi": 36, "doc_id": "other"}'],
+    ids=["garbage", "list", "null", "no-pages", "other-document"],
+)
+def test_an_unreadable_page_manifest_is_treated_as_missing(manifest: bytes) -> None:
+    """Issue 21 row 11's neighbour: an unreadable manifest failed the document on every run (or crashed)."""
+    storage, batch = ingested({"two.pdf": TWO})
+    render_batch(storage, batch, PDF)
+    doc_id = doc_id_for(TWO)
+    storage.put_bytes(storage.page_manifest_key(doc_id), manifest)
+    again = render_batch(storage, batch, PDF)
+    assert (again.rendered, again.failures) == (1, {})
+    assert [p["page"] for p in storage.get_json(storage.page_manifest_key(doc_id))["pages"]] == [1, 2]
