@@ -11,7 +11,7 @@ from mkg_pipeline.stages.ingest import ingest_batch
 from mkg_pipeline.stages.pages import NothingRendered, render_batch
 from mkg_pipeline.storage import MemoryStorage
 from mkg_pipeline_tests.fixtures.corpus import corpus_pdf
-from mkg_pipeline_tests.fixtures.pathological import build_pdf
+from mkg_pipeline_tests.fixtures.pathological import build_pdf, huge_page_pdf
 from mkg_pipeline_tests.stages.conftest import Killed, drop, fail_once, kill_at_write, record_ops
 
 PDF = PDFConfig(dpi=36)
@@ -195,3 +195,15 @@ def test_an_unreadable_page_manifest_is_treated_as_missing(manifest: bytes) -> N
     again = render_batch(storage, batch, PDF)
     assert (again.rendered, again.failures) == (1, {})
     assert [p["page"] for p in storage.get_json(storage.page_manifest_key(doc_id))["pages"]] == [1, 2]
+
+
+def test_a_page_too_large_to_read_is_recorded_as_failed_not_rendered() -> None:
+    """Issue 21 row 7: a 1e7 pt page went into the manifest as a blank 0.04 dpi image."""
+    huge = huge_page_pdf(1e7)
+    storage, batch = ingested({"huge.pdf": huge, "two.pdf": TWO})
+    summary = render_batch(storage, batch, PDF)
+    (failure,) = summary.failed_pages
+    assert (failure["doc_id"], failure["page"], failure["reason"]) == (doc_id_for(huge), 1, "page_too_large")
+    manifest = storage.get_json(storage.page_manifest_key(doc_id_for(huge)))
+    assert manifest["pages"] == [] and manifest["page_count"] == 1
+    assert not storage.keys(f"pages/{doc_id_for(huge)}/1.png")  # no blank image stored
