@@ -11,13 +11,18 @@ A read-only ``DAGSTER_HOME`` made every Dagster process fail with SQLite's ``una
 * in ``batch_cli`` and ``make demo`` before they open the instance, whatever ``dagster.yaml`` the home has.
 
 Free space is reported, not refused: an operator must still be able to open the UI of a full home to see what
-happened. A run that fills the disk is left STARTED by Dagster (its failure cannot be written either, and the
-code server that would mark it failed stops checking after one failed write); run monitoring's
-``max_runtime_seconds`` in ``dagster.yaml`` fails it once the daemon can write again (docs/runbook.md).
+happened. A disk that fills up during a run used to leave the run STARTED: its worker died on the first event
+that did not fit, nothing could record its end, and the code server that marks dead runs failed stops checking
+after one failed write. :class:`CheckedInstance` keeps a few MiB set aside beside the records
+(:data:`RESERVE_NAME`); on the first event of a run that does not fit it releases them, records the run as
+failed with a message that names the full home, and refuses the run's later events, which stops its worker.
+When even that cannot be written (the reserve already used), run monitoring's ``max_runtime_seconds`` in
+``dagster.yaml`` fails the run once the daemon can write again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Mapping
@@ -30,6 +35,9 @@ log = logging.getLogger(__name__)
 
 #: below this much free space a warning names the home: a run writes its events there as it goes
 LOW_SPACE_BYTES: Final = 64 * 1024 * 1024
+#: space set aside beside the records (thousands of events) so that a run's failure can be written on a full disk
+RESERVE_BYTES: Final = 4 * 1024 * 1024
+RESERVE_NAME: Final = ".mkg-storage-reserve"
 #: the SQLite files Dagster writes under DAGSTER_HOME, relative to it
 _DATABASES: Final = ("history/runs.db", "history/runs/index.db", "schedules/schedules.db")
 
@@ -60,16 +68,74 @@ def check_dagster_home(path: str | os.PathLike[str]) -> None:
     free = stats.f_bavail * stats.f_frsize
     if free < LOW_SPACE_BYTES:
         log.warning(
-            "DAGSTER_HOME %s has only %d KiB free: a run whose events no longer fit is left STARTED until run "
-            "monitoring fails it (dagster.yaml run_monitoring.max_runtime_seconds); free space there",
+            "DAGSTER_HOME %s has only %d KiB free: a run whose events no longer fit there is failed; free space",
             home,
             free // 1024,
         )
 
 
+def _free_bytes(path: Path) -> int:
+    stats = os.statvfs(path)
+    return stats.f_bavail * stats.f_frsize
+
+
+def keep_reserve(home: Path, size: int = RESERVE_BYTES) -> None:
+    """Set ``size`` bytes of ``home``'s file system aside in :data:`RESERVE_NAME`, while there is room to spare.
+
+    When the disk fills up, releasing them is what lets the run's failure be written (:class:`CheckedInstance`).
+    """
+    reserve = home / RESERVE_NAME
+    with contextlib.suppress(FileNotFoundError):
+        if reserve.stat().st_size >= size:
+            return
+    if _free_bytes(home) < 4 * size:
+        return  # no room to spare: a reserve is made again once there is
+    with reserve.open("wb") as out:
+        out.truncate(size)  # sparse: blocks are only taken by writing them
+        os.posix_fallocate(out.fileno(), 0, size)
+
+
+def release_reserve(home: Path) -> bool:
+    """Give the reserve's space back to the file system; False when it was already released."""
+    try:
+        (home / RESERVE_NAME).unlink()
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _is_storage_full(exc: BaseException, home: Path) -> bool:
+    """SQLite could not write because ``home``'s file system is full ("disk I/O error" when it is the journal)."""
+    text = " ".join(str(e) for e in (exc, exc.__cause__) if e is not None)
+    if "database or disk is full" in text:
+        return True
+    try:
+        return "disk I/O error" in text and _free_bytes(home) < RESERVE_BYTES
+    except OSError:
+        return False
+
+
+class DagsterHomeFull(RuntimeError):
+    """A run's records no longer fit in DAGSTER_HOME: the run is failed (recorded in the reserve's space)."""
+
+
 class CheckedInstance(DagsterInstance):
-    """Dagster's instance, opened only after its directory passed :func:`check_dagster_home`
-    (``instance_class`` of the local ``dagster.yaml``); otherwise exactly :class:`dagster.DagsterInstance`."""
+    """Dagster's instance with two guards on its home (``instance_class`` of the local ``dagster.yaml``):
+
+    * it is opened only after its directory passed :func:`check_dagster_home`;
+    * when an event no longer fits (the disk is full), the run it belongs to is failed, using the space of a
+      reserve kept beside the records (:func:`keep_reserve`), and its later events are refused, which stops
+      its worker. Without this the worker died with nothing recorded and the run stayed STARTED.
+
+    Otherwise exactly :class:`dagster.DagsterInstance`.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._runs_out_of_space: set[str] = set()
+        self._failing_run = False
+        with contextlib.suppress(OSError):  # a reserve is a best effort, never a reason not to open
+            keep_reserve(Path(self.root_directory))
 
     @classmethod
     def config_schema(cls) -> dict[str, Any]:
@@ -84,3 +150,36 @@ class CheckedInstance(DagsterInstance):
         if os.path.isdir(base_dir):
             check_dagster_home(base_dir)
         return InstanceRef.config_defaults(base_dir)
+
+    def handle_new_event(self, event: Any, *, batch_metadata: Any = None) -> None:
+        run_id = getattr(event, "run_id", None)
+        if run_id and run_id in self._runs_out_of_space and not self._failing_run:
+            raise DagsterHomeFull(f"run {run_id}: DAGSTER_HOME {self.root_directory} is full; the run was failed")
+        try:
+            super().handle_new_event(event, batch_metadata=batch_metadata)
+        except Exception as exc:
+            home = Path(self.root_directory)
+            if self._failing_run or not run_id or not _is_storage_full(exc, home):
+                raise
+            self._runs_out_of_space.add(run_id)
+            message = self._fail_run_out_of_space(run_id, home, exc)
+            raise DagsterHomeFull(message) from exc
+
+    def _fail_run_out_of_space(self, run_id: str, home: Path, exc: BaseException) -> str:
+        released = release_reserve(home)
+        message = (
+            f"DAGSTER_HOME {home} is full (SQLite: {str(exc).splitlines()[0]}): run {run_id} is failed because "
+            "its events can no longer be recorded. Free space there, then materialize its batch again (the "
+            "sensor requests a failed batch again by itself)."
+        )
+        log.error("%s%s", message, "" if released else " (no reserve left: the failure may not be recorded)")
+        self._failing_run = True  # the failure's own event must not come back here
+        try:
+            run = self.get_run_by_id(run_id)
+            if run is not None and not run.is_finished:
+                self.report_run_failed(run, message)
+        except Exception as again:  # still no room: run monitoring's max_runtime_seconds fails it later
+            log.error("run %s: its failure could not be recorded either: %s", run_id, again)
+        finally:
+            self._failing_run = False
+        return message

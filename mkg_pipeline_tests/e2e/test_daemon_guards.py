@@ -254,36 +254,63 @@ def _fill(directory: Path) -> Path:
     return filler
 
 
-def test_a_run_whose_home_fills_up_does_not_stay_started(tmp_path: Path) -> None:
-    """Row 9: with DAGSTER_HOME's disk full, the run's worker dies with nothing recorded (its failure cannot be
-    written, and the code server that would mark it failed gives up after one failed write): the run stayed
-    STARTED for ever, so the sensor never saw it fail. Run monitoring's max_runtime_seconds fails it once the
-    daemon can write again. The real thing needs a file system that can fill: a tmpfs, mounted as root."""
+@contextlib.contextmanager
+def _stack_on_tmpfs(tmp_path: Path, max_runtime_s: int | None = None) -> Iterator[DaemonStack]:
+    """A daemon stack whose DAGSTER_HOME is a 48 MiB tmpfs: a file system a test can fill (needs root)."""
     config = yaml.safe_load(_test_instance_yaml())
-    monitoring = config["run_monitoring"]
-    assert monitoring.get("max_runtime_seconds"), "dagster.yaml sets no run_monitoring.max_runtime_seconds"
-    monitoring["max_runtime_seconds"] = 20  # the run holds far less than that before the disk fills
+    if max_runtime_s is not None:
+        assert config["run_monitoring"].get("max_runtime_seconds"), "dagster.yaml sets no max_runtime_seconds"
+        config["run_monitoring"]["max_runtime_seconds"] = max_runtime_s
     home = tmp_path / "home"
     home.mkdir()
     if os.geteuid() != 0 or not _mount("-t", "tmpfs", "-o", "size=48m", "tmpfs", str(home)):
         pytest.skip("a file system that can be filled needs a tmpfs mount (root, CAP_SYS_ADMIN)")
     try:
         with _daemon_stack(tmp_path, home, yaml.safe_dump(config)) as stack:
-            run_id = stack.launch("p5", job="partition_job")
-            runs = {"victim": run_id}
-            stack.wait_for(lambda: stack.started_pid("p5", run_id) is not None, "the run is working", runs)
-            pid = stack.started_pid("p5", run_id)
-            assert pid is not None
-            filler = _fill(home)
-            stack.release("p5")  # its next events (output, success) no longer fit
-            stack.wait_for(lambda: not _alive(pid), "the run worker gave up on its full disk", runs)
-            # (not even the test can read the instance now: SQLite answers "disk I/O error")
-            filler.unlink()  # the operator frees space; without run monitoring's timeout, the run stays STARTED
-            stack.wait_for(
-                lambda: stack.status(run_id) == dg.DagsterRunStatus.FAILURE, "run monitoring failed the run", runs
-            )
+            yield stack
     finally:
         subprocess.run(["umount", "-l", str(home)], check=False)
+
+
+def _run_until_the_disk_is_full(stack: DaemonStack, partition: str) -> tuple[str, int, Path]:
+    """Launch a run, fill DAGSTER_HOME's disk while it works, let it go on; returns its id, pid and the filler."""
+    run_id = stack.launch(partition, job="partition_job")
+    runs = {"victim": run_id}
+    stack.wait_for(lambda: stack.started_pid(partition, run_id) is not None, "the run is working", runs)
+    pid = stack.started_pid(partition, run_id)
+    assert pid is not None
+    filler = _fill(stack.home)
+    stack.release(partition)  # its next events (output, success) no longer fit
+    stack.wait_for(lambda: not _alive(pid), "the run worker stopped on its full disk", runs)
+    return run_id, pid, filler
+
+
+def test_a_run_whose_home_fills_up_is_recorded_as_failed(tmp_path: Path) -> None:
+    """Row 9: with DAGSTER_HOME's disk full, the run's worker died with nothing recorded (its failure could not be
+    written, and the code server that would mark it failed gives up after one failed write): the run stayed
+    STARTED for ever, so the sensor never saw it fail. Now the first event that does not fit fails the run, in
+    the space of the reserve the instance keeps, with a message naming the full home."""
+    with _stack_on_tmpfs(tmp_path) as stack:
+        assert (stack.home / ".mkg-storage-reserve").stat().st_size > 0
+        run_id, _, filler = _run_until_the_disk_is_full(stack, "p5")
+        filler.unlink()  # only so that the test can read the instance (SQLite cannot even read a full disk)
+        assert stack.status(run_id) == dg.DagsterRunStatus.FAILURE
+        (failure,) = stack.instance.all_logs(run_id, of_type=dg.DagsterEventType.RUN_FAILURE)
+        assert f"DAGSTER_HOME {stack.home} is full" in (failure.dagster_event.message or "")
+
+
+def test_a_run_left_started_on_a_full_home_is_failed_by_run_monitoring(tmp_path: Path) -> None:
+    """Row 9's backstop: when not even the failure fits (no reserve left), run monitoring's max_runtime_seconds
+    fails the run once the daemon can write again; before, it stayed STARTED for ever."""
+    with _stack_on_tmpfs(tmp_path, max_runtime_s=20) as stack:  # the run holds far less than that
+        (stack.home / ".mkg-storage-reserve").unlink()  # spent by an earlier fault
+        run_id, _, filler = _run_until_the_disk_is_full(stack, "p6")
+        filler.unlink()  # the operator frees space
+        stack.wait_for(
+            lambda: stack.status(run_id) == dg.DagsterRunStatus.FAILURE,
+            "run monitoring failed the run",
+            {"victim": run_id},
+        )
 
 
 def _alive(pid: int) -> bool:
