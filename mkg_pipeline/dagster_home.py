@@ -8,7 +8,8 @@ A read-only ``DAGSTER_HOME`` made every Dagster process fail with SQLite's ``una
   (``dagster dev``, the daemon, ``dagster asset materialize``, ...): that file names :class:`CheckedInstance`
   as its ``instance_class``, and Dagster asks that class for its defaults, with the instance's directory,
   while it loads the file and before it builds the storage (which is where SQLite fails);
-* in ``batch_cli`` and ``make demo`` before they open the instance, whatever ``dagster.yaml`` the home has.
+* in ``batch_cli`` before it opens the instance, whatever ``dagster.yaml`` the home has (``make demo`` copies
+  the local one into its home).
 
 Free space is reported, not refused: an operator must still be able to open the UI of a full home to see what
 happened. A disk that fills up during a run used to leave the run STARTED: its worker died on the first event
@@ -51,7 +52,7 @@ def check_dagster_home(path: str | os.PathLike[str]) -> None:
     home = Path(path)
     if not home.is_dir():
         raise DagsterHomeUnusable(f"DAGSTER_HOME {home} is not a directory; create it or set DAGSTER_HOME to one")
-    fix = "Mount it read-write, or set DAGSTER_HOME to a writable directory (docs/runbook.md)."
+    fix = "Mount it read-write, or set DAGSTER_HOME to a writable directory."
     stats = os.statvfs(home)
     if stats.f_flag & os.ST_RDONLY:
         raise DagsterHomeUnusable(
@@ -91,8 +92,10 @@ def keep_reserve(home: Path, size: int = RESERVE_BYTES) -> None:
     if _free_bytes(home) < 4 * size:
         return  # no room to spare: a reserve is made again once there is
     with reserve.open("wb") as out:
-        out.truncate(size)  # sparse: blocks are only taken by writing them
-        os.posix_fallocate(out.fileno(), 0, size)
+        try:
+            os.posix_fallocate(out.fileno(), 0, size)  # blocks taken, none written
+        except OSError:  # a file system without fallocate: blocks are taken by writing them
+            out.write(bytes(size))
 
 
 def release_reserve(home: Path) -> bool:
@@ -170,7 +173,7 @@ class CheckedInstance(DagsterInstance):
         message = (
             f"DAGSTER_HOME {home} is full (SQLite: {str(exc).splitlines()[0]}): run {run_id} is failed because "
             "its events can no longer be recorded. Free space there, then materialize its batch again (the "
-            "sensor requests a failed batch again by itself)."
+            "sensor requests a failed ingest run again by itself)."
         )
         log.error("%s%s", message, "" if released else " (no reserve left: the failure may not be recorded)")
         self._failing_run = True  # the failure's own event must not come back here
