@@ -319,13 +319,32 @@ def _record_failure(storage: Storage, doc_id: str, failure: TaskFailed) -> dict[
 
 
 def read_page_manifest(storage: Storage, doc_id: str) -> dict[str, Any]:
+    """The document's page manifest; ``ValueError`` naming it and what is wrong when it is unreadable."""
+    key = storage.page_manifest_key(doc_id)
     try:
-        return storage.get_json(storage.page_manifest_key(doc_id))  # type: ignore[no-any-return]
+        manifest = storage.get_json(key)
     except FileNotFoundError:
         raise FileNotFoundError(
-            f"document {doc_id} has no page manifest at {storage.uri(storage.page_manifest_key(doc_id))}; "
+            f"document {doc_id} has no page manifest at {storage.uri(key)}; "
             "materialize parsed_pages for its batch first"
         ) from None
+    # The readers need pages that are records with a page number; the render stage checks the rest.
+    if not isinstance(manifest, dict):
+        problem: str | None = f"a JSON {type(manifest).__name__}, not an object"
+    elif manifest.get("doc_id", doc_id) != doc_id:
+        problem = f"it names document {manifest.get('doc_id')!r}"
+    elif not isinstance(manifest.get("pages"), list) or not all(
+        isinstance(p, dict) and isinstance(p.get("page"), int) for p in manifest["pages"]
+    ):
+        problem = "its pages are not page records"
+    else:
+        problem = None
+    if problem is not None:
+        raise ValueError(
+            f"{storage.uri(key)} is not a valid page manifest ({problem}); materialize parsed_pages for the "
+            "document's batch again: it renders the document anew"
+        )
+    return manifest  # type: ignore[no-any-return]
 
 
 def _source_of(storage: Storage, doc_id: str) -> str:

@@ -8,7 +8,7 @@ from mkg_pipeline.config import PDFConfig
 from mkg_pipeline.ids import doc_id_for
 from mkg_pipeline.stages.batches import read_batch_manifest, write_batch_manifest
 from mkg_pipeline.stages.ingest import ingest_batch
-from mkg_pipeline.stages.pages import NothingRendered, render_batch
+from mkg_pipeline.stages.pages import NothingRendered, read_page_manifest, render_batch
 from mkg_pipeline.storage import MemoryStorage
 from mkg_pipeline_tests.fixtures.corpus import corpus_pdf
 from mkg_pipeline_tests.fixtures.pathological import build_pdf, huge_page_pdf
@@ -192,9 +192,27 @@ def test_an_unreadable_page_manifest_is_treated_as_missing(manifest: bytes) -> N
     render_batch(storage, batch, PDF)
     doc_id = doc_id_for(TWO)
     storage.put_bytes(storage.page_manifest_key(doc_id), manifest)
+    with pytest.raises(ValueError, match=r"is not valid JSON|is not a valid page manifest"):
+        read_page_manifest(storage, doc_id)  # what the baseline and quality stages read: a clear error
     again = render_batch(storage, batch, PDF)
     assert (again.rendered, again.failures) == (1, {})
-    assert [p["page"] for p in storage.get_json(storage.page_manifest_key(doc_id))["pages"]] == [1, 2]
+    assert [p["page"] for p in read_page_manifest(storage, doc_id)["pages"]] == [1, 2]
+
+
+def test_a_manifest_without_recorded_sizes_and_etags_is_checked_for_presence() -> None:
+    """Manifests written before sizes and ETags were recorded: intact ones are still skipped, holes redrawn."""
+    storage, batch = ingested({"two.pdf": TWO})
+    render_batch(storage, batch, PDF)
+    doc_id = doc_id_for(TWO)
+    manifest = storage.get_json(storage.page_manifest_key(doc_id))
+    for page in manifest["pages"]:
+        del page["png_bytes"], page["png_etag"]
+    storage.put_json(storage.page_manifest_key(doc_id), manifest)
+    assert render_batch(storage, batch, PDF).skipped == 1
+    storage.put_bytes(storage.page_png_key(doc_id, 2), b"")
+    ops = record_ops(storage)
+    assert render_batch(storage, batch, PDF).rendered == 1
+    assert png_puts(ops) == [storage.page_png_key(doc_id, 2)]
 
 
 def test_a_page_too_large_to_read_is_recorded_as_failed_not_rendered() -> None:
