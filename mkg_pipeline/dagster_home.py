@@ -157,7 +157,12 @@ class CheckedInstance(DagsterInstance):
     def handle_new_event(self, event: Any, *, batch_metadata: Any = None) -> None:
         run_id = getattr(event, "run_id", None)
         if run_id and run_id in self._runs_out_of_space and not self._failing_run:
-            raise DagsterHomeFull(f"run {run_id}: DAGSTER_HOME {self.root_directory} is full; the run was failed")
+            # While the disk is still full (what is left is the reserve's), the failed run's own events are
+            # refused: its worker stops instead of spending the space. Once space is freed they pass again, so
+            # that whatever still has to be recorded about the run (run monitoring, slots) is.
+            if self._still_full():
+                raise DagsterHomeFull(f"run {run_id}: DAGSTER_HOME {self.root_directory} is full; the run was failed")
+            self._runs_out_of_space.discard(run_id)
         try:
             super().handle_new_event(event, batch_metadata=batch_metadata)
         except Exception as exc:
@@ -167,6 +172,12 @@ class CheckedInstance(DagsterInstance):
             self._runs_out_of_space.add(run_id)
             message = self._fail_run_out_of_space(run_id, home, exc)
             raise DagsterHomeFull(message) from exc
+
+    def _still_full(self) -> bool:
+        try:
+            return _free_bytes(Path(self.root_directory)) < 2 * RESERVE_BYTES  # the reserve is not "freed space"
+        except OSError:
+            return True
 
     def _fail_run_out_of_space(self, run_id: str, home: Path, exc: BaseException) -> str:
         released = release_reserve(home)

@@ -295,8 +295,8 @@ def test_a_run_whose_home_fills_up_is_recorded_as_failed(tmp_path: Path) -> None
         run_id, _, filler = _run_until_the_disk_is_full(stack, "p5")
         filler.unlink()  # only so that the test can read the instance (SQLite cannot even read a full disk)
         assert stack.status(run_id) == dg.DagsterRunStatus.FAILURE
-        (failure,) = stack.instance.all_logs(run_id, of_type=dg.DagsterEventType.RUN_FAILURE)
-        assert f"DAGSTER_HOME {stack.home} is full" in (failure.dagster_event.message or "")
+        failures = stack.instance.all_logs(run_id, of_type=dg.DagsterEventType.RUN_FAILURE)
+        assert f"DAGSTER_HOME {stack.home} is full" in (failures[0].dagster_event.message or "")
 
 
 def test_a_run_left_started_on_a_full_home_is_failed_by_run_monitoring(tmp_path: Path) -> None:
