@@ -15,6 +15,7 @@ does not batch the same objects again. A batch whose run failed or was canceled
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -42,7 +43,16 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m mkg_pipeline.batch_cli", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     parser.parse_args(argv)
-    instance = dg.DagsterInstance.get()
+    from mkg_pipeline.dagster_home import DagsterHomeUnusable, check_dagster_home
+
+    try:
+        # also when $DAGSTER_HOME has no dagster.yaml of ours (whose storage runs the same check)
+        if os.environ.get("DAGSTER_HOME"):
+            check_dagster_home(os.environ["DAGSTER_HOME"])
+        instance = dg.DagsterInstance.get()
+    except DagsterHomeUnusable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     cursor_file = Path(instance.root_directory) / "mkg_batch_cli.cursor"
     cursor = cursor_file.read_text() if cursor_file.exists() else None
     result = run_sensor_tick(instance, cursor)

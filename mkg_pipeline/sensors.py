@@ -74,7 +74,7 @@ def _retry_requests(context: dg.SensorEvaluationContext, storage, cursor):  # ty
             continue  # another run of the batch is queued or running: it takes the objects
         try:
             pending = pending_objects(storage, batch)
-        except FileNotFoundError as exc:
+        except (FileNotFoundError, ValueError) as exc:  # no manifest, or an unreadable one: never the whole tick
             context.log.warning(f"run {run.run_id} of batch {batch} ended; {exc}")
             continue
         if not pending:

@@ -45,10 +45,18 @@ STORE_TRIM_EVERY: Final = 32
 #: zlib level of the page PNGs (0-9), chosen by measurement: see the module doc and benchmarks/render.py
 PNG_COMPRESSION: Final = 3
 
+#: a page that fits the pixel budget only below this resolution is a failure (PAGE_TOO_LARGE), not an image.
+#: Type is drawn at size x dpi / 72 pixels: at 10 dpi a 72 pt heading is 10 px tall, body text 1-2 px, so below it
+#: nothing on a page is readable by OCR or a VLM. Posters scale their type with the page: the largest page PDF
+#: allows without /UserUnit (14,400 pt, 200 in) is drawn at 31.6 dpi within 40 Mpx and is kept. A 1e7 pt page
+#: would come out at 0.04 dpi: 30 Mpx of white, recorded as a rendered page (issue 21 row 7).
+MIN_READABLE_DPI: Final = 10.0
+
 #: PageFailure.reason codes
 LOAD_FAILED: Final = "load_failed"
 EMPTY_PAGE: Final = "empty_page"
 RENDER_FAILED: Final = "render_failed"
+PAGE_TOO_LARGE: Final = "page_too_large"
 
 
 @dataclass(frozen=True)
@@ -78,7 +86,7 @@ class PageFailure:
     """A page that could not be rendered; the rest of the document still is."""
 
     number: int  # 1-based
-    reason: str  # load_failed | empty_page | render_failed
+    reason: str  # load_failed | empty_page | render_failed | page_too_large
     error: str  # exception type and message, for the page manifest and logs
 
 
@@ -127,7 +135,7 @@ def _render_png(page: pymupdf.Page, dpi: float) -> tuple[bytes, int, int]:
 
 
 def _render_one(
-    doc: pymupdf.Document, number: int, source: str, dpi: float, max_render_pixels: int
+    doc: pymupdf.Document, number: int, source: str, dpi: float, max_render_pixels: int, min_dpi: float
 ) -> RenderedPage | PageFailure:
     try:
         page = doc.load_page(number - 1)
@@ -139,6 +147,15 @@ def _render_one(
     if rect.width <= 0 or rect.height <= 0:
         return PageFailure(number, EMPTY_PAGE, f"page area is empty ({rect.width} x {rect.height} pt)")
     used_dpi = effective_dpi(rect.width, rect.height, dpi, max_render_pixels)
+    if used_dpi < min_dpi:
+        # Decided before drawing: the pixel budget would go to an image nobody can read.
+        message = (
+            f"page is {rect.width:.0f} x {rect.height:.0f} pt ({rect.width / 72:.0f} x {rect.height / 72:.0f} in): "
+            f"within pdf.max_render_pixels ({max_render_pixels}) it would be drawn at {used_dpi} dpi, below the "
+            f"{min_dpi:g} dpi at which anything on it can be read; crop the page, or raise pdf.max_render_pixels"
+        )
+        log.warning("%s page %d: %s", source, number, message)
+        return PageFailure(number, PAGE_TOO_LARGE, message)
     try:
         png, width_px, height_px = _render_png(page, used_dpi)
     except Exception as exc:
@@ -169,8 +186,13 @@ def iter_rendered_pages(
     dpi: int,
     max_render_pixels: int,
     page_numbers: Iterable[int] | None = None,
+    *,
+    min_dpi: float = MIN_READABLE_DPI,
 ) -> Iterator[RenderedPage | PageFailure]:
     """Yield each page of the PDF in ``data`` (or only ``page_numbers``, 1-based) as it is rendered.
+
+    A page that ``max_render_pixels`` would only hold below ``min_dpi`` is a :class:`PageFailure`
+    ``page_too_large`` instead of an unreadable image.
 
     Raises :class:`~mkg_pipeline.pdf.validate.PDFRejected` if the document itself cannot be opened
     (not a PDF, encrypted) and ``ValueError`` for page numbers outside the document. The document is
@@ -188,6 +210,6 @@ def iter_rendered_pages(
             raise ValueError(f"{source}: page number(s) {outside[:10]} outside 1..{count}")
         for done, number in enumerate(numbers, start=1):
             # Only the current page is referenced here; the caller owns the yielded bytes.
-            yield _render_one(doc, number, source, dpi, max_render_pixels)
+            yield _render_one(doc, number, source, dpi, max_render_pixels, min_dpi)
             if done % STORE_TRIM_EVERY == 0:
                 pymupdf.TOOLS.store_shrink(100)

@@ -59,14 +59,74 @@ def write_batch_manifest(storage: Storage, batch_id: str, objects: list[Incoming
     )
 
 
+class BatchManifestInvalid(ValueError):
+    """A batch manifest that parses as JSON but is not a batch manifest (a ``ValueError``, like bytes that do not
+    parse): the stage says which object and what is wrong instead of failing on it with an ``AttributeError``."""
+
+
 def read_batch_manifest(storage: Storage, batch_id: str) -> dict[str, Any]:
+    """The manifest of batch ``batch_id``, checked for the shape every stage relies on.
+
+    Raises ``FileNotFoundError`` when there is none, ``ValueError`` ("is not valid JSON") when its bytes do not
+    parse, and :class:`BatchManifestInvalid` when they parse to something else than a batch manifest.
+    """
+    key = storage.batch_key(batch_id)
     try:
-        return storage.get_json(storage.batch_key(batch_id))
+        manifest = storage.get_json(key)
     except FileNotFoundError:
         raise FileNotFoundError(
-            f"batch {batch_id!r} has no manifest at {storage.uri(storage.batch_key(batch_id))}; "
+            f"batch {batch_id!r} has no manifest at {storage.uri(key)}; "
             "batches are created by the incoming_pdfs_sensor (daemon) or `python -m mkg_pipeline.batch_cli`"
         ) from None
+    problem = manifest_problem(manifest, batch_id)
+    if problem is not None:
+        raise BatchManifestInvalid(
+            f"{storage.uri(key)} is not a valid batch manifest: {problem}. The batch cannot be processed until "
+            "the record is restored (its objects not yet ingested are still in incoming/, where a new batch "
+            "picks them up once this one is removed)"
+        )
+    return manifest  # type: ignore[no-any-return]
+
+
+def _kind(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def manifest_problem(manifest: Any, batch_id: str) -> str | None:
+    """What is wrong with the parsed ``manifest`` of ``batch_id``, or None when it has a batch manifest's shape.
+
+    Only the fields the stages read are checked (unknown fields are left alone, for newer writers).
+    """
+    if not isinstance(manifest, dict):
+        return f"expected a JSON object, found {_kind(manifest)}"
+    if manifest.get("batch_id", batch_id) != batch_id:
+        return f"it is the manifest of batch {manifest['batch_id']!r}"
+    if "objects" not in manifest and "doc_ids" not in manifest:
+        return "it lists neither objects nor doc_ids"
+    objects = manifest.get("objects", [])
+    if not isinstance(objects, list):
+        return f"objects is {_kind(objects)}, not a list"
+    for index, obj in enumerate(objects):
+        if not isinstance(obj, dict):
+            return f"objects[{index}] is {_kind(obj)}, not an object"
+        for name, kinds in (("key", str), ("etag", str), ("size", int)):
+            value = obj.get(name)
+            if name == "size" and name not in obj:
+                continue  # older manifests
+            if not isinstance(value, kinds) or isinstance(value, bool):
+                return f"objects[{index}].{name} is {_kind(value)}, not {kinds.__name__}"
+    results = manifest.get("results", {})
+    if not isinstance(results, dict):
+        return f"results is {_kind(results)}, not an object"
+    for key, result in results.items():
+        if not isinstance(result, dict) or not isinstance(result.get("status"), str):
+            return f"results[{key!r}] is {_kind(result)}, not an object with a status"
+        if result["status"] == "accepted" and not isinstance(result.get("doc_id"), str):
+            return f"results[{key!r}] is accepted without a doc_id"
+    doc_ids = manifest.get("doc_ids", [])
+    if not isinstance(doc_ids, list) or not all(isinstance(d, str) for d in doc_ids):
+        return "doc_ids is not a list of document ids"
+    return None
 
 
 def accepted_doc_ids(manifest: dict[str, Any], only: list[str] | None = None) -> list[str]:

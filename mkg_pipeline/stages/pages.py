@@ -3,7 +3,11 @@
 Per document this writes ``pages/<doc_id>/<n>.png`` and a page manifest ``pages/<doc_id>/manifest.json``
 (sizes, image hash, text layer, failed pages). The manifest is written last, so a document with a manifest
 at the current DPI is complete, and is skipped on re-materialization; a manifest with failed pages has only
-those pages rendered again.
+those pages rendered again. A manifest is only believed when it proves itself: it parses, names this document,
+and every page image it lists is in the bucket as written (one listing of ``pages/<doc_id>/`` compares each
+image's size and ETag with the ones recorded when it was uploaded). A page image that is missing, empty or
+replaced is drawn again by a plain re-run; an unreadable manifest counts as none (the document is rendered
+again), never as a permanent failure.
 
 :func:`render_batch` owns the loop and its failure policy:
 
@@ -144,14 +148,21 @@ def render_document(storage: Storage, doc_id: str, pdf: PDFConfig, *, force: boo
     A manifest at this DPI with failed pages has only those pages drawn again, the others are kept.
     """
     existing = None if force else _current_manifest(storage, doc_id, pdf)
-    if existing is not None and not existing["failed_pages"]:
-        return DocumentPages(doc_id, len(existing["pages"]), [], skipped=True)
+    retry: list[int] | None = None
+    if existing is not None:
+        damaged = _damaged_images(storage, doc_id, existing["pages"])
+        if not existing["failed_pages"] and not damaged:
+            return DocumentPages(doc_id, len(existing["pages"]), [], skipped=True)
+        if damaged:
+            log.warning("%s: page image(s) %s missing or damaged in the bucket; rendering them again", doc_id, damaged)
+        retry = sorted({*(int(f["page"]) for f in existing["failed_pages"]), *damaged})
     data = storage.get_bytes(storage.raw_key(doc_id))
     source = _source_of(storage, doc_id)
-    retry = [f["page"] for f in existing["failed_pages"]] if existing else None
     pages, failed = _render_and_upload(storage, doc_id, data, source, pdf, retry)
     if existing is not None:
-        pages = sorted([*existing["pages"], *pages], key=lambda p: p["page"])
+        redone = set(retry or ())
+        kept = [p for p in existing["pages"] if int(p["page"]) not in redone]
+        pages = sorted([*kept, *pages], key=lambda p: p["page"])
     storage.put_json(
         storage.page_manifest_key(doc_id),
         {
@@ -174,7 +185,14 @@ def _render_and_upload(
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     pages: list[dict[str, Any]] = []
     failed: list[dict[str, Any]] = []
-    pending: deque[Future[Any]] = deque()
+    pending: deque[tuple[Future[str], dict[str, Any]]] = deque()
+
+    def settle() -> None:
+        # Raises if that upload failed: the document fails, no manifest. The ETag S3 answered is recorded, so a
+        # later run can tell the image from a replaced one by the listing alone.
+        upload, record = pending.popleft()
+        record["png_etag"] = upload.result()
+
     # Uploading page n overlaps drawing page n+1: S3 latency is hidden behind the CPU work.
     with ThreadPoolExecutor(max_workers=UPLOADS_IN_FLIGHT, thread_name_prefix=f"upload-{doc_id}") as uploads:
         for item in iter_rendered_pages(data, source, pdf.dpi, pdf.max_render_pixels, page_numbers=only):
@@ -182,12 +200,13 @@ def _render_and_upload(
                 failed.append({"page": item.number, "reason": item.reason, "error": item.error})
                 continue
             while len(pending) >= UPLOADS_IN_FLIGHT:
-                pending.popleft().result()  # raises if that upload failed: the document fails, no manifest
+                settle()
             png_key = storage.page_png_key(doc_id, item.number)
-            pending.append(uploads.submit(storage.put_bytes, png_key, item.png, "image/png"))
-            pages.append(_page_record(item, png_key))
+            record = _page_record(item, png_key)
+            pending.append((uploads.submit(storage.put_bytes, png_key, item.png, "image/png"), record))
+            pages.append(record)
         while pending:
-            pending.popleft().result()
+            settle()
     return pages, failed
 
 
@@ -196,6 +215,7 @@ def _page_record(item: RenderedPage, png_key: str) -> dict[str, Any]:
         "page": item.number,
         "png_key": png_key,
         "png_sha256": item.png_sha256,
+        "png_bytes": len(item.png),
         "width_px": item.width_px,
         "height_px": item.height_px,
         "dpi": item.dpi,
@@ -208,15 +228,73 @@ def _page_record(item: RenderedPage, png_key: str) -> dict[str, Any]:
 
 
 def _current_manifest(storage: Storage, doc_id: str, pdf: PDFConfig) -> dict[str, Any] | None:
-    """The document's page manifest if it was written by this version at this DPI, else None."""
+    """The document's page manifest if it was written by this version at this DPI and is readable, else None.
+
+    An unreadable manifest (not JSON, not an object, another document's, pages that are not page records) is
+    treated as missing: the document is rendered again and a good manifest replaces it.
+    """
+    key = storage.page_manifest_key(doc_id)
     try:
-        manifest = storage.get_json(storage.page_manifest_key(doc_id))
+        manifest = storage.get_json(key)
     except FileNotFoundError:
+        return None
+    except ValueError as exc:  # not JSON
+        log.warning("%s: %s; rendering the document again", doc_id, exc)
+        return None
+    problem = _manifest_problem(storage, doc_id, manifest)
+    if problem is not None:
+        log.warning("%s: %s is not a usable page manifest (%s); rendering the document again", doc_id, key, problem)
         return None
     if manifest.get("dpi") != pdf.dpi or manifest.get("version") != PAGE_MANIFEST_VERSION:
         return None
     manifest.setdefault("failed_pages", [])
     return manifest  # type: ignore[no-any-return]
+
+
+def _manifest_problem(storage: Storage, doc_id: str, manifest: Any) -> str | None:
+    """What makes ``manifest`` unusable as ``doc_id``'s page manifest, or None."""
+    if not isinstance(manifest, dict):
+        return f"a JSON {type(manifest).__name__}, not an object"
+    if manifest.get("doc_id") != doc_id:
+        return f"it names document {manifest.get('doc_id')!r}"
+    pages, failed = manifest.get("pages"), manifest.get("failed_pages", [])
+    if not isinstance(pages, list) or not isinstance(failed, list):
+        return "pages or failed_pages is not a list"
+    for page in pages:
+        if not (
+            isinstance(page, dict)
+            and isinstance(page.get("page"), int)
+            and page.get("png_key") == storage.page_png_key(doc_id, page["page"])
+            and isinstance(page.get("png_sha256"), str)
+        ):
+            return f"a page record is not one of this document's pages: {str(page)[:200]}"
+    if not all(isinstance(f, dict) and isinstance(f.get("page"), int) for f in failed):
+        return "a failed page has no page number"
+    numbers = [p["page"] for p in pages] + [f["page"] for f in failed]
+    if len(set(numbers)) != len(numbers) or manifest.get("page_count", len(numbers)) != len(numbers):
+        return "its pages do not add up to its page_count"
+    return None
+
+
+def _damaged_images(storage: Storage, doc_id: str, pages: list[dict[str, Any]]) -> list[int]:
+    """Pages whose image is not in the bucket as it was written: missing, empty, or of another size or ETag.
+
+    One listing of ``pages/<doc_id>/`` (1000 keys a request), not a GET per page: a complete document costs
+    the same few requests to skip however many pages it has. Manifests written before sizes and ETags were
+    recorded are checked for presence and a non-zero size.
+    """
+    listed = {o.key: o for o in storage.list_objects(storage.page_prefix(doc_id))}
+    damaged = []
+    for page in pages:
+        found = listed.get(page["png_key"])
+        if (
+            found is None
+            or found.size == 0
+            or ("png_bytes" in page and found.size != page["png_bytes"])
+            or ("png_etag" in page and found.etag != page["png_etag"])
+        ):
+            damaged.append(int(page["page"]))
+    return damaged
 
 
 def _record_failure(storage: Storage, doc_id: str, failure: TaskFailed) -> dict[str, Any]:
@@ -241,13 +319,32 @@ def _record_failure(storage: Storage, doc_id: str, failure: TaskFailed) -> dict[
 
 
 def read_page_manifest(storage: Storage, doc_id: str) -> dict[str, Any]:
+    """The document's page manifest; ``ValueError`` naming it and what is wrong when it is unreadable."""
+    key = storage.page_manifest_key(doc_id)
     try:
-        return storage.get_json(storage.page_manifest_key(doc_id))  # type: ignore[no-any-return]
+        manifest = storage.get_json(key)
     except FileNotFoundError:
         raise FileNotFoundError(
-            f"document {doc_id} has no page manifest at {storage.uri(storage.page_manifest_key(doc_id))}; "
+            f"document {doc_id} has no page manifest at {storage.uri(key)}; "
             "materialize parsed_pages for its batch first"
         ) from None
+    # The readers need pages that are records with a page number; the render stage checks the rest.
+    if not isinstance(manifest, dict):
+        problem: str | None = f"a JSON {type(manifest).__name__}, not an object"
+    elif manifest.get("doc_id", doc_id) != doc_id:
+        problem = f"it names document {manifest.get('doc_id')!r}"
+    elif not isinstance(manifest.get("pages"), list) or not all(
+        isinstance(p, dict) and isinstance(p.get("page"), int) for p in manifest["pages"]
+    ):
+        problem = "its pages are not page records"
+    else:
+        problem = None
+    if problem is not None:
+        raise ValueError(
+            f"{storage.uri(key)} is not a valid page manifest ({problem}); materialize parsed_pages for the "
+            "document's batch again: it renders the document anew"
+        )
+    return manifest  # type: ignore[no-any-return]
 
 
 def _source_of(storage: Storage, doc_id: str) -> str:

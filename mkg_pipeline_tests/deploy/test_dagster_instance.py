@@ -78,6 +78,24 @@ def test_k8s_instance_is_valid_dagster_config(overlay: tuple[str, list[dict]]) -
 def test_compose_instance_is_valid_dagster_config() -> None:
     config = _validated_instance((COMPOSE / "dagster.yaml").read_text())
     _assert_instance(config)
+    # DefaultRunLauncher: no run-worker health check, so a run nobody could mark failed needs a time limit
+    assert config["run_monitoring"]["max_runtime_seconds"] > 0
+
+
+def test_local_instance_checks_its_home_and_fails_runs_left_started() -> None:
+    """Issue 21 row 9: the local dagster.yaml (make demo, the e2e tests) is Dagster-valid, opens its home only
+    once it is known writable, and fails a run left STARTED (DefaultRunLauncher, SQLite in DAGSTER_HOME)."""
+    from dagster._core.instance.config import dagster_instance_config
+
+    from mkg_pipeline.dagster_home import CheckedInstance
+
+    repo = Path(__file__).resolve().parents[2]
+    with tempfile.TemporaryDirectory() as home:
+        Path(home, "dagster.yaml").write_text((repo / "dagster.yaml").read_text())
+        config, custom_class = dagster_instance_config(home)
+    assert custom_class is CheckedInstance
+    assert config["run_monitoring"]["enabled"] is True
+    assert 3600 <= config["run_monitoring"]["max_runtime_seconds"] <= 24 * 3600
     assert "run_launcher" not in config, "compose uses the DefaultRunLauncher (see the comment in dagster.yaml)"
 
 

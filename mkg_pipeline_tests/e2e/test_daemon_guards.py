@@ -124,10 +124,19 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 @pytest.fixture(scope="module")
 def daemon_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonStack]:
     root = tmp_path_factory.mktemp("daemon")
-    home, guard, logs = root / "home", root / "guard", root / "logs"
-    for d in (home, guard, logs):
+    home = root / "home"
+    home.mkdir()
+    with _daemon_stack(root, home, _test_instance_yaml()) as stack:
+        yield stack
+
+
+@contextlib.contextmanager
+def _daemon_stack(root: Path, home: Path, instance_yaml: str) -> Iterator[DaemonStack]:
+    """A code server and a daemon on the instance in ``home`` (an existing directory), set up by ``instance_yaml``."""
+    guard, logs = root / "guard", root / "logs"
+    for d in (guard, logs):
         d.mkdir()
-    (home / "dagster.yaml").write_text(_test_instance_yaml())
+    (home / "dagster.yaml").write_text(instance_yaml)
     port = free_port()
     workspace = root / "workspace.yaml"
     workspace.write_text(
@@ -216,3 +225,100 @@ def test_a_second_run_of_a_partition_waits_in_the_queue(daemon_stack: DaemonStac
     first_record, second_record = (stack.instance.get_run_record_by_id(r) for r in (first, second))
     assert first_record and second_record and first_record.end_time and second_record.start_time
     assert second_record.start_time >= first_record.end_time
+
+
+# ---- DAGSTER_HOME's disk fills up during a run (issue 21 row 9) ---------------------------------------------
+
+
+def _mount(*args: str) -> bool:
+    try:
+        return subprocess.run(["mount", *args], capture_output=True).returncode == 0
+    except FileNotFoundError:  # no mount(8)
+        return False
+
+
+def _fill(directory: Path) -> Path:
+    """A file that takes every free byte of ``directory``'s file system (the disk is full)."""
+    filler = directory / "filler"
+    with filler.open("wb") as out:
+        chunk = b"\0" * (1 << 20)
+        with contextlib.suppress(OSError):  # ENOSPC: full
+            while True:
+                out.write(chunk)
+                out.flush()
+    for size in (65536, 4096, 512, 1):  # the last partial blocks too
+        with contextlib.suppress(OSError), filler.open("ab") as out:
+            while True:
+                out.write(b"\0" * size)
+                out.flush()
+    return filler
+
+
+@contextlib.contextmanager
+def _stack_on_tmpfs(tmp_path: Path, max_runtime_s: int | None = None) -> Iterator[DaemonStack]:
+    """A daemon stack whose DAGSTER_HOME is a 48 MiB tmpfs: a file system a test can fill (needs root)."""
+    config = yaml.safe_load(_test_instance_yaml())
+    if max_runtime_s is not None:
+        assert config["run_monitoring"].get("max_runtime_seconds"), "dagster.yaml sets no max_runtime_seconds"
+        config["run_monitoring"]["max_runtime_seconds"] = max_runtime_s
+    home = tmp_path / "home"
+    home.mkdir()
+    if os.geteuid() != 0 or not _mount("-t", "tmpfs", "-o", "size=48m", "tmpfs", str(home)):
+        pytest.skip("a file system that can be filled needs a tmpfs mount (root, CAP_SYS_ADMIN)")
+    try:
+        with _daemon_stack(tmp_path, home, yaml.safe_dump(config)) as stack:
+            yield stack
+    finally:
+        subprocess.run(["umount", "-l", str(home)], check=False)
+
+
+def _run_until_the_disk_is_full(stack: DaemonStack, partition: str) -> tuple[str, int, Path]:
+    """Launch a run, fill DAGSTER_HOME's disk while it works, let it go on; returns its id, pid and the filler."""
+    run_id = stack.launch(partition, job="partition_job")
+    runs = {"victim": run_id}
+    stack.wait_for(lambda: stack.started_pid(partition, run_id) is not None, "the run is working", runs)
+    pid = stack.started_pid(partition, run_id)
+    assert pid is not None
+    filler = _fill(stack.home)
+    stack.release(partition)  # its next events (output, success) no longer fit
+    stack.wait_for(lambda: not _alive(pid), "the run worker stopped on its full disk", runs)
+    return run_id, pid, filler
+
+
+def test_a_run_whose_home_fills_up_is_recorded_as_failed(tmp_path: Path) -> None:
+    """Row 9: with DAGSTER_HOME's disk full, the run's worker died with nothing recorded (its failure could not be
+    written, and the code server that would mark it failed gives up after one failed write): the run stayed
+    STARTED for ever, so the sensor never saw it fail. Now the first event that does not fit fails the run, in
+    the space of the reserve the instance keeps, with a message naming the full home."""
+    with _stack_on_tmpfs(tmp_path) as stack:
+        assert (stack.home / ".mkg-storage-reserve").stat().st_size > 0
+        run_id, _, filler = _run_until_the_disk_is_full(stack, "p5")
+        filler.unlink()  # only so that the test can read the instance (SQLite cannot even read a full disk)
+        assert stack.status(run_id) == dg.DagsterRunStatus.FAILURE
+        failures = stack.instance.all_logs(run_id, of_type=dg.DagsterEventType.RUN_FAILURE)
+        assert f"DAGSTER_HOME {stack.home} is full" in (failures[0].dagster_event.message or "")
+
+
+def test_a_run_left_started_on_a_full_home_is_failed_by_run_monitoring(tmp_path: Path) -> None:
+    """Row 9's backstop: when not even the failure fits (no reserve left), run monitoring's max_runtime_seconds
+    fails the run once the daemon can write again; before, it stayed STARTED for ever."""
+    with _stack_on_tmpfs(tmp_path, max_runtime_s=20) as stack:  # the run holds far less than that
+        (stack.home / ".mkg-storage-reserve").unlink()  # spent by an earlier fault
+        run_id, _, filler = _run_until_the_disk_is_full(stack, "p6")
+        filler.unlink()  # the operator frees space
+        stack.wait_for(
+            lambda: stack.status(run_id) == dg.DagsterRunStatus.FAILURE,
+            "run monitoring failed the run",
+            {"victim": run_id},
+        )
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie (exited, not yet reaped by the code server) counts as gone
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    return False

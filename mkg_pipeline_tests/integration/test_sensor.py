@@ -195,3 +195,15 @@ def test_cursor_is_json_with_a_version(sensor_env: SensorEnv) -> None:
     sensor_env.drop("a.pdf")
     result = sensor_env.tick()
     assert json.loads(result.cursor or "{}").get("v") is not None
+
+
+def test_a_corrupt_manifest_of_a_failed_run_does_not_stop_the_sensor(sensor_env: SensorEnv) -> None:
+    """Issue 21 row 10: the manifest of a failed batch that is `[]` crashed every tick (AttributeError)."""
+    sensor_env.drop("a.pdf")
+    (request,) = sensor_env.tick().run_requests
+    run_id = sensor_env.record_run(request, DagsterRunStatus.STARTED)
+    sensor_env.storage.put_bytes(sensor_env.storage.batch_key(request.partition_key), b"[]")
+    sensor_env.set_status(run_id, DagsterRunStatus.FAILURE)
+    sensor_env.drop("b.pdf")
+    result = sensor_env.tick()  # the corrupt batch is skipped with a warning, new objects are still batched
+    assert _requested_keys(sensor_env, result) == ["incoming/b.pdf"]

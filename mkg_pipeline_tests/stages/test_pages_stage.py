@@ -8,10 +8,10 @@ from mkg_pipeline.config import PDFConfig
 from mkg_pipeline.ids import doc_id_for
 from mkg_pipeline.stages.batches import read_batch_manifest, write_batch_manifest
 from mkg_pipeline.stages.ingest import ingest_batch
-from mkg_pipeline.stages.pages import NothingRendered, render_batch
+from mkg_pipeline.stages.pages import NothingRendered, read_page_manifest, render_batch
 from mkg_pipeline.storage import MemoryStorage
 from mkg_pipeline_tests.fixtures.corpus import corpus_pdf
-from mkg_pipeline_tests.fixtures.pathological import build_pdf
+from mkg_pipeline_tests.fixtures.pathological import build_pdf, huge_page_pdf
 from mkg_pipeline_tests.stages.conftest import Killed, drop, fail_once, kill_at_write, record_ops
 
 PDF = PDFConfig(dpi=36)
@@ -158,3 +158,70 @@ def test_golden_batches_list_documents_directly() -> None:
     storage.put_json(storage.batch_key("golden"), manifest)
     assert render_batch(storage, "golden", PDF).rendered == 1
     assert storage.exists(storage.page_manifest_key(doc_id_for(TWO)))
+
+
+def test_a_missing_or_damaged_page_image_is_rendered_again_by_a_plain_rerun() -> None:
+    """Issue 21 row 11: a deleted page PNG was named by the audit, but the re-run said "already rendered"."""
+    storage, batch = ingested({"four.pdf": FOUR})
+    render_batch(storage, batch, PDF)
+    doc_id = doc_id_for(FOUR)
+    manifest = storage.get_json(storage.page_manifest_key(doc_id))
+    good = {p["page"]: storage.get_bytes(p["png_key"]) for p in manifest["pages"]}
+    storage.delete(storage.page_png_key(doc_id, 2))  # deleted
+    storage.put_bytes(storage.page_png_key(doc_id, 3), b"")  # zero bytes
+    storage.put_bytes(storage.page_png_key(doc_id, 4), bytes(len(good[4])))  # same size, not the image
+    ops = record_ops(storage)
+    again = render_batch(storage, batch, PDF)
+    assert (again.rendered, again.skipped) == (1, 0)
+    assert sorted(png_puts(ops)) == [storage.page_png_key(doc_id, n) for n in (2, 3, 4)]  # page 1 is kept
+    for n, data in good.items():
+        assert storage.get_bytes(storage.page_png_key(doc_id, n)) == data
+    repaired = storage.get_json(storage.page_manifest_key(doc_id))
+    assert [p["page"] for p in repaired["pages"]] == [1, 2, 3, 4] and repaired["failed_pages"] == []
+    assert render_batch(storage, batch, PDF).skipped == 1  # and now it is complete again
+
+
+@pytest.mark.parametrize(
+    "manifest",
+    [b"{not json", b"[]", b"null", b'{"version": 1, "dpi": 36}', b'{"version": 1, "dpi": 36, "doc_id": "other"}'],
+    ids=["garbage", "list", "null", "no-pages", "other-document"],
+)
+def test_an_unreadable_page_manifest_is_treated_as_missing(manifest: bytes) -> None:
+    """Issue 21 row 11's neighbour: an unreadable manifest failed the document on every run (or crashed)."""
+    storage, batch = ingested({"two.pdf": TWO})
+    render_batch(storage, batch, PDF)
+    doc_id = doc_id_for(TWO)
+    storage.put_bytes(storage.page_manifest_key(doc_id), manifest)
+    with pytest.raises(ValueError, match=r"is not valid JSON|is not a valid page manifest"):
+        read_page_manifest(storage, doc_id)  # what the baseline and quality stages read: a clear error
+    again = render_batch(storage, batch, PDF)
+    assert (again.rendered, again.failures) == (1, {})
+    assert [p["page"] for p in read_page_manifest(storage, doc_id)["pages"]] == [1, 2]
+
+
+def test_a_manifest_without_recorded_sizes_and_etags_is_checked_for_presence() -> None:
+    """Manifests written before sizes and ETags were recorded: intact ones are still skipped, holes redrawn."""
+    storage, batch = ingested({"two.pdf": TWO})
+    render_batch(storage, batch, PDF)
+    doc_id = doc_id_for(TWO)
+    manifest = storage.get_json(storage.page_manifest_key(doc_id))
+    for page in manifest["pages"]:
+        del page["png_bytes"], page["png_etag"]
+    storage.put_json(storage.page_manifest_key(doc_id), manifest)
+    assert render_batch(storage, batch, PDF).skipped == 1
+    storage.put_bytes(storage.page_png_key(doc_id, 2), b"")
+    ops = record_ops(storage)
+    assert render_batch(storage, batch, PDF).rendered == 1
+    assert png_puts(ops) == [storage.page_png_key(doc_id, 2)]
+
+
+def test_a_page_too_large_to_read_is_recorded_as_failed_not_rendered() -> None:
+    """Issue 21 row 7: a 1e7 pt page went into the manifest as a blank 0.04 dpi image."""
+    huge = huge_page_pdf(1e7)
+    storage, batch = ingested({"huge.pdf": huge, "two.pdf": TWO})
+    summary = render_batch(storage, batch, PDF)
+    (failure,) = summary.failed_pages
+    assert (failure["doc_id"], failure["page"], failure["reason"]) == (doc_id_for(huge), 1, "page_too_large")
+    manifest = storage.get_json(storage.page_manifest_key(doc_id_for(huge)))
+    assert manifest["pages"] == [] and manifest["page_count"] == 1
+    assert not storage.keys(f"pages/{doc_id_for(huge)}/1.png")  # no blank image stored

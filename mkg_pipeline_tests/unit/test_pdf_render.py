@@ -20,6 +20,7 @@ from mkg_pipeline.pdf.render import (
 )
 from mkg_pipeline.pdf.validate import PDFRejected
 from mkg_pipeline_tests.fixtures.corpus import corpus_manifest, corpus_pdf
+from mkg_pipeline_tests.fixtures.pathological import huge_page_pdf
 from mkg_pipeline_tests.unit.test_pdf_validate import raw_pdf
 
 BIG = 40_000_000
@@ -225,3 +226,21 @@ def test_own_png_encoder_refuses_alpha() -> None:
         pix = doc[0].get_pixmap(matrix=pymupdf.Matrix(0.1, 0.1), alpha=True)
     with pytest.raises(ValueError, match="without alpha"):
         encode_png(pix)
+
+
+@pytest.mark.parametrize(
+    ("side_pt", "user_unit"), [(1e7, None), (200_000, None), (14_400, 100)], ids=["1e7pt", "200000pt", "userunit"]
+)
+def test_a_page_too_large_to_read_is_a_failure_not_a_blank_image(side_pt: float, user_unit: float | None) -> None:
+    """Issue 21 row 7: a 1e7 pt page was drawn at 0.04 dpi (a blank image) and recorded as rendered."""
+    (item,) = iter_rendered_pages(huge_page_pdf(side_pt, user_unit=user_unit), "huge.pdf", 150, BIG)
+    assert isinstance(item, PageFailure), item
+    assert item.reason == "page_too_large"
+    assert "dpi" in item.error and "pdf.max_render_pixels" in item.error
+
+
+def test_the_largest_page_pdf_allows_still_renders() -> None:
+    """14,400 pt (200 in) is the largest page PDF allows without /UserUnit: drawn within the pixel cap."""
+    (page,) = iter_rendered_pages(huge_page_pdf(14_400), "poster.pdf", 150, BIG)
+    assert isinstance(page, RenderedPage), page
+    assert page.width_px * page.height_px <= BIG and page.dpi == pytest.approx(31.6, abs=0.1)
