@@ -60,8 +60,8 @@ TEXT_THRESHOLD: Final = 0.25
 #: bytes are decoded), and no clip to the page box (text outside it is a signal)
 TEXT_FLAGS: Final = pymupdf.TEXT_PRESERVE_WHITESPACE | pymupdf.TEXT_PRESERVE_LIGATURES
 #: MuPDF's span char_flags bits: a glyph neither stroked nor filled is render mode 3 (invisible)
-_STROKED: Final = 1 << 3  # FZ_STEXT_STROKED
-_FILLED: Final = 1 << 4  # FZ_STEXT_FILLED
+_STROKED: Final = int(pymupdf.mupdf.FZ_STEXT_STROKED)
+_FILLED: Final = int(pymupdf.mupdf.FZ_STEXT_FILLED)
 #: Tesseract's invisible font: its text is an OCR layer whatever the render mode says
 OCR_FONT_NAMES: Final = frozenset({"GlyphLessFont"})
 _SUBSET_PREFIX_RE = re.compile(r"^[A-Z]{6}\+")

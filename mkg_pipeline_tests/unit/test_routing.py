@@ -183,3 +183,15 @@ def test_corpus_routes(name: str) -> None:
     assert got_vlm == expected_vlm, {n: routes[n].as_json() for n in got_vlm ^ set(expected_vlm)}
     if entry.get("text_layer_chars") == 0 and name != "blank-page.pdf":
         assert not got_vlm ^ set(routes), "a file without a text layer takes the text route somewhere"
+
+
+def test_outlined_text_is_visible_text() -> None:
+    """Render mode 1 (stroked, not filled) is seen by a reader: it is not an OCR layer."""
+    made = pymupdf.open()
+    page = made.new_page()
+    for line in paper_lines():
+        page.insert_text((line.x, line.y), line.text, fontname=line.font, fontsize=line.size, render_mode=1)
+    with pymupdf.open("pdf", made.tobytes()) as doc:
+        features = page_features(doc[0])
+    assert features.invisible_chars == 0 and features.visible_chars > 1000
+    assert not features.ocr_layer
