@@ -18,8 +18,8 @@ What the layout step does, on one ``get_text("dict")`` (the one :mod:`mkg_pipeli
 - **headings**: larger than the page's body size (the size holding most characters) by 15 %, or bold
   at body size on a single short line; the largest, at 1.5 x body or more, is the ``doc_title``;
 - **lists**: bullets become "- "; numbered items keep their number;
-- **tables**: ``page.find_tables()`` (only on pages with enough ruling paths to hold one: it costs
-  0.2-2 s a page), cells with their row/column spans, as HTML;
+- **tables**: ``page.find_tables()`` (only on pages drawing horizontal and vertical rules, which its
+  line strategy needs: it costs 0.2-2 s a page), cells with their row/column spans, as HTML;
 - **figures**: image blocks (merged where they touch, tiny ones dropped) rendered at
   :data:`FIGURE_DPI` from the page itself (what a reader sees there, labels included), JPEG-encoded
   and named by ``engines.figures``; a "Figure n" / "Table n" paragraph next to one is its caption;
@@ -64,14 +64,15 @@ BACKGROUND_COVERAGE: Final = 0.6
 BACKDROP_LINE_CHARS: Final = 40
 #: top and bottom bands (share of the page height) where running headers, footers and numbers live
 FURNITURE_BAND: Final = 0.08
-#: find_tables() runs only on pages with at least this many drawn path segments (rules, cell borders)
-MIN_PATHS_FOR_TABLES: Final = 4
+#: find_tables() runs only on pages drawing at least this many horizontal and as many vertical rules
+MIN_RULES_FOR_TABLES: Final = 2
 
 #: characters that open a bulleted list item (followed by a space)
 BULLETS: Final = frozenset(
     "\u2022\u25e6\u25aa\u25ab\u25cf\u25cb\u25a0\u25a1\u2023\u2043\u2219\u00b7\u27a2\u25ba\u2013-*"
 )
-_ENUM_RE = re.compile(r"^(?:\(?(?:\d{1,3}|[a-zA-Z]|[ivxlcIVXLC]{1,5})[.)])\s")
+#: numbered list items: "1." "12)" "(a)" "(iv)" "b)"; not "A." or "J." (initials open lines of prose)
+_ENUM_RE = re.compile(r"^(?:\d{1,3}[.)]|\(\w{1,4}\)|[a-z]\))\s")
 _PAGE_NUMBER_RE = re.compile(
     r"^(?:page|p\.|seite|página|pagina)?\s*[-\u2013\u2014(\[]?\s*(?:\d{1,4}|[ivxlcdm]{1,7})\s*[-\u2013\u2014)\]]?"
     r"(?:\s*(?:of|/|von|de)\s*\d{1,4})?$",
@@ -257,8 +258,9 @@ def _starts_item(text: str) -> bool:
 
 
 def join_lines(lines: Sequence[str]) -> str:
-    """Lines of one paragraph as one line: line-end hyphenation undone before a lower-case letter,
-    a space between lines (none between two CJK characters)."""
+    """Lines of one paragraph as one line: line-end hyphenation undone before a lower-case letter
+    ("trans-" + "port"), a hyphen before a capital or digit kept without a space ("Navier-Stokes"),
+    a space between lines otherwise (none between two CJK characters)."""
     out = ""
     for line in lines:
         line = line.strip()
@@ -268,6 +270,8 @@ def join_lines(lines: Sequence[str]) -> str:
         hyphenated = out[-1] in _HYPHENS and len(out) > 1 and out[-2].isalpha() and line[:1].islower()
         if hyphenated or out[-1] == "\u00ad":
             out = out[:-1] + line
+        elif out[-1] == "-" and len(out) > 1 and out[-2].isalpha() and line[:1].isalnum():
+            out += line  # a compound broken at its own hyphen: "Navier-" + "Stokes"
         elif _is_cjk(out[-1]) and _is_cjk(line[:1]):
             out += line
         else:
@@ -356,9 +360,23 @@ def _label_headings(units: list[_Unit], body: float) -> None:
 # --------------------------------------------------------------------------- tables and figures
 
 
-def _path_count(page: pymupdf.Page) -> int:
-    """Drawn path segments (lines, rectangles, curves): a table's rules and cell borders are among them."""
-    return sum(len(path.get("items", ())) for path in page.get_cdrawings())
+def _may_hold_a_ruled_table(page: pymupdf.Page) -> bool:
+    """Whether the page draws at least two horizontal and two vertical rules (lines, or rectangle
+    sides, 3 pt or longer): what find_tables' line strategy needs to find a single cell."""
+    horizontal = vertical = 0
+    for path in page.get_cdrawings():
+        for item in path.get("items", ()):
+            if item[0] == "l":
+                (x0, y0), (x1, y1) = item[1], item[2]
+                horizontal += abs(y1 - y0) < 1 and abs(x1 - x0) >= 3
+                vertical += abs(x1 - x0) < 1 and abs(y1 - y0) >= 3
+            elif item[0] == "re":
+                rect = pymupdf.Rect(item[1])
+                horizontal += 2 if rect.width >= 3 else 0
+                vertical += 2 if rect.height >= 3 else 0
+            if horizontal >= MIN_RULES_FOR_TABLES and vertical >= MIN_RULES_FOR_TABLES:
+                return True
+    return False
 
 
 def table_html(table: Any) -> str:
@@ -396,7 +414,7 @@ def _escape_html(text: str) -> str:
 
 
 def _tables(page: pymupdf.Page, matrix: pymupdf.Matrix) -> list[_Unit]:
-    if _path_count(page) < MIN_PATHS_FOR_TABLES:
+    if not _may_hold_a_ruled_table(page):
         return []
     if hasattr(pymupdf, "no_recommend_layout"):
         pymupdf.no_recommend_layout()  # find_tables would print an advert for pymupdf-layout (onnxruntime)
