@@ -64,8 +64,9 @@ BACKGROUND_COVERAGE: Final = 0.6
 BACKDROP_LINE_CHARS: Final = 40
 #: top and bottom bands (share of the page height) where running headers, footers and numbers live
 FURNITURE_BAND: Final = 0.08
-#: find_tables() runs only on pages drawing at least this many horizontal and as many vertical rules
-MIN_RULES_FOR_TABLES: Final = 2
+#: find_tables() runs only on pages drawing rules that could bound two cells (see _may_hold_a_ruled_table);
+#: a rule is at least this long: a plot's tick marks (3-5 pt) are not table rules
+MIN_RULE_PT: Final = 12.0
 
 #: characters that open a bulleted list item (followed by a space)
 BULLETS: Final = frozenset(
@@ -361,20 +362,25 @@ def _label_headings(units: list[_Unit], body: float) -> None:
 
 
 def _may_hold_a_ruled_table(page: pymupdf.Page) -> bool:
-    """Whether the page draws at least two horizontal and two vertical rules (lines, or rectangle
-    sides, 3 pt or longer): what find_tables' line strategy needs to find a single cell."""
-    horizontal = vertical = 0
+    """Whether the page draws rules that could bound two cells: horizontal and vertical rules (lines,
+    or rectangle sides, :data:`MIN_RULE_PT` or longer) at two or more positions each, three or more
+    on one axis. find_tables' line strategy finds nothing on other pages, and costs 0.2-2 s a page."""
+    rows: set[int] = set()
+    columns: set[int] = set()
     for path in page.get_cdrawings():
         for item in path.get("items", ()):
             if item[0] == "l":
                 (x0, y0), (x1, y1) = item[1], item[2]
-                horizontal += abs(y1 - y0) < 1 and abs(x1 - x0) >= 3
-                vertical += abs(x1 - x0) < 1 and abs(y1 - y0) >= 3
+                if abs(y1 - y0) < 1 and abs(x1 - x0) >= MIN_RULE_PT:
+                    rows.add(round(y0))
+                elif abs(x1 - x0) < 1 and abs(y1 - y0) >= MIN_RULE_PT:
+                    columns.add(round(x0))
             elif item[0] == "re":
                 rect = pymupdf.Rect(item[1])
-                horizontal += 2 if rect.width >= 3 else 0
-                vertical += 2 if rect.height >= 3 else 0
-            if horizontal >= MIN_RULES_FOR_TABLES and vertical >= MIN_RULES_FOR_TABLES:
+                if rect.width >= MIN_RULE_PT and rect.height >= MIN_RULE_PT:
+                    rows.update((round(rect.y0), round(rect.y1)))
+                    columns.update((round(rect.x0), round(rect.x1)))
+            if len(rows) >= 2 and len(columns) >= 2 and max(len(rows), len(columns)) >= 3:
                 return True
     return False
 
