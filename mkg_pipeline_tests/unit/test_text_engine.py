@@ -212,3 +212,17 @@ def test_corpus_text_engine_agrees_with_the_text_layer(name: str) -> None:
     if ratios:
         assert min(ratios) >= 0.6, (name, ratios)
         assert statistics.median(ratios) >= 0.8, (name, ratios)
+
+
+def test_a_text_route_page_assembles_with_vlm_pages() -> None:
+    """The stage stores the engine's result as any page record: a document mixing routes assembles."""
+    from mkg_pipeline.outputs import assemble_document
+
+    text_page = extract("table_and_figure", page_idx=1)
+    vlm_item = {"type": "text", "text": "A page from the VLM.", "page_idx": 0}
+    vlm_page = {"page": 1, "markdown": "A page from the VLM.", "content_list": [vlm_item]}
+    record = {"page": 2, "markdown": text_page.markdown, "content_list": text_page.content_list}
+    document, content = assemble_document([vlm_page, record])
+    jsonschema.validate(content, CONTENT_LIST_SCHEMA)
+    assert "<!-- page 2 -->" in document and "<table><tr><th>Station</th>" in document
+    assert {item["page_idx"] for item in content} == {0, 1}
