@@ -226,3 +226,16 @@ def test_a_text_route_page_assembles_with_vlm_pages() -> None:
     jsonschema.validate(content, CONTENT_LIST_SCHEMA)
     assert "<!-- page 2 -->" in document and "<table><tr><th>Station</th>" in document
     assert {item["page_idx"] for item in content} == {0, 1}
+
+
+@pytest.mark.parametrize(
+    "name", ["edgar-scanned.pdf", "scanned-images-6p.pdf", "rotated-arabic-4p.pdf", "zfn-chemistry-2p.pdf"]
+)
+def test_forced_text_route_on_vlm_pages_still_gives_a_valid_page(name: str) -> None:
+    """routing.mode=text (a user who knows better) sends every page here: scans and broken layers too."""
+    with pymupdf.open(corpus_pdf(name)) as doc:
+        for page in doc:
+            result = extract_text_page(page, page.number)
+            check_schema(result, page.number)
+            for path, jpeg in result.images.items():
+                assert path == f"images/{hashlib.sha256(jpeg).hexdigest()}.jpg"
