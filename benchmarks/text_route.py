@@ -1,0 +1,124 @@
+"""The text route's CPU per page, next to rendering's, over the shared corpus (issue 19, "Speed").
+
+For every page of the corpus's readable files, in one process, the cases interleaved in each round so
+drift hits them alike, CPU time (``time.process_time``) of:
+
+  route        pdf.routing.route_page: the features and the decision (runs at render time, every page)
+  text engine  engines.text_layer.extract_text_page: Markdown, content list, figure crops (text-route pages)
+  render       what pdf.render does per page at --dpi: pixmap, PNG (level PNG_COMPRESSION), get_text, sha256
+
+Each page's figure is the median of --repeat rounds; the table gives, per file, the median page and
+the sum over pages, and the last lines the same over the whole corpus. The text route's cost is
+route + text engine; a VLM page costs route + render (+ the GPU).
+
+    python benchmarks/text_route.py [--dpi 150] [--repeat 3] [--files a.pdf,b.pdf]
+
+CPU figures still depend on what else runs: the load average before and after is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pymupdf
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from mkg_pipeline.engines.text_layer import extract_text_page  # noqa: E402
+from mkg_pipeline.pdf.render import effective_dpi, encode_png  # noqa: E402
+from mkg_pipeline.pdf.routing import route_page  # noqa: E402
+
+CORPUS = Path(os.environ.get("MKG_CORPUS_DIR", REPO.parent / "shared" / "corpus"))
+MAX_RENDER_PIXELS = 40_000_000
+
+
+def render(page: pymupdf.Page, dpi: int) -> None:
+    """pdf.render's per-page work (_render_one) with its public pieces."""
+    rect = page.rect
+    used = effective_dpi(rect.width, rect.height, dpi, MAX_RENDER_PIXELS)
+    zoom = used / 72
+    pix = page.get_pixmap(matrix=pymupdf.Matrix(zoom, zoom), colorspace=pymupdf.csRGB, alpha=False)
+    png = encode_png(pix)
+    page.get_text("text")
+    hashlib.sha256(png).hexdigest()
+
+
+def cpu_ms(action: Callable[[], object]) -> float:
+    start = time.process_time()
+    action()
+    return (time.process_time() - start) * 1000
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dpi", type=int, default=150)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--files", default="", help="comma-separated corpus file names (default: every 'ok' file)")
+    args = parser.parse_args()
+    manifest = json.loads((CORPUS / "manifest.json").read_text())
+    names = [e["file"] for e in manifest if e["expect"] == "ok"]
+    if args.files:
+        names = [n for n in args.files.split(",") if n]
+    pymupdf.TOOLS.mupdf_display_errors(False)
+
+    print(f"load average before: {os.getloadavg()}  repeat={args.repeat} dpi={args.dpi}")
+    header = (
+        f"{'file':34} {'pages':>5} {'text':>4} | {'route ms':>9} {'text eng ms':>11} {'render ms':>9} | "
+        f"{'sum text route':>14} {'sum render':>10}"
+    )
+    print(header)
+    print("-" * len(header))
+    all_route: list[float] = []
+    all_text: list[float] = []
+    all_render: list[float] = []
+    total_text_route = total_render = 0.0
+    for name in names:
+        with pymupdf.open(CORPUS / "pdfs" / name) as doc:
+            pages = list(doc)
+            routes = [route_page(page).route for page in pages]
+            samples: dict[str, list[list[float]]] = {k: [[] for _ in pages] for k in ("route", "text", "render")}
+            for _ in range(args.repeat):
+                for index, page in enumerate(pages):
+                    samples["route"][index].append(cpu_ms(lambda page=page: route_page(page)))
+                    samples["text"][index].append(cpu_ms(lambda page=page, i=index: extract_text_page(page, i)))
+                    samples["render"][index].append(cpu_ms(lambda page=page: render(page, args.dpi)))
+                pymupdf.TOOLS.store_shrink(100)  # no round reuses the previous one's decoded resources
+        route = [statistics.median(s) for s in samples["route"]]
+        text = [statistics.median(s) for s, r in zip(samples["text"], routes, strict=True) if r == "text"]
+        rendered = [statistics.median(s) for s in samples["render"]]
+        text_route = sum(route[i] for i, r in enumerate(routes) if r == "text") + sum(text)
+        render_same = sum(rendered[i] for i, r in enumerate(routes) if r == "text")
+        all_route += route
+        all_text += text
+        all_render += rendered
+        total_text_route += text_route
+        total_render += render_same
+        print(
+            f"{name:34} {len(pages):5} {len(text):4} | {statistics.median(route):9.1f} "
+            f"{statistics.median(text) if text else float('nan'):11.1f} {statistics.median(rendered):9.1f} | "
+            f"{text_route:14.0f} {render_same:10.0f}"
+        )
+    print("-" * len(header))
+    print(
+        f"median page: route {statistics.median(all_route):.1f} ms, text engine {statistics.median(all_text):.1f} ms "
+        f"({len(all_text)} text-route pages), render {statistics.median(all_render):.1f} ms ({len(all_render)} pages)"
+    )
+    print(
+        f"text-route pages, summed: route + text engine {total_text_route:.0f} ms CPU against "
+        f"{total_render:.0f} ms to render the same pages at {args.dpi} dpi "
+        f"({total_text_route / total_render:.2f}x)"
+    )
+    print(f"load average after: {os.getloadavg()}")
+
+
+if __name__ == "__main__":
+    main()
