@@ -13,20 +13,17 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from mkg_pipeline.local_stack import free_port
-from mkg_pipeline_tests.fixtures.corpus import REPO_ROOT, corpus_root
+from mkg_pipeline_tests.e2e.demo_process import DemoProcess
 
 pytestmark = pytest.mark.e2e
 
-START_S = 420  # bounded waits, generous: the machine is shared and dagster dev loads the code location
-GONE_S = 60
+GONE_S = 60  # bounded wait, generous: the machine is shared
 
 
 def _stat(pid: int) -> tuple[int, int, int] | None:
@@ -79,46 +76,19 @@ def _alive(family: dict[int, int]) -> list[str]:
     return left
 
 
-def _wait_for_line(log: Path, process: subprocess.Popen[bytes], *needles: str) -> str:
-    deadline = time.monotonic() + START_S
-    while time.monotonic() < deadline:
-        text = log.read_text(errors="replace")
-        for needle in needles:
-            if needle in text:
-                return needle
-        if process.poll() is not None:
-            pytest.fail(f"the demo exited with {process.returncode} before {needles}:\n{text[-3000:]}")
-        time.sleep(0.5)
-    pytest.fail(f"no {needles} in the demo's output within {START_S}s:\n{log.read_text(errors='replace')[-3000:]}")
-
-
-def _ignore_sigint() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # what a shell's `&`, `timeout` or a CI runner leave behind
-
-
 @pytest.fixture
 def background_demo(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
-    log = tmp_path / "demo.out"
-    argv = [sys.executable, "-m", "mkg_pipeline.demo", "--serve-ui", "--ui-port", str(free_port())]
-    argv += ["--files", "minimal-document.pdf", "--corpus", str(corpus_root()), "--workdir", str(tmp_path / "w")]
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            argv, cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT, preexec_fn=_ignore_sigint, start_new_session=True
-        )
-    family: dict[int, int] = {}
-    try:
+    with DemoProcess.start(tmp_path, ["minimal-document.pdf"]) as demo:
         # Servers up, the file dropped; a run launched by the daemon if it gets that far in time.
-        _wait_for_line(log, process, "waiting for the sensor")
-        _wait_for_line(log, process, ": STARTED", "serving the Dagster UI")
-        family = _family(process.pid)
-        yield process, log
-    finally:
-        # Whatever the test left: never leave servers behind on the shared machine.
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=30)
-        for entry in _alive(_family(process.pid)) + _alive(family):
-            os.kill(int(entry.split(":", 1)[0]), signal.SIGKILL)
+        demo.wait_for("waiting for the sensor")
+        demo.wait_for(": STARTED", "serving the Dagster UI")
+        family = _family(demo.process.pid)
+        try:
+            yield demo.process, demo.log
+        finally:
+            # Whatever the test left: never leave servers behind on the shared machine.
+            for entry in _alive(_family(demo.process.pid)) + _alive(family):
+                os.kill(int(entry.split(":", 1)[0]), signal.SIGKILL)
 
 
 def _wait_gone(family: dict[int, int], timeout_s: float) -> list[str]:
