@@ -299,27 +299,18 @@ def _run_in_process(storage: Any) -> tuple[bool, list[str]]:
     import dagster as dg
 
     from mkg_pipeline.batch_cli import run_sensor_tick
-    from mkg_pipeline.definitions import defs
 
     instance = dg.DagsterInstance.get()
     result = run_sensor_tick(instance)
     requests = result.run_requests or []
     batch_ids = [r.partition_key for r in requests if r.partition_key]
     print(f"sensor tick: {len(requests)} batch(es) requested: {', '.join(batch_ids)}")
-    job = defs.resolve_job_def(JOB)
     outcome: dict[str, bool] = {}
 
     def execute() -> None:
         for request in requests:
-            result = job.execute_in_process(
-                partition_key=request.partition_key,
-                instance=instance,
-                tags={**request.tags, "mkg/launched_by": "mkg_pipeline.demo"},
-                # progress per document and page is INFO; Dagster's step bookkeeping is DEBUG
-                run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}},
-                raise_on_error=False,
-            )
-            outcome[str(request.partition_key)] = result.success
+            tags = {**request.tags, "mkg/launched_by": "mkg_pipeline.demo"}
+            outcome[str(request.partition_key)] = _execute_job_run(instance, str(request.partition_key), tags)
 
     # A worker thread: Dagster swaps the SIGINT/SIGTERM handlers while it executes in the main thread, and the
     # main thread draws the progress bar. The thread is a daemon: a stopped demo does not wait for its run.
@@ -332,6 +323,39 @@ def _run_in_process(storage: Any) -> tuple[bool, list[str]]:
         raise
     worker.join()
     return all(outcome.get(b, False) for b in batch_ids), batch_ids
+
+
+def _execute_job_run(instance: Any, partition_key: str, tags: dict[str, str]) -> bool:
+    """One run of ``ingest_job`` executed in this process, recorded as the webserver would launch it.
+
+    ``execute_in_process`` records a run without the code location it came from, and the UI (GraphQL
+    ``launchPipelineReexecution``) cannot re-execute such a run. Here the run is created with the origin
+    the workspace (workspace.yaml: location ``mkg_pipeline``) gives it, then executed by ``execute_run``,
+    as a run worker does, so the demo's history can be re-executed from the UI.
+    """
+    from dagster._core.definitions.reconstruct import ReconstructableRepository
+    from dagster._core.execution.api import create_execution_plan, execute_run
+    from dagster._core.remote_origin import ManagedGrpcPythonEnvCodeLocationOrigin, RemoteRepositoryOrigin
+    from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
+
+    module = "mkg_pipeline.definitions"
+    target = LoadableTargetOrigin(executable_path=sys.executable, module_name=module, working_directory=str(REPO_ROOT))
+    location = ManagedGrpcPythonEnvCodeLocationOrigin(target, location_name="mkg_pipeline")
+    job = ReconstructableRepository.for_module(module, "defs", str(REPO_ROOT)).get_reconstructable_job(JOB)
+    job_def = job.get_definition()
+    # progress per document and page is INFO; Dagster's step bookkeeping is DEBUG
+    run_config = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
+    tags = {**job_def.run_tags, **tags, "dagster/partition": partition_key}
+    plan = create_execution_plan(job, run_config=run_config, instance_ref=instance.get_ref(), tags=tags)
+    run = instance.create_run_for_job(
+        job_def=job_def,
+        execution_plan=plan,
+        run_config=run_config,
+        tags=tags,
+        remote_job_origin=RemoteRepositoryOrigin(location, "__repository__").get_job_origin(JOB),
+        job_code_origin=job.get_python_origin(),
+    )
+    return execute_run(job, run, instance).success
 
 
 def _run_through_daemon(storage: Any, keys: list[str], timeout_s: float) -> tuple[bool, list[str]]:
