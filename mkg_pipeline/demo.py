@@ -438,16 +438,6 @@ def page_counts(storage: Any, batch_ids: list[str]) -> tuple[int, int]:
     return done, total
 
 
-def rate_and_eta(done: int, total: int, elapsed_s: float) -> str:
-    """``"0.42 pages/s, ETA 1m05s"`` from the pages done so far (no rate before the first page)."""
-    if done <= 0 or elapsed_s <= 0:
-        return "-- pages/s, ETA --"
-    rate = done / elapsed_s
-    left = max(total - done, 0) / rate
-    minutes, seconds = divmod(round(left), 60)
-    return f"{rate:.2f} pages/s, ETA {minutes}m{seconds:02d}s"
-
-
 def _watch(storage: Any, poll: Callable[[], tuple[list[str], bool]], done_label: str) -> None:
     """A progress bar of pages done across the batches until ``poll`` says finished.
 
@@ -456,8 +446,12 @@ def _watch(storage: Any, poll: Callable[[], tuple[list[str], bool]], done_label:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from mkg_pipeline.progress import rate_and_eta
+
     global _progress_console
-    console = Console(stderr=False)
+    console = Console(file=sys.stdout)  # bound now: inside the bar, sys.stdout is rich's proxy, not a terminal
+    live = console.is_terminal
+    all_done_at: float | None = None
     started = time.monotonic()
     last_plain = 0.0
     columns = (
@@ -468,16 +462,18 @@ def _watch(storage: Any, poll: Callable[[], tuple[list[str], bool]], done_label:
         TimeElapsedColumn(),
     )
     with Progress(*columns, console=console, redirect_stderr=True, redirect_stdout=True) as bar:
-        _progress_console = bar.console if console.is_terminal else None
+        _progress_console = bar.console if live else None
         task = bar.add_task("pages", total=None, rate="waiting for the first batch")
         try:
             while True:
                 batch_ids, finished = poll()
                 done, total = page_counts(storage, batch_ids)
-                rate = rate_and_eta(done, total, time.monotonic() - started)
+                # the rate stops at the last page (the run still checks quality after it)
+                all_done_at = (all_done_at or time.monotonic()) if total and done >= total else None
+                rate = rate_and_eta(done, total, (all_done_at or time.monotonic()) - started)
                 bar.update(task, completed=done, total=total or None, rate=rate)
                 now = time.monotonic()
-                if not console.is_terminal and (now - last_plain >= 10 or finished):
+                if not live and (now - last_plain >= 10 or finished):
                     last_plain = now
                     print(f"pages {done}/{total}: {rate} ({now - started:.0f}s)", flush=True)
                 if finished:
