@@ -212,16 +212,15 @@ def run(args: argparse.Namespace) -> int:
                 "DAGSTER_HOME": str(_fresh_instance_dir(workdir)),
             }
         )
+        from mkg_pipeline.resources import pipeline_resources
+
+        storage = pipeline_resources()["s3"].storage()
+        storage.ensure_bucket()  # before the daemon's first sensor tick, which lists the bucket
         if args.serve_ui:
             ui = _dagster_dev(logs, args.ui_port)
             print(f"starting the Dagster UI and daemon (dagster dev) on {ui.url} (logs: {ui.log_path}) ...", flush=True)
             started.append(ui.start())
             print(f"Dagster UI: {ui.url}  (runs of {JOB} appear under {ui.url}/runs as the daemon launches them)")
-
-        from mkg_pipeline.resources import pipeline_resources
-
-        storage = pipeline_resources()["s3"].storage()
-        storage.ensure_bucket()
         keys = []
         for path in files:
             keys.append(f"{storage.incoming_prefix}{path.name}")
