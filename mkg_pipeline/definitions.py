@@ -16,8 +16,13 @@ from mkg_pipeline.resources import pipeline_resources
 from mkg_pipeline.schedules import daily_baseline_quality_schedule
 from mkg_pipeline.sensors import incoming_pdfs_sensor
 
+#: who answers for the pipeline's assets: shown on each asset in the UI and filterable there (Dagster's "team:"
+#: form); the runbook (docs/runbook.md) says what they do when a check fails
+OWNERS = ["team:mkg-pipeline"]
+
 defs = dg.Definitions(
-    assets=pipeline_assets,
+    # Set here rather than in each decorator: one owner for the whole graph, in one place.
+    assets=dg.map_asset_specs(lambda spec: spec.replace_attributes(owners=OWNERS), pipeline_assets),
     # One process per run: the steps of a batch (raw_pdfs -> parsed_pages -> vlm_outputs -> checks) depend on
     # one another, so Dagster's default multiprocess executor bought no parallelism, only a new Python process
     # per step and per check, each importing Dagster and this code location again (about 1 s of CPU each, and

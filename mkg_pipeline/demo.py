@@ -1,30 +1,42 @@
 """`make demo`: the whole pipeline end to end on one machine, with the local stand-ins.
 
 It starts a moto S3 server (the MinIO stand-in) and the local OpenAI-compatible
-VLM server, uploads corpus PDFs (one bad file included) to ``incoming/``,
-evaluates the real ``incoming_pdfs_sensor`` against a real Dagster instance in
-``.demo/dagster_home``, materializes each batch it requests, prints per-document
-results, exports the outputs to ``.demo/outputs/`` as MinerU lays them out (one folder per
-source file: ``<name>.md``, ``<name>_content_list.json``, ``images/``; an ``index.md``), checks
-them (content list against the schema, every image link resolves, every crop opens) and stops
-what it started.
+VLM server, uploads corpus PDFs (one bad file included) to ``incoming/`` of a real
+Dagster instance in ``.demo/dagster_home``, runs each batch the real
+``incoming_pdfs_sensor`` requests as a run of ``ingest_job`` (so that the history is
+re-executable from the UI), shows pages done across the batch (pages/s, ETA), prints
+per-document results, exports the outputs to ``.demo/outputs/`` as MinerU lays them out (one
+folder per source file: ``<name>.md``, ``<name>_content_list.json``, ``images/``; an
+``index.md``), checks them (content list against the schema, every image link resolves, every
+crop opens) and stops what it started.
+
+Without ``--serve-ui`` the sensor is evaluated once and the runs execute in this process.
+With ``--serve-ui`` the demo runs the deployed path: it starts ``dagster dev`` (webserver,
+daemon, one code server) on the demo's instance *first*, then drops the files into
+``incoming/``; the daemon's sensor tick requests the runs and the daemon launches them, so
+they can be watched live in the UI; the UI stays up afterwards until Ctrl-C or SIGTERM.
+
+SIGINT and SIGTERM stop the demo and every server it started, also when it was started in the
+background with SIGINT ignored (CI, ``timeout``, systemd, ``docker stop``); if the demo is
+killed outright, its servers get SIGTERM from the kernel (see ``local_stack.py``).
 
     python -m mkg_pipeline.demo                 # small default set (about a minute)
     python -m mkg_pipeline.demo --all           # the whole shared corpus (long: CPU OCR)
-    python -m mkg_pipeline.demo --serve-ui      # keep everything up and serve the Dagster UI afterwards
+    python -m mkg_pipeline.demo --serve-ui      # runs launched by the daemon, watched live in the Dagster UI
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
 import secrets
 import shutil
-import subprocess
+import signal
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +52,9 @@ DEFAULT_FILES = [
     "bad-encrypted-password.pdf",
 ]
 BUCKET = "mkg-demo"
+#: how often the daemon evaluates the sensor in the demo (the deployed default is 30 s)
+SENSOR_INTERVAL_S = 5
+JOB = "ingest_job"
 
 log = logging.getLogger("mkg_pipeline.demo")
 
@@ -56,8 +71,15 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--workdir", type=Path, default=REPO_ROOT / ".demo", help="instance, logs and outputs")
     parser.add_argument("--engine", choices=ENGINE_NAMES, default="page_markdown")
     parser.add_argument("--dpi", type=int, default=150, help="page render resolution")
-    parser.add_argument("--serve-ui", action="store_true", help="afterwards, serve the Dagster UI until Ctrl-C")
+    parser.add_argument(
+        "--serve-ui",
+        action="store_true",
+        help="start the Dagster UI and daemon first, let them run the batches live, keep serving until Ctrl-C",
+    )
     parser.add_argument("--ui-port", type=int, default=3000)
+    parser.add_argument(
+        "--timeout", type=float, default=1800.0, help="give up waiting for the runs after this many seconds"
+    )
     return parser.parse_args(argv)
 
 
@@ -136,24 +158,44 @@ def _server_requests(url: str) -> float:
     return total
 
 
-def run(args: argparse.Namespace) -> int:
-    import dagster as dg
+class Stopped(KeyboardInterrupt):
+    """SIGINT or SIGTERM reached the demo: unwind, and let the ``finally`` clauses stop the servers."""
 
+
+def _install_stop_handlers() -> None:
+    """SIGINT and SIGTERM raise :class:`Stopped` in the main thread.
+
+    Explicitly, because a background job starts with SIGINT ignored (Python then installs no
+    KeyboardInterrupt handler), and Dagster's interrupt handling copies the SIGINT handler onto SIGTERM
+    when it restores them, so an ignored SIGINT would end up ignoring SIGTERM too. Dagster's in-process
+    execution swaps these handlers only in the main thread; the demo runs it in a worker thread.
+    """
+
+    def stop(signum: int, _frame: object) -> None:
+        raise Stopped(signal.Signals(signum).name, signum)
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+
+
+def run(args: argparse.Namespace) -> int:
     from mkg_pipeline.local_stack import local_vlm_server, moto_s3_server
 
+    _install_stop_handlers()
     files = _select_files(args)
     workdir: Path = args.workdir.resolve()
     logs = workdir / "logs"
     api_key = secrets.token_urlsafe(16)
-    print(f"mkg-pipeline demo: {len(files)} PDF(s), engine {args.engine}, work dir {workdir}")
+    mode = "live through the Dagster daemon" if args.serve_ui else "in this process"
+    print(f"mkg-pipeline demo: {len(files)} PDF(s), engine {args.engine}, runs {mode}, work dir {workdir}")
 
     s3_server = moto_s3_server(logs)
     vlm_server = local_vlm_server(logs, api_key=api_key)
     started: list[Any] = []
     try:
-        print(f"starting moto S3 (MinIO stand-in) on {s3_server.url} ...")
+        print(f"starting moto S3 (MinIO stand-in) on {s3_server.url} ...", flush=True)
         started.append(s3_server.start())
-        print(f"starting the local VLM server on {vlm_server.url} (logs: {vlm_server.log_path}) ...")
+        print(f"starting the local VLM server on {vlm_server.url} (logs: {vlm_server.log_path}) ...", flush=True)
         started.append(vlm_server.start())
 
         os.environ.update(
@@ -166,44 +208,35 @@ def run(args: argparse.Namespace) -> int:
                 "MKG_VLLM__API_KEY": api_key,
                 "MKG_ENGINE": args.engine,
                 "MKG_PDF__DPI": str(args.dpi),
+                "MKG_SENSOR_INTERVAL_S": str(SENSOR_INTERVAL_S),
                 "DAGSTER_HOME": str(_fresh_instance_dir(workdir)),
             }
         )
-        from mkg_pipeline.assets import pipeline_assets
-        from mkg_pipeline.batch_cli import run_sensor_tick
         from mkg_pipeline.resources import pipeline_resources
 
-        resources = pipeline_resources()  # the code location's: secrets as dg.EnvVar
-        storage = resources["s3"].storage()
-        storage.ensure_bucket()
+        storage = pipeline_resources()["s3"].storage()
+        storage.ensure_bucket()  # before the daemon's first sensor tick, which lists the bucket
+        if args.serve_ui:
+            ui = _dagster_dev(logs, args.ui_port)
+            print(f"starting the Dagster UI and daemon (dagster dev) on {ui.url} (logs: {ui.log_path}) ...", flush=True)
+            started.append(ui.start())
+            print(f"Dagster UI: {ui.url}  (runs of {JOB} appear under {ui.url}/runs as the daemon launches them)")
+        keys = []
         for path in files:
-            storage.put_bytes(f"{storage.incoming_prefix}{path.name}", path.read_bytes(), "application/pdf")
-        print(f"uploaded {len(files)} file(s) to {storage.uri(storage.incoming_prefix)}")
-
-        instance = dg.DagsterInstance.get()
-        result = run_sensor_tick(instance)
-        print(f"sensor tick: {len(result.run_requests or [])} batch(es) requested")
+            keys.append(f"{storage.incoming_prefix}{path.name}")
+            storage.put_bytes(keys[-1], path.read_bytes(), "application/pdf")
+        print(f"uploaded {len(files)} file(s) to {storage.uri(storage.incoming_prefix)}", flush=True)
 
         requests_before = _server_requests(vlm_server.url)
         started_at = time.monotonic()
-        ok = True
-        for request in result.run_requests or []:
-            print(f"\n=== materializing batch {request.partition_key} ===")
-            outcome = dg.materialize(
-                pipeline_assets,
-                partition_key=request.partition_key,
-                instance=instance,
-                resources=resources,
-                tags={**request.tags, "dagster/sensor_name": "incoming_pdfs_sensor"},
-                # progress per document and page is INFO; Dagster's step bookkeeping is DEBUG
-                run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}},
-                raise_on_error=False,
-            )
-            ok = ok and outcome.success
+        if args.serve_ui:
+            ok, batch_ids = _run_through_daemon(storage, keys, args.timeout)
+        else:
+            ok, batch_ids = _run_in_process(storage)
         wall = time.monotonic() - started_at
         requests_made = _server_requests(vlm_server.url) - requests_before
 
-        pages_done, documents = _print_report(storage, [r.partition_key for r in result.run_requests or []])
+        pages_done, documents = _print_report(storage, batch_ids)
         exported = _export_outputs(storage, workdir / "outputs", documents)
         ok = _print_exported(exported, workdir / "outputs") and ok
         print(
@@ -215,19 +248,239 @@ def run(args: argparse.Namespace) -> int:
             "images/; index.md; _pipeline/ (rejected/, quality/, batches/)"
         )
         home = os.environ["DAGSTER_HOME"]
-        print(
-            "Dagster UI on these runs (history, metadata, previews, checks):\n"
-            f"  DAGSTER_HOME={home} {_webserver()} -w {REPO_ROOT / 'workspace.yaml'}"
-            " -p 3000   then open http://127.0.0.1:3000\n"
-            "  (or rerun with --serve-ui to keep S3 and the VLM server up behind the UI)"
-        )
         if args.serve_ui:
-            _serve_ui(args.ui_port)
+            print(f"serving the Dagster UI on {started[-1].url} — Ctrl-C (or SIGTERM) stops everything", flush=True)
+            while started[-1].running:
+                time.sleep(1)
+            print("the Dagster UI exited")
+        else:
+            print(
+                "Dagster UI on these runs (history, metadata, previews, checks):\n"
+                f"  DAGSTER_HOME={home} {_dagster_bin('dagster-webserver')} -w {REPO_ROOT / 'workspace.yaml'}"
+                " -p 3000   then open http://127.0.0.1:3000\n"
+                "  (or rerun with --serve-ui to watch the daemon run them live, S3 and the VLM server up behind it)"
+            )
         return 0 if ok else 1
+    except Stopped as exc:
+        name, signum = exc.args
+        print(f"\n{name}: stopping", flush=True)
+        return 128 + signum  # as a shell reports a process ended by that signal
     finally:
+        # Ignore a second Ctrl-C/SIGTERM while stopping: an interrupted cleanup would leave servers behind.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         for process in reversed(started):
             process.stop()
-        print("stopped the local VLM server and the S3 stand-in")
+        print("stopped " + ", ".join(p.name for p in reversed(started)) if started else "nothing was started")
+
+
+def _dagster_dev(logs: Path, port: int) -> Any:
+    """``dagster dev`` on the demo's instance ($DAGSTER_HOME): webserver, daemon and one shared code server."""
+    from mkg_pipeline.local_stack import LOOPBACK, ManagedProcess
+
+    argv = [_dagster_bin("dagster"), "dev", "-w", str(REPO_ROOT / "workspace.yaml"), "-h", LOOPBACK, "-p", str(port)]
+    return ManagedProcess(
+        name="dagster-dev",
+        argv=argv,
+        host=LOOPBACK,
+        port=port,
+        health_path="/server_info",
+        log_path=logs / "dagster-dev.log",
+        startup_timeout_s=300.0,
+    )
+
+
+# ---- running the batches -------------------------------------------------------------------------------------
+
+
+def _run_in_process(storage: Any) -> tuple[bool, list[str]]:
+    """One evaluation of the real sensor, then each batch as a run of ``ingest_job`` in a worker thread."""
+    import dagster as dg
+
+    from mkg_pipeline.batch_cli import run_sensor_tick
+
+    instance = dg.DagsterInstance.get()
+    result = run_sensor_tick(instance)
+    requests = result.run_requests or []
+    batch_ids = [r.partition_key for r in requests if r.partition_key]
+    print(f"sensor tick: {len(requests)} batch(es) requested: {', '.join(batch_ids)}")
+    outcome: dict[str, bool] = {}
+
+    def execute() -> None:
+        for request in requests:
+            tags = {**request.tags, "mkg/launched_by": "mkg_pipeline.demo"}
+            outcome[str(request.partition_key)] = _execute_job_run(instance, str(request.partition_key), tags)
+
+    # A worker thread: Dagster swaps the SIGINT/SIGTERM handlers while it executes in the main thread, and the
+    # main thread draws the progress bar. The thread is a daemon: a stopped demo does not wait for its run.
+    worker = threading.Thread(target=execute, name="demo-runs", daemon=True)
+    worker.start()
+    try:
+        _watch(storage, lambda: (batch_ids, not worker.is_alive()), done_label="runs finished")
+    except BaseException:
+        _cancel_unfinished_runs(instance)
+        raise
+    worker.join()
+    return all(outcome.get(b, False) for b in batch_ids), batch_ids
+
+
+def _execute_job_run(instance: Any, partition_key: str, tags: dict[str, str]) -> bool:
+    """One run of ``ingest_job`` executed in this process, recorded as the webserver would launch it.
+
+    ``execute_in_process`` records a run without the code location it came from, and the UI (GraphQL
+    ``launchPipelineReexecution``) cannot re-execute such a run. Here the run is created with the origin
+    the workspace (workspace.yaml: location ``mkg_pipeline``) gives it, then executed by ``execute_run``,
+    as a run worker does, so the demo's history can be re-executed from the UI.
+    """
+    from dagster._core.definitions.reconstruct import ReconstructableRepository
+    from dagster._core.execution.api import create_execution_plan, execute_run
+    from dagster._core.remote_origin import ManagedGrpcPythonEnvCodeLocationOrigin, RemoteRepositoryOrigin
+    from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
+
+    module = "mkg_pipeline.definitions"
+    target = LoadableTargetOrigin(executable_path=sys.executable, module_name=module, working_directory=str(REPO_ROOT))
+    location = ManagedGrpcPythonEnvCodeLocationOrigin(target, location_name="mkg_pipeline")
+    job = ReconstructableRepository.for_module(module, "defs", str(REPO_ROOT)).get_reconstructable_job(JOB)
+    job_def = job.get_definition()
+    # progress per document and page is INFO; Dagster's step bookkeeping is DEBUG
+    run_config = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
+    tags = {**job_def.run_tags, **tags, "dagster/partition": partition_key}
+    plan = create_execution_plan(job, run_config=run_config, instance_ref=instance.get_ref(), tags=tags)
+    run = instance.create_run_for_job(
+        job_def=job_def,
+        execution_plan=plan,
+        run_config=run_config,
+        tags=tags,
+        remote_job_origin=RemoteRepositoryOrigin(location, "__repository__").get_job_origin(JOB),
+        job_code_origin=job.get_python_origin(),
+    )
+    return execute_run(job, run, instance).success
+
+
+def _run_through_daemon(storage: Any, keys: list[str], timeout_s: float) -> tuple[bool, list[str]]:
+    """Wait while the daemon's sensor requests runs of ``ingest_job`` and the daemon launches them."""
+    import dagster as dg
+
+    instance = dg.DagsterInstance.get()
+    deadline = time.monotonic() + timeout_s
+    seen: dict[str, str] = {}
+
+    def state() -> tuple[list[str], bool]:
+        runs = instance.get_runs(dg.RunsFilter(job_name=JOB))
+        for run in runs:
+            status = run.status.value
+            if seen.get(run.run_id) != status:
+                seen[run.run_id] = status
+                batch = run.tags.get("dagster/partition", "?")
+                _status_line(f"run {run.run_id[:8]} of {JOB} for batch {batch}: {status}")
+        batch_ids = sorted({r.tags["dagster/partition"] for r in runs if "dagster/partition" in r.tags})
+        waiting = {k for k in keys if storage.exists(k)}  # raw_pdfs drains incoming/ as it records outcomes
+        finished = bool(runs) and not waiting and all(r.is_finished for r in runs)
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"after {timeout_s:.0f}s: {len(waiting)} file(s) still in incoming/, runs: {sorted(seen.values())}"
+            )
+        return batch_ids, finished
+
+    print(f"waiting for the sensor (every {SENSOR_INTERVAL_S}s) to request runs and the daemon to launch them ...")
+    _watch(storage, state, done_label="every file ingested and every run finished")
+    runs = instance.get_runs(dg.RunsFilter(job_name=JOB))
+    return all(r.status == dg.DagsterRunStatus.SUCCESS for r in runs), sorted(
+        {r.tags["dagster/partition"] for r in runs if "dagster/partition" in r.tags}
+    )
+
+
+def _cancel_unfinished_runs(instance: Any) -> None:
+    """Runs of this process that the stop cut short are recorded as canceled, not left "started" for ever."""
+    import dagster as dg
+
+    for run in instance.get_runs(dg.RunsFilter(job_name=JOB)):
+        if not run.is_finished:
+            instance.report_run_canceled(run, message="the demo was stopped (SIGINT/SIGTERM) during the run")
+
+
+# ---- progress --------------------------------------------------------------------------------------------------
+
+_progress_console: Any = None
+
+
+def _status_line(text: str) -> None:
+    """A line above the progress bar (or a plain line when there is no bar)."""
+    if _progress_console is not None:
+        _progress_console.print(text)
+    else:
+        print(text, flush=True)
+
+
+def page_counts(storage: Any, batch_ids: list[str]) -> tuple[int, int]:
+    """(pages with a stored result, pages) over the batches' accepted documents, read from the bucket.
+
+    The same records the run log counts: the batch manifest gives each accepted document's page count,
+    and each finished page is one ``vlm/<doc_id>/pages/<n>.<cache_key>.json``.
+    """
+    done = total = 0
+    for batch_id in batch_ids:
+        try:
+            manifest = storage.get_json(storage.batch_key(batch_id))
+        except FileNotFoundError:
+            continue
+        for result in manifest.get("results", {}).values():
+            if result.get("status") != "accepted":
+                continue
+            pages = int(result.get("pages", 0))
+            numbers = {
+                o.key.rsplit("/", 1)[-1].split(".", 1)[0]
+                for o in storage.list_objects(storage.vlm_page_prefix(result["doc_id"]))
+            }
+            total += pages
+            done += min(len(numbers), pages)
+    return done, total
+
+
+def _watch(storage: Any, poll: Callable[[], tuple[list[str], bool]], done_label: str) -> None:
+    """A progress bar of pages done across the batches until ``poll`` says finished.
+
+    On a terminal a live bar (rich); elsewhere (CI logs, a test's pipe) a plain line every 10 s.
+    """
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from mkg_pipeline.progress import rate_and_eta
+
+    global _progress_console
+    console = Console(file=sys.stdout)  # bound now: inside the bar, sys.stdout is rich's proxy, not a terminal
+    live = console.is_terminal
+    all_done_at: float | None = None
+    started = time.monotonic()
+    last_plain = 0.0
+    columns = (
+        TextColumn("pages"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console, redirect_stderr=True, redirect_stdout=True) as bar:
+        _progress_console = bar.console if live else None
+        task = bar.add_task("pages", total=None, rate="waiting for the first batch")
+        try:
+            while True:
+                batch_ids, finished = poll()
+                done, total = page_counts(storage, batch_ids)
+                # the rate stops at the last page (the run still checks quality after it)
+                all_done_at = (all_done_at or time.monotonic()) if total and done >= total else None
+                rate = rate_and_eta(done, total, (all_done_at or time.monotonic()) - started)
+                bar.update(task, completed=done, total=total or None, rate=rate)
+                now = time.monotonic()
+                if not live and (now - last_plain >= 10 or finished):
+                    last_plain = now
+                    print(f"pages {done}/{total}: {rate} ({now - started:.0f}s)", flush=True)
+                if finished:
+                    break
+                time.sleep(1.0)
+        finally:
+            _progress_console = None
+    print(f"{done_label} after {time.monotonic() - started:.0f}s", flush=True)
 
 
 def _print_report(storage: Any, batch_ids: list[str]) -> tuple[int, list[tuple[str, str]]]:
@@ -261,17 +514,10 @@ def _print_report(storage: Any, batch_ids: list[str]) -> tuple[int, list[tuple[s
     return pages_done, documents
 
 
-def _webserver() -> str:
-    """dagster-webserver beside this Python (the venv the demo runs in), else from PATH."""
-    beside = Path(sys.executable).parent / "dagster-webserver"
-    return str(beside) if beside.exists() else "dagster-webserver"
-
-
-def _serve_ui(port: int) -> None:
-    argv = [_webserver(), "-w", str(REPO_ROOT / "workspace.yaml"), "-p", str(port)]
-    print(f"serving the Dagster UI on http://127.0.0.1:{port} — Ctrl-C to stop everything")
-    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C ends the UI; `finally` then stops the servers
-        subprocess.run(argv, check=False)
+def _dagster_bin(name: str) -> str:
+    """A Dagster command beside this Python (the venv the demo runs in), else from PATH."""
+    beside = Path(sys.executable).parent / name
+    return str(beside) if beside.exists() else name
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,6 +3,17 @@
 Used by the demo command and by the test fixtures, so that both start the
 real components the same way: on 127.0.0.1, on a free port, waiting for a
 health URL, and always stopped by whoever started them.
+
+Each child leads a session of its own (a Ctrl-C in the terminal reaches the
+parent first, which stops children in order; ``stop`` signals the whole process
+group, so what a server started goes with it). A child must not outlive its
+parent even when the parent cannot clean up (SIGKILL, OOM): it is started
+through a tiny launcher that asks Linux for a parent-death signal
+(``prctl(PR_SET_PDEATHSIG, SIGTERM)``) and resets SIGINT/SIGTERM to their
+defaults before it execs the server. A background job starts with SIGINT
+ignored, and an ignored signal survives exec: Dagster maps SIGTERM onto the
+SIGINT handler, so a ``dagster dev`` inheriting the ignored SIGINT would
+ignore SIGTERM too.
 """
 
 from __future__ import annotations
@@ -23,6 +34,27 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"
+
+#: Runs in the child between fork and the server's exec (``python -I -S -c``: stdlib only, ~20 ms). The
+#: parent-death signal is sent when the *thread* that forked the child ends, so start servers from the
+#: thread that lives as long as they should (the main thread, in the demo and in pytest fixtures). It
+#: survives exec; if the parent died before prctl took effect, the child is already orphaned: it exits.
+_LAUNCHER = """
+import ctypes, os, signal, sys
+parent, argv = int(sys.argv[1]), sys.argv[2:]
+for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    signal.signal(sig, signal.SIG_DFL)
+if sys.platform.startswith("linux"):
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent:
+        sys.exit(f"parent {parent} exited before {argv[0]} started")
+os.execvp(argv[0], argv)
+"""
+
+
+def launcher_argv(argv: Sequence[str]) -> list[str]:
+    """``argv`` wrapped so that the process dies with this one (see ``_LAUNCHER``); same pid as the server."""
+    return [sys.executable, "-I", "-S", "-c", _LAUNCHER, str(os.getpid()), *argv]
 
 
 def free_port(host: str = LOOPBACK) -> int:
@@ -77,7 +109,7 @@ class ManagedProcess:
         log.info("starting %s: %s", self.name, " ".join(self.argv))
         # start_new_session: a Ctrl-C in the terminal reaches us first, and we stop children in order.
         self.process = subprocess.Popen(
-            self.argv, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            launcher_argv(self.argv), stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True
         )
         log_file.close()
         try:

@@ -6,6 +6,7 @@ are requested again, for the same batch under a new run key, at most ``MAX_AUTOM
 """
 
 # No `from __future__ import annotations`: Dagster reads the config/context annotations at definition time.
+import os
 from datetime import UTC, datetime
 
 import dagster as dg
@@ -19,6 +20,8 @@ from mkg_pipeline.resources import S3StorageResource
 MAX_AUTOMATIC_RETRIES = 3
 #: failed/canceled runs looked at per tick (the rest on the next ticks)
 ENDED_RUNS_PER_TICK = 200
+#: seconds between the daemon's evaluations of the sensor; the demo shortens it so a dropped file starts soon
+SENSOR_INTERVAL_S = int(os.environ.get("MKG_SENSOR_INTERVAL_S", "30"))
 
 _ENDED = [dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED]
 _ACTIVE = {
@@ -104,7 +107,7 @@ def _retry_requests(context: dg.SensorEvaluationContext, storage, cursor):  # ty
 
 @dg.sensor(
     job=ingest_job,
-    minimum_interval_seconds=30,
+    minimum_interval_seconds=SENSOR_INTERVAL_S,
     default_status=dg.DefaultSensorStatus.RUNNING,
     description="Lists incoming/ (which raw_pdfs drains) and turns new or replaced objects into batches of up to "
     "workers.batch_size documents, one dynamic partition and one run each, with a stable run key. A batch whose "

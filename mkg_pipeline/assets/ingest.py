@@ -17,10 +17,12 @@ class RawPdfsConfig(dg.Config):
     partitions_def=ingest_batches,
     group_name="pdf_to_markdown",
     kinds={"s3", "pdf"},
-    description="Objects of the batch validated (not a PDF, encrypted, no readable pages, limits, "
-    "workers.timeout_s) in worker processes and stored as raw/<doc_id>.pdf by content hash; refused ones get "
-    "rejected/<name>.json with the reason. Each outcome is in the batch manifest before its object leaves "
-    "incoming/.",
+    description="Step 1 of 4. The batch's objects from incoming/ (the sensor groups new files into batches; one "
+    "partition per batch) validated in worker processes (not a PDF, encrypted, no readable pages, limits, "
+    "workers.timeout_s) and stored as `raw/<doc_id>.pdf`, doc_id = first 16 hex of the file's sha256, so a file "
+    "dropped twice is one document. Refused files get `rejected/<name>.json` with the reason (the `rejections` "
+    "table). Each outcome is written to `batches/<batch>.json` (the `batch_manifest`, which maps file names to "
+    "doc ids) before its object leaves incoming/. Re-materializing is safe: recorded outcomes are kept.",
 )
 def raw_pdfs(context: dg.AssetExecutionContext, config: RawPdfsConfig, s3: S3StorageResource) -> dg.MaterializeResult:
     from mkg_pipeline.markdown_table import markdown_table

@@ -21,10 +21,12 @@ class ParsedPagesConfig(dg.Config):
     deps=[raw_pdfs],
     group_name="pdf_to_markdown",
     kinds={"s3", "pymupdf"},
-    description="Each page rendered to PNG at the configured DPI by a pool of worker processes (one per CPU, "
-    "pages streamed to S3 as they are drawn, each document limited to workers.timeout_s), its text layer "
-    "extracted, and pages/<doc_id>/manifest.json written last; a document that cannot be rendered gets "
-    "pages/<doc_id>/failure.json.",
+    description="Step 2 of 4. Each page of the batch's accepted documents rendered to `pages/<doc_id>/<n>.png` at "
+    "pdf.dpi by a pool of worker processes (one per CPU, pages streamed to S3 as they are drawn, each document "
+    "limited to workers.timeout_s), its text layer extracted, and its route chosen (`text`: a trustworthy text "
+    "layer, no GPU; `vlm`: the configured engine). `pages/<doc_id>/manifest.json` is written last, so a document "
+    "with a manifest is complete and is skipped next time (config `force` re-renders); a document that cannot "
+    "be rendered gets `pages/<doc_id>/failure.json` instead.",
 )
 def parsed_pages(
     context: dg.AssetExecutionContext, config: ParsedPagesConfig, s3: S3StorageResource

@@ -23,8 +23,11 @@ class QualityDiffConfig(dg.Config):
     group_name="pdf_to_markdown",
     kinds={"s3"},
     check_specs=quality_check_specs,
-    description="Per page normalised similarity of the output vs the golden baseline and vs the PDF text layer; "
-    "report in quality/<date>/<batch>.{json,md}.",
+    description="Step 4 of 4. Per page normalised similarity of the Markdown vs the golden baseline "
+    "(`baseline/<set>/`, made by promote_baseline_job) and vs the PDF text layer (born-digital pages); the report "
+    "is in `quality/<date>/<batch>.{json,md}` and in the `report` metadata. A batch with no golden page or no text "
+    "layer compares nothing: its check warns 'nothing compared' instead of passing. The daily "
+    "baseline_quality_job re-runs the golden set against the live server and compares it here.",
 )
 def quality_baseline_diffs(
     context: dg.AssetExecutionContext, config: QualityDiffConfig, s3: S3StorageResource, vllm: VLLMResource
