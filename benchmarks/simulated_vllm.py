@@ -245,6 +245,7 @@ class GpuClock:
         self.preset = preset
         self.engine = gpu_model.GpuEngine(preset)
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
         self.log: list[tuple[int, int]] = []  # (prompt, output) tokens of every request since the last reset
 
     @property
@@ -302,12 +303,13 @@ class GpuClock:
     def _arm(self, loop: asyncio.AbstractEventLoop) -> None:
         at = self.engine.next_event_at()
         if self._timer is not None:
-            if at is not None and self._timer.when() == at:
-                return
+            if at == self._timer_at:
+                return  # many arrivals in one step: keep the timer (uvloop's handles do not say when)
             self._timer.cancel()
             self._timer = None
         if at is not None:
             self._timer = loop.call_at(at, self._on_timer, loop)
+            self._timer_at = at
 
     def _on_timer(self, loop: asyncio.AbstractEventLoop) -> None:
         self._timer = None
