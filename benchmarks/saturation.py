@@ -1,11 +1,23 @@
 """How busy the project keeps a GPU server, side by side with MinerU's own client, in one run.
 
-Against ``benchmarks/simulated_vllm.py`` (S slots of L seconds, or L + K*running), for each
-server setting and each case, run back to back and repeated ``--repeat`` times (median shown):
+Against ``benchmarks/simulated_vllm.py``, for each server setting and each case, run back to back
+and repeated ``--repeat`` times (median shown). Two kinds of server setting:
 
+- ``SxL`` / ``SxL+K``: S slots of L seconds (or L + K*running): the client's CPU and its limiter
+  at short, fixed latencies (issue 8's figures);
+- a GPU preset (``h100``, ``h100-kv``, ``h100-fast``; see ``gpu_model.py``): continuous batching by
+  token, a KV cache with preemption, calibrated to one H100 serving Qwen2.5-VL-7B (olmOCR's 4.5
+  pages/s): whether the GPU stays busy with real page latencies (10 s alone, ~57 s in a full batch).
+  Each case then runs batches of ``--batches`` pages (default 200 and 1,000).
+
+Cases:
+
+  (i)  GPU presets: the ideal client: every page's page_markdown request sent at once, no limit;
   (a)  MinerU's own client: ``mineru_vl_utils.MinerUClient(backend="http-client")`` with its
        defaults, ``aio_batch_two_step_extract`` on the corpus page images (decoded beforehand:
        its API takes PIL images);
+  (a1) MinerU's own HTTP client (``HttpVlmClient``, defaults: 100 in flight) with the page_markdown
+       prompt: the same requests as (i) and (b), so pages/s compare directly;
   (b)  the project's vlm stage with the default config (engine page_markdown, and mineru),
        pages in S3 (a moto server), ``force_refresh`` so pages may repeat;
   (b') the client path alone: the same engine and client on page images held in memory
@@ -16,14 +28,24 @@ server setting and each case, run back to back and repeated ``--repeat`` times (
        (``vllm.adaptive=false``, ``vllm.max_in_flight=c``) for each c of ``--sweep``, to
        find the best fixed concurrency; the default (adaptive) run is reported against it.
 
-Each row: requests/s (the server's own count), saturation = requests/s / capacity
+Fixed settings, each row: requests/s (the server's own count), saturation = requests/s / capacity
 (capacity S/L, or S/(L+K*S) for a growing latency: every slot busy), pages/s, the client's CPU
 per request (getrusage of this process, children included), moto's and the server's CPU per
 request (from /proc/<pid>/stat), and the server's peak running / waiting requests.
 Requests per case are ``--waves`` x S (pages repeat), so the last partial wave costs < 1/waves.
 
-    python benchmarks/saturation.py                     # everything, about an hour on 2 cores
+GPU presets, each row: pages/s; vs ideal = pages/s / the ideal client's in the same batch (for the
+cases that send the same page_markdown requests); GPU busy = the wall an ideal client would need
+for this case's own requests (the server's log of their token counts, replayed all at t = 0
+through ``gpu_model``) / the wall (fair for any request mix, MinerU's two-step included); seconds
+from the first request to running >= 0.9 x max_num_seqs; preemptions. Each case's timeline (the
+server's running, waiting, KV use and answers/s, and the limiter's limit and in-flight, every
+0.5 s) is written as a PNG and a CSV under ``--timelines`` (a path prefix).
+
+    python benchmarks/saturation.py                     # fixed settings, everything: about an hour on 2 cores
     python benchmarks/saturation.py --repeat 1 --settings 32x0.5 --cases a,b,b2 --waves 5   # a quick look
+    python benchmarks/saturation.py --preset h100 --repeat 1            # ideal, MinerU, stage: 200 and 1,000 pages
+    python benchmarks/saturation.py --preset h100-fast --batches 200 --cases ideal,a1,b   # the same, 10x faster
 
 Corpus pages (the 'ok' files of /work/shared/corpus, 201 pages) are rendered once at
 ``--dpi`` and cached under ``benchmarks/.bench/``. The numbers are only meaningful on a quiet

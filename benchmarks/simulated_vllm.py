@@ -1,7 +1,20 @@
-"""A simulated GPU server: the OpenAI chat API of ``vllm serve`` with S slots of L seconds, and no model.
+"""A simulated GPU server: the OpenAI chat API of ``vllm serve``, and no model.
 
     python benchmarks/simulated_vllm.py --host 127.0.0.1 --port P --slots S --latency L
         [--latency-per-running K] [--layout-blocks N] [--api-key-env VAR] [--model NAME]
+    python benchmarks/simulated_vllm.py --host 127.0.0.1 --port P --preset h100|h100-kv|h100-fast [...]
+
+Two modes. ``--preset``: a GPU-faithful server (``gpu_model.py``): continuous batching token by
+token, ``max_num_seqs``, a KV-cache budget with recompute preemption, steps of
+a + b*running + c*prefill tokens calibrated to one H100 serving Qwen2.5-VL-7B. A request's prompt
+is its text (~4 characters a token) plus each image's tokens after Qwen2.5-VL's resizing (read from
+the PNG header, never decoded); a page's output is 200-2,000 tokens by its PNG's bytes per pixel
+(``gpu_model.page_output_tokens``), a MinerU recognition crop writes its share of a page, a layout
+answer its own length. The gauges (running, waiting, ``vllm:kv_cache_usage_perc``) and counters
+(``vllm:num_preemptions_total``, tokens) come from the model; ``GET /simulated/requests`` lists
+the (prompt, output) tokens of the requests since the last ``POST /simulated/reset-peaks``.
+
+``--slots/--latency`` (the fixed and growing modes, below):
 
 What it simulates (and only that): a GPU that runs at most S requests at once (vLLM's
 ``--max-num-seqs``); further requests wait in arrival order, as in vLLM's FCFS scheduler.
