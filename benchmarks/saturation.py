@@ -853,12 +853,13 @@ class Timeline:
             top.plot(t, [r["limit"] for r in self.rows], color="tab:blue", linewidth=1.2, label="limiter: limit")
             top.plot(t, [r["in_flight"] for r in self.rows], color="tab:cyan", linewidth=0.8, label="in flight")
         top.set_ylabel("requests")
-        top.set_ylim(bottom=0)
+        peak = max([max_num_seqs] + [max(r["running"], r["waiting"]) for r in self.rows])
+        top.set_ylim(0, peak * 1.25)  # room above the lines for the legend
         top.legend(loc="upper right", fontsize=8, ncol=3)
         top.grid(alpha=0.3)
         top.set_title(title, fontsize=10)
         bottom.plot(t, [r["kv"] for r in self.rows], color="tab:purple", linewidth=1.2, label="KV cache use")
-        bottom.set_ylim(0, 1.05)
+        bottom.set_ylim(0, 1.3)
         bottom.set_ylabel("KV cache use (0-1)")
         bottom.set_xlabel("seconds since the case started")
         bottom.grid(alpha=0.3)
@@ -873,7 +874,8 @@ class Timeline:
         if preempt and preempt[-1] > 0:
             rate.plot(t, preempt, color="black", linewidth=0.8, linestyle="--", label="preemptions")
         rate.set_ylabel("answers/s, preemptions")
-        rate.set_ylim(bottom=0)
+        top_rate = max([1.0, *rates, *preempt])
+        rate.set_ylim(0, top_rate * 1.3)
         handles = bottom.get_legend_handles_labels()[0] + rate.get_legend_handles_labels()[0]
         bottom.legend(handles=handles, loc="upper right", fontsize=8, ncol=3)
         fig.tight_layout()
@@ -1449,6 +1451,7 @@ def git_revision() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    started = time.perf_counter()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     print(f"saturation benchmark, {time.strftime('%Y-%m-%d %H:%M:%S')}, revision {git_revision()}, {sys.executable}")
@@ -1506,7 +1509,7 @@ def main(argv: list[str] | None = None) -> int:
             instance.dispose()
         if not args.keep_workdir:
             shutil.rmtree(workdir, ignore_errors=True)
-    print()
+    print(f"\ntotal wall {time.perf_counter() - started:.0f} s")
     machine_report("after")
     failed = [r for r in rows if r.failed]
     for row in failed:
