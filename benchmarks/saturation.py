@@ -1,11 +1,23 @@
 """How busy the project keeps a GPU server, side by side with MinerU's own client, in one run.
 
-Against ``benchmarks/simulated_vllm.py`` (S slots of L seconds, or L + K*running), for each
-server setting and each case, run back to back and repeated ``--repeat`` times (median shown):
+Against ``benchmarks/simulated_vllm.py``, for each server setting and each case, run back to back
+and repeated ``--repeat`` times (median shown). Two kinds of server setting:
 
+- ``SxL`` / ``SxL+K``: S slots of L seconds (or L + K*running): the client's CPU and its limiter
+  at short, fixed latencies (issue 8's figures);
+- a GPU preset (``h100``, ``h100-kv``, ``h100-fast``; see ``gpu_model.py``): continuous batching by
+  token, a KV cache with preemption, calibrated to one H100 serving Qwen2.5-VL-7B (olmOCR's 4.5
+  pages/s): whether the GPU stays busy with real page latencies (10 s alone, ~57 s in a full batch).
+  Each case then runs batches of ``--batches`` pages (default 200 and 1,000).
+
+Cases:
+
+  (i)  GPU presets: the ideal client: every page's page_markdown request sent at once, no limit;
   (a)  MinerU's own client: ``mineru_vl_utils.MinerUClient(backend="http-client")`` with its
        defaults, ``aio_batch_two_step_extract`` on the corpus page images (decoded beforehand:
        its API takes PIL images);
+  (a1) MinerU's own HTTP client (``HttpVlmClient``, defaults: 100 in flight) with the page_markdown
+       prompt: the same requests as (i) and (b), so pages/s compare directly;
   (b)  the project's vlm stage with the default config (engine page_markdown, and mineru),
        pages in S3 (a moto server), ``force_refresh`` so pages may repeat;
   (b') the client path alone: the same engine and client on page images held in memory
@@ -16,14 +28,24 @@ server setting and each case, run back to back and repeated ``--repeat`` times (
        (``vllm.adaptive=false``, ``vllm.max_in_flight=c``) for each c of ``--sweep``, to
        find the best fixed concurrency; the default (adaptive) run is reported against it.
 
-Each row: requests/s (the server's own count), saturation = requests/s / capacity
+Fixed settings, each row: requests/s (the server's own count), saturation = requests/s / capacity
 (capacity S/L, or S/(L+K*S) for a growing latency: every slot busy), pages/s, the client's CPU
 per request (getrusage of this process, children included), moto's and the server's CPU per
 request (from /proc/<pid>/stat), and the server's peak running / waiting requests.
 Requests per case are ``--waves`` x S (pages repeat), so the last partial wave costs < 1/waves.
 
-    python benchmarks/saturation.py                     # everything, about an hour on 2 cores
+GPU presets, each row: pages/s; vs ideal = pages/s / the ideal client's in the same batch (for the
+cases that send the same page_markdown requests); GPU busy = the wall an ideal client would need
+for this case's own requests (the server's log of their token counts, replayed all at t = 0
+through ``gpu_model``) / the wall (fair for any request mix, MinerU's two-step included); seconds
+from the first request to running >= 0.9 x max_num_seqs; preemptions. Each case's timeline (the
+server's running, waiting, KV use and answers/s, and the limiter's limit and in-flight, every
+0.5 s) is written as a PNG and a CSV under ``--timelines`` (a path prefix).
+
+    python benchmarks/saturation.py                     # fixed settings, everything: about an hour on 2 cores
     python benchmarks/saturation.py --repeat 1 --settings 32x0.5 --cases a,b,b2 --waves 5   # a quick look
+    python benchmarks/saturation.py --preset h100 --repeat 1            # ideal, MinerU, stage: 200 and 1,000 pages
+    python benchmarks/saturation.py --preset h100-fast --batches 200 --cases ideal,a1,b   # the same, 10x faster
 
 Corpus pages (the 'ok' files of /work/shared/corpus, 201 pages) are rendered once at
 ``--dpi`` and cached under ``benchmarks/.bench/``. The numbers are only meaningful on a quiet
@@ -43,6 +65,7 @@ import hashlib
 import importlib
 import inspect
 import io
+import itertools
 import json
 import logging
 import math
@@ -63,6 +86,8 @@ from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import gpu_model  # noqa: E402  (a sibling script: the GPU presets, and the ideal client's replay)
 
 DEFAULT_CORPUS = REPO_ROOT.parent / "shared" / "corpus"
 if not DEFAULT_CORPUS.exists():  # a git worktree under /work/wt/<name>
@@ -86,13 +111,21 @@ class Setting:
     slots: int
     latency: float
     per_running: float = 0.0
+    preset: str | None = None  # a GPU-faithful preset of gpu_model.PRESETS instead of S slots x L s
 
     @classmethod
     def parse(cls, text: str) -> Setting:
-        """``SxL`` or ``SxL+K``, e.g. ``32x0.5`` or ``64x0.1+0.005``."""
+        """``SxL`` or ``SxL+K``, e.g. ``32x0.5`` or ``64x0.1+0.005``, or a GPU preset name (``h100``)."""
+        if text in gpu_model.PRESETS:
+            preset = gpu_model.PRESETS[text]
+            return cls(preset.max_num_seqs, preset.single_request_s(), 0.0, preset=text)
         slots, _, rest = text.partition("x")
         latency, _, per_running = rest.partition("+")
         return cls(int(slots), float(latency), float(per_running or 0.0))
+
+    @property
+    def gpu(self) -> gpu_model.GpuPreset | None:
+        return gpu_model.PRESETS[self.preset] if self.preset else None
 
     @property
     def growing(self) -> bool:
@@ -100,11 +133,15 @@ class Setting:
 
     @property
     def capacity(self) -> float:
-        """Requests/s with every slot busy: S / (L + K*S)."""
+        """Requests/s with every slot busy: S / (L + K*S); a preset's full-batch pages/s for its reference page."""
+        if self.gpu is not None:
+            return self.gpu.full_batch_requests_per_s()
         return self.slots / (self.latency + self.per_running * self.slots)
 
     @property
     def name(self) -> str:
+        if self.preset:
+            return self.preset
         if self.growing:
             return f"{self.slots} x ({self.latency:g}+{self.per_running:g}n) s"
         return f"{self.slots} x {self.latency:g} s"
@@ -143,6 +180,16 @@ class Sample:
     peak_waiting: int
     errors: list[str]
     parts: dict[str, PartCost]
+    # GPU presets only
+    preemptions: int = 0
+    ideal_wall_s: float = math.nan  # the same requests all sent at t = 0, replayed through gpu_model
+    fill_s: float = math.nan  # first request -> running >= 0.9 of max_num_seqs (from the timeline)
+    timeline: Path | None = None
+
+    @property
+    def gpu_busy(self) -> float:
+        """What the server achieved for this case's own requests, against every one sent at once."""
+        return self.ideal_wall_s / self.wall_s if self.wall_s else math.nan
 
     @property
     def rps(self) -> float:
@@ -163,6 +210,7 @@ class Row:
     engine: str
     samples: list[Sample] = field(default_factory=list)
     note: str = ""
+    batch: int | None = None  # pages per case on a GPU preset
 
     def median(self, fn: Callable[[Sample], float]) -> float:
         values = [fn(s) for s in self.samples if not math.isnan(fn(s))]
@@ -344,6 +392,11 @@ class Simulator:
         from mkg_pipeline.local_stack import ManagedProcess
 
         self.stop()
+        if setting.preset:
+            shape = ["--preset", setting.preset]
+        else:
+            shape = ["--slots", str(setting.slots), "--latency", str(setting.latency)]
+            shape += ["--latency-per-running", str(setting.per_running)]
         argv = [
             sys.executable,
             str(SIMULATOR),
@@ -351,12 +404,7 @@ class Simulator:
             "127.0.0.1",
             "--port",
             str(self.port),
-            "--slots",
-            str(setting.slots),
-            "--latency",
-            str(setting.latency),
-            "--latency-per-running",
-            str(setting.per_running),
+            *shape,
             "--layout-blocks",
             str(layout_blocks),
             "--model",
@@ -392,9 +440,15 @@ class Simulator:
         return totals
 
     def reset_peaks(self) -> None:
+        """Peaks from now on; on a GPU preset also a new request log."""
         request = urllib.request.Request(self.url + "/simulated/reset-peaks", method="POST", data=b"")
         with urllib.request.urlopen(request, timeout=10):
             pass
+
+    def requests_log(self) -> list[tuple[int, int]]:
+        """GPU presets: (prompt, output) tokens of every request since the last reset, in arrival order."""
+        with urllib.request.urlopen(self.url + "/simulated/requests", timeout=30) as response:
+            return [(int(p), int(o)) for p, o in json.loads(response.read())["requests"]]
 
 
 # =========================================================================== ADAPTERS
@@ -430,6 +484,45 @@ def reset_process_state() -> None:
 
     reset_breakers()
     reset_limiters()
+
+
+def limiter_state(url: str) -> tuple[float, float] | None:
+    """(limit, in flight) of this process's limiter for ``url`` if one exists, for the timeline; never creates one.
+
+    Read from the registry behind ``limiter_for``; tolerant of the limiter's rewrite (None when not found).
+    """
+    try:
+        module = importlib.import_module("mkg_pipeline.vllm.limiter")
+    except ImportError:
+        return None
+    registry = getattr(module, "_LIMITERS", None)
+    limiter = registry.get(url.rstrip("/")) if isinstance(registry, dict) else None
+    if limiter is None:
+        return None
+    limit, in_flight = getattr(limiter, "limit", None), getattr(limiter, "in_flight", None)
+    if not isinstance(limit, int | float):
+        return None
+    return float(limit), float(in_flight) if isinstance(in_flight, int | float) else math.nan
+
+
+def page_request_body(png: bytes, max_tokens: int) -> bytes:
+    """The page_markdown engine's request for one page (system prompt, image, prompt), as the ideal client sends it."""
+    import base64
+
+    from mkg_pipeline.engines.prompts import PAGE_MARKDOWN_PROMPT, PAGE_MARKDOWN_SYSTEM_PROMPT
+
+    url = "data:image/png;base64," + base64.b64encode(png).decode()
+    content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": PAGE_MARKDOWN_PROMPT}]
+    body = {
+        "model": MODEL,
+        "messages": [
+            {"role": "system", "content": PAGE_MARKDOWN_SYSTEM_PROMPT},
+            {"role": "user", "content": content},
+        ],
+        "temperature": 0.0,
+        "max_tokens": max_tokens,
+    }
+    return json.dumps(body).encode()
 
 
 def make_storage(endpoint_url: str, bucket: str) -> Any:
@@ -653,6 +746,8 @@ class Env:
     decode_ms_per_page: float = math.nan
     manifests: dict[tuple[str, int], list[str]] = field(default_factory=dict)
     pdfs: dict[int, list[tuple[str, bytes]]] = field(default_factory=dict)
+    batch: int = 0  # pages per case on a GPU preset (the batch being run)
+    label: str = ""  # the case being measured, for its timeline's file name and title
 
     @property
     def moto_pid(self) -> int | None:
@@ -664,13 +759,138 @@ def requests_per_page(engine: str, layout_blocks: int) -> int:
 
 
 def pages_needed(env: Env, setting: Setting, engine: str) -> int:
+    if setting.preset:
+        return env.batch  # a GPU preset runs batches of pages, whatever the requests per page
     return math.ceil(env.args.waves * setting.slots / requests_per_page(engine, env.args.layout_blocks))
+
+
+# =========================================================================== timelines (GPU presets)
+
+
+@dataclass
+class Timeline:
+    """The server's gauges (and the limiter's limit, when this process has one) every ``interval_s``."""
+
+    url: str
+    interval_s: float = 0.5
+    rows: list[dict[str, float]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        import threading
+
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="timeline", daemon=True)
+        self._started = time.perf_counter()
+
+    def start(self) -> Timeline:
+        self._started = time.perf_counter()
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(self.interval_s)
+        self.sample()
+
+    def sample(self) -> None:
+        t = time.perf_counter() - self._started
+        try:
+            with urllib.request.urlopen(self.url + "/metrics", timeout=5) as response:
+                text = response.read().decode()
+        except OSError:
+            return
+        totals: dict[str, float] = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name_labels, _, value = line.rpartition(" ")
+                name = name_labels.split("{", 1)[0]
+                totals[name] = totals.get(name, 0.0) + float(value)
+        state = limiter_state(self.url)
+        self.rows.append(
+            {
+                "t": t,
+                "running": totals.get("vllm:num_requests_running", 0.0),
+                "waiting": totals.get("vllm:num_requests_waiting", 0.0),
+                "kv": totals.get("vllm:kv_cache_usage_perc", 0.0),
+                "preemptions": totals.get("vllm:num_preemptions_total", 0.0),
+                "finished": totals.get("vllm:request_success_total", 0.0),
+                "limit": state[0] if state else math.nan,
+                "in_flight": state[1] if state else math.nan,
+            }
+        )
+
+    def fill_s(self, max_num_seqs: int, share: float = 0.9) -> float:
+        """Seconds from the first reading with a request at the server to running >= share x max_num_seqs."""
+        first = next((r["t"] for r in self.rows if r["running"] + r["waiting"] > 0), None)
+        full = next((r["t"] for r in self.rows if r["running"] >= share * max_num_seqs), None)
+        return full - first if first is not None and full is not None else math.nan
+
+    def write(self, path: Path, title: str, max_num_seqs: int) -> Path:
+        """A CSV of the readings and a PNG: counts (running, waiting, limit, in flight) over KV use and pages/s."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        keys = list(self.rows[0]) if self.rows else ["t"]
+        lines = [",".join(keys)] + [",".join(f"{r[k]:.4g}" for k in keys) for r in self.rows]
+        path.with_suffix(".csv").write_text("\n".join(lines) + "\n")
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            print("    (no matplotlib: pip install -e '.[bench]' for the timeline PNG; CSV written)")
+            return path.with_suffix(".csv")
+        t = [r["t"] for r in self.rows]
+        fig, (top, bottom) = plt.subplots(2, 1, figsize=(11, 6.5), sharex=True, height_ratios=[3, 2])
+        top.axhline(max_num_seqs, color="grey", linestyle=":", linewidth=1, label=f"max_num_seqs {max_num_seqs}")
+        top.plot(t, [r["running"] for r in self.rows], color="tab:green", linewidth=1.8, label="running")
+        top.plot(t, [r["waiting"] for r in self.rows], color="tab:red", linewidth=1.2, label="waiting")
+        if any(not math.isnan(r["limit"]) for r in self.rows):
+            top.plot(t, [r["limit"] for r in self.rows], color="tab:blue", linewidth=1.2, label="limiter: limit")
+            top.plot(t, [r["in_flight"] for r in self.rows], color="tab:cyan", linewidth=0.8, label="in flight")
+        top.set_ylabel("requests")
+        peak = max([max_num_seqs] + [max(r["running"], r["waiting"]) for r in self.rows])
+        top.set_ylim(0, peak * 1.25)  # room above the lines for the legend
+        top.legend(loc="upper right", fontsize=8, ncol=3)
+        top.grid(alpha=0.3)
+        top.set_title(title, fontsize=10)
+        bottom.plot(t, [r["kv"] for r in self.rows], color="tab:purple", linewidth=1.2, label="KV cache use")
+        bottom.set_ylim(0, 1.3)
+        bottom.set_ylabel("KV cache use (0-1)")
+        bottom.set_xlabel("seconds since the case started")
+        bottom.grid(alpha=0.3)
+        rate = bottom.twinx()
+        window = max(1, round(5.0 / (t[1] - t[0]))) if len(t) > 1 else 1  # pages/s over ~5 s
+        rates = [
+            (self.rows[i]["finished"] - self.rows[i - window]["finished"]) / (t[i] - t[i - window])
+            for i in range(window, len(t))
+        ]
+        rate.plot(t[window:], rates, color="tab:orange", linewidth=1, label="answers/s (5 s)")
+        preempt = [r["preemptions"] - self.rows[0]["preemptions"] for r in self.rows]
+        if preempt and preempt[-1] > 0:
+            rate.plot(t, preempt, color="black", linewidth=0.8, linestyle="--", label="preemptions")
+        rate.set_ylabel("answers/s, preemptions")
+        top_rate = max([1.0, *rates, *preempt])
+        rate.set_ylim(0, top_rate * 1.3)
+        handles = bottom.get_legend_handles_labels()[0] + rate.get_legend_handles_labels()[0]
+        bottom.legend(handles=handles, loc="upper right", fontsize=8, ncol=3)
+        fig.tight_layout()
+        png = path.with_suffix(".png")
+        fig.savefig(png, dpi=100)
+        plt.close(fig)
+        return png
 
 
 def measure(env: Env, run: Callable[[], Outcome]) -> Sample:
     reset_process_state()
     env.sim.reset_peaks()
     before = env.sim.scrape()
+    gpu = env.sim.setting.gpu if env.sim.setting else None
+    timeline = Timeline(env.sim.url).start() if gpu else None
     cpu0, moto0, sim0 = own_cpu_s(), proc_cpu_s(env.moto_pid), proc_cpu_s(env.sim.pid)
     started = time.perf_counter()
     errors: list[str] = []
@@ -682,6 +902,24 @@ def measure(env: Env, run: Callable[[], Outcome]) -> Sample:
     wall = time.perf_counter() - started
     cpu1, moto1, sim1 = own_cpu_s(), proc_cpu_s(env.moto_pid), proc_cpu_s(env.sim.pid)
     after = env.sim.scrape()
+    extra: dict[str, Any] = {}
+    if gpu is not None and timeline is not None:
+        timeline.stop()
+        requests = env.sim.requests_log()
+        ideal = gpu_model.ideal_makespan(gpu, requests)
+        name = f"{env.args.timelines}-{gpu.name}-{env.batch}p-{env.label}"
+        title = (
+            f"{env.label} on {gpu.name}, {env.batch} pages: wall {wall:.1f} s, {len(requests)} requests; "
+            f"all at once would take {ideal:.1f} s (GPU busy {ideal / wall:.2f})"
+        )
+        extra = {
+            "preemptions": int(
+                after.get("vllm:num_preemptions_total", 0) - before.get("vllm:num_preemptions_total", 0)
+            ),
+            "ideal_wall_s": ideal,
+            "fill_s": timeline.fill_s(gpu.max_num_seqs),
+            "timeline": timeline.write(Path(name), title, gpu.max_num_seqs),
+        }
     if outcome.verify is not None:
         try:
             outcome = outcome.verify()
@@ -703,6 +941,7 @@ def measure(env: Env, run: Callable[[], Outcome]) -> Sample:
         peak_waiting=int(after.get("simulated_vllm_peak_requests_waiting", 0)),
         errors=errors,
         parts=outcome.parts,
+        **extra,
     )
 
 
@@ -744,6 +983,77 @@ def case_mineru_client(env: Env, setting: Setting) -> Callable[[], Outcome]:
 
         results = asyncio.run(go())
         done = sum(1 for blocks in results if blocks and all(b.content for b in blocks))
+        return Outcome(pages_done=done, pages_failed=len(results) - done)
+
+    return run
+
+
+def case_ideal_client(env: Env, setting: Setting) -> Callable[[], Outcome]:
+    """(i) the ideal client: every page's request sent at once (no limit, no timeout), the page_markdown prompt.
+
+    What a client that never holds a page back achieves: the yardstick of a GPU preset. Bodies are
+    built before the clock starts (one per distinct page), so only the HTTP exchange is timed.
+    """
+    import aiohttp
+
+    max_tokens = bench_config(env.sim.url, "page_markdown").answers.max_tokens
+    pages = cycle_pages(env.pages, pages_needed(env, setting, "page_markdown"))
+    bodies = {p.index: page_request_body(p.png, max_tokens) for p in pages}
+    url = env.sim.url + "/v1/chat/completions"
+
+    def run() -> Outcome:
+        async def go() -> Outcome:
+            connector = aiohttp.TCPConnector(limit=0)
+            timeout = aiohttp.ClientTimeout(total=None)
+            async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+
+                async def one(body: bytes) -> str | None:
+                    headers = {"Content-Type": "application/json"}
+                    async with session.post(url, data=body, headers=headers) as response:
+                        if response.status != 200:
+                            return f"HTTP {response.status}: {(await response.text())[:200]}"
+                        answer = await response.json()
+                        reason = answer["choices"][0]["finish_reason"]
+                        return None if reason == "stop" else f"finish_reason {reason}"
+
+                results = await asyncio.gather(*(one(bodies[p.index]) for p in pages), return_exceptions=True)
+            problems = [str(r) for r in results if r is not None]
+            return Outcome(pages_done=len(results) - len(problems), pages_failed=len(problems), errors=problems[:3])
+
+        return asyncio.run(go())
+
+    return run
+
+
+def case_mineru_page_prompt(env: Env, setting: Setting) -> Callable[[], Outcome]:
+    """(a1) MinerU's own HTTP client (``HttpVlmClient``, its defaults: 100 in flight, its retries) sending the
+    page_markdown prompt: the same requests as the ideal client and the stage, so pages/s compare directly."""
+    from loguru import logger as loguru_logger
+    from mineru_vl_utils.vlm_client.http_client import HttpVlmClient
+
+    from mkg_pipeline.engines.prompts import PAGE_MARKDOWN_PROMPT, PAGE_MARKDOWN_SYSTEM_PROMPT
+
+    loguru_logger.disable("mineru_vl_utils")
+    images = decoded_images(env, cycle_pages(env.pages, pages_needed(env, setting, "page_markdown")))
+    client = HttpVlmClient(
+        model_name=MODEL,
+        server_url=env.sim.url,
+        prompt=PAGE_MARKDOWN_PROMPT,
+        system_prompt=PAGE_MARKDOWN_SYSTEM_PROMPT,
+        use_tqdm=False,
+    )
+
+    def run() -> Outcome:
+        async def go() -> list[Any]:
+            try:
+                return await client.aio_batch_predict(images, PAGE_MARKDOWN_PROMPT)
+            finally:
+                aclose = getattr(client, "aclose", None)
+                if aclose is not None:
+                    await aclose()
+
+        results = asyncio.run(go())
+        done = sum(1 for text in results if isinstance(text, str) and text)
         return Outcome(pages_done=done, pages_failed=len(results) - done)
 
     return run
@@ -795,7 +1105,9 @@ def clear_bucket(storage: Any) -> None:
 
 
 CASES = {
+    "ideal": "(i) ideal client",
     "a": "(a) MinerU client",
+    "a1": "(a1) MinerU HTTP, page",
     "b": "(b) vlm stage, S3",
     "b2": "(b') client path, memory",
     "c": "(c) end to end",
@@ -805,15 +1117,27 @@ CASES = {
 def plan_rows(env: Env, setting: Setting) -> list[tuple[Row, Callable[[], Callable[[], Outcome]]]]:
     """Rows for one setting, each with a factory that prepares (untimed) and returns the timed run."""
     args = env.args
+    cases = cases_for(args, setting)
+    engines = engines_for(args, setting)
+    batch = env.batch if setting.preset else None
     rows: list[tuple[Row, Callable[[], Callable[[], Outcome]]]] = []
-    if "a" in args.cases:
-        rows.append((Row(setting, CASES["a"], "mineru"), lambda: case_mineru_client(env, setting)))
+    if "ideal" in cases:
+        rows.append(
+            (Row(setting, CASES["ideal"], "page_markdown", batch=batch), lambda: case_ideal_client(env, setting))
+        )
+    if "a" in cases:
+        rows.append((Row(setting, CASES["a"], "mineru", batch=batch), lambda: case_mineru_client(env, setting)))
+    if "a1" in cases:
+        rows.append(
+            (Row(setting, CASES["a1"], "page_markdown", batch=batch), lambda: case_mineru_page_prompt(env, setting))
+        )
     for case, factory in (("b", case_vlm_stage), ("b2", case_client_path), ("c", case_end_to_end)):
-        if case not in args.cases:
+        if case not in cases:
             continue
-        for engine in args.engines:
-            rows.append((Row(setting, CASES[case], engine), lambda f=factory, e=engine: f(env, setting, e)))
-    if setting.growing and "sweep" in args.cases:
+        for engine in engines:
+            row = Row(setting, CASES[case], engine, batch=batch)
+            rows.append((row, lambda f=factory, e=engine: f(env, setting, e)))
+    if setting.growing and "sweep" in cases:
         for c in args.sweep:
             row = Row(setting, f"(s) fixed c={c}", "page_markdown", note="client path, adaptive=false")
             rows.append(
@@ -837,31 +1161,60 @@ def run_setting(env: Env, setting: Setting) -> list[Row]:
             + f"; knee L/K = {knee:g}",
             flush=True,
         )
+    gpu = setting.gpu
+    if gpu is not None:
+        print(
+            f"    {gpu.description}\n    {gpu.max_num_seqs} seqs, KV cache {gpu.kv_cache_tokens} tokens, step "
+            f"{gpu.step_base_s * 1000:.2f} ms + {gpu.step_per_seq_s * 1000:.4f} ms x running + "
+            f"{gpu.prefill_per_token_s * 1e6:.0f} us x prefill token; {gpu.max_num_batched_tokens} batched tokens "
+            f"per step; one reference page alone {gpu.single_request_s():.1f} s",
+            flush=True,
+        )
     env.sim.start(setting, env.args.layout_blocks)
-    planned = plan_rows(env, setting)
+    batches = env.args.batches if gpu is not None else [0]
+    rows: list[Row] = []
     try:
-        for rep in range(env.args.repeat):
-            for row, factory in planned:
-                try:
-                    run = factory()
-                except Exception as exc:
-                    traceback.print_exc()
-                    row.samples.append(
-                        Sample(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, [f"setup: {type(exc).__name__}: {exc}"], {})
-                    )
-                    continue
-                sample = measure(env, run)
-                row.samples.append(sample)
-                status = f"{len(sample.errors)} error(s): {sample.errors[:2]}" if sample.errors else "ok"
-                print(
-                    f"  [{rep + 1}/{env.args.repeat}] {row.case:26s} {row.engine:13s} {sample.rps:7.1f} req/s "
-                    f"({sample.rps / setting.capacity:5.2f})  {sample.pps:6.1f} pages/s  {sample.requests:5d} req "
-                    f"in {sample.wall_s:6.1f} s  peak wait {sample.peak_waiting:4d}  "
-                    f"load {loadavg().split()[0]}  {status}",
-                    flush=True,
-                )
+        for batch in batches:
+            env.batch = batch
+            if gpu is not None:
+                print(f"  --- batch of {batch} pages", flush=True)
+            rows += run_rows(env, setting, plan_rows(env, setting))
     finally:
         env.sim.stop()
+    return rows
+
+
+def run_rows(env: Env, setting: Setting, planned: list[tuple[Row, Callable[[], Callable[[], Outcome]]]]) -> list[Row]:
+    """Every planned row, ``--repeat`` times, back to back."""
+    for rep in range(env.args.repeat):
+        for row, factory in planned:
+            env.label = f"{row.case.split(' ', 1)[0].strip('()')}-{row.engine}-r{rep + 1}"
+            try:
+                run = factory()
+            except Exception as exc:
+                traceback.print_exc()
+                row.samples.append(Sample(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, [f"setup: {type(exc).__name__}: {exc}"], {}))
+                continue
+            sample = measure(env, run)
+            row.samples.append(sample)
+            status = f"{len(sample.errors)} error(s): {sample.errors[:2]}" if sample.errors else "ok"
+            if setting.gpu is not None:
+                print(
+                    f"  [{rep + 1}/{env.args.repeat}] {row.case:26s} {row.engine:13s} {sample.pps:6.2f} pages/s  "
+                    f"{sample.pages:5d} pages {sample.requests:5d} req in {sample.wall_s:6.1f} s  GPU busy "
+                    f"{sample.gpu_busy:4.2f}  peak run {sample.peak_running:4d} wait {sample.peak_waiting:4d}  "
+                    f"0.9 full after {fmt(sample.fill_s)} s  preempt {sample.preemptions}  "
+                    f"load {loadavg().split()[0]}  {status}\n      timeline {sample.timeline}",
+                    flush=True,
+                )
+                continue
+            print(
+                f"  [{rep + 1}/{env.args.repeat}] {row.case:26s} {row.engine:13s} {sample.rps:7.1f} req/s "
+                f"({sample.rps / setting.capacity:5.2f})  {sample.pps:6.1f} pages/s  {sample.requests:5d} req "
+                f"in {sample.wall_s:6.1f} s  peak wait {sample.peak_waiting:4d}  "
+                f"load {loadavg().split()[0]}  {status}",
+                flush=True,
+            )
     return [row for row, _ in planned]
 
 
@@ -872,7 +1225,53 @@ def fmt(value: float, digits: int = 1) -> str:
     return "n/a" if value is None or math.isnan(value) else f"{value:.{digits}f}"
 
 
+def print_gpu_report(rows: list[Row], env: Env) -> None:
+    """GPU presets: per batch, each case's pages/s against the ideal client's, side by side (medians)."""
+    print("\n" + "=" * 150)
+    print(
+        f"GPU PRESETS (median of {env.args.repeat}): vs ideal = pages/s / the ideal client's pages/s in the same batch "
+        "(same requests for page_markdown cases); GPU busy = the case's own requests all sent at once, replayed "
+        "through gpu_model, / the wall (fair for any request mix, MinerU's two-step included); 0.9 full = seconds "
+        "from the first request to running >= 0.9 x max_num_seqs"
+    )
+    header = (
+        f"{'preset':10s} {'pages':>5s} {'case':26s} {'engine':13s} {'pages/s':>7s} {'vs ideal':>8s} {'GPU busy':>8s} "
+        f"{'wall s':>7s} {'ideal s':>7s} {'0.9 full':>8s} {'peak run':>8s} {'peak wait':>9s} {'preempt':>7s} "
+        f"{'client':>7s}  status"
+    )
+    print(header)
+    print("-" * len(header))
+    for (setting, batch), group in itertools.groupby(rows, key=lambda r: (r.setting, r.batch)):
+        group = list(group)
+        ideal = next((r for r in group if r.case == CASES["ideal"]), None)
+        ideal_pps = ideal.median(lambda s: s.pps) if ideal else math.nan
+        for row in group:
+            pps = row.median(lambda s: s.pps)
+            same_work = row.engine == "page_markdown"
+            print(
+                f"{setting.name:10s} {batch:5d} {row.case:26s} {row.engine:13s} {fmt(pps, 2):>7s} "
+                f"{fmt(pps / ideal_pps if same_work else math.nan, 2):>8s} "
+                f"{fmt(row.median(lambda s: s.gpu_busy), 2):>8s} {fmt(row.median(lambda s: s.wall_s)):>7s} "
+                f"{fmt(row.median(lambda s: s.ideal_wall_s)):>7s} {fmt(row.median(lambda s: s.fill_s)):>8s} "
+                f"{max((s.peak_running for s in row.samples), default=0):>8d} "
+                f"{max((s.peak_waiting for s in row.samples), default=0):>9d} "
+                f"{max((s.preemptions for s in row.samples), default=0):>7d} "
+                f"{fmt(row.median(lambda s: s.per_request_ms(s.client_cpu_s))):>7s}  "
+                f"{'ERRORS' if row.failed else 'ok'}"
+            )
+        print()
+    timelines = [str(s.timeline) for r in rows for s in r.samples if s.timeline]
+    if timelines:
+        print("timelines (running, waiting, limit, KV use, answers/s):\n  " + "\n  ".join(timelines))
+
+
 def print_report(rows: list[Row], env: Env) -> None:
+    gpu_rows = [r for r in rows if r.setting.preset]
+    if gpu_rows:
+        print_gpu_report(gpu_rows, env)
+    rows = [r for r in rows if not r.setting.preset]
+    if not rows:
+        return
     print("\n" + "=" * 150)
     print(
         f"RESULTS (median of {env.args.repeat}; saturation = requests/s / capacity; CPU in ms per request; "
@@ -978,8 +1377,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="32x0.5,64x0.25,64x0.1+0.005",
         help="server settings SxL or SxL+K, comma-separated (default: 32x0.5,64x0.25,64x0.1+0.005)",
     )
-    parser.add_argument("--cases", default="a,b,b2,c,sweep", help="subset of a,b,b2,c,sweep (default: all)")
-    parser.add_argument("--engines", default=",".join(ENGINES), help="engines for b, b2, c (default: both)")
+    parser.add_argument(
+        "--cases",
+        default=None,
+        help="subset of ideal,a,a1,b,b2,c,sweep (default: a,b,b2,c,sweep; on a GPU preset ideal,a,b)",
+    )
+    parser.add_argument(
+        "--engines", default=None, help="engines for b, b2, c (default: both; on a GPU preset page_markdown)"
+    )
+    parser.add_argument(
+        "--preset",
+        default=None,
+        choices=sorted(gpu_model.PRESETS),
+        help="shorthand for --settings PRESET: a GPU-faithful server (see gpu_model.py)",
+    )
+    parser.add_argument(
+        "--batches", default="200,1000", help="pages per case on a GPU preset, comma-separated (default 200,1000)"
+    )
+    parser.add_argument(
+        "--timelines",
+        default=str(DEFAULT_CACHE / "timelines" / "saturation"),
+        help="path prefix of each GPU-preset case's timeline PNG and CSV (default benchmarks/.bench/timelines/)",
+    )
     parser.add_argument("--repeat", type=int, default=3, help="repetitions of every case; the median is shown")
     parser.add_argument("--waves", type=int, default=20, help="requests per case = waves x slots (default 20)")
     parser.add_argument("--sweep", default="8,16,24,32,48,64,96", help="fixed concurrencies on growing settings")
@@ -990,14 +1409,34 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="rendered page cache")
     parser.add_argument("--keep-workdir", action="store_true", help="keep the temp dir (logs, DAGSTER_HOME)")
     args = parser.parse_args(argv)
-    args.settings = [Setting.parse(s) for s in args.settings.split(",") if s]
-    args.cases = {c.strip() for c in args.cases.split(",") if c.strip()}
-    args.engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    try:
+        args.settings = [Setting.parse(s) for s in ([args.preset] if args.preset else args.settings.split(",")) if s]
+        args.batches = [int(b) for b in args.batches.split(",") if b]
+    except ValueError as exc:
+        parser.error(f"bad --settings/--batches: {exc}")
+    if args.cases is not None:
+        args.cases = {c.strip() for c in args.cases.split(",") if c.strip()}
+    if args.engines is not None:
+        args.engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     args.sweep = [int(c) for c in args.sweep.split(",") if c]
-    unknown = args.cases - {*CASES, "sweep"}
-    if unknown or set(args.engines) - set(ENGINES) or args.repeat < 1 or args.waves < 1:
+    unknown = (args.cases or set()) - {*CASES, "sweep"}
+    if unknown or set(args.engines or ()) - set(ENGINES) or args.repeat < 1 or args.waves < 1:
         parser.error(f"bad --cases/--engines/--repeat/--waves (unknown: {sorted(unknown)})")
+    if not args.batches or min(args.batches) < 1:
+        parser.error("--batches needs positive page counts")
     return args
+
+
+def cases_for(args: argparse.Namespace, setting: Setting) -> set[str]:
+    if args.cases is not None:
+        return args.cases
+    return {"ideal", "a", "b"} if setting.preset else {"a", "b", "b2", "c", "sweep"}
+
+
+def engines_for(args: argparse.Namespace, setting: Setting) -> list[str]:
+    if args.engines is not None:
+        return args.engines
+    return ["page_markdown"] if setting.preset else list(ENGINES)
 
 
 def git_revision() -> str:
@@ -1012,6 +1451,7 @@ def git_revision() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    started = time.perf_counter()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     print(f"saturation benchmark, {time.strftime('%Y-%m-%d %H:%M:%S')}, revision {git_revision()}, {sys.executable}")
@@ -1069,7 +1509,7 @@ def main(argv: list[str] | None = None) -> int:
             instance.dispose()
         if not args.keep_workdir:
             shutil.rmtree(workdir, ignore_errors=True)
-    print()
+    print(f"\ntotal wall {time.perf_counter() - started:.0f} s")
     machine_report("after")
     failed = [r for r in rows if r.failed]
     for row in failed:

@@ -1,7 +1,20 @@
-"""A simulated GPU server: the OpenAI chat API of ``vllm serve`` with S slots of L seconds, and no model.
+"""A simulated GPU server: the OpenAI chat API of ``vllm serve``, and no model.
 
     python benchmarks/simulated_vllm.py --host 127.0.0.1 --port P --slots S --latency L
         [--latency-per-running K] [--layout-blocks N] [--api-key-env VAR] [--model NAME]
+    python benchmarks/simulated_vllm.py --host 127.0.0.1 --port P --preset h100|h100-kv|h100-fast [...]
+
+Two modes. ``--preset``: a GPU-faithful server (``gpu_model.py``): continuous batching token by
+token, ``max_num_seqs``, a KV-cache budget with recompute preemption, steps of
+a + b*running + c*prefill tokens calibrated to one H100 serving Qwen2.5-VL-7B. A request's prompt
+is its text (~4 characters a token) plus each image's tokens after Qwen2.5-VL's resizing (read from
+the PNG header, never decoded); a page's output is 200-2,000 tokens by its PNG's bytes per pixel
+(``gpu_model.page_output_tokens``), a MinerU recognition crop writes its share of a page, a layout
+answer its own length. The gauges (running, waiting, ``vllm:kv_cache_usage_perc``) and counters
+(``vllm:num_preemptions_total``, tokens) come from the model; ``GET /simulated/requests`` lists
+the (prompt, output) tokens of the requests since the last ``POST /simulated/reset-peaks``.
+
+``--slots/--latency`` (the fixed and growing modes, below):
 
 What it simulates (and only that): a GPU that runs at most S requests at once (vLLM's
 ``--max-num-seqs``); further requests wait in arrival order, as in vLLM's FCFS scheduler.
@@ -43,6 +56,7 @@ import asyncio
 import base64
 import binascii
 import collections
+import functools
 import json
 import math
 import os
@@ -50,8 +64,12 @@ import struct
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from aiohttp import web
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import gpu_model  # a sibling script, not a package
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-VL-7B-Instruct"  # the project's default vllm.model, so no override is needed
 
@@ -125,6 +143,12 @@ def page_markdown_answer(target_bytes: int = 3200) -> str:
         n += 1
         text += f"\n\n{filler} (paragraph {n})"
     return text + "\n\n## 3 Results"
+
+
+@functools.lru_cache(maxsize=4096)
+def sized_page_markdown(tokens: int) -> str:
+    """Page Markdown of about ``tokens`` tokens (4 bytes each), for the GPU preset's page-dependent lengths."""
+    return page_markdown_answer(target_bytes=max(200, 4 * tokens - 20))
 
 
 # --------------------------------------------------------------------------- the batch clock
@@ -223,6 +247,118 @@ class BatchClock:
         self._pump(loop)
 
 
+class GpuClock:
+    """``gpu_model.GpuEngine`` on the event loop's clock: one timer, at the end of the current run of identical steps.
+
+    Real time stays faithful however late a timer fires: the engine counts the steps that ended by
+    ``loop.time()``, so a busy loop delays answers (as a busy server would), never the GPU's clock.
+    """
+
+    def __init__(self, preset: gpu_model.GpuPreset) -> None:
+        self.preset = preset
+        self.engine = gpu_model.GpuEngine(preset)
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self.log: list[tuple[int, int]] = []  # (prompt, output) tokens of every request since the last reset
+
+    @property
+    def slots(self) -> int:
+        return self.preset.max_num_seqs
+
+    @property
+    def running(self) -> int:
+        return len(self.engine.running)
+
+    @property
+    def waiting(self) -> int:
+        return len(self.engine.waiting)
+
+    @property
+    def peak_running(self) -> int:
+        return self.engine.counters.peak_running
+
+    @property
+    def peak_waiting(self) -> int:
+        return self.engine.counters.peak_waiting
+
+    def reset_peaks(self) -> None:
+        c = self.engine.counters
+        c.peak_running, c.peak_waiting = self.running, self.waiting
+        self.log = []
+
+    def sync(self) -> None:
+        """Bring the engine to now (before reading its gauges)."""
+        loop = asyncio.get_running_loop()
+        self._settle(self.engine.advance(loop.time()))
+        self._arm(loop)
+
+    async def run(self, prompt_tokens: int, output_tokens: int) -> gpu_model.Sequence:
+        """Queue, prefill and decode one request; returns its sequence once finished. ValueError: vLLM's 400."""
+        loop = asyncio.get_running_loop()
+        seq = gpu_model.Sequence(prompt_tokens, output_tokens, user=loop.create_future())
+        self._settle(self.engine.submit(seq, loop.time()))
+        self.log.append((prompt_tokens, output_tokens))
+        self._arm(loop)
+        try:
+            await seq.user
+        except asyncio.CancelledError:  # the client went away: vLLM aborts the request
+            self._settle(self.engine.abort(seq, loop.time()))
+            self._arm(loop)
+            raise
+        return seq
+
+    @staticmethod
+    def _settle(finished: list[gpu_model.Sequence]) -> None:
+        for seq in finished:
+            if not seq.user.done():
+                seq.user.set_result(None)
+
+    def _arm(self, loop: asyncio.AbstractEventLoop) -> None:
+        at = self.engine.next_event_at()
+        if self._timer is not None:
+            if at == self._timer_at:
+                return  # many arrivals in one step: keep the timer (uvloop's handles do not say when)
+            self._timer.cancel()
+            self._timer = None
+        if at is not None:
+            self._timer = loop.call_at(at, self._on_timer, loop)
+            self._timer_at = at
+
+    def _on_timer(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._timer = None
+        self._settle(self.engine.advance(loop.time()))
+        self._arm(loop)
+
+
+def gpu_request_cost(parsed: Parsed, kind: str, answer: str, preset: gpu_model.GpuPreset) -> tuple[int, int]:
+    """(prompt tokens, output tokens) of a request on the GPU preset, from its text and its images' headers.
+
+    Prompt: the text at ~4 characters a token, plus Qwen2.5-VL's tokens for each image after resizing.
+    Output: a page writes 200-2,000 tokens by its PNG's bytes per pixel (``gpu_model.page_output_tokens``),
+    a MinerU recognition crop its share of a page, a layout answer its own length.
+    """
+    prompt = math.ceil(parsed.text_chars / 4)
+    sizes = []
+    for head, b64_len in parsed.images:
+        size = png_size(head)
+        if size is None:  # not a PNG: count it as a page-sized image of typical density
+            size = (1275, 1650)
+            png_bytes = int(0.09 * 1275 * 1650)
+        else:
+            png_bytes = b64_len * 3 // 4
+        sizes.append((size, png_bytes))
+        prompt += gpu_model.image_tokens(size[0], size[1], preset)
+    if kind == "layout" or not sizes:
+        output = max(1, math.ceil(len(answer) / 4))
+    elif kind == "page_markdown":
+        (width, height), png_bytes = sizes[-1]
+        output = gpu_model.page_output_tokens(png_bytes, width, height)
+    else:
+        (width, height), png_bytes = sizes[-1]
+        output = gpu_model.crop_output_tokens(png_bytes, width, height)
+    return max(1, prompt), output
+
+
 # --------------------------------------------------------------------------- metrics
 
 
@@ -275,12 +411,18 @@ class BadRequest(Exception):
 
 
 def split_images(body: bytes) -> tuple[bytes, list[bytes]]:
-    """The body without its base64 image payloads (for a cheap ``json.loads``), and each payload's first 32 chars.
+    """The body without its base64 image payloads (for a cheap ``json.loads``), and each payload's first 32 chars."""
+    stripped, images = split_image_payloads(body)
+    return stripped, [head for head, _ in images]
+
+
+def split_image_payloads(body: bytes) -> tuple[bytes, list[tuple[bytes, int]]]:
+    """The body without its base64 image payloads, and each payload's first 32 chars and length.
 
     Base64 never contains ``"``, so a payload ends at the next quote; nothing is decoded or copied.
     """
     parts: list[bytes] = []
-    heads: list[bytes] = []
+    heads: list[tuple[bytes, int]] = []
     pos = 0
     while True:
         mark = body.find(_BASE64_MARK, pos)
@@ -291,7 +433,7 @@ def split_images(body: bytes) -> tuple[bytes, list[bytes]]:
         if end < 0:
             raise BadRequest("unterminated image data URL")
         parts.append(body[pos:start])
-        heads.append(body[start : start + 32])
+        heads.append((body[start : start + 32], end - start))
         pos = end
     if not parts:
         return body, heads
@@ -299,16 +441,25 @@ def split_images(body: bytes) -> tuple[bytes, list[bytes]]:
     return b"".join(parts), heads
 
 
-def image_tokens(head: bytes) -> int:
-    """Qwen2.5-VL's image tokens (one per 28x28 patch) from the PNG header; a rough guess for other formats."""
+def png_size(head: bytes) -> tuple[int, int] | None:
+    """(width, height) from a base64 PNG's first 32 characters (its IHDR chunk), or None for other formats."""
     try:
         raw = base64.b64decode(head[:32])
     except (binascii.Error, ValueError):
-        return 1000
+        return None
     if raw[:8] == b"\x89PNG\r\n\x1a\n" and raw[12:16] == b"IHDR" and len(raw) >= 24:
         width, height = struct.unpack(">II", raw[16:24])
-        return max(1, math.ceil(width / 28) * math.ceil(height / 28))
-    return 1000
+        return width, height
+    return None
+
+
+def image_tokens(head: bytes) -> int:
+    """Qwen2.5-VL's image tokens (one per 28x28 patch) from the PNG header; a rough guess for other formats."""
+    size = png_size(head)
+    if size is None:
+        return 1000
+    width, height = size
+    return max(1, math.ceil(width / 28) * math.ceil(height / 28))
 
 
 @dataclass(frozen=True)
@@ -316,13 +467,17 @@ class Parsed:
     model: str | None
     prompt: str
     text_chars: int
-    image_heads: list[bytes]
+    images: list[tuple[bytes, int]]  # (first 32 base64 chars, base64 length) of each image
     max_tokens: int | None
     stream: bool
 
+    @property
+    def image_heads(self) -> list[bytes]:
+        return [head for head, _ in self.images]
+
 
 def parse_body(body: bytes) -> Parsed:
-    stripped, heads = split_images(body)
+    stripped, images = split_image_payloads(body)
     try:
         data = json.loads(stripped)
     except ValueError as exc:
@@ -358,7 +513,7 @@ def parse_body(body: bytes) -> Parsed:
         model=model if isinstance(model, str) else None,
         prompt=prompt,
         text_chars=text_chars,
-        image_heads=heads,
+        images=images,
         max_tokens=max_tokens,
         stream=bool(data.get("stream")),
     )
@@ -381,14 +536,16 @@ class SimulatedServer:
     def __init__(
         self,
         *,
-        slots: int,
-        latency: float,
+        slots: int = 1,
+        latency: float = 1.0,
         per_running: float = 0.0,
+        preset: gpu_model.GpuPreset | None = None,
         layout_blocks: int = 4,
         model: str = DEFAULT_MODEL,
         api_key: str | None = None,
     ) -> None:
-        self.clock = BatchClock(slots, latency, per_running)
+        self.preset = preset
+        self.clock: BatchClock | GpuClock = GpuClock(preset) if preset else BatchClock(slots, latency, per_running)
         self.model = model
         self.api_key = api_key
         self.counters = Counters()
@@ -408,6 +565,7 @@ class SimulatedServer:
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_get("/metrics", self.metrics)
         app.router.add_post("/simulated/reset-peaks", self.reset_peaks)
+        app.router.add_get("/simulated/requests", self.requests_log)
         return app
 
     def _error(self, status: int, message: str, kind: str) -> web.Response:
@@ -451,20 +609,32 @@ class SimulatedServer:
         kind = route(parsed.prompt)
         content = self.answers[kind]
         finish_reason = "stop"
-        completion_tokens = math.ceil(len(content) / 4)
+        if isinstance(self.clock, GpuClock):
+            prompt_tokens, completion_tokens = gpu_request_cost(parsed, kind, content, self.clock.preset)
+            if kind == "page_markdown":
+                content = sized_page_markdown(completion_tokens)
+        else:
+            completion_tokens = math.ceil(len(content) / 4)
+            prompt_tokens = math.ceil(parsed.text_chars / 4) + sum(image_tokens(h) for h in parsed.image_heads)
         if parsed.max_tokens is not None and completion_tokens > parsed.max_tokens:
             content = content[: parsed.max_tokens * 4]
             completion_tokens = parsed.max_tokens
             finish_reason = "length"
-        prompt_tokens = math.ceil(parsed.text_chars / 4) + sum(image_tokens(h) for h in parsed.image_heads)
 
-        queued = await self.clock.run()
+        if isinstance(self.clock, GpuClock):
+            try:
+                seq = await self.clock.run(prompt_tokens, completion_tokens)
+            except ValueError as exc:
+                return self._error(400, str(exc), "BadRequestError")
+            queued = (seq.first_scheduled or seq.arrived) - seq.arrived
+        else:
+            queued = await self.clock.run()
 
         counters = self.counters
         counters.success[finish_reason] += 1
         counters.routes[kind] += 1
         counters.prompt_tokens += prompt_tokens
-        counters.generation_tokens += completion_tokens
+        counters.generation_tokens += completion_tokens  # the GPU preset counts them per step instead
         counters.e2e.observe(time.monotonic() - arrived)
         counters.queue.observe(queued)
         self._serial += 1
@@ -493,22 +663,42 @@ class SimulatedServer:
     async def metrics(self, request: web.Request) -> web.Response:
         c, clock, labels = self.counters, self.clock, self.labels
         cpu = os.times()
+        if isinstance(clock, GpuClock):
+            clock.sync()
+            engine = clock.engine
+            kv_usage = engine.kv_usage
+            preemptions = engine.counters.preemptions
+            generation_tokens = engine.counters.generation_tokens
+            prompt_tokens = engine.counters.prompt_tokens
+            config = {f"{k}": v for k, v in clock.preset.params().items()}
+        else:
+            kv_usage = clock.running / clock.slots
+            preemptions = 0
+            generation_tokens = c.generation_tokens
+            prompt_tokens = c.prompt_tokens
+            config = {"slots": clock.slots, "latency_s": clock.latency, "latency_per_running_s": clock.per_running}
         lines = [
+            "# HELP vllm:num_requests_running Number of requests in model execution batches.",
             "# TYPE vllm:num_requests_running gauge",
             f"vllm:num_requests_running{{{labels}}} {clock.running}",
+            "# HELP vllm:num_requests_waiting Number of requests waiting to be processed.",
             "# TYPE vllm:num_requests_waiting gauge",
             f"vllm:num_requests_waiting{{{labels}}} {clock.waiting}",
+            "# HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.",
             "# TYPE vllm:kv_cache_usage_perc gauge",
-            f"vllm:kv_cache_usage_perc{{{labels}}} {clock.running / clock.slots}",
+            f"vllm:kv_cache_usage_perc{{{labels}}} {kv_usage}",
+            "# HELP vllm:num_preemptions_total Cumulative number of preemptions from the engine.",
+            "# TYPE vllm:num_preemptions_total counter",
+            f"vllm:num_preemptions_total{{{labels}}} {preemptions}",
             "# TYPE vllm:request_success_total counter",
         ]
         for reason in ("stop", "length"):
             lines.append(f'vllm:request_success_total{{{labels},finished_reason="{reason}"}} {c.success[reason]}')
         lines += [
             "# TYPE vllm:prompt_tokens_total counter",
-            f"vllm:prompt_tokens_total{{{labels}}} {c.prompt_tokens}",
+            f"vllm:prompt_tokens_total{{{labels}}} {prompt_tokens}",
             "# TYPE vllm:generation_tokens_total counter",
-            f"vllm:generation_tokens_total{{{labels}}} {c.generation_tokens}",
+            f"vllm:generation_tokens_total{{{labels}}} {generation_tokens}",
             "# TYPE vllm:e2e_request_latency_seconds histogram",
             *c.e2e.lines("vllm:e2e_request_latency_seconds", labels),
             "# TYPE vllm:request_queue_time_seconds histogram",
@@ -520,9 +710,7 @@ class SimulatedServer:
             "# TYPE simulated_vllm_peak_requests_waiting gauge",
             f"simulated_vllm_peak_requests_waiting {clock.peak_waiting}",
             "# TYPE simulated_vllm_config gauge",
-            f'simulated_vllm_config{{param="slots"}} {clock.slots}',
-            f'simulated_vllm_config{{param="latency_s"}} {clock.latency}',
-            f'simulated_vllm_config{{param="latency_per_running_s"}} {clock.per_running}',
+            *(f'simulated_vllm_config{{param="{k}"}} {v}' for k, v in config.items()),
             "# TYPE simulated_vllm_requests_total counter",
             *(f'simulated_vllm_requests_total{{route="{k}"}} {v}' for k, v in sorted(c.routes.items())),
             "# TYPE simulated_vllm_request_errors_total counter",
@@ -535,16 +723,33 @@ class SimulatedServer:
     async def reset_peaks(self, request: web.Request) -> web.Response:
         clock = self.clock
         before = {"peak_running": clock.peak_running, "peak_waiting": clock.peak_waiting}
-        clock.peak_running, clock.peak_waiting = clock.running, clock.waiting
+        if isinstance(clock, GpuClock):
+            clock.sync()
+            clock.reset_peaks()
+        else:
+            clock.peak_running, clock.peak_waiting = clock.running, clock.waiting
         return web.json_response(before)
+
+    async def requests_log(self, request: web.Request) -> web.Response:
+        """GPU presets: [prompt, output] tokens of every request since the last reset-peaks, in arrival order
+        (``saturation.py`` replays them through ``gpu_model`` to know what an ideal client would achieve)."""
+        log = self.clock.log if isinstance(self.clock, GpuClock) else []
+        return web.json_response({"preset": self.preset.name if self.preset else None, "requests": log})
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--slots", type=int, required=True, help="requests run at once (vLLM's --max-num-seqs)")
-    parser.add_argument("--latency", type=float, required=True, help="L: seconds per request on an idle server")
+    parser.add_argument(
+        "--preset",
+        choices=sorted(gpu_model.PRESETS),
+        default=None,
+        help="a GPU-faithful server (continuous batching by token, KV cache, preemption; see gpu_model.py) "
+        "instead of --slots/--latency",
+    )
+    parser.add_argument("--slots", type=int, default=None, help="requests run at once (vLLM's --max-num-seqs)")
+    parser.add_argument("--latency", type=float, default=None, help="L: seconds per request on an idle server")
     parser.add_argument(
         "--latency-per-running",
         type=float,
@@ -557,17 +762,25 @@ def main(argv: list[str] | None = None) -> int:
         "--api-key-env", default=None, help="name of an environment variable holding the API key required on /v1/*"
     )
     args = parser.parse_args(argv)
-    if args.slots < 1 or args.latency <= 0 or args.latency_per_running < 0 or args.layout_blocks < 1:
-        parser.error("--slots and --layout-blocks must be >= 1, --latency > 0, --latency-per-running >= 0")
+    preset = gpu_model.PRESETS[args.preset] if args.preset else None
+    if preset is None and (args.slots is None or args.latency is None):
+        parser.error("give --preset, or --slots and --latency")
+    if preset is not None and (args.slots is not None or args.latency is not None):
+        parser.error("--preset sets the slots and the timing: leave out --slots and --latency")
+    if preset is None and (args.slots < 1 or args.latency <= 0 or args.latency_per_running < 0):
+        parser.error("--slots must be >= 1, --latency > 0, --latency-per-running >= 0")
+    if args.layout_blocks < 1:
+        parser.error("--layout-blocks must be >= 1")
     api_key = None
     if args.api_key_env:
         api_key = os.environ.get(args.api_key_env) or None
         if api_key is None:
             parser.error(f"--api-key-env {args.api_key_env}: that variable is not set or empty")
     server = SimulatedServer(
-        slots=args.slots,
-        latency=args.latency,
+        slots=args.slots or 1,
+        latency=args.latency or 1.0,
         per_running=args.latency_per_running,
+        preset=preset,
         layout_blocks=args.layout_blocks,
         model=args.model,
         api_key=api_key,
@@ -580,10 +793,18 @@ def main(argv: list[str] | None = None) -> int:
         loop_name = "uvloop"
     except ImportError:
         pass
+    if preset is not None:
+        shape = (
+            f"preset {preset.name} ({preset.description}): {preset.max_num_seqs} seqs, KV cache "
+            f"{preset.kv_cache_tokens} tokens, step {preset.step_base_s * 1000:.2f} ms + "
+            f"{preset.step_per_seq_s * 1000:.4f} ms x running + "
+            f"{preset.prefill_per_token_s * 1e6:.1f} us x prefill token"
+        )
+    else:
+        shape = f"{args.slots} slots, latency {args.latency} s + {args.latency_per_running} s x running"
     print(
-        f"simulated vLLM on http://{args.host}:{args.port}: {args.slots} slots, latency {args.latency} s"
-        f" + {args.latency_per_running} s x running, {args.layout_blocks} layout blocks, model {args.model},"
-        f" api key {'required' if api_key else 'none'}, {loop_name}",
+        f"simulated vLLM on http://{args.host}:{args.port}: {shape}, {args.layout_blocks} layout blocks, "
+        f"model {args.model}, api key {'required' if api_key else 'none'}, {loop_name}",
         flush=True,
     )
     web.run_app(

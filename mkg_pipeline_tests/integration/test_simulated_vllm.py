@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import random
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -213,3 +214,92 @@ def test_api_key_from_the_environment_guards_v1_only(start_simulator: StartSimul
     assert served.status_code == 200
     log = server.log_path.read_text()
     assert "s3cret" not in log
+
+
+def png_bytes_data_url(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_gpu_preset_serves_page_dependent_lengths_and_vllms_metrics(start_simulator: StartSimulator) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    server = start_simulator("--preset", "h100-fast")
+    blank = png_bytes_data_url(Image.new("RGB", (1275, 1650), "white"))  # compresses to almost nothing
+    noise = png_bytes_data_url(Image.frombytes("RGB", (300, 400), random.Random(0).randbytes(360_000)))  # dense
+
+    def body(url: str) -> dict[str, object]:
+        content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "Convert to Markdown."}]
+        return {"model": MODEL, "messages": [{"role": "user", "content": content}], "max_tokens": 8192}
+
+    async def scenario() -> list[dict[str, object]]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+            responses = await asyncio.gather(
+                *(client.post("/v1/chat/completions", json=body(url)) for url in [blank, noise] * 3)
+            )
+        assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
+        return [r.json() for r in responses]
+
+    answers = asyncio.run(scenario())
+    usage = [a["usage"] for a in answers]
+    # the blank page writes the least, the dense one the most; the same page always the same
+    blank_tokens = usage[0]["completion_tokens"]
+    assert 200 <= blank_tokens < 300
+    assert [u["completion_tokens"] for u in usage] == [blank_tokens, 2000] * 3
+    assert all(a["choices"][0]["finish_reason"] == "stop" for a in answers)
+    # a 150-DPI letter page after Qwen2.5-VL's resizing to max_pixels: about 1,280 image tokens
+    assert 1100 < usage[0]["prompt_tokens"] < 1300
+    assert len(answers[1]["choices"][0]["message"]["content"]) > 4 * 1500
+
+    cut = httpx.post(f"{server.url}/v1/chat/completions", json={**body(noise), "max_tokens": 50}, timeout=60).json()
+    assert cut["choices"][0]["finish_reason"] == "length" and cut["usage"]["completion_tokens"] == 50
+
+    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    families = {f.name: f for f in text_string_to_metric_families(text)}  # parses as Prometheus text
+    for name in (
+        "vllm:num_requests_running",
+        "vllm:num_requests_waiting",
+        "vllm:kv_cache_usage_perc",
+        "vllm:num_preemptions",
+        "vllm:generation_tokens",
+        "vllm:prompt_tokens",
+        "vllm:e2e_request_latency_seconds",
+        "vllm:request_success",
+    ):
+        assert name in families, name
+    values = gauges(server.url)
+    labels = f'model_name="{MODEL}"'
+    assert values[f"vllm:num_requests_running{{{labels}}}"] == 0
+    assert values[f"vllm:kv_cache_usage_perc{{{labels}}}"] == 0.0  # every sequence finished: KV freed
+    assert values[f"vllm:num_preemptions_total{{{labels}}}"] == 0
+    assert values[f"vllm:generation_tokens_total{{{labels}}}"] == 3 * (blank_tokens + 2000) + 50
+    assert values[f"vllm:e2e_request_latency_seconds_count{{{labels}}}"] == 7
+    assert values['simulated_vllm_config{param="max_num_seqs"}'] == 256
+    log = httpx.get(f"{server.url}/simulated/requests", timeout=10).json()
+    assert log["preset"] == "h100-fast"
+    assert sorted(output for _, output in log["requests"]) == sorted([blank_tokens, 2000] * 3 + [50])
+
+
+def test_gpu_preset_shows_running_and_kv_use_while_it_decodes(start_simulator: StartSimulator) -> None:
+    server = start_simulator("--preset", "h100-fast")
+    noise = png_bytes_data_url(Image.frombytes("RGB", (300, 400), random.Random(0).randbytes(360_000)))
+    content = [{"type": "image_url", "image_url": {"url": noise}}, {"type": "text", "text": "Convert to Markdown."}]
+    body = {"model": MODEL, "messages": [{"role": "user", "content": content}]}
+    labels = f'model_name="{MODEL}"'
+
+    async def scenario() -> None:
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+            tasks = [asyncio.create_task(client.post("/v1/chat/completions", json=body)) for _ in range(4)]
+            seen: dict[str, float] = {}
+            for _ in range(400):
+                seen = await asyncio.to_thread(gauges, server.url)
+                if seen[f"vllm:num_requests_running{{{labels}}}"] == 4:
+                    break
+                await asyncio.sleep(0.01)
+            assert seen[f"vllm:num_requests_running{{{labels}}}"] == 4, seen
+            assert 0 < seen[f"vllm:kv_cache_usage_perc{{{labels}}}"] < 1
+            responses = await asyncio.gather(*tasks)
+            assert all(r.status_code == 200 for r in responses)
+
+    asyncio.run(scenario())
