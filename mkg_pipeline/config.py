@@ -178,10 +178,75 @@ class PDFConfig(_Section):
 
     max_pages: int = Field(2000, ge=1, le=100000, description="Documents with more pages are rejected.")
     max_bytes: int = Field(500 * 1024 * 1024, ge=1024, le=10 * 1024**3, description="Larger files are rejected.")
-    dpi: int = Field(150, ge=36, le=600, description="Render resolution for page images.")
+    dpi: int = Field(
+        150,
+        ge=36,
+        le=600,
+        description="Legacy: page images are sized per engine by page_images; kept so existing configs load.",
+    )
     max_render_pixels: int = Field(
         40_000_000, ge=10_000, le=400_000_000, description="Pages larger than this are rendered at a lower DPI."
     )
+
+
+RoutingMode = Literal["auto", "vlm", "text"]
+
+
+class RoutingConfig(_Section):
+    """Which pages reach the VLM (DESIGN.md, "Page routes"): decided per page at render time."""
+
+    mode: RoutingMode = Field(
+        "auto",
+        description="'auto': pages with a trustworthy text layer take the text route (no GPU), the rest the VLM; "
+        "'vlm': every page to the VLM engine; 'text': every page from its text layer.",
+    )
+    overrides: dict[str, RoutingMode] = Field(
+        default_factory=dict, description="Per-document mode, doc_id -> auto|vlm|text, for a user who knows better."
+    )
+
+    def mode_for(self, doc_id: str) -> str:
+        return self.overrides.get(doc_id, self.mode)
+
+
+class ImageSizeConfig(_Section):
+    """The page image one engine is sent: its longest side, and a hard cap on its pixels (which wins)."""
+
+    longest_side_px: int = Field(1540, ge=64, le=20000, description="Target longest side of the page image, pixels.")
+    max_pixels: int = Field(
+        1280 * 28 * 28, ge=4096, le=400_000_000, description="Hard cap on the page image's pixels (wins)."
+    )
+
+
+class OlmOCRImageSize(ImageSizeConfig):
+    longest_side_px: int = Field(1288, ge=64, le=20000, description="olmOCR's --target_longest_image_dim.")
+    max_pixels: int = Field(1288 * 1288, ge=4096, le=400_000_000, description="Hard cap on the page image's pixels.")
+
+
+class MinerUImageSize(ImageSizeConfig):
+    longest_side_px: int = Field(2200, ge=64, le=20000, description="A letter page at MinerU's 200 dpi.")
+    max_pixels: int = Field(1700 * 2200, ge=4096, le=400_000_000, description="Hard cap on the page image's pixels.")
+
+
+class PageImagesConfig(_Section):
+    """Page image size per engine: set by what the engine's model sees, not by a DPI (issue 19 item 5).
+
+    - page_markdown (Qwen2.5-VL): capped at 1280 x 28 x 28 = 1,003,520 pixels, the ``max_pixels`` Qwen's
+      model card recommends for its processor (README, "min_pixels = 256*28*28, max_pixels = 1280*28*28"):
+      at most 1,280 vision tokens of 28-px patches; the checkpoint's own preprocessor_config.json allows
+      12,845,056, far more than a page needs. A letter page is then 880 x 1,139 px (about 104 dpi).
+    - olmocr: 1,288 px on the longest side (olmocr/pipeline.py ``--target_longest_image_dim``).
+    - mineru: mineru_vl_utils resizes the layout image to 1,036 x 1,036 whatever it gets
+      (``MinerUClient(layout_image_size=(1036, 1036))``) and crops blocks from the page image as given
+      (``resize_by_need`` only pads thin crops and enlarges ones under 28 px); MinerU renders that page
+      image at 200 dpi (mineru ``load_images_from_pdf(dpi=200)``): 2,200 px on a letter page's long side.
+    """
+
+    page_markdown: ImageSizeConfig = Field(default_factory=ImageSizeConfig)
+    olmocr: OlmOCRImageSize = Field(default_factory=lambda: OlmOCRImageSize())
+    mineru: MinerUImageSize = Field(default_factory=lambda: MinerUImageSize())
+
+    def for_engine(self, engine: str) -> ImageSizeConfig:
+        return getattr(self, engine)  # type: ignore[no-any-return]
 
 
 class StorageConfig(_Section):
@@ -249,6 +314,8 @@ class MinerUConfig(_Section):
     storage: StorageConfig = Field(default_factory=StorageConfig)
     quality: QualityConfig = Field(default_factory=QualityConfig)
     answers: AnswersConfig = Field(default_factory=AnswersConfig)
+    routing: RoutingConfig = Field(default_factory=RoutingConfig)
+    page_images: PageImagesConfig = Field(default_factory=PageImagesConfig)
 
 
 # -- error messages ---------------------------------------------------------------------------

@@ -10,6 +10,16 @@ Images are what a human sees: the page's /Rotate is applied (``page.rect`` is
 the rotated page, and MuPDF draws through the page's rotation matrix), RGB
 without alpha (a VLM has no use for transparency, and PNGs are smaller).
 
+Image size is set by the engine, not by a DPI (issue 19 item 5): with ``size`` = (longest side, pixel
+cap) each page is drawn at the resolution that gives its longest side that many pixels, lowered until
+the image holds at most the cap (and ``max_render_pixels``). :func:`qwen25vl_vision_tokens` estimates
+what such an image costs the model.
+
+With ``routing`` set, each page's route is decided here, where the page is open
+(:mod:`mkg_pipeline.pdf.routing`): a ``text`` page is not drawn at all; its Markdown comes from the text
+engine (:func:`mkg_pipeline.engines.text_layer.extract_text_page`) in this worker, and it is yielded as a
+:class:`TextPage`. A page whose text engine fails is drawn and sent to the VLM instead (sound over greedy).
+
 The per-page path is lean: one pixmap, one PNG encode, one text extraction, one
 hash. PNG encoding is most of the cost of a page (MuPDF's own encoder deflates at
 zlib's default level 6), so pages are encoded here at :data:`PNG_COMPRESSION`:
@@ -24,9 +34,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 import pymupdf
 
@@ -58,6 +69,39 @@ EMPTY_PAGE: Final = "empty_page"
 RENDER_FAILED: Final = "render_failed"
 PAGE_TOO_LARGE: Final = "page_too_large"
 
+#: Qwen2.5-VL's image processor: 14-px patches merged 2 x 2, so one vision token per 28 x 28 pixels
+#: (transformers ``Qwen2VLImageProcessor``: patch_size 14, merge_size 2), and its pixel bounds
+#: (the checkpoint's preprocessor_config.json: min_pixels 3,136, max_pixels 12,845,056)
+QWEN_PATCH_PX: Final = 28
+QWEN_MIN_PIXELS: Final = 56 * 56
+QWEN_MAX_PIXELS: Final = 28 * 28 * 16384
+
+
+def qwen25vl_vision_tokens(
+    width: int, height: int, *, min_pixels: int = QWEN_MIN_PIXELS, max_pixels: int = QWEN_MAX_PIXELS
+) -> int:
+    """Vision tokens Qwen2.5-VL spends on a ``width`` x ``height`` image: its ``smart_resize`` (sides rounded
+    to multiples of 28, scaled into [min_pixels, max_pixels]), then one token per 28 x 28 pixels."""
+    if width <= 0 or height <= 0:
+        return 0
+    f = QWEN_PATCH_PX
+    h_bar, w_bar = max(f, round(height / f) * f), max(f, round(width / f) * f)
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h_bar, w_bar = max(f, math.floor(height / beta / f) * f), max(f, math.floor(width / beta / f) * f)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar, w_bar = math.ceil(height * beta / f) * f, math.ceil(width * beta / f) * f
+    return (h_bar // f) * (w_bar // f)
+
+
+def size_dpi(width_pt: float, height_pt: float, longest_side_px: int) -> float:
+    """The DPI that draws a ``width_pt`` x ``height_pt`` page with ``longest_side_px`` pixels on its longest side
+    (floored to 0.01 dpi, as manifests record it)."""
+    if width_pt <= 0 or height_pt <= 0:
+        raise ValueError(f"page size must be positive, got {width_pt} x {height_pt} pt")
+    return max(0.01, math.floor(72 * longest_side_px / max(width_pt, height_pt) * 100) / 100)
+
 
 @dataclass(frozen=True)
 class RenderedPage:
@@ -73,12 +117,33 @@ class RenderedPage:
     rotation: int  # the page's /Rotate in degrees (0, 90, 180, 270)
     text_layer: str  # PyMuPDF get_text(); empty for scans
     png_sha256: str
+    #: the page's route decision (``RouteDecision.as_json()`` plus ``mode``), when routing was asked for
+    routing: dict[str, Any] | None = None
 
     def __repr__(self) -> str:  # never dump megabytes of PNG into a log line
         return (
             f"RenderedPage(number={self.number}, {self.width_px}x{self.height_px}px @ {self.dpi} dpi, "
             f"png={len(self.png)} bytes, text_layer={len(self.text_layer)} chars)"
         )
+
+
+@dataclass(frozen=True)
+class TextPage:
+    """A page that takes the text route: no image, its result from the text layer (``engines.text_layer``)."""
+
+    number: int  # 1-based
+    result: Any  # engines.base.PageResult (requests=0)
+    width_pt: float
+    height_pt: float
+    rotation: int
+    text_layer: str
+    #: sha256 of what the text engine reads: the page's content streams, text, size and rotation
+    content_sha256: str
+    routing: dict[str, Any]
+    seconds: float = 0.0  # the text engine's wall time on this page
+
+    def __repr__(self) -> str:
+        return f"TextPage(number={self.number}, text_layer={len(self.text_layer)} chars)"
 
 
 @dataclass(frozen=True)
@@ -134,9 +199,69 @@ def _render_png(page: pymupdf.Page, dpi: float) -> tuple[bytes, int, int]:
     return encode_png(pix), pix.width, pix.height
 
 
+def _decide_route(page: pymupdf.Page, mode: str, source: str, number: int) -> dict[str, Any]:
+    """The page's route under ``mode`` and what decided it (the features are recorded in every mode)."""
+    from mkg_pipeline.pdf.routing import route_page
+
+    try:
+        decision: dict[str, Any] = route_page(page).as_json()
+    except Exception as exc:  # an unreadable text layer cannot vouch for itself: the VLM reads the page
+        log.warning("%s page %d: routing failed, sending the page to the VLM: %s", source, number, exc)
+        decision = {"route": "vlm", "decided_by": "routing_error", "error": error_text(exc)}
+    decision["decided"] = decision["route"]
+    if mode in ("vlm", "text"):
+        decision["route"] = mode
+    decision["mode"] = mode
+    return decision
+
+
+def text_content_sha256(page: pymupdf.Page, text: str) -> str:
+    """What the text engine's answer depends on, hashed: the page's content streams (drawing and images'
+    placement), its text, its size and rotation. The same page of the same PDF always gives the same hash."""
+    digest = hashlib.sha256()
+    try:
+        digest.update(page.read_contents())
+    except Exception:  # a broken content stream: the text alone still names what was read
+        digest.update(b"<unreadable contents>")
+    digest.update(f"\n{page.rect}\n{page.rotation}\n".encode())
+    digest.update(text.encode("utf-8", "surrogatepass"))
+    return digest.hexdigest()
+
+
+def _text_page(page: pymupdf.Page, number: int, rotation: int, routing: dict[str, Any], source: str) -> TextPage | None:
+    from mkg_pipeline.engines.text_layer import extract_text_page
+
+    started = time.perf_counter()
+    try:
+        text = page.get_text("text")
+        result = extract_text_page(page, number - 1)
+    except Exception as exc:  # the text engine failed on this page: the VLM reads it instead
+        log.warning("%s page %d: the text engine failed, sending the page to the VLM: %s", source, number, exc)
+        routing.update(route="vlm", text_engine_error=error_text(exc))
+        return None
+    return TextPage(
+        number=number,
+        result=result,
+        width_pt=float(page.rect.width),
+        height_pt=float(page.rect.height),
+        rotation=rotation,
+        text_layer=text,
+        content_sha256=text_content_sha256(page, text),
+        routing=routing,
+        seconds=time.perf_counter() - started,
+    )
+
+
 def _render_one(
-    doc: pymupdf.Document, number: int, source: str, dpi: float, max_render_pixels: int, min_dpi: float
-) -> RenderedPage | PageFailure:
+    doc: pymupdf.Document,
+    number: int,
+    source: str,
+    dpi: float,
+    max_render_pixels: int,
+    min_dpi: float,
+    size: tuple[int, int] | None = None,
+    routing_mode: str | None = None,
+) -> RenderedPage | TextPage | PageFailure:
     try:
         page = doc.load_page(number - 1)
         rect = page.rect
@@ -146,16 +271,31 @@ def _render_one(
         return PageFailure(number, LOAD_FAILED, error_text(exc))
     if rect.width <= 0 or rect.height <= 0:
         return PageFailure(number, EMPTY_PAGE, f"page area is empty ({rect.width} x {rect.height} pt)")
-    used_dpi = effective_dpi(rect.width, rect.height, dpi, max_render_pixels)
-    if used_dpi < min_dpi:
+    routing = None
+    if routing_mode is not None:
+        routing = _decide_route(page, routing_mode, source, number)
+        if routing["route"] == "text":
+            text_page = _text_page(page, number, rotation, routing, source)
+            if text_page is not None:
+                return text_page
+    pixel_cap = max_render_pixels
+    if size is not None:
+        longest_side_px, max_pixels = size
+        dpi = size_dpi(rect.width, rect.height, longest_side_px)
+        pixel_cap = min(max_pixels, max_render_pixels)
+    # Readability is judged against the renderer's pixel budget, not the engine's image size: a poster is
+    # drawn small for the model (the model would shrink it anyway), a page no budget can draw legibly fails.
+    if effective_dpi(rect.width, rect.height, min_dpi, max_render_pixels) < min_dpi:
+        budget_dpi = effective_dpi(rect.width, rect.height, dpi, max_render_pixels)
         # Decided before drawing: the pixel budget would go to an image nobody can read.
         message = (
             f"page is {rect.width:.0f} x {rect.height:.0f} pt ({rect.width / 72:.0f} x {rect.height / 72:.0f} in): "
-            f"within pdf.max_render_pixels ({max_render_pixels}) it would be drawn at {used_dpi} dpi, below the "
+            f"within pdf.max_render_pixels ({max_render_pixels}) it would be drawn at {budget_dpi} dpi, below the "
             f"{min_dpi:g} dpi at which anything on it can be read; crop the page, or raise pdf.max_render_pixels"
         )
         log.warning("%s page %d: %s", source, number, message)
         return PageFailure(number, PAGE_TOO_LARGE, message)
+    used_dpi = effective_dpi(rect.width, rect.height, dpi, pixel_cap)
     try:
         png, width_px, height_px = _render_png(page, used_dpi)
     except Exception as exc:
@@ -177,6 +317,7 @@ def _render_one(
         rotation=rotation,
         text_layer=text,
         png_sha256=hashlib.sha256(png).hexdigest(),
+        routing=routing,
     )
 
 
@@ -188,11 +329,16 @@ def iter_rendered_pages(
     page_numbers: Iterable[int] | None = None,
     *,
     min_dpi: float = MIN_READABLE_DPI,
-) -> Iterator[RenderedPage | PageFailure]:
+    size: tuple[int, int] | None = None,
+    routing_mode: str | None = None,
+) -> Iterator[RenderedPage | TextPage | PageFailure]:
     """Yield each page of the PDF in ``data`` (or only ``page_numbers``, 1-based) as it is rendered.
 
     A page that ``max_render_pixels`` would only hold below ``min_dpi`` is a :class:`PageFailure`
     ``page_too_large`` instead of an unreadable image.
+
+    ``size`` = (longest side px, pixel cap): images sized for the engine, ``dpi`` unused. ``routing_mode``
+    (auto | vlm | text): decide each page's route; ``text`` pages come as :class:`TextPage` (not drawn).
 
     Raises :class:`~mkg_pipeline.pdf.validate.PDFRejected` if the document itself cannot be opened
     (not a PDF, encrypted) and ``ValueError`` for page numbers outside the document. The document is
@@ -210,6 +356,6 @@ def iter_rendered_pages(
             raise ValueError(f"{source}: page number(s) {outside[:10]} outside 1..{count}")
         for done, number in enumerate(numbers, start=1):
             # Only the current page is referenced here; the caller owns the yielded bytes.
-            yield _render_one(doc, number, source, dpi, max_render_pixels, min_dpi)
+            yield _render_one(doc, number, source, dpi, max_render_pixels, min_dpi, size, routing_mode)
             if done % STORE_TRIM_EVERY == 0:
                 pymupdf.TOOLS.store_shrink(100)

@@ -2,19 +2,36 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import pymupdf
 import pytest
 
-from mkg_pipeline.config import PDFConfig
+from mkg_pipeline.config import ImageSizeConfig, PDFConfig, RoutingConfig
 from mkg_pipeline.ids import doc_id_for
+from mkg_pipeline.pdf.render import qwen25vl_vision_tokens
 from mkg_pipeline.stages.batches import read_batch_manifest, write_batch_manifest
 from mkg_pipeline.stages.ingest import ingest_batch
-from mkg_pipeline.stages.pages import NothingRendered, read_page_manifest, render_batch
+from mkg_pipeline.stages.pages import NothingRendered, RenderSummary, read_page_manifest, text_engine_identity
+from mkg_pipeline.stages.pages import render_batch as _render_batch
 from mkg_pipeline.storage import MemoryStorage
 from mkg_pipeline_tests.fixtures.corpus import corpus_pdf
 from mkg_pipeline_tests.fixtures.pathological import build_pdf, huge_page_pdf
+from mkg_pipeline_tests.fixtures.routing_pages import TITLE
 from mkg_pipeline_tests.stages.conftest import Killed, drop, fail_once, kill_at_write, record_ops
 
 PDF = PDFConfig(dpi=36)
+#: these tests are about rendering itself (skips, retries, failures): every page drawn, small images
+VLM_ONLY = RoutingConfig(mode="vlm")
+SMALL = ImageSizeConfig(longest_side_px=400, max_pixels=400 * 400)
+
+
+def render_batch(*args: Any, **kwargs: Any) -> RenderSummary:
+    kwargs.setdefault("routing", VLM_ONLY)
+    kwargs.setdefault("image", SMALL)
+    return _render_batch(*args, **kwargs)
+
+
 TWO = corpus_pdf("two-pages.pdf").read_bytes()
 FOUR = corpus_pdf("pdflatex-4-pages.pdf").read_bytes()
 #: a page tree that claims three pages but holds one: pages 2 and 3 fail to load, page 1 renders
@@ -44,15 +61,24 @@ def test_every_page_is_rendered_and_complete_documents_are_skipped() -> None:
     assert (summary.rendered, summary.skipped, summary.pages, summary.failures) == (2, 0, 6, {})
     manifest = storage.get_json(storage.page_manifest_key(doc_id_for(FOUR)))
     assert [p["page"] for p in manifest["pages"]] == [1, 2, 3, 4]
-    assert manifest["source"] == "four.pdf" and manifest["dpi"] == 36 and manifest["failed_pages"] == []
+    assert (
+        manifest["source"] == "four.pdf"
+        and manifest["render"]["longest_side_px"] == 400
+        and manifest["failed_pages"] == []
+    )
     for page in manifest["pages"]:
         assert storage.get_bytes(page["png_key"])[:8] == b"\x89PNG\r\n\x1a\n"
     ops = record_ops(storage)
     again = render_batch(storage, batch, PDF)
     assert (again.rendered, again.skipped, again.pages) == (0, 2, 6)
     assert not [op for op in ops if op[0] in {"put", "delete"}]  # nothing written, not even a manifest
-    # Another DPI is another rendering.
-    assert render_batch(storage, batch, PDFConfig(dpi=48)).rendered == 2
+    # Another image size is another rendering, and so is another routing mode.
+    assert render_batch(storage, batch, PDF, image=ImageSizeConfig(longest_side_px=500)).rendered == 2
+    assert render_batch(storage, batch, PDF, image=ImageSizeConfig(longest_side_px=500)).skipped == 2
+    assert (
+        render_batch(storage, batch, PDF, routing=RoutingConfig(), image=ImageSizeConfig(longest_side_px=500)).rendered
+        == 2
+    )
 
 
 def test_doc_ids_select_documents_of_the_batch() -> None:
@@ -225,3 +251,77 @@ def test_a_page_too_large_to_read_is_recorded_as_failed_not_rendered() -> None:
     manifest = storage.get_json(storage.page_manifest_key(doc_id_for(huge)))
     assert manifest["pages"] == [] and manifest["page_count"] == 1
     assert not storage.keys(f"pages/{doc_id_for(huge)}/1.png")  # no blank image stored
+
+
+# ---- routes (issue 19 items 1, 3, 5) ------------------------------------------------------------------
+
+
+def mixed_pdf() -> bytes:
+    """Page 1 born digital, page 2 a scan of it (an image, no text layer): one document, both routes."""
+    from mkg_pipeline_tests.fixtures.routing_pages import born_digital_pdf, scan_pdf
+
+    out = pymupdf.open()
+    for data in (born_digital_pdf(), scan_pdf()):
+        with pymupdf.open(stream=data, filetype="pdf") as part:
+            out.insert_pdf(part)
+    return out.tobytes()
+
+
+def test_auto_routing_reads_text_pages_in_the_worker_and_draws_only_vlm_pages() -> None:
+    mixed = mixed_pdf()
+    storage, batch = ingested({"mixed.pdf": mixed})
+    doc_id = doc_id_for(mixed)
+    ops = record_ops(storage)
+    summary = _render_batch(storage, batch, PDF)  # defaults: routing auto, page_markdown's image size
+    assert summary.pages_by_route == {"text": 1, "vlm": 1}
+    assert summary.documents[0].routes == {"text": 1, "vlm": 1}
+    text, scan = read_page_manifest(storage, doc_id)["pages"]
+    # the born-digital page: no image, a finished page record where the vlm stage keeps its answers
+    assert (text["route"], text["png_key"], text["vision_tokens"]) == ("text", None, 0)
+    assert text["routing"]["route"] == "text" and text["routing"]["mode"] == "auto"
+    assert text["routing"]["features"]["chars"] > 200
+    assert text["record_key"] == storage.vlm_page_key(doc_id, 1, text["cache_key"])
+    record = storage.get_json(text["record_key"])
+    assert record["engine"] == text["engine"] == text_engine_identity() and record["route"] == "text"
+    assert (record["doc_id"], record["page"], record["cache_key"], record["requests"]) == (
+        doc_id,
+        1,
+        text["cache_key"],
+        0,
+    )
+    assert TITLE in record["markdown"] and record["content_list"][0]["page_idx"] == 0
+    # the scan: drawn at the engine's size (Qwen2.5-VL's 1280 x 28 x 28 pixel cap), its vision tokens recorded
+    assert (scan["route"], scan["routing"]["decided_by"]) == ("vlm", "chars")
+    assert scan["width_px"] * scan["height_px"] <= 1280 * 28 * 28
+    assert scan["vision_tokens"] == qwen25vl_vision_tokens(scan["width_px"], scan["height_px"]) <= 1280
+    assert png_puts(ops) == [storage.page_png_key(doc_id, 2)]
+    assert summary.vision_tokens == scan["vision_tokens"]
+    # a re-run finds both pages done; a text page whose record went missing is read again
+    assert _render_batch(storage, batch, PDF).skipped == 1
+    storage.delete(text["record_key"])
+    ops = record_ops(storage)
+    assert _render_batch(storage, batch, PDF).rendered == 1
+    assert png_puts(ops) == [] and storage.exists(text["record_key"])
+
+
+def test_mode_vlm_draws_every_page_and_an_override_wins_per_document() -> None:
+    mixed = mixed_pdf()
+    storage, batch = ingested({"mixed.pdf": mixed, "two.pdf": TWO})
+    summary = _render_batch(storage, batch, PDF, routing=RoutingConfig(mode="vlm", overrides={doc_id_for(TWO): "text"}))
+    routes = {d.doc_id: d.routes for d in summary.documents}
+    assert routes == {doc_id_for(mixed): {"vlm": 2}, doc_id_for(TWO): {"text": 2}}
+    pages = read_page_manifest(storage, doc_id_for(mixed))["pages"]
+    assert all(p["png_key"] for p in pages)
+    # the decision is still recorded: what auto would have chosen, and the mode that overrode it
+    assert [(p["routing"]["decided"], p["routing"]["route"], p["routing"]["mode"]) for p in pages] == [
+        ("text", "vlm", "vlm"),
+        ("vlm", "vlm", "vlm"),
+    ]
+    assert not storage.keys(f"pages/{doc_id_for(TWO)}/1.png")
+
+
+def test_vision_tokens_follow_qwen25vl_smart_resize() -> None:
+    # 150 dpi letter page (the issue's "about 2,700"), the 1280 x 28 x 28 cap, and a tiny image
+    assert qwen25vl_vision_tokens(1275, 1650) == 46 * 59
+    assert qwen25vl_vision_tokens(880, 1139) == 31 * 41
+    assert qwen25vl_vision_tokens(10, 10) == 4

@@ -323,3 +323,21 @@ def test_overrides_get_the_same_bounds_and_messages() -> None:
     assert "vllm.url = 'ftp://gpu' (from resource s3)" in message
     assert "storage.bucket = 'ab' (from resource s3)" in message and "allowed: length >= 3 and length <= 63" in message
     assert SECRET not in message
+
+
+def test_routing_is_on_by_default_and_set_per_document_from_the_environment() -> None:
+    assert load_config(environ={}).routing.mode == "auto"
+    cfg = load_config(environ={"MKG_ROUTING__MODE": "vlm", "MKG_ROUTING__OVERRIDES": '{"aaaaaaaaaaaaaaaa": "text"}'})
+    assert (cfg.routing.mode_for("aaaaaaaaaaaaaaaa"), cfg.routing.mode_for("bbbbbbbbbbbbbbbb")) == ("text", "vlm")
+    with pytest.raises(ConfigError, match=r"routing\.mode"):
+        load_config(environ={"MKG_ROUTING__MODE": "gpu"})
+
+
+def test_page_images_are_sized_per_engine() -> None:
+    images = load_config(environ={}).page_images
+    assert (images.for_engine("page_markdown").max_pixels, images.for_engine("olmocr").longest_side_px) == (
+        1280 * 28 * 28,
+        1288,
+    )
+    cfg = load_config(environ={"MKG_PAGE_IMAGES__OLMOCR__LONGEST_SIDE_PX": "1024"})
+    assert cfg.page_images.olmocr.longest_side_px == 1024
