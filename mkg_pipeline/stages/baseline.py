@@ -111,8 +111,8 @@ def promote_to_baseline(
     storage: Storage, doc_ids: list[str], identity: str, baseline_set: str, origin: str
 ) -> dict[str, int]:
     """Copy the current outputs of ``doc_ids`` into the golden baseline; refuses incomplete documents."""
-    from mkg_pipeline.engines.base import page_cache_key
-    from mkg_pipeline.stages.pages import read_page_manifest
+
+    from mkg_pipeline.stages.pages import page_result_cache_key, read_page_manifest
     from mkg_pipeline.stages.quality_diff import baseline_page_key
 
     promoted: dict[str, int] = {}
@@ -120,7 +120,7 @@ def promote_to_baseline(
         manifest = read_page_manifest(storage, doc_id)
         outputs: dict[int, str] = {}
         for page in manifest["pages"]:
-            key = storage.vlm_page_key(doc_id, page["page"], page_cache_key(page["png_sha256"], identity))
+            key = storage.vlm_page_key(doc_id, page["page"], page_result_cache_key(page, identity))
             try:
                 outputs[page["page"]] = storage.get_json(key)["markdown"]
             except FileNotFoundError:

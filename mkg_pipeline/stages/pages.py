@@ -454,6 +454,19 @@ def is_text_page(page: dict[str, Any]) -> bool:
     return page.get("route") == "text"
 
 
+def page_result_cache_key(page: dict[str, Any], identity: str) -> str:
+    """The cache key of a manifest page's result: a text page's own (its text engine's), else the page image's
+    under the VLM engine ``identity``."""
+    if is_text_page(page):
+        return str(page["cache_key"])
+    return page_cache_key(page["png_sha256"], identity)
+
+
+def page_result_identity(page: dict[str, Any], identity: str) -> str:
+    """The engine identity a manifest page's result is recorded under (text pages: the text engine's)."""
+    return str(page["engine"]) if is_text_page(page) else identity
+
+
 def _damaged_images(storage: Storage, doc_id: str, pages: list[dict[str, Any]]) -> list[int]:
     """Pages whose output is not in the bucket as it was written: an image (or a text page's record) missing,
     empty, or of another size or ETag.

@@ -16,10 +16,9 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from mkg_pipeline.engines.base import page_cache_key
 from mkg_pipeline.markdown_table import markdown_table
 from mkg_pipeline.quality import similarity
-from mkg_pipeline.stages.pages import read_page_manifest
+from mkg_pipeline.stages.pages import page_result_cache_key, read_page_manifest
 from mkg_pipeline.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -138,7 +137,7 @@ def compare_documents(
         baseline_keys = {o.key for o in storage.list_objects(storage.baseline_key(baseline_set, doc_id, "pages/"))}
         for page in manifest["pages"]:
             n = page["page"]
-            result_key = storage.vlm_page_key(doc_id, n, page_cache_key(page["png_sha256"], identity))
+            result_key = storage.vlm_page_key(doc_id, n, page_result_cache_key(page, identity))
             try:
                 output = storage.get_json(result_key)["markdown"]
             except FileNotFoundError:
