@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 
-from mkg_pipeline.config import PDFConfig, WorkersConfig
+from mkg_pipeline.config import ImageSizeConfig, PDFConfig, RoutingConfig, WorkersConfig
 from mkg_pipeline.ids import doc_id_for
 from mkg_pipeline.stages.ingest import ingest_batch
 from mkg_pipeline.stages.pages import render_batch
@@ -27,6 +27,8 @@ PDF = PDFConfig(dpi=36)
 WORKERS = WorkersConfig(timeout_s=10, render_processes=2)
 #: for tests about parallelism, not about the limit
 GENEROUS = WorkersConfig(timeout_s=600, render_processes=2)
+#: rendering in worker processes is the point here: every page drawn (small)
+VLM = {"routing": RoutingConfig(mode="vlm"), "image": ImageSizeConfig(longest_side_px=400, max_pixels=400 * 400)}
 TWO = corpus_pdf("two-pages.pdf").read_bytes()
 
 
@@ -53,14 +55,14 @@ def test_rendering_past_the_time_limit_is_recorded_with_attempts(storage: Storag
     # A document that validated but is too expensive to draw: put the path flood under one accepted doc_id.
     slow = doc_id_for(corpus_pdf("pdflatex-4-pages.pdf").read_bytes())
     storage.put_bytes(storage.raw_key(slow), path_flood_pdf())
-    summary = render_batch(storage, batch, PDF, WORKERS)
+    summary = render_batch(storage, batch, PDF, WORKERS, **VLM)
     assert [d.doc_id for d in summary.documents] == [doc_id_for(TWO)]  # the other one was not held up
     assert storage.get_json(storage.page_manifest_key(doc_id_for(TWO)))["page_count"] == 2
     record = storage.get_json(storage.render_failure_key(slow))
     assert (record["doc_id"], record["reason"], record["attempts"]) == (slow, "render_timeout", 1)
     assert "workers.timeout_s" in record["message"]
     assert not storage.exists(storage.page_manifest_key(slow))
-    again = render_batch(storage, batch, PDF, WORKERS)
+    again = render_batch(storage, batch, PDF, WORKERS, **VLM)
     assert again.skipped == 1 and again.failures[slow]["attempts"] == 2
 
 
@@ -68,7 +70,7 @@ def test_documents_render_in_parallel_processes_that_write_their_own_pages(stora
     names = ["two-pages.pdf", "pdflatex-4-pages.pdf", "rotated-arabic-4p.pdf", "minimal-document.pdf"]
     batch = drop(storage, {name: name for name in names})
     ingest_batch(storage, batch, PDF, GENEROUS)
-    summary = render_batch(storage, batch, PDF, GENEROUS)
+    summary = render_batch(storage, batch, PDF, GENEROUS, **VLM)
     assert summary.rendered == 4 and summary.pages == 11 and not summary.failures
     for name in names:
         manifest = storage.get_json(storage.page_manifest_key(doc_id_for(corpus_pdf(name).read_bytes())))
