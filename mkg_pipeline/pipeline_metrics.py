@@ -34,6 +34,12 @@ PAGES_FAILED = Counter(
     ["reason"],
     registry=REGISTRY,
 )
+PAGES_TOTAL = Counter(
+    "mkg_pipeline_pages_total",
+    "Pages vlm_outputs saw, by route: text (read from the text layer, no GPU) or vlm (sent to the engine).",
+    ["route"],
+    registry=REGISTRY,
+)
 DOCUMENTS_REJECTED = Counter(
     "mkg_pipeline_documents_rejected_total",
     "Input files refused at validation, by reason.",

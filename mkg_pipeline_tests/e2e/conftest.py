@@ -116,6 +116,9 @@ def pipeline_env(
         "MKG_ENGINE": "page_markdown",
         # 100 DPI keeps CPU OCR affordable in CI; quality at 150 DPI is measured by the integration tests.
         "MKG_PDF__DPI": "100",
+        # These tests are about the VLM path (requests, caching, faults): every page goes to the server.
+        # Routing (routing.mode auto, the default) has tests of its own that set it back.
+        "MKG_ROUTING__MODE": "vlm",
         "MKG_HTTP_CLIENT__BACKOFF_INITIAL_S": "0.1",
         "MKG_HTTP_CLIENT__BACKOFF_MAX_S": "0.5",
     }
