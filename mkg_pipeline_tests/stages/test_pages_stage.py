@@ -17,7 +17,7 @@ from mkg_pipeline.stages.pages import render_batch as _render_batch
 from mkg_pipeline.storage import MemoryStorage
 from mkg_pipeline_tests.fixtures.corpus import corpus_pdf
 from mkg_pipeline_tests.fixtures.pathological import build_pdf, huge_page_pdf
-from mkg_pipeline_tests.fixtures.routing_pages import TITLE
+from mkg_pipeline_tests.fixtures.routing_pages import TITLE, mixed_pdf
 from mkg_pipeline_tests.stages.conftest import Killed, drop, fail_once, kill_at_write, record_ops
 
 PDF = PDFConfig(dpi=36)
@@ -254,17 +254,6 @@ def test_a_page_too_large_to_read_is_recorded_as_failed_not_rendered() -> None:
 
 
 # ---- routes (issue 19 items 1, 3, 5) ------------------------------------------------------------------
-
-
-def mixed_pdf() -> bytes:
-    """Page 1 born digital, page 2 a scan of it (an image, no text layer): one document, both routes."""
-    from mkg_pipeline_tests.fixtures.routing_pages import born_digital_pdf, scan_pdf
-
-    out = pymupdf.open()
-    for data in (born_digital_pdf(), scan_pdf()):
-        with pymupdf.open(stream=data, filetype="pdf") as part:
-            out.insert_pdf(part)
-    return out.tobytes()
 
 
 def test_auto_routing_reads_text_pages_in_the_worker_and_draws_only_vlm_pages() -> None:
