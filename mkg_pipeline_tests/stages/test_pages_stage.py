@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import pymupdf
 import pytest
 
 from mkg_pipeline.config import ImageSizeConfig, PDFConfig, RoutingConfig
