@@ -236,12 +236,18 @@ def run(args: argparse.Namespace) -> int:
         wall = time.monotonic() - started_at
         requests_made = _server_requests(vlm_server.url) - requests_before
 
-        pages_done, documents = _print_report(storage, batch_ids)
+        pages_done, documents, routes = _print_report(storage, batch_ids)
         exported = _export_outputs(storage, workdir / "outputs", documents)
         ok = _print_exported(exported, workdir / "outputs") and ok
         print(
             f"\n{pages_done} page(s) in {wall:.1f}s ({pages_done / wall if wall else 0:.2f} pages/s end to end), "
             f"{requests_made:.0f} chat-completion request(s) to the VLM server"
+        )
+        routed = sum(routes.values())
+        print(
+            f"page routes: {routes['text']} of {routed} page(s) never reached the VLM (text route, "
+            f"{routes['text'] / routed if routed else 0:.0%}), {routes['vlm']} went to it; "
+            f"{requests_made / pages_done if pages_done else 0:.2f} chat request(s) per page done"
         )
         print(
             f"outputs copied to {workdir / 'outputs'}: per document <name>/<name>.md, <name>_content_list.json, "
@@ -483,9 +489,10 @@ def _watch(storage: Any, poll: Callable[[], tuple[list[str], bool]], done_label:
     print(f"{done_label} after {time.monotonic() - started:.0f}s", flush=True)
 
 
-def _print_report(storage: Any, batch_ids: list[str]) -> tuple[int, list[tuple[str, str]]]:
-    """Per input file its outcome; returns (pages done, [(file name, doc_id)] of accepted files)."""
+def _print_report(storage: Any, batch_ids: list[str]) -> tuple[int, list[tuple[str, str]], dict[str, int]]:
+    """Per input file its outcome; returns (pages done, [(file name, doc_id)] of accepted files, pages by route)."""
     pages_done = 0
+    routes = {"text": 0, "vlm": 0}
     documents: list[tuple[str, str]] = []
     print("\n=== results ===")
     for batch_id in batch_ids:
@@ -500,6 +507,8 @@ def _print_report(storage: Any, batch_ids: list[str]) -> tuple[int, list[tuple[s
                     print(f"  OK       {name:40s} {result['doc_id']}  not assembled (see the run's log)")
                     continue
                 pages_done += status["pages_done"]
+                for route, count in (status.get("pages_by_route") or {}).items():
+                    routes[route] = routes.get(route, 0) + int(count)
                 failed = f", {len(status['failed_pages'])} failed" if status["failed_pages"] else ""
                 print(
                     f"  OK       {name:40s} {result['doc_id']}  {status['state']:8s} "
@@ -511,7 +520,7 @@ def _print_report(storage: Any, batch_ids: list[str]) -> tuple[int, list[tuple[s
                 print(f"           -> {storage.uri(storage.rejected_key(name))}")
             else:
                 print(f"  ERROR    {name:40s} {result.get('message')} (retried next run)")
-    return pages_done, documents
+    return pages_done, documents, routes
 
 
 def _dagster_bin(name: str) -> str:
