@@ -536,3 +536,50 @@ def test_an_s3_error_reading_a_status_is_still_an_s3_error(storage: MemoryStorag
     fail_once(storage, "get", lambda key: key.endswith("status.json"), ConnectionError("Connection reset"))
     with pytest.raises(StorageUnavailable, match="Connection reset"):
         run(storage, engine, ["doca"])
+
+
+# ---- memory bound by bytes (issue 21 row 6) ---------------------------------------------------------------------
+
+
+def seed_big_pages(storage: MemoryStorage, doc_id: str, pages: int, png_bytes: int) -> None:
+    seed_document(storage, doc_id, pages)
+    for n in range(1, pages + 1):  # the page images get their size; the manifest's hashes need not match
+        storage.put_bytes(storage.page_png_key(doc_id, n), bytes([n % 256]) * png_bytes, "image/png")
+
+
+def _slow_everywhere(engine: ScriptedEngine, doc_id: str, pages: int) -> None:
+    async def slow(page: PageInput) -> PageResult:
+        await asyncio.sleep(0.005)
+        return answer(f"text of {page.label}")
+
+    for n in range(1, pages + 1):
+        engine.behaviours[label(doc_id, n)] = slow
+
+
+def test_pages_in_flight_are_bounded_by_their_bytes(storage: MemoryStorage) -> None:
+    """The limiter would allow 32 pages at once; 8 MiB pages under a 60 MiB budget allow 3."""
+    engine = ScriptedEngine(ScriptedGate(limit=32))
+    seed_big_pages(storage, "doca", 24, 8 * 2**20)
+    _slow_everywhere(engine, "doca", 24)
+    summary = run(storage, engine, ["doca"], memory_budget=60 * 2**20)
+    assert summary.processed == 24
+    cost = 8 * 2**20 * (1 + 4 / 3) + 2**20  # PNG, its base64 body, an answer
+    assert engine.gate.peak == int(60 * 2**20 // cost) == 3
+    assert summary.peak_page_bytes <= 60 * 2**20
+
+
+def test_a_page_larger_than_the_budget_runs_alone(storage: MemoryStorage) -> None:
+    engine = ScriptedEngine(ScriptedGate(limit=32))
+    seed_big_pages(storage, "doca", 5, 4 * 2**20)
+    _slow_everywhere(engine, "doca", 5)
+    summary = run(storage, engine, ["doca"], memory_budget=2**20)
+    assert summary.processed == 5  # never a deadlock
+    assert engine.gate.peak == 1
+
+
+def test_the_default_budget_does_not_limit_ordinary_pages(storage: MemoryStorage) -> None:
+    engine = ScriptedEngine(ScriptedGate(limit=8))
+    seed_big_pages(storage, "doca", 40, 300_000)
+    _slow_everywhere(engine, "doca", 40)
+    run(storage, engine, ["doca"])
+    assert 8 <= engine.gate.peak <= 8 + 2  # the limiter's room and the image prefetch, as before
