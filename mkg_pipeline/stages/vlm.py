@@ -690,7 +690,9 @@ class _BatchRun:
             self.progress(
                 f"progress: {s.processed} processed, {s.cached} cached, {s.failed} failed of {s.pages_total} pages "
                 f"seen; {s.processed / elapsed:.1f} pages/s; requests in flight {self.gate.in_flight}, "
-                f"limit {self.gate.limit}" + (f"; failures so far: {dict(s.failure_reasons)}" if s.failed else "")
+                f"limit {self.gate.limit}; pages in flight hold {self.bytes_held / 2**20:.0f} of "
+                f"{self.memory_budget / 2**20:.0f} MiB"
+                + (f"; failures so far: {dict(s.failure_reasons)}" if s.failed else "")
             )
 
 
