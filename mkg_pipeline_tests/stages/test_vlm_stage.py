@@ -21,7 +21,7 @@ from mkg_pipeline.stages.vlm import (
 )
 from mkg_pipeline.storage import MemoryStorage
 from mkg_pipeline.vllm.errors import CircuitOpenError, VLLMConnectionError
-from mkg_pipeline_tests.stages.conftest import fail_once
+from mkg_pipeline_tests.stages.conftest import fail_once, record_ops
 
 IDENTITY = engine_identity("scripted", "test-model", "v1")
 
@@ -583,3 +583,35 @@ def test_the_default_budget_does_not_limit_ordinary_pages(storage: MemoryStorage
     _slow_everywhere(engine, "doca", 40)
     run(storage, engine, ["doca"])
     assert 8 <= engine.gate.peak <= 8 + 2  # the limiter's room and the image prefetch, as before
+
+
+def test_a_rerun_trusts_the_results_its_status_vouches_for_without_reading_them(
+    storage: MemoryStorage, engine: ScriptedEngine
+) -> None:
+    seed_document(storage, "doca", 3)
+    run(storage, engine, ["doca"])
+    status = storage.get_json(storage.vlm_status_key("doca"))
+    listed = {
+        k.split("/")[-1].split(".")[0]: storage.head(k).etag for k in storage.keys(storage.vlm_page_prefix("doca"))
+    }
+    assert status["page_etags"] == listed
+    seen = record_ops(storage)
+    run(storage, engine, ["doca"])
+    assert not [key for op, key in seen if op == "get" and "/pages/" in key and key.startswith("vlm/")]
+
+
+def test_results_no_status_vouches_for_are_checked_once_then_trusted(
+    storage: MemoryStorage, engine: ScriptedEngine
+) -> None:
+    seed_document(storage, "doca", 2)
+    run(storage, engine, ["doca"])
+    status = storage.get_json(storage.vlm_status_key("doca"))
+    del status["page_etags"]  # a status written before page_etags existed
+    storage.put_json(storage.vlm_status_key("doca"), status)
+    engine.calls.clear()
+    run(storage, engine, ["doca"])  # reads and checks both results, records their ETags
+    assert engine.calls == []
+    assert len(storage.get_json(storage.vlm_status_key("doca"))["page_etags"]) == 2
+    seen = record_ops(storage)
+    run(storage, engine, ["doca"])
+    assert not [key for op, key in seen if op == "get" and key.startswith("vlm/doca/pages/")]
