@@ -251,6 +251,7 @@ def test_small_pages_overhead(campaign: Campaign) -> None:
     assert peak < PROCESS_OVERHEAD_MB
 
 
+@pytest.mark.timeout(max(600, 30 * GIANT_PAGES))  # rendering and reading a giant page take seconds each
 def test_giant_pages_are_admitted_by_their_bytes(campaign: Campaign) -> None:
     pdf = giant_pages_pdf(GIANT_PAGES, noise_px=3072)
     doc_id = doc_id_of(pdf)
