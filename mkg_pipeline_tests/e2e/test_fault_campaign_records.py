@@ -33,11 +33,13 @@ GIANT_PAGES = int(os.environ.get("MKG_CAMPAIGN_GIANT_PAGES", "10"))
 #: the vlm step's page budget in this case (workers.vlm_page_memory_mb): 4 giant pages' worth of bytes
 #: (MKG_CAMPAIGN_GIANT_BUDGET_MB=1536 measures the default)
 GIANT_BUDGET_MB = int(os.environ.get("MKG_CAMPAIGN_GIANT_BUDGET_MB", "320"))
-#: what the vlm_outputs process holds besides its pages in flight, measured with small pages
-#: (test_small_pages_overhead below prints it): Python, Dagster, httpx, s3fs/aiobotocore and the instance
-#: (about 330 MiB), plus one page's transient copies while its request body is built (base64 and body of
-#: a 33 MB PNG: 90 MiB) and S3 response buffers. 600 MiB covers that with room; the point is that it is
-#: fixed, whatever the number of pages: without the byte budget 10 giant pages peak above 1.7 GiB.
+#: what the vlm_outputs process holds besides its pages in flight, measured: 157 MiB with small pages
+#: (test_small_pages_overhead: Python, Dagster, httpx, s3fs/aiobotocore, the instance), plus one page's
+#: transient copies while its request body is built (base64 and body of a 33 MB PNG: 88 MiB) and the
+#: buffers of the S3 GETs of the admitted pages' PNGs. Measured peaks: 594 MiB for 10 giant pages under
+#: a 320 MiB budget (313 MiB admitted: 281 MiB besides), 1,978 MiB for 100 under the default 1,536 MiB
+#: (1,487 MiB admitted: 491 MiB besides). Fixed, whatever the number of pages; without the byte budget
+#: 10 giant pages peaked at 1,776 MiB.
 PROCESS_OVERHEAD_MB = 600
 
 
