@@ -9,8 +9,10 @@ The invariant (DESIGN.md, CONTRACTS.md):
 2. every document in ``raw/`` has a page manifest or a recorded render failure, or is pending (never
    rendered yet);
 3. every page of a page manifest has a result for the configured engine identity
-   (``vlm/<doc_id>/pages/<n>.<cache_key>.json``) or a failure in ``status.json`` with its reason and
-   attempts, or its document is pending (no ``status.json`` yet);
+   (``vlm/<doc_id>/pages/<n>.<cache_key>.json``) that proves itself (it parses and names its document,
+   page, cache key and engine: :mod:`mkg_pipeline.records`, the same check the vlm stage makes) or a
+   failure in ``status.json`` with its reason and attempts, or its document is pending (no ``status.json``
+   yet); every status.json and page manifest proves itself too;
 4. no orphans: nothing under ``pages/`` or ``vlm/`` for a document that is not in ``raw/``, and no
    document in ``raw/`` that no batch accepted, unless the object that brought it is still pending in its
    batch (validated, outcome not recorded yet: an ingest in progress, or killed before recording it).
@@ -21,8 +23,11 @@ status 1), ``warning`` (nothing lost, but a person should look), ``pending`` (wo
 summarised per batch).
 
 Cost: the whole bucket is one LIST per prefix (``incoming/``, ``rejected/``, ``raw/``, ``batches/``,
-``pages/``, ``vlm/``) plus one GET per batch manifest, page manifest, render failure and status; never a
-request per page. Memory: batch manifests are checked as they are read and only a compact index is
+``pages/``, ``vlm/``) plus one GET per batch manifest, page manifest, render failure and status, and
+one GET per page result that its status.json does not vouch for: the stage records the ETag of every
+result it counts, so a result whose listed ETag is the recorded one is the object the stage wrote and
+checked, and is not read again; any other (written by an older version, or changed behind the
+pipeline's back) is read and checked. Memory: batch manifests are checked as they are read and only a compact index is
 kept (document -> batch, hashes of settled objects); ``raw/`` is a dict of flags per document;
 ``pages/`` and ``vlm/`` are streamed and merged with it by document id (listings are in key order), so
 one document's keys are held at a time. With ``--batch`` only that batch is audited: one GET of its
@@ -43,11 +48,12 @@ import logging
 import re
 import sys
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from mkg_pipeline import records
 from mkg_pipeline.engines.base import page_cache_key
 from mkg_pipeline.storage import ObjectInfo, Storage
 
@@ -397,6 +403,7 @@ class _DocKeys:
     raw: set[str] = field(default_factory=set)  # "pdf", "json"
     pages: set[str] = field(default_factory=set)  # names under pages/<doc>/
     vlm: set[str] = field(default_factory=set)  # names under vlm/<doc>/
+    vlm_etags: dict[str, str] = field(default_factory=dict)  # name under vlm/<doc>/ -> its listed ETag
 
 
 def _split(key: str, prefix: str) -> tuple[str, str] | None:
@@ -412,14 +419,17 @@ def _split(key: str, prefix: str) -> tuple[str, str] | None:
 def _stream_documents(storage: Storage, raw: dict[str, int], report: AuditReport) -> Iterator[_DocKeys]:
     """Every document with any object under raw/, pages/ or vlm/, merged by doc_id (listings are sorted)."""
     raw_stream = (
-        (d, "raw/", [n for bit, n in ((1, "pdf"), (2, "json")) if flags & bit]) for d, flags in sorted(raw.items())
+        (d, "raw/", [(n, "") for bit, n in ((1, "pdf"), (2, "json")) if flags & bit])
+        for d, flags in sorted(raw.items())
     )
     streams = [raw_stream, *(_grouped_stream(storage.list_objects(p), p, report) for p in ("pages/", "vlm/"))]
     merged = heapq.merge(*streams, key=lambda item: item[0])
     for doc_id, parts in itertools.groupby(merged, key=lambda item: item[0]):
         doc = _DocKeys(doc_id)
         for _, prefix, names in parts:
-            {"raw/": doc.raw, "pages/": doc.pages, "vlm/": doc.vlm}[prefix].update(names)
+            {"raw/": doc.raw, "pages/": doc.pages, "vlm/": doc.vlm}[prefix].update(name for name, _ in names)
+            if prefix == "vlm/":
+                doc.vlm_etags.update(names)
         yield doc
 
 
@@ -448,39 +458,57 @@ def _list_raw(storage: Storage, report: AuditReport) -> dict[str, int]:
 
 def _grouped_stream(
     objects: Iterable[ObjectInfo], prefix: str, report: AuditReport
-) -> Iterator[tuple[str, str, list[str]]]:
-    """(doc_id, prefix, names under it) per document, in listing (= doc_id) order, one document at a time."""
+) -> Iterator[tuple[str, str, list[tuple[str, str]]]]:
+    """(doc_id, prefix, (name, ETag) under it) per document, in listing (= doc_id) order, one at a time."""
 
-    def parsed() -> Iterator[tuple[str, str]]:
+    def parsed() -> Iterator[tuple[str, str, str]]:
         for obj in objects:
             split = _split(obj.key, prefix)
             if split is None or not _DOC_ID.match(split[0]):
                 _unexpected(obj.key, prefix, report)
                 continue
-            yield split
+            yield split[0], split[1], obj.etag
 
     for doc_id, group in itertools.groupby(parsed(), key=lambda s: s[0]):
-        yield doc_id, prefix, [rest for _, rest in group]
+        yield doc_id, prefix, [(rest, etag) for _, rest, etag in group]
 
 
-def _get(storage: Storage, key: str, what: str, doc_id: str, report: AuditReport) -> dict[str, Any] | None:
+def _get(
+    storage: Storage,
+    key: str,
+    what: str,
+    doc_id: str,
+    report: AuditReport,
+    *,
+    check: Callable[[Any], str | None] | None = None,
+    action: str = "",
+    batch_id: str | None = None,
+) -> dict[str, Any] | None:
+    """The record under ``key`` if it parses and ``check`` finds no problem; else None and a finding.
+
+    S3 errors propagate: an audit that cannot read the bucket says so, it does not report corruption."""
     try:
-        data = storage.get_json(key)
-        if not isinstance(data, dict):
-            raise ValueError("not a JSON object")
-        return data
-    except (FileNotFoundError, ValueError) as exc:
-        report.add(
-            Finding(
-                "unreadable_record",
-                ERROR,
-                storage.uri(key),
-                f"the {what} of document {doc_id} cannot be read: {exc}",
-                f"delete it and re-run the step that writes it ({what})",
-                doc_id=doc_id,
-            )
+        data = storage.get_bytes(key)
+    except FileNotFoundError as exc:  # listed a moment ago, gone now
+        value, problem = None, str(exc)
+    else:
+        value, problem = records.parse_json(data)
+        if problem is None:
+            problem = check(value) if check else (None if isinstance(value, dict) else "not a JSON object")
+    if problem is None:
+        return value  # type: ignore[no-any-return]
+    report.add(
+        Finding(
+            "unreadable_record",
+            ERROR,
+            storage.uri(key),
+            f"the {what} of document {doc_id} cannot be read: {problem}",
+            action or f"delete it and re-run the step that writes it ({what})",
+            batch_id,
+            doc_id,
         )
-        return None
+    )
+    return None
 
 
 def _being_ingested(storage: Storage, doc: _DocKeys, index: _BatchIndex) -> bool:
@@ -561,10 +589,30 @@ def _check_document(
         )
 
     # rule 2: rendered, or a recorded render failure, or pending
-    status = _get(storage, storage.vlm_status_key(d), "vlm status", d, report) if "status.json" in doc.vlm else None
+    status = None
+    if "status.json" in doc.vlm:
+        status = _get(
+            storage,
+            storage.vlm_status_key(d),
+            "vlm status",
+            d,
+            report,
+            check=lambda value: records.status_problem(value, doc_id=d),
+            action=f"{_materialize('vlm_outputs', batch_id, d)}: it treats the status as missing and rewrites it "
+            "(only pages without a valid result are requested)",
+            batch_id=batch_id,
+        )
     if "manifest.json" not in doc.pages:
         if "failure.json" in doc.pages:
-            failure = _get(storage, storage.render_failure_key(d), "render failure record", d, report)
+            failure = _get(
+                storage,
+                storage.render_failure_key(d),
+                "render failure record",
+                d,
+                report,
+                action=_materialize("parsed_pages", batch_id, d, "force"),
+                batch_id=batch_id,
+            )
             if failure is not None and not (failure.get("reason") and int(failure.get("attempts") or 0) >= 1):
                 report.add(
                     Finding(
@@ -593,7 +641,16 @@ def _check_document(
         else:
             report.pending[(batch_id or "(no batch)", _PENDING_WHAT["render"])] += 1
         return
-    manifest = _get(storage, storage.page_manifest_key(d), "page manifest", d, report)
+    manifest = _get(
+        storage,
+        storage.page_manifest_key(d),
+        "page manifest",
+        d,
+        report,
+        check=lambda value: records.page_manifest_problem(value, doc_id=d),
+        action=f"{_materialize('parsed_pages', batch_id, d, 'force')}, then materialize vlm_outputs for it",
+        batch_id=batch_id,
+    )
     if manifest is None:
         return
     pages = manifest.get("pages") or []
@@ -627,17 +684,27 @@ def _check_document(
         )
 
     # rule 3: every page done or failed with reason and attempts, or pending
-    done_keys = {(int(m.group(1)), m.group(2)) for n in doc.vlm if (m := _PAGE_RESULT.match(n))}
+    done_keys = {(int(m.group(1)), m.group(2)): n for n in doc.vlm if (m := _PAGE_RESULT.match(n))}
     same_engine = status is not None and status.get("engine") == identity
+    vouched = (status or {}).get("page_etags") or {} if same_engine else {}
     failures = {int(f["page"]): f for f in (status or {}).get("failed_pages") or [] if "page" in f}
     report.counts["pages"] += len(pages) + len(render_failed)
     report.counts["pages_failed"] += len(render_failed)
     unaccounted, incomplete = [], []
+    unreadable: list[tuple[int, str]] = []
     waiting = 0
     for page in pages:
         n = int(page["page"])
-        if (n, page_cache_key(page["png_sha256"], identity)) in done_keys:
-            report.counts["pages_done"] += 1
+        cache_key = page_cache_key(page["png_sha256"], identity)
+        name = done_keys.get((n, cache_key))
+        if name is not None:
+            problem = None
+            if vouched.get(str(n)) != doc.vlm_etags.get(name):  # not the object the stage wrote and checked
+                problem = _page_result_problem(storage, storage.vlm_prefix(d) + name, d, n, cache_key, identity)
+            if problem is None:
+                report.counts["pages_done"] += 1
+                continue
+            unreadable.append((n, problem))
             continue
         failure = failures.get(n) if same_engine else None
         if failure is not None:
@@ -665,6 +732,22 @@ def _check_document(
                 d,
             )
         )
+    if unreadable:
+        shown = "; ".join(f"page {n}: {problem}" for n, problem in unreadable[:5])
+        report.add(
+            Finding(
+                "page_result_unreadable",
+                ERROR,
+                storage.uri(storage.vlm_page_prefix(d)),
+                f"{source}: the stored result of page(s) {_pages([n for n, _ in unreadable])} does not prove itself "
+                f"(a page counts only if its result parses and names its document, page, cache key and engine): "
+                f"{shown}" + (f"; and {len(unreadable) - 5} more" if len(unreadable) > 5 else ""),
+                f"{_materialize('vlm_outputs', batch_id, d)}: it requests exactly these pages again and overwrites "
+                "their results",
+                batch_id,
+                d,
+            )
+        )
     if incomplete:
         report.add(
             Finding(
@@ -677,6 +760,18 @@ def _check_document(
                 d,
             )
         )
+
+
+def _page_result_problem(
+    storage: Storage, key: str, doc_id: str, page: int, cache_key: str, identity: str
+) -> str | None:
+    """Why the stored page result under ``key`` is not valid for its key, or None (one GET)."""
+    try:
+        data = storage.get_bytes(key)
+    except FileNotFoundError:
+        return "it disappeared while the audit ran"
+    _, problem = records.read_page_record(data, doc_id=doc_id, page=page, cache_key=cache_key, engine=identity)
+    return problem
 
 
 def _pages(numbers: list[int]) -> str:
@@ -728,8 +823,13 @@ def _audit_batch(storage: Storage, identity: str, batch_id: str, index: _BatchIn
     for doc_id in [d for d, b in index.doc_batch.items() if b == batch_id]:
         doc = _DocKeys(doc_id)
         doc.raw.update(o.key.rsplit(".", 1)[-1] for o in storage.list_objects(f"raw/{doc_id}."))
-        for prefix, names in ((storage.page_prefix(doc_id), doc.pages), (storage.vlm_prefix(doc_id), doc.vlm)):
-            names.update(o.key[len(prefix) :] for o in storage.list_objects(prefix))
+        doc.pages.update(
+            o.key[len(storage.page_prefix(doc_id)) :] for o in storage.list_objects(storage.page_prefix(doc_id))
+        )
+        doc.vlm_etags.update(
+            (o.key[len(storage.vlm_prefix(doc_id)) :], o.etag) for o in storage.list_objects(storage.vlm_prefix(doc_id))
+        )
+        doc.vlm.update(doc.vlm_etags)
         if "pdf" in doc.raw:  # otherwise reported as accepted_raw_missing
             _check_document(storage, doc, identity, batch_id, False, report)
 

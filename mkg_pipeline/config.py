@@ -171,6 +171,14 @@ class WorkersConfig(_Section):
     lease_ttl_s: float = Field(
         300.0, ge=1, le=86400, description="How long a run's claim on a batch lasts without being renewed, seconds."
     )
+    vlm_page_memory_mb: int = Field(
+        1536,
+        ge=16,
+        le=65536,
+        description="MiB the vlm step may hold in pages in flight (PNG, its base64 request body, the answer); "
+        "pages are admitted by these bytes as well as by the limiter. The default leaves the rest of the run "
+        "pod's 4 Gi request (8 Gi limit, deploy/k8s) to the process itself and to a rendering step beside it.",
+    )
 
 
 class PDFConfig(_Section):

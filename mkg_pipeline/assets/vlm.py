@@ -12,6 +12,8 @@ from mkg_pipeline.config import get_settings
 from mkg_pipeline.resources import S3StorageResource, VLLMResource
 
 PREVIEW_CHARS = 3000
+#: unreadable records listed in the metadata (the step log has every one)
+MAX_LISTED = 50
 
 
 class VLMOutputsConfig(dg.Config):
@@ -39,7 +41,7 @@ def vlm_outputs(
     from mkg_pipeline.outputs import preview_markdown
     from mkg_pipeline.pipeline_metrics import push_metrics
     from mkg_pipeline.stages.batches import accepted_doc_ids, read_batch_manifest
-    from mkg_pipeline.stages.vlm import ClaimLost, StorageUnavailable, process_documents
+    from mkg_pipeline.stages.vlm import ClaimLost, DocumentsNotProcessed, StorageUnavailable, process_documents
 
     storage = s3.storage()
     doc_ids = accepted_doc_ids(read_batch_manifest(storage, context.partition_key), config.doc_ids)
@@ -62,12 +64,13 @@ def vlm_outputs(
                 force_refresh=config.force_refresh,
                 progress=context.log.info,
                 claim=claim,
+                memory_budget=get_settings().workers.vlm_page_memory_mb * 1024 * 1024,
             )
 
     try:
         with claimed_batch(context, storage) as lease:
             summary = asyncio.run(run(lease.check))
-    except StorageUnavailable as exc:
+    except (StorageUnavailable, DocumentsNotProcessed) as exc:
         raise dg.Failure(description=str(exc)) from None
     except ClaimLost as exc:
         raise dg.Failure(description=str(exc), allow_retries=False) from None
@@ -95,6 +98,8 @@ def vlm_outputs(
                 + (f"\n\n(first {len(failed_rows)} of {summary.failed})" if summary.failed > len(failed_rows) else "")
             ),
             "requests": summary.requests,
+            "unreadable_records": dg.MetadataValue.json(summary.unreadable_records[:MAX_LISTED]),
+            "peak_page_mib": round(summary.peak_page_bytes / 2**20, 1),
             "pages_per_second": round(summary.pages_per_s, 3),
             "latency_p50_s": seconds(summary.latency_quantile(0.50)),
             "latency_p95_s": seconds(summary.latency_quantile(0.95)),

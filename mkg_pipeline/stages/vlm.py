@@ -6,7 +6,9 @@ The page path is the reason the split architecture exists, so it streams:
   document's missing pages at once, as fast as the client's limiter has room for them: the number of
   pages in flight follows the limiter (the server's measured capacity), never a config knob;
 - each page task fetches its PNG, asks the engine, stores figure crops and the page record, and
-  reports to its document; memory is bounded by pages in flight, not by batch size;
+  reports to its document; memory is bounded by pages in flight and by the bytes they hold (PNG, request
+  body, answer: ``workers.vlm_page_memory_mb``), never by batch size; a page larger than the budget
+  runs alone;
 - a document is assembled (``document.md``, ``content_list.json``, ``status.json``) as soon as its
   last page finishes, concurrently with the other documents' pages.
 
@@ -14,7 +16,14 @@ What "nothing lost" means here (DESIGN.md, accounting invariant): every page end
 ``vlm/<doc_id>/pages/<n>.<cache_key>.json`` or as an entry of ``status.json``'s ``failed_pages`` with
 its reason (the first real cause), message and attempts, and is retried by the next materialization.
 Before a document is worked on, an existing status is marked ``stale`` (with this run's id), so a step
-that dies leaves no status that claims an earlier, different result is current. Any error while
+that dies leaves no status that claims an earlier, different result is current.
+
+Records prove themselves (:mod:`mkg_pipeline.records`): a cached page result counts only if it parses and
+names its document, page, cache key and engine; status.json records the ETag of every result it counts,
+so a re-run trusts a result whose ETag it recorded and reads (and checks) any other once. A result that
+does not prove itself is requested again (its object overwritten), an unreadable status is treated as
+missing and rewritten, an unreadable page manifest fails its document only (parsed_pages writes it). Only
+S3 errors count towards "S3 is down"; corrupt data never does. Any error while
 fetching, decoding, asking or storing one page fails that page only. If the bucket itself cannot be
 written, the step fails with one message, and the next run resumes from what was recorded.
 """
@@ -32,6 +41,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+from mkg_pipeline import records
 from mkg_pipeline.engines.base import AnswerRejected, PageEngine, PageInput, page_cache_key
 from mkg_pipeline.outputs import assemble_document, page_record
 from mkg_pipeline.pipeline_metrics import PAGES_CACHED, PAGES_FAILED, PAGES_PROCESSED
@@ -40,7 +50,7 @@ from mkg_pipeline.vllm.errors import VLLMClientError
 
 log = logging.getLogger(__name__)
 
-STATUS_VERSION = 2
+STATUS_VERSION = 3  # 3: page_etags
 #: failure rows kept for asset metadata; the full list is in each document's status.json
 MAX_FAILURE_ROWS = 200
 #: latency samples kept for quantiles (reservoir), whatever the batch size
@@ -51,6 +61,15 @@ SUMMARY_EVERY_S = 10.0
 ASSEMBLY_READS = 32
 #: consecutive failed S3 calls on the page path after which the bucket is taken as down for this step
 S3_DOWN_AFTER = 8
+#: default bytes of pages in flight (config ``workers.vlm_page_memory_mb``)
+DEFAULT_MEMORY_BUDGET = 1536 * 1024 * 1024
+#: what one page in flight holds beyond its PNG, per PNG byte: the request body's base64 (4/3) and its JSON
+#: envelope. The client builds the body in one piece and lets go of the base64 before it sends.
+BODY_BYTES_PER_PNG_BYTE = 4 / 3
+#: ... plus its answer, its parsed JSON and the page record: a bound of an ordinary answer, not of the cap
+ANSWER_BYTES = 1024 * 1024
+#: engines that decode the page image in this process (PIL, 4 bytes a pixel at most)
+DECODING_ENGINES = frozenset({"mineru"})
 
 
 class CapacityGate(Protocol):
@@ -70,6 +89,11 @@ class StorageUnavailable(RuntimeError):
 
 class ClaimLost(RuntimeError):
     """Another run took the batch over (this one's lease expired): this run stopped starting work on it."""
+
+
+class DocumentsNotProcessed(RuntimeError):
+    """Some documents could not be worked on for a reason of their own (an unreadable page manifest); the
+    others were processed. The message names each document and what repairs it."""
 
 
 # ---- what a run reports -----------------------------------------------------------------------------
@@ -108,7 +132,13 @@ class VLMSummary:
     documents: dict[str, str] = field(default_factory=dict)  # doc_id -> state
     unrendered: list[str] = field(default_factory=list)
     unrecorded: list[str] = field(default_factory=list)
+    #: doc_id -> why it could not be worked on (not S3: its own records), with what repairs it
+    not_processed: dict[str, str] = field(default_factory=dict)
+    #: stored records found unreadable (redone or rewritten): "doc page n: problem"
+    unreadable_records: list[str] = field(default_factory=list)
     preview: str = ""
+    #: most bytes the pages in flight held at once (their estimated cost), against the memory budget
+    peak_page_bytes: int = 0
     _latencies: list[float] = field(default_factory=list)
     _latency_count: int = 0
 
@@ -151,6 +181,10 @@ class _Document:
     records: dict[int, dict[str, Any]] = field(default_factory=dict)
     #: page number -> cache key of a result stored by an earlier run
     cached: dict[int, str] = field(default_factory=dict)
+    #: page number -> ETag of its stored result (this run's and earlier ones'), recorded in status.json
+    etags: dict[int, str] = field(default_factory=dict)
+    #: page number -> PNG size as listed (for admitting pages by bytes)
+    png_sizes: dict[int, int] = field(default_factory=dict)
     failures: dict[int, dict[str, Any]] = field(default_factory=dict)
     scheduled_all: bool = False
 
@@ -168,6 +202,8 @@ class _PageJob:
     doc: _Document
     page: dict[str, Any]
     cache_key: str
+    #: bytes this page holds while in flight (PNG, request body, answer): what it takes of the budget
+    cost: int = 0
 
     @property
     def number(self) -> int:
@@ -205,8 +241,12 @@ class _BatchRun:
         force_refresh: bool,
         progress: Callable[[str], None],
         claim: Callable[[], None] | None = None,
+        memory_budget: int = DEFAULT_MEMORY_BUDGET,
     ) -> None:
         self.s3 = s3
+        self.memory_budget = memory_budget
+        self.bytes_held = 0  # what the pages in flight hold (their jobs' cost), admitted against the budget
+        self.peak_bytes_held = 0
         self.claim = claim
         self.claim_lost: str | None = None
         self.engine = engine
@@ -243,8 +283,12 @@ class _BatchRun:
         # can start the moment a slot frees; the second bound only caps memory if requests stall.
         return busy < limit + max(2, limit // 8) and len(self.page_tasks) < 2 * limit + 16
 
-    async def _wait_for_room(self) -> None:
-        while not self._has_room():
+    def _bytes_fit(self, cost: int) -> bool:
+        # A page larger than the whole budget still runs, alone: nothing else is admitted beside it.
+        return self.bytes_held == 0 or self.bytes_held + cost <= self.memory_budget
+
+    async def _wait_for_room(self, cost: int = 0) -> None:
+        while not (self._has_room() and self._bytes_fit(cost)):
             self.changed.clear()
             # Woken by every page that starts or ends; the timeout notices the limiter growing meanwhile.
             with contextlib.suppress(TimeoutError):
@@ -252,6 +296,8 @@ class _BatchRun:
 
     def _spawn(self, job: _PageJob) -> None:
         self.preparing += 1
+        self.bytes_held += job.cost
+        self.peak_bytes_held = max(self.peak_bytes_held, self.bytes_held)
         task = asyncio.create_task(self._page(job), name=job.label)
         self.page_tasks.add(task)
         task.add_done_callback(self._page_done)
@@ -265,24 +311,40 @@ class _BatchRun:
     # -- one document -------------------------------------------------------------------------------
 
     async def open_document(self, doc_id: str) -> tuple[_Document, list[_PageJob]] | None:
-        """Read a document's manifest and cached results; None when there is nothing to do for it."""
+        """Read a document's manifest and cached results; None when there is nothing to do for it.
+
+        Raises only S3 errors (which count towards "S3 is down"); a record that does not prove itself is
+        handled here: an unreadable manifest fails this document, a status is treated as missing, a page
+        result is requested again.
+        """
         s3 = self.s3
-        # The three reads at once, not one after another: the first document's are on the path to the
+        # The four reads at once, not one after another: the first document's are on the path to the
         # first request, and every document's on the producer's.
-        reads = await asyncio.gather(
-            s3.get_json(s3.page_manifest_key(doc_id)),
-            self._read_status(doc_id),
+        manifest_data, status_data, existing, png_sizes = await asyncio.gather(
+            self._get_or_none(s3.page_manifest_key(doc_id)),
+            self._get_or_none(s3.vlm_status_key(doc_id)),
             self._cached_keys(doc_id),
-            return_exceptions=True,
+            self._png_sizes(doc_id),
         )
-        manifest, previous, existing = reads
-        if isinstance(manifest, FileNotFoundError):
+        if manifest_data is None:
             self.summary.unrendered.append(doc_id)
             self.progress(f"{doc_id}: SKIPPED, no page manifest yet; materialize parsed_pages for its batch")
             return None
-        for result in reads:
-            if isinstance(result, BaseException):
-                raise result
+        manifest, problem = records.read_page_manifest(manifest_data, doc_id=doc_id)
+        if manifest is None:
+            self.summary.documents[doc_id] = "manifest_unreadable"
+            self.summary.not_processed[doc_id] = (
+                f"its page manifest {s3.uri(s3.page_manifest_key(doc_id))} is unreadable ({problem}); render it "
+                f"again: materialize parsed_pages for this batch with config doc_ids=[{doc_id!r}] and force=true, "
+                "then vlm_outputs"
+            )
+            self.progress(f"{doc_id}: NOT PROCESSED, {self.summary.not_processed[doc_id]}")
+            return None
+        previous = None
+        if status_data is not None:
+            previous, problem = records.read_status(status_data, doc_id=doc_id)
+            if previous is None:
+                self._unreadable(doc_id, None, s3.vlm_status_key(doc_id), problem, "treated as missing, rewritten")
         doc = _Document(
             doc_id=doc_id,
             source=str(manifest.get("source", doc_id)),
@@ -291,17 +353,33 @@ class _BatchRun:
             previous_failures={int(f["page"]): f for f in (previous or {}).get("failed_pages", [])},
             identity=self.engine.identity,
         )
+        recorded = (previous or {}).get("page_etags") or {}
         todo: list[_PageJob] = []
+        unproven: list[_PageJob] = []
         for page in doc.pages:
-            key = page_cache_key(page["png_sha256"], self.engine.identity)
-            if s3.vlm_page_key(doc_id, page["page"], key) in existing:
-                doc.cached[int(page["page"])] = key
+            n = int(page["page"])
+            if (size := png_sizes.get(page["png_key"])) is not None:
+                doc.png_sizes[n] = size
+            job = _PageJob(
+                doc, page, page_cache_key(page["png_sha256"], self.engine.identity), self._page_cost(doc, page)
+            )
+            etag = existing.get(s3.vlm_page_key(doc_id, n, job.cache_key))
+            if etag is None:
+                todo.append(job)
+            elif recorded.get(str(n)) == etag:  # the very object an earlier status counted: proven then
+                doc.cached[n], doc.etags[n] = job.cache_key, etag
             else:
-                todo.append(_PageJob(doc, page, key))
+                unproven.append(job)
+        for job, etag in zip(unproven, await self._prove(unproven, existing), strict=True):
+            if etag is None:
+                todo.append(job)
+            else:
+                doc.cached[job.number], doc.etags[job.number] = job.cache_key, etag
+        todo.sort(key=lambda job: job.number)
         self.summary.pages_total += len(doc.pages) + len(doc.render_failures)
         self.summary.cached += len(doc.cached)
         PAGES_CACHED.labels(engine=self.engine.name).inc(len(doc.cached))
-        if not todo and _is_current(previous, doc):
+        if not todo and not unproven and _is_current(previous, doc):
             # Every page cached and the assembled outputs say so: nothing to redo, nothing to rewrite.
             self.summary.documents[doc_id] = str(previous["state"]) if previous else "complete"
             return None
@@ -311,17 +389,61 @@ class _BatchRun:
             self.progress(f"{doc_id} ({doc.source}): {len(doc.cached)}/{len(doc.pages)} pages cached")
         return doc, todo
 
-    async def _cached_keys(self, doc_id: str) -> set[str]:
-        """Keys of the page results stored for a document (none wanted when refreshing)."""
-        if self.force_refresh:
-            return set()
-        return {o.key async for o in self.s3.list_objects(self.s3.vlm_page_prefix(doc_id))}
+    async def _prove(self, jobs: list[_PageJob], existing: dict[str, str]) -> list[str | None]:
+        """Read and check the stored results no status vouches for: their ETag if valid, else None (redo)."""
+        limit = asyncio.Semaphore(ASSEMBLY_READS)
 
-    async def _read_status(self, doc_id: str) -> dict[str, Any] | None:
+        async def prove(job: _PageJob) -> str | None:
+            key = self.s3.vlm_page_key(job.doc.doc_id, job.number, job.cache_key)
+            async with limit:
+                data = await self._get_or_none(key)
+            if data is None:  # deleted since the listing
+                return None
+            _, problem = records.read_page_record(
+                data, doc_id=job.doc.doc_id, page=job.number, cache_key=job.cache_key, engine=self.engine.identity
+            )
+            if problem is not None:
+                self._unreadable(job.doc.doc_id, job.number, key, problem, "requested again")
+                return None
+            return existing[key]
+
+        return list(await asyncio.gather(*(prove(job) for job in jobs)))
+
+    def _unreadable(self, doc_id: str, page: int | None, key: str, problem: str | None, outcome: str) -> None:
+        where = f"{doc_id} page {page}" if page is not None else doc_id
+        self.summary.unreadable_records.append(f"{where}: {problem}")
+        self.progress(f"{where}: {self.s3.uri(key)} is unreadable ({problem}): {outcome}")
+
+    def _page_cost(self, doc: _Document, page: dict[str, Any]) -> int:
+        """Bytes a page holds in flight: its PNG (as listed; else a bound from its pixels), the request body
+        made of it, its answer; and the decoded image for engines that decode it here."""
+        pixels = int(page.get("width_px") or 0) * int(page.get("height_px") or 0)
+        png = doc.png_sizes.get(int(page["page"]))
+        if png is None:
+            png = 3 * pixels if pixels else ANSWER_BYTES
+        cost = png + int(png * BODY_BYTES_PER_PNG_BYTE) + ANSWER_BYTES
+        if self.engine.name in DECODING_ENGINES:
+            cost += 4 * pixels
+        return cost
+
+    async def _get_or_none(self, key: str) -> bytes | None:
+        """The object's bytes, or None if there is none; any other error is S3's and propagates."""
         try:
-            return await self.s3.get_json(self.s3.vlm_status_key(doc_id))  # type: ignore[no-any-return]
+            return await self.s3.get_bytes(key)
         except FileNotFoundError:
             return None
+
+    async def _cached_keys(self, doc_id: str) -> dict[str, str]:
+        """Keys -> ETags of the page results stored for a document (none wanted when refreshing)."""
+        if self.force_refresh:
+            return {}
+        return {o.key: o.etag async for o in self.s3.list_objects(self.s3.vlm_page_prefix(doc_id))}
+
+    async def _png_sizes(self, doc_id: str) -> dict[str, int]:
+        """Sizes of the document's page images by key: one LIST, for admitting pages by their bytes."""
+        return {
+            o.key: o.size async for o in self.s3.list_objects(self.s3.page_prefix(doc_id)) if o.key.endswith(".png")
+        }
 
     async def _mark_stale(self, doc_id: str, previous: dict[str, Any]) -> None:
         stale = {**previous, "state": "stale", "stale_since": _now(), "run_id": self.run_id}
@@ -340,7 +462,7 @@ class _BatchRun:
 
     async def run_document(self, doc: _Document, todo: list[_PageJob]) -> None:
         for job in todo:
-            await self._wait_for_room()
+            await self._wait_for_room(job.cost)
             if self.s3_down:  # no point queueing pages that cannot be read or recorded; the next run resumes
                 self.summary.unrecorded.append(doc.doc_id)
                 return
@@ -401,7 +523,7 @@ class _BatchRun:
             )
             record["run_id"] = self.run_id
             try:
-                await self._store_page(job, record, result.images)
+                etag = await self._store_page(job, record, result.images)
             except Exception as exc:  # an unencodable answer or S3 failing: this page only
                 if not isinstance(exc, UnicodeError):
                     self.s3_failed(exc)
@@ -409,37 +531,44 @@ class _BatchRun:
                 return
             self.s3_ok()
             doc.records[n] = record
+            doc.etags[n] = etag
             self.summary.processed += 1
             self.summary.observe_latency(latency)
             PAGES_PROCESSED.labels(engine=self.engine.name).inc()
         finally:
             if not reached_engine:
                 self.preparing -= 1
+            self.bytes_held -= job.cost
+            self.changed.set()
             self._maybe_assemble(doc)
 
-    async def _store_page(self, job: _PageJob, record: dict[str, Any], images: dict[str, bytes]) -> None:
+    async def _store_page(self, job: _PageJob, record: dict[str, Any], images: dict[str, bytes]) -> str:
         s3, doc_id = self.s3, job.doc.doc_id
         for name, data in images.items():
             # Content-addressed: whoever wrote it first wrote the same bytes.
             with contextlib.suppress(PreconditionFailed):
                 await s3.put_bytes(s3.vlm_image_key(doc_id, name), data, "image/jpeg", if_none_match=True)
         # Written after its figures and only once the whole answer is in hand: a page result that exists is whole.
-        await s3.put_json(s3.vlm_page_key(doc_id, job.number, job.cache_key), record)
+        # Its ETag goes into status.json: the next run trusts this very object without reading it.
+        return await s3.put_json(s3.vlm_page_key(doc_id, job.number, job.cache_key), record)
 
     def _fail(self, job: _PageJob, reason: str, message: str) -> None:
-        previous = job.doc.previous_failures.get(job.number, {})
+        self._record_failure(job.doc, job.number, reason, message)
+
+    def _record_failure(self, doc: _Document, n: int, reason: str, message: str) -> None:
+        previous = doc.previous_failures.get(n, {})
         failure = {
-            "page": job.number,
+            "page": n,
             "reason": reason,
             "message": message,
             "attempts": int(previous.get("attempts", 0)) + 1,
             "last_attempt": _now(),
         }
-        job.doc.failures[job.number] = failure
+        doc.failures[n] = failure
         self.summary.failed += 1
         self.summary.failure_reasons[reason] += 1
         if len(self.summary.failure_rows) < MAX_FAILURE_ROWS:
-            self.summary.failure_rows.append({"doc_id": job.doc.doc_id, "source": job.doc.source, **failure})
+            self.summary.failure_rows.append({"doc_id": doc.doc_id, "source": doc.source, **failure})
         PAGES_FAILED.labels(reason=reason).inc()
 
     # -- assembly -----------------------------------------------------------------------------------
@@ -508,6 +637,7 @@ class _BatchRun:
                 "pages_total": status.pages_total,
                 "pages_done": status.done,
                 "failed_pages": failed,
+                "page_etags": {str(n): doc.etags[n] for n in sorted(pages) if n in doc.etags},
                 "run_id": self.run_id,
                 "updated_at": now,
             },
@@ -517,17 +647,38 @@ class _BatchRun:
         return status
 
     async def _page_records(self, doc: _Document) -> dict[int, dict[str, Any]]:
-        """The finished pages of a document by number: this run's from memory, earlier ones from S3."""
+        """The finished pages of a document by number: this run's from memory, earlier ones from S3.
+
+        An earlier result that no longer proves itself (replaced or deleted since the document was opened)
+        becomes a failure of its page (``record_unreadable``), requested again by the next run; an S3 error
+        propagates (the document is not recorded).
+        """
         s3 = self.s3
         limit = asyncio.Semaphore(ASSEMBLY_READS)
 
-        async def cached(n: int, key: str) -> dict[str, Any]:
+        async def cached(n: int, key: str) -> dict[str, Any] | None:
+            object_key = s3.vlm_page_key(doc.doc_id, n, key)
             async with limit:
-                return await s3.get_json(s3.vlm_page_key(doc.doc_id, n, key))  # type: ignore[no-any-return]
+                data = await self._get_or_none(object_key)
+            if data is None:
+                self._record_failure(doc, n, "record_unreadable", f"{s3.uri(object_key)} disappeared")
+                return None
+            record, problem = records.read_page_record(
+                data, doc_id=doc.doc_id, page=n, cache_key=key, engine=doc.identity
+            )
+            if record is None:
+                self._unreadable(doc.doc_id, n, object_key, problem, "the page is requested again next run")
+                self._record_failure(doc, n, "record_unreadable", f"{s3.uri(object_key)}: {problem}")
+            return record
 
         numbers = sorted(doc.cached)
         earlier = await asyncio.gather(*(cached(n, doc.cached[n]) for n in numbers))
-        return {**dict(zip(numbers, earlier, strict=True)), **doc.records}
+        found = {n: record for n, record in zip(numbers, earlier, strict=True) if record is not None}
+        for n in numbers:
+            if n not in found:
+                del doc.cached[n]
+                doc.etags.pop(n, None)
+        return {**found, **doc.records}
 
     # -- the whole step -----------------------------------------------------------------------------
 
@@ -539,8 +690,14 @@ class _BatchRun:
             self.progress(
                 f"progress: {s.processed} processed, {s.cached} cached, {s.failed} failed of {s.pages_total} pages "
                 f"seen; {s.processed / elapsed:.1f} pages/s; requests in flight {self.gate.in_flight}, "
-                f"limit {self.gate.limit}" + (f"; failures so far: {dict(s.failure_reasons)}" if s.failed else "")
+                f"limit {self.gate.limit}; pages in flight hold {self.bytes_held / 2**20:.0f} of "
+                f"{self.memory_budget / 2**20:.0f} MiB"
+                + (f"; failures so far: {dict(s.failure_reasons)}" if s.failed else "")
             )
+
+
+#: exceptions that are not S3's: data or code, never counted towards "S3 is down"
+_NOT_S3 = (ValueError, TypeError, KeyError, AttributeError, IndexError)
 
 
 def _is_current(previous: dict[str, Any] | None, doc: _Document) -> bool:
@@ -565,6 +722,7 @@ async def process_documents(
     force_refresh: bool = False,
     progress: Callable[[str], None] = log.info,
     claim: Callable[[], None] | None = None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
 ) -> VLMSummary:
     """Send every page of ``doc_ids`` through ``engine``; returns the run's counters.
 
@@ -574,6 +732,12 @@ async def process_documents(
     ``claim`` (the batch lease's ``check``) is called before each document, page and assembly is started;
     once it raises, the run starts nothing more (pages in flight finish and are kept, documents are left to
     the run that took the batch over) and :class:`ClaimLost` is raised at the end.
+
+    ``memory_budget``: bytes the pages in flight may hold (see :meth:`_BatchRun._page_cost`); a page is
+    started only when it fits beside the others, or alone.
+
+    Raises :class:`DocumentsNotProcessed` at the end when some document could not be worked on for a reason
+    of its own (an unreadable page manifest); every other document was processed.
     """
     started = time.monotonic()
     summary = VLMSummary(engine=engine.identity, model=model, server_url=server_url)
@@ -588,6 +752,7 @@ async def process_documents(
             force_refresh=force_refresh,
             progress=progress,
             claim=claim,
+            memory_budget=memory_budget,
         )
         reporter = asyncio.create_task(batch.report_progress(started))
         try:
@@ -599,6 +764,12 @@ async def process_documents(
                     break
                 try:
                     opened = await batch.open_document(doc_id)
+                except _NOT_S3 as exc:  # a bug, not the bucket: this document only, and S3 is not blamed
+                    log.exception("%s: could not be opened", doc_id)
+                    summary.documents[doc_id] = "error"
+                    summary.not_processed[doc_id] = f"opening it failed: {type(exc).__name__}: {exc}"
+                    progress(f"{doc_id}: NOT STARTED, {type(exc).__name__}: {exc}")
+                    continue
                 except Exception as exc:  # S3 failing on one document's manifest/status: not the others
                     log.exception("%s: could not be opened", doc_id)
                     batch.s3_failed(exc)
@@ -614,6 +785,7 @@ async def process_documents(
             for task in [*batch.page_tasks, *batch.assembly_tasks]:
                 task.cancel()
     summary.wall_s = time.monotonic() - started
+    summary.peak_page_bytes = batch.peak_bytes_held
     if batch.claim_lost is not None:
         raise ClaimLost(
             f"{batch.claim_lost}. This run stopped starting pages and documents of the batch when it learned it; "
@@ -626,5 +798,13 @@ async def process_documents(
             f"the outcome of {len(summary.unrecorded)} document(s) could not be recorded in s3://{storage.bucket} "
             f"({', '.join(summary.unrecorded[:10])}): is S3 reachable?{cause}. Every page result that was stored "
             "is kept; re-materialize vlm_outputs to resume (only the missing pages are requested)"
+        )
+    if summary.not_processed:
+        listed = "; ".join(f"{d}: {why}" for d, why in list(summary.not_processed.items())[:10])
+        more = len(summary.not_processed) - 10
+        raise DocumentsNotProcessed(
+            f"{len(summary.not_processed)} document(s) could not be processed (the other "
+            f"{len(summary.documents) - len(summary.not_processed)} were): {listed}"
+            + (f"; and {more} more" if more > 0 else "")
         )
     return summary

@@ -21,7 +21,12 @@ request gives up, its error carries ``first_cause`` (its first real failure) and
 
 Request bodies are serialized once, as bytes: the small JSON skeleton goes through
 ``json.dumps`` and page images are spliced in as base64 (which needs no JSON escaping),
-so a 300 KB image is never escaped character by character.
+so a 300 KB image is never escaped character by character. Memory per request in flight
+is the body alone (4/3 of the PNG): each image's base64 is joined straight into the body
+(no data-URL copy in between) and let go of before the request is sent, and a large body
+goes to the socket in slices (:class:`_BodySlices`), so the event loop's transport never
+buffers a second copy of it while the server reads. That is what lets the vlm stage admit
+pages by their bytes (issue 21 row 6).
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ import json
 import logging
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import TracebackType
@@ -130,15 +135,40 @@ def _dumps(value: Any) -> bytes:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
 
 
-def _splice(skeleton: dict[str, Any], urls: Sequence[bytes]) -> bytes | None:
-    """Serialize ``skeleton`` and put ``urls`` (JSON-safe bytes) where its placeholders are, in order."""
+def _splice(skeleton: dict[str, Any], urls: Sequence[bytes | Sequence[bytes]]) -> bytes | None:
+    """Serialize ``skeleton`` and put ``urls`` (JSON-safe bytes, or the pieces of one) where its placeholders
+    are, in order. The body is allocated once: no piece is copied before the final join."""
     parts = _dumps(skeleton).split(_IMAGE_TOKEN)
     if len(parts) != len(urls) + 1:
         return None  # the placeholder also occurs elsewhere (in a prompt?): let json.dumps do it all
     out = [parts[0]]
     for url, part in zip(urls, parts[1:], strict=True):
-        out += (b'"', url, b'"', part)
+        out += (b'"', *((url,) if isinstance(url, bytes) else url), b'"', part)
     return b"".join(out)
+
+
+#: bodies larger than this go to the socket in slices of this size (see _BodySlices)
+BODY_SLICE_BYTES = 256 * 1024
+
+
+class _BodySlices:
+    """A request body sent in slices, with its Content-Length declared.
+
+    Given one bytes object, the event loop's transport (Python 3.11) copies whatever the socket does
+    not take at once into its own buffer: a second copy of a 40 MB body for as long as the server takes
+    to read it, for every request being sent. In slices, the transport holds one slice at a time (httpx
+    waits for it to drain before the next). Iterable again for every attempt."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+
+    def __len__(self) -> int:
+        return len(self.body)
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        view = memoryview(self.body)
+        for start in range(0, len(view), BODY_SLICE_BYTES):
+            yield bytes(view[start : start + BODY_SLICE_BYTES])
 
 
 def _json_safe_bytes(text: str) -> bytes | None:
@@ -401,9 +431,14 @@ class VLLMClient:
     ) -> ChatResult:
         """One user turn: PNG images (as data URLs, before the text) and a text prompt."""
         options = (system_prompt, max_tokens, temperature, extra_body)
-        urls = [_PNG_URL_PREFIX + base64.b64encode(png) for png in images]
+        # The base64 of each image goes straight into the body (no data URL built first), and is let go of
+        # before the request is sent: while it is in flight, the request holds its body only.
+        urls = [(_PNG_URL_PREFIX, base64.b64encode(png)) for png in images]
         skeleton = self._chat_dict(prompt, [_IMAGE_PLACEHOLDER] * len(urls), *options)
-        body = _splice(skeleton, urls) or _dumps(self._chat_dict(prompt, [u.decode() for u in urls], *options))
+        body = _splice(skeleton, urls) or _dumps(
+            self._chat_dict(prompt, [b"".join(u).decode() for u in urls], *options)
+        )
+        del urls
         cap = _answer_cap(skeleton, self._http_config.max_response_bytes)
         started = time.perf_counter()
         data, attempts = await self._send(_Request("POST", CHAT_COMPLETIONS, body, label, _parse_chat_text, cap))
@@ -586,9 +621,12 @@ class VLLMClient:
 
     async def _fetch(self, request: _Request[Any], number: int) -> bytes:
         """Send the request and read the answer, streaming, stopping at its cap."""
-        http_request = self._http.build_request(
-            request.method, request.path, content=request.body, headers=_JSON_HEADERS if request.body else None
-        )
+        body: bytes | _BodySlices | None = request.body
+        headers = _JSON_HEADERS if body else None
+        if request.body is not None and len(request.body) > BODY_SLICE_BYTES:
+            body = _BodySlices(request.body)
+            headers = {**_JSON_HEADERS, "Content-Length": str(len(request.body))}
+        http_request = self._http.build_request(request.method, request.path, content=body, headers=headers)
         response = await self._http.send(http_request, stream=True)
         try:
             if not response.is_success:

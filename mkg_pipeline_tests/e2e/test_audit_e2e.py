@@ -43,10 +43,24 @@ def test_clean_pipeline_output_passes_the_audit_and_a_loss_does_not(pipeline_env
         assert clean.returncode == 0, clean.stdout + clean.stderr
         assert "OK: nothing lost" in clean.stdout
 
-    # Lose one page result behind the pipeline's back: the audit names the page and what to run.
+    # The status vouches for each page result by the ETag S3 lists for it: the audit reads none of them.
     storage = pipeline_env.storage
     manifest = storage.get_json(storage.batch_key(batch))
     doc_id = next(r["doc_id"] for r in manifest["results"].values() if r["status"] == "accepted")
+    listed = {o.key.split("/")[-1].split(".")[0]: o.etag for o in storage.list_objects(storage.vlm_page_prefix(doc_id))}
+    assert storage.get_json(storage.vlm_status_key(doc_id))["page_etags"] == listed
+
+    # A page result cut in half: named, with the command that redoes it.
+    (result_key,) = [o.key for o in storage.list_objects(storage.vlm_page_prefix(doc_id))]
+    whole = storage.get_bytes(result_key)
+    storage.put_bytes(result_key, whole[: len(whole) // 2])
+    broken = _audit_cli(pipeline_env, "--batch", batch)
+    assert broken.returncode == 1, broken.stdout + broken.stderr
+    assert "[page_result_unreadable]" in broken.stdout and "page(s) 1 " in broken.stdout
+    assert f"--select vlm_outputs --partition {batch}" in broken.stdout
+    storage.put_bytes(result_key, whole)
+
+    # Lose one page result behind the pipeline's back: the audit names the page and what to run.
     (result_key,) = [o.key for o in storage.list_objects(storage.vlm_page_prefix(doc_id))]
     storage.delete(result_key)
     broken = _audit_cli(pipeline_env, "--batch", batch)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -11,9 +12,16 @@ from typing import Any
 import pytest
 
 from mkg_pipeline.engines.base import AnswerRejected, PageInput, PageResult, engine_identity
-from mkg_pipeline.stages.vlm import ClaimLost, StorageUnavailable, VLMSummary, process_documents
+from mkg_pipeline.stages.vlm import (
+    ClaimLost,
+    DocumentsNotProcessed,
+    StorageUnavailable,
+    VLMSummary,
+    process_documents,
+)
 from mkg_pipeline.storage import MemoryStorage
 from mkg_pipeline.vllm.errors import CircuitOpenError, VLLMConnectionError
+from mkg_pipeline_tests.stages.conftest import fail_once, record_ops
 
 IDENTITY = engine_identity("scripted", "test-model", "v1")
 
@@ -364,3 +372,246 @@ def test_a_run_that_lost_its_batch_starts_nothing_more(storage: MemoryStorage, e
     assert not any("docb" in call for call in engine.calls)
     assert len(storage.keys(storage.vlm_page_prefix("doca"))) == len(engine.calls)  # what was asked is kept
     assert not storage.exists(storage.vlm_status_key("doca"))  # left to the run that took the batch over
+
+
+# ---- records that prove themselves (issue 21 rows 4, 5) --------------------------------------------------------
+
+
+def page_key(storage: MemoryStorage, doc_id: str, n: int) -> str:
+    (key,) = [k for k in storage.keys(storage.vlm_page_prefix(doc_id)) if k.split("/")[-1].startswith(f"{n}.")]
+    return key
+
+
+def truncate(storage: MemoryStorage, key: str) -> None:
+    data = storage.get_bytes(key)
+    storage.put_bytes(key, data[: len(data) // 2], "application/json")
+
+
+def test_a_truncated_page_result_is_redone_when_its_document_is_reassembled(
+    storage: MemoryStorage, engine: ScriptedEngine
+) -> None:
+    """Row 4: page 3 failed, page 2's stored result was cut in half; the re-run must redo page 2 (not count it
+    as done) and must not blame S3 for it."""
+    seed_document(storage, "doca", 3)
+
+    async def refused(page: PageInput) -> PageResult:
+        raise VLLMConnectionError("connection refused", server="http://vlm", label=page.label)
+
+    engine.behaviours[label("doca", 3)] = refused
+    run(storage, engine, ["doca"])
+    truncate(storage, page_key(storage, "doca", 2))
+    del engine.behaviours[label("doca", 3)]
+    engine.calls.clear()
+    summary = run(storage, engine, ["doca"])
+    assert sorted(engine.calls) == [label("doca", 2), label("doca", 3)]
+    assert (summary.processed, summary.cached, summary.failed) == (2, 1, 0)
+    status = storage.get_json(storage.vlm_status_key("doca"))
+    assert (status["state"], status["pages_done"]) == ("complete", 3)
+    assert storage.get_json(page_key(storage, "doca", 2))["page"] == 2  # the corrupt object was overwritten
+
+
+def test_a_truncated_page_result_of_a_complete_document_is_redone(
+    storage: MemoryStorage, engine: ScriptedEngine
+) -> None:
+    seed_document(storage, "doca", 3)
+    run(storage, engine, ["doca"])
+    truncate(storage, page_key(storage, "doca", 1))
+    engine.calls.clear()
+    summary = run(storage, engine, ["doca"])
+    assert engine.calls == [label("doca", 1)]
+    assert (summary.processed, summary.cached) == (1, 2)
+    assert storage.get_json(storage.vlm_status_key("doca"))["state"] == "complete"
+    engine.calls.clear()
+    run(storage, engine, ["doca"])  # repaired: nothing more to do
+    assert engine.calls == []
+
+
+def _other_page(storage: MemoryStorage, key: str) -> bytes:
+    return storage.get_bytes(page_key(storage, "doca", 1))
+
+
+def _other_engine(storage: MemoryStorage, key: str) -> bytes:
+    record = storage.get_json(key)
+    record["engine"] = engine_identity("scripted", "another-model", "v1")
+    return json.dumps(record).encode()
+
+
+def _other_document(storage: MemoryStorage, key: str) -> bytes:
+    record = storage.get_json(key)
+    record["doc_id"] = "docz"
+    return json.dumps(record).encode()
+
+
+def _other_cache_key(storage: MemoryStorage, key: str) -> bytes:
+    record = storage.get_json(key)
+    record["cache_key"] = "0" * 32
+    return json.dumps(record).encode()
+
+
+@pytest.mark.parametrize(
+    "corrupt",
+    [
+        lambda s, k: b"",
+        lambda s, k: b"[]",
+        lambda s, k: b"{}",
+        lambda s, k: b'{"markdown": "only this"}',
+        _other_page,
+        _other_engine,
+        _other_document,
+        _other_cache_key,
+    ],
+    ids=["empty", "list", "empty-object", "no-key-fields", "other-page", "other-engine", "other-doc", "other-key"],
+)
+def test_a_page_result_that_does_not_prove_its_key_is_redone(
+    storage: MemoryStorage, engine: ScriptedEngine, corrupt: Callable[[MemoryStorage, str], bytes]
+) -> None:
+    seed_document(storage, "doca", 2)
+    run(storage, engine, ["doca"])
+    key = page_key(storage, "doca", 2)
+    storage.put_bytes(key, corrupt(storage, key), "application/json")
+    engine.calls.clear()
+    summary = run(storage, engine, ["doca"])
+    assert engine.calls == [label("doca", 2)]
+    assert (summary.processed, summary.cached, summary.failed) == (1, 1, 0)
+    record = storage.get_json(key)
+    assert (record["page"], record["doc_id"], record["engine"]) == (2, "doca", IDENTITY)
+    markdown = storage.get_bytes(storage.document_md_key("doca")).decode()
+    assert "text of doc=doca page=2" in markdown
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [b"\x00\xffgarbage", b"", b"[]", b"{}", b'{"state": "complete"}', b'{"doc_id": "docz", "state": "complete"}'],
+    ids=["binary", "empty", "list", "empty-object", "no-fields", "other-doc"],
+)
+def test_a_garbage_status_is_treated_as_missing_and_rewritten(
+    storage: MemoryStorage, engine: ScriptedEngine, garbage: bytes
+) -> None:
+    """Row 5: an unreadable status.json is no S3 failure: the document is worked on and its status rewritten."""
+    seed_document(storage, "doca", 2)
+    run(storage, engine, ["doca"])
+    storage.put_bytes(storage.vlm_status_key("doca"), garbage, "application/json")
+    engine.calls.clear()
+    summary = run(storage, engine, ["doca"])
+    assert engine.calls == []  # both page results are whole: nothing to ask again
+    assert summary.documents == {"doca": "complete"}
+    status = storage.get_json(storage.vlm_status_key("doca"))
+    assert (status["doc_id"], status["state"], status["pages_done"]) == ("doca", "complete", 2)
+
+
+def test_eight_garbage_statuses_do_not_make_s3_look_down(storage: MemoryStorage, engine: ScriptedEngine) -> None:
+    """Row 5: 8 of 10 documents with a garbage status.json; the 2 healthy ones are not skipped."""
+    docs = [f"doc{i}" for i in range(10)]
+    for doc_id in docs:
+        seed_document(storage, doc_id, 2)
+    for doc_id in docs[:8]:
+        storage.put_bytes(storage.vlm_status_key(doc_id), b"garbage", "application/json")
+    summary = run(storage, engine, docs)
+    assert summary.processed == 20 and len(engine.calls) == 20
+    assert summary.documents == dict.fromkeys(docs, "complete")
+    assert summary.unrecorded == []
+
+
+def test_a_corrupt_page_manifest_fails_its_document_only(storage: MemoryStorage, engine: ScriptedEngine) -> None:
+    """The page manifest belongs to parsed_pages: its document fails with a message that says what to run; the
+    other documents are processed, and S3 is not blamed."""
+    seed_document(storage, "doca", 2)
+    seed_document(storage, "docb", 1)
+    storage.put_bytes(storage.page_manifest_key("doca"), b'{"pages": [{"page": "x"}]', "application/json")
+    messages: list[str] = []
+    with pytest.raises(DocumentsNotProcessed) as failed:
+        run(storage, engine, ["doca", "docb"], progress=messages.append)
+    assert engine.calls == [label("docb", 1)]
+    assert storage.get_json(storage.vlm_status_key("docb"))["state"] == "complete"
+    assert not storage.exists(storage.vlm_status_key("doca"))
+    message = str(failed.value)
+    assert "doca" in message and "page manifest" in message and "parsed_pages" in message and "force" in message
+    assert "S3 reachable" not in message
+    assert any(m.startswith("doca: NOT PROCESSED") for m in messages)
+
+
+def test_an_s3_error_reading_a_status_is_still_an_s3_error(storage: MemoryStorage, engine: ScriptedEngine) -> None:
+    seed_document(storage, "doca", 1)
+    run(storage, engine, ["doca"])
+    fail_once(storage, "get", lambda key: key.endswith("status.json"), ConnectionError("Connection reset"))
+    with pytest.raises(StorageUnavailable, match="Connection reset"):
+        run(storage, engine, ["doca"])
+
+
+# ---- memory bound by bytes (issue 21 row 6) ---------------------------------------------------------------------
+
+
+def seed_big_pages(storage: MemoryStorage, doc_id: str, pages: int, png_bytes: int) -> None:
+    seed_document(storage, doc_id, pages)
+    for n in range(1, pages + 1):  # the page images get their size; the manifest's hashes need not match
+        storage.put_bytes(storage.page_png_key(doc_id, n), bytes([n % 256]) * png_bytes, "image/png")
+
+
+def _slow_everywhere(engine: ScriptedEngine, doc_id: str, pages: int) -> None:
+    async def slow(page: PageInput) -> PageResult:
+        await asyncio.sleep(0.005)
+        return answer(f"text of {page.label}")
+
+    for n in range(1, pages + 1):
+        engine.behaviours[label(doc_id, n)] = slow
+
+
+def test_pages_in_flight_are_bounded_by_their_bytes(storage: MemoryStorage) -> None:
+    """The limiter would allow 32 pages at once; 8 MiB pages under a 60 MiB budget allow 3."""
+    engine = ScriptedEngine(ScriptedGate(limit=32))
+    seed_big_pages(storage, "doca", 24, 8 * 2**20)
+    _slow_everywhere(engine, "doca", 24)
+    summary = run(storage, engine, ["doca"], memory_budget=60 * 2**20)
+    assert summary.processed == 24
+    cost = 8 * 2**20 * (1 + 4 / 3) + 2**20  # PNG, its base64 body, an answer
+    assert engine.gate.peak == int(60 * 2**20 // cost) == 3
+    assert summary.peak_page_bytes <= 60 * 2**20
+
+
+def test_a_page_larger_than_the_budget_runs_alone(storage: MemoryStorage) -> None:
+    engine = ScriptedEngine(ScriptedGate(limit=32))
+    seed_big_pages(storage, "doca", 5, 4 * 2**20)
+    _slow_everywhere(engine, "doca", 5)
+    summary = run(storage, engine, ["doca"], memory_budget=2**20)
+    assert summary.processed == 5  # never a deadlock
+    assert engine.gate.peak == 1
+
+
+def test_the_default_budget_does_not_limit_ordinary_pages(storage: MemoryStorage) -> None:
+    engine = ScriptedEngine(ScriptedGate(limit=8))
+    seed_big_pages(storage, "doca", 40, 300_000)
+    _slow_everywhere(engine, "doca", 40)
+    run(storage, engine, ["doca"])
+    assert 8 <= engine.gate.peak <= 8 + 2  # the limiter's room and the image prefetch, as before
+
+
+def test_a_rerun_trusts_the_results_its_status_vouches_for_without_reading_them(
+    storage: MemoryStorage, engine: ScriptedEngine
+) -> None:
+    seed_document(storage, "doca", 3)
+    run(storage, engine, ["doca"])
+    status = storage.get_json(storage.vlm_status_key("doca"))
+    listed = {
+        k.split("/")[-1].split(".")[0]: storage.head(k).etag for k in storage.keys(storage.vlm_page_prefix("doca"))
+    }
+    assert status["page_etags"] == listed
+    seen = record_ops(storage)
+    run(storage, engine, ["doca"])
+    assert not [key for op, key in seen if op == "get" and "/pages/" in key and key.startswith("vlm/")]
+
+
+def test_results_no_status_vouches_for_are_checked_once_then_trusted(
+    storage: MemoryStorage, engine: ScriptedEngine
+) -> None:
+    seed_document(storage, "doca", 2)
+    run(storage, engine, ["doca"])
+    status = storage.get_json(storage.vlm_status_key("doca"))
+    del status["page_etags"]  # a status written before page_etags existed
+    storage.put_json(storage.vlm_status_key("doca"), status)
+    engine.calls.clear()
+    run(storage, engine, ["doca"])  # reads and checks both results, records their ETags
+    assert engine.calls == []
+    assert len(storage.get_json(storage.vlm_status_key("doca"))["page_etags"]) == 2
+    seen = record_ops(storage)
+    run(storage, engine, ["doca"])
+    assert not [key for op, key in seen if op == "get" and key.startswith("vlm/doca/pages/")]

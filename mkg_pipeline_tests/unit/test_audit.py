@@ -52,13 +52,27 @@ def _result_key(storage: MemoryStorage, doc_id: str, n: int, identity: str = IDE
     return storage.vlm_page_key(doc_id, n, page_cache_key(_png_sha(doc_id, n), identity))
 
 
+def _record(doc_id: str, n: int, identity: str = IDENTITY) -> dict[str, object]:
+    """A page result as the vlm stage writes it (the fields that prove its key, and what assembly reads)."""
+    return {
+        "version": 2,
+        "doc_id": doc_id,
+        "page": n,
+        "cache_key": page_cache_key(_png_sha(doc_id, n), identity),
+        "engine": identity,
+        "markdown": f"page {n}",
+        "content_list": [],
+    }
+
+
 def _processed(storage: MemoryStorage, doc_id: str, pages: int, failed: tuple[int, ...] = (), state: str = "") -> None:
     failures = []
+    etags = {}
     for n in range(1, pages + 1):
         if n in failed:
             failures.append({"page": n, "reason": "timeout", "message": "timed out", "attempts": 2})
         else:
-            storage.put_json(_result_key(storage, doc_id, n), {"markdown": f"page {n}"})
+            etags[str(n)] = storage.put_json(_result_key(storage, doc_id, n), _record(doc_id, n))
     storage.put_json(
         storage.vlm_status_key(doc_id),
         {
@@ -69,6 +83,7 @@ def _processed(storage: MemoryStorage, doc_id: str, pages: int, failed: tuple[in
             "pages_total": pages,
             "pages_done": pages - len(failed),
             "failed_pages": failures,
+            "page_etags": etags,  # the stage vouches for the results it wrote: the audit need not read them
         },
     )
 
@@ -385,3 +400,87 @@ def test_text_output_is_capped_per_kind(kind: str) -> None:
         report.add(Finding(kind, ERROR, f"s3://b/x{i}", "m", "a"))
     text = report.to_text(max_per_kind=5)
     assert f"[{kind}] ... and 25 more" in text
+
+
+# ---- records that prove themselves (issue 21 rows 4, 5) ---------------------------------------------------------
+
+
+def _truncated(storage: MemoryStorage, key: str) -> None:
+    data = storage.get_bytes(key)
+    storage.put_bytes(key, data[: len(data) // 2])
+
+
+def test_a_truncated_page_result_is_named_with_the_command_that_redoes_it() -> None:
+    storage = _clean_bucket()
+    _truncated(storage, _result_key(storage, D1, 2))
+    report = _audit(storage)
+    finding = _only(report, "page_result_unreadable")
+    assert (finding.severity, finding.doc_id, finding.batch_id) == (ERROR, D1, BATCH)
+    assert "page(s) 2 " in finding.message and "not valid JSON" in finding.message
+    assert "--select vlm_outputs" in finding.action and f'"doc_ids": ["{D1}"]' in finding.action
+    assert '"force"' not in finding.action  # a plain re-run redoes it
+    assert not report.ok
+    assert report.counts["pages_done"] == 2
+
+
+def _another_page(storage: MemoryStorage, key: str) -> None:
+    storage.put_json(key, _record(D1, 1))
+
+
+def _another_engine(storage: MemoryStorage, key: str) -> None:
+    record = _record(D1, 2)
+    record["engine"] = "page_markdown|other-model|v1"
+    storage.put_json(key, record)
+
+
+@pytest.mark.parametrize(
+    "corrupt",
+    [
+        lambda s, k: s.put_bytes(k, b""),
+        lambda s, k: s.put_bytes(k, b"[]"),
+        lambda s, k: s.put_bytes(k, b"{}"),
+        _another_page,
+        _another_engine,
+    ],
+    ids=["empty", "list", "empty-object", "another-page", "another-engine"],
+)
+def test_a_page_result_that_does_not_prove_its_key_is_named(corrupt) -> None:  # type: ignore[no-untyped-def]
+    storage = _clean_bucket()
+    corrupt(storage, _result_key(storage, D1, 2))
+    finding = _only(_audit(storage), "page_result_unreadable")
+    assert finding.doc_id == D1 and "page(s) 2 " in finding.message
+
+
+def test_results_no_status_vouches_for_are_read_and_checked_once_each() -> None:
+    storage = _clean_bucket()
+    status = storage.get_json(storage.vlm_status_key(D1))
+    del status["page_etags"]  # written by an older version
+    storage.put_json(storage.vlm_status_key(D1), status)
+    storage.memory.calls.clear()
+    report = _audit(storage)
+    assert report.findings == [] and report.ok
+    assert storage.memory.calls["get"] == 1 + 3 + 2 + 1 + 2  # ... and D1's two page results
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [b"garbage", b"", b"[]", b"{}", json.dumps({"doc_id": D2, "engine": IDENTITY, "state": "complete"}).encode()],
+    ids=["garbage", "empty", "list", "empty-object", "another-document"],
+)
+def test_an_unreadable_status_is_named_with_a_plain_rerun(garbage: bytes) -> None:
+    storage = _clean_bucket()
+    storage.put_bytes(storage.vlm_status_key(D1), garbage)
+    report = _audit(storage)
+    finding = _only(report, "unreadable_record")
+    assert finding.subject == f"s3://memory/vlm/{D1}/status.json" and finding.batch_id == BATCH
+    assert "--select vlm_outputs" in finding.action and "rewrites it" in finding.action
+    assert not report.ok
+
+
+@pytest.mark.parametrize("garbage", [b"[]", b"{}", b'{"pages": [{"page": "x"}]}', b"\x00"], ids=str)
+def test_an_unreadable_page_manifest_names_parsed_pages(garbage: bytes) -> None:
+    storage = _clean_bucket()
+    storage.put_bytes(storage.page_manifest_key(D1), garbage)
+    finding = _only(_audit(storage), "unreadable_record")
+    assert finding.subject == f"s3://memory/pages/{D1}/manifest.json"
+    assert "--select parsed_pages" in finding.action and '"force": true' in finding.action
