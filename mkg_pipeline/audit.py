@@ -54,7 +54,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 from mkg_pipeline import records
-from mkg_pipeline.engines.base import page_cache_key
 from mkg_pipeline.storage import ObjectInfo, Storage
 
 log = logging.getLogger(__name__)
@@ -669,7 +668,8 @@ def _check_document(
                 d,
             )
         )
-    missing_png = [p["page"] for p in pages if f"{p['page']}.png" not in doc.pages]
+    # a text-route page has no image (parsed_pages wrote its result instead)
+    missing_png = [p["page"] for p in pages if not records.is_text_page(p) and f"{p['page']}.png" not in doc.pages]
     if missing_png:
         report.add(
             Finding(
@@ -695,14 +695,18 @@ def _check_document(
     waiting = 0
     for page in pages:
         n = int(page["page"])
-        cache_key = page_cache_key(page["png_sha256"], identity)
+        # a text-route page's result is the text engine's, under its own cache key (parsed_pages wrote it)
+        cache_key = records.page_result_cache_key(page, identity)
         name = done_keys.get((n, cache_key))
         if name is not None:
             problem = None
             if vouched.get(str(n)) != doc.vlm_etags.get(name):  # not the object the stage wrote and checked
-                problem = _page_result_problem(storage, storage.vlm_prefix(d) + name, d, n, cache_key, identity)
+                problem = _page_result_problem(
+                    storage, storage.vlm_prefix(d) + name, d, n, cache_key, records.page_result_identity(page, identity)
+                )
             if problem is None:
                 report.counts["pages_done"] += 1
+                report.counts["pages_text"] += records.is_text_page(page)
                 continue
             unreadable.append((n, problem))
             continue

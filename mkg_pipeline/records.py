@@ -94,6 +94,15 @@ def page_manifest_problem(manifest: Any, *, doc_id: str) -> str | None:
     if not isinstance(pages, list):
         return "no 'pages' list"
     for entry in pages:
+        if isinstance(entry, Mapping) and entry.get("route") == "text":
+            # a text-route page: no image; its result was written by parsed_pages under the text engine
+            if not (
+                _is_int(entry.get("page"))
+                and isinstance(entry.get("cache_key"), str)
+                and isinstance(entry.get("engine"), str)
+            ):
+                return f"a text-route page entry lacks its page number, cache_key or engine: {str(entry)[:120]}"
+            continue
         if not (
             isinstance(entry, Mapping)
             and _is_int(entry.get("page"))
@@ -131,3 +140,26 @@ def read_page_manifest(data: bytes, *, doc_id: str) -> tuple[dict[str, Any] | No
     if problem is None:
         problem = page_manifest_problem(manifest, doc_id=doc_id)
     return (manifest, None) if problem is None else (None, problem)
+
+
+# ---- page routes (issue 19): a manifest page's result, whichever route it took -------------------------------
+
+
+def is_text_page(page: Mapping[str, Any]) -> bool:
+    """Whether a manifest entry took the text route (its result was written by parsed_pages; no image)."""
+    return page.get("route") == "text"
+
+
+def page_result_cache_key(page: Mapping[str, Any], identity: str) -> str:
+    """The cache key of a manifest page's result: a text page's own (its text engine's), else the page
+    image's under the VLM engine ``identity``."""
+    from mkg_pipeline.engines.base import page_cache_key
+
+    if is_text_page(page):
+        return str(page["cache_key"])
+    return page_cache_key(str(page["png_sha256"]), identity)
+
+
+def page_result_identity(page: Mapping[str, Any], identity: str) -> str:
+    """The engine identity a manifest page's result is recorded under (a text page: the text engine's)."""
+    return str(page["engine"]) if is_text_page(page) else identity

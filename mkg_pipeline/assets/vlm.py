@@ -90,6 +90,10 @@ def vlm_outputs(
             "pages": summary.pages_total,
             "pages_processed": summary.processed,
             "pages_cached": summary.cached,
+            # GPU pages and text pages (read from the text layer by parsed_pages), for the batch and per document
+            "pages_vlm": summary.routes.get("vlm", 0),
+            "pages_text": summary.routes.get("text", 0),
+            "pages_by_route": dg.MetadataValue.json(summary.routes_by_document),
             "pages_failed": summary.failed,
             "failed_page_rate": round(summary.failed_page_rate, 5),
             "failure_reasons": dg.MetadataValue.json(dict(summary.failure_reasons)),

@@ -112,7 +112,8 @@ def promote_to_baseline(
 ) -> dict[str, int]:
     """Copy the current outputs of ``doc_ids`` into the golden baseline; refuses incomplete documents."""
 
-    from mkg_pipeline.stages.pages import page_result_cache_key, read_page_manifest
+    from mkg_pipeline.records import page_result_cache_key
+    from mkg_pipeline.stages.pages import read_page_manifest
     from mkg_pipeline.stages.quality_diff import baseline_page_key
 
     promoted: dict[str, int] = {}

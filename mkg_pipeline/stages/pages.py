@@ -54,6 +54,7 @@ from mkg_pipeline.pdf.render import (
     iter_rendered_pages,
     qwen25vl_vision_tokens,
 )
+from mkg_pipeline.records import is_text_page
 from mkg_pipeline.stages.batches import accepted_doc_ids, document_pool, read_batch_manifest, storage_for
 from mkg_pipeline.storage import PreconditionFailed, Storage
 
@@ -447,24 +448,6 @@ def _names_its_output(storage: Storage, doc_id: str, page: dict[str, Any]) -> bo
             and page.get("record_key") == storage.vlm_page_key(doc_id, n, key)
         )
     return page.get("png_key") == storage.page_png_key(doc_id, n) and isinstance(page.get("png_sha256"), str)
-
-
-def is_text_page(page: dict[str, Any]) -> bool:
-    """Whether a manifest entry took the text route (its result is already stored; it has no image)."""
-    return page.get("route") == "text"
-
-
-def page_result_cache_key(page: dict[str, Any], identity: str) -> str:
-    """The cache key of a manifest page's result: a text page's own (its text engine's), else the page image's
-    under the VLM engine ``identity``."""
-    if is_text_page(page):
-        return str(page["cache_key"])
-    return page_cache_key(page["png_sha256"], identity)
-
-
-def page_result_identity(page: dict[str, Any], identity: str) -> str:
-    """The engine identity a manifest page's result is recorded under (text pages: the text engine's)."""
-    return str(page["engine"]) if is_text_page(page) else identity
 
 
 def _damaged_images(storage: Storage, doc_id: str, pages: list[dict[str, Any]]) -> list[int]:

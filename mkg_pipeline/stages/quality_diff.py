@@ -18,7 +18,8 @@ from typing import Any
 
 from mkg_pipeline.markdown_table import markdown_table
 from mkg_pipeline.quality import similarity
-from mkg_pipeline.stages.pages import page_result_cache_key, read_page_manifest
+from mkg_pipeline.records import page_result_cache_key
+from mkg_pipeline.stages.pages import read_page_manifest
 from mkg_pipeline.storage import Storage
 
 log = logging.getLogger(__name__)

@@ -18,6 +18,13 @@ its reason (the first real cause), message and attempts, and is retried by the n
 Before a document is worked on, an existing status is marked ``stale`` (with this run's id), so a step
 that dies leaves no status that claims an earlier, different result is current.
 
+Pages take one of two routes (DESIGN.md, "Page routes"; decided by parsed_pages). A ``text`` page's result
+was written by parsed_pages (the text engine, no GPU) as a page record under the text engine's identity;
+here it is a finished page whose record already exists: it is checked (:mod:`mkg_pipeline.records`, with
+that identity) and assembled with the VLM pages, never sent to the engine. A text page whose record is
+missing fails visibly (``text_record_missing``) and parsed_pages writes it again. Each page's route is
+recorded in status.json, and pages are counted by route (summary, metadata, ``pages_total{route}``).
+
 Records prove themselves (:mod:`mkg_pipeline.records`): a cached page result counts only if it parses and
 names its document, page, cache key and engine; status.json records the ETag of every result it counts,
 so a re-run trusts a result whose ETag it recorded and reads (and checks) any other once. A result that
@@ -44,7 +51,7 @@ from typing import Any, Protocol
 from mkg_pipeline import records
 from mkg_pipeline.engines.base import AnswerRejected, PageEngine, PageInput, page_cache_key
 from mkg_pipeline.outputs import assemble_document, page_record
-from mkg_pipeline.pipeline_metrics import PAGES_CACHED, PAGES_FAILED, PAGES_PROCESSED
+from mkg_pipeline.pipeline_metrics import PAGES_CACHED, PAGES_FAILED, PAGES_PROCESSED, PAGES_TOTAL
 from mkg_pipeline.storage import AsyncStorage, PreconditionFailed, Storage
 from mkg_pipeline.vllm.errors import VLLMClientError
 
@@ -132,6 +139,9 @@ class VLMSummary:
     documents: dict[str, str] = field(default_factory=dict)  # doc_id -> state
     unrendered: list[str] = field(default_factory=list)
     unrecorded: list[str] = field(default_factory=list)
+    #: pages by route (text: from the text layer, no GPU; vlm: the engine), for the run and per document
+    routes: Counter[str] = field(default_factory=Counter)
+    routes_by_document: dict[str, dict[str, int]] = field(default_factory=dict)
     #: doc_id -> why it could not be worked on (not S3: its own records), with what repairs it
     not_processed: dict[str, str] = field(default_factory=dict)
     #: stored records found unreadable (redone or rewritten): "doc page n: problem"
@@ -187,6 +197,10 @@ class _Document:
     png_sizes: dict[int, int] = field(default_factory=dict)
     failures: dict[int, dict[str, Any]] = field(default_factory=dict)
     scheduled_all: bool = False
+    #: page number -> identity of the engine that wrote a text-route page's record (the text engine's)
+    identities: dict[int, str] = field(default_factory=dict)
+    #: page number -> route ("text" or "vlm")
+    routes: dict[int, str] = field(default_factory=dict)
 
     @property
     def finished(self) -> int:
@@ -204,6 +218,8 @@ class _PageJob:
     cache_key: str
     #: bytes this page holds while in flight (PNG, request body, answer): what it takes of the budget
     cost: int = 0
+    #: the identity its record is written under: the text engine's for a text-route page, else the engine's
+    identity: str = ""
 
     @property
     def number(self) -> int:
@@ -320,7 +336,7 @@ class _BatchRun:
         s3 = self.s3
         # The four reads at once, not one after another: the first document's are on the path to the
         # first request, and every document's on the producer's.
-        manifest_data, status_data, existing, png_sizes = await asyncio.gather(
+        manifest_data, status_data, listed, png_sizes = await asyncio.gather(
             self._get_or_none(s3.page_manifest_key(doc_id)),
             self._get_or_none(s3.vlm_status_key(doc_id)),
             self._cached_keys(doc_id),
@@ -354,10 +370,29 @@ class _BatchRun:
             identity=self.engine.identity,
         )
         recorded = (previous or {}).get("page_etags") or {}
+        existing = {} if self.force_refresh else listed  # VLM results to reuse (none when refreshing)
         todo: list[_PageJob] = []
         unproven: list[_PageJob] = []
+        missing_text: list[int] = []
+        text_keys: dict[int, str] = {}  # text-route page -> the cache key of its record
         for page in doc.pages:
             n = int(page["page"])
+            if records.is_text_page(page):
+                # Finished by parsed_pages: its record exists, or the page fails (never sent to the engine).
+                doc.routes[n] = "text"
+                identity = str(page["engine"])
+                doc.identities[n] = identity
+                job = _PageJob(doc, page, str(page["cache_key"]), 0, identity)
+                text_keys[n] = job.cache_key
+                etag = listed.get(s3.vlm_page_key(doc_id, n, job.cache_key))
+                if etag is None:
+                    missing_text.append(n)
+                elif recorded.get(str(n)) == etag:
+                    doc.cached[n], doc.etags[n] = job.cache_key, etag
+                else:
+                    unproven.append(job)
+                continue
+            doc.routes[n] = "vlm"
             if (size := png_sizes.get(page["png_key"])) is not None:
                 doc.png_sizes[n] = size
             job = _PageJob(
@@ -370,16 +405,33 @@ class _BatchRun:
                 doc.cached[n], doc.etags[n] = job.cache_key, etag
             else:
                 unproven.append(job)
-        for job, etag in zip(unproven, await self._prove(unproven, existing), strict=True):
-            if etag is None:
+        for job, etag in zip(unproven, await self._prove(unproven, listed), strict=True):
+            if etag is None and job.number in doc.identities:
+                missing_text.append(job.number)
+            elif etag is None:
                 todo.append(job)
             else:
                 doc.cached[job.number], doc.etags[job.number] = job.cache_key, etag
         todo.sort(key=lambda job: job.number)
+        for n in sorted(missing_text):
+            self._record_failure(
+                doc,
+                n,
+                "text_record_missing",
+                f"page {n} took the text route, but its result {s3.uri(s3.vlm_page_key(doc_id, n, text_keys[n]))} "
+                f"is missing or unreadable; materialize parsed_pages for this batch (config doc_ids=[{doc_id!r}]): "
+                "it writes text-route results again, then vlm_outputs",
+            )
         self.summary.pages_total += len(doc.pages) + len(doc.render_failures)
-        self.summary.cached += len(doc.cached)
-        PAGES_CACHED.labels(engine=self.engine.name).inc(len(doc.cached))
-        if not todo and not unproven and _is_current(previous, doc):
+        vlm_cached = sum(1 for n in doc.cached if n not in doc.identities)
+        self.summary.cached += vlm_cached
+        PAGES_CACHED.labels(engine=self.engine.name).inc(vlm_cached)
+        by_route = {route: sum(1 for r in doc.routes.values() if r == route) for route in ("text", "vlm")}
+        self.summary.routes.update(by_route)
+        self.summary.routes_by_document[doc_id] = by_route
+        for route, count in by_route.items():
+            PAGES_TOTAL.labels(route=route).inc(count)
+        if not todo and not unproven and not doc.failures and _is_current(previous, doc):
             # Every page cached and the assembled outputs say so: nothing to redo, nothing to rewrite.
             self.summary.documents[doc_id] = str(previous["state"]) if previous else "complete"
             return None
@@ -400,7 +452,11 @@ class _BatchRun:
             if data is None:  # deleted since the listing
                 return None
             _, problem = records.read_page_record(
-                data, doc_id=job.doc.doc_id, page=job.number, cache_key=job.cache_key, engine=self.engine.identity
+                data,
+                doc_id=job.doc.doc_id,
+                page=job.number,
+                cache_key=job.cache_key,
+                engine=job.identity or self.engine.identity,
             )
             if problem is not None:
                 self._unreadable(job.doc.doc_id, job.number, key, problem, "requested again")
@@ -435,8 +491,7 @@ class _BatchRun:
 
     async def _cached_keys(self, doc_id: str) -> dict[str, str]:
         """Keys -> ETags of the page results stored for a document (none wanted when refreshing)."""
-        if self.force_refresh:
-            return {}
+        # Listed even when refreshing: text-route pages' records are written by parsed_pages, never here.
         return {o.key: o.etag async for o in self.s3.list_objects(self.s3.vlm_page_prefix(doc_id))}
 
     async def _png_sizes(self, doc_id: str) -> dict[str, int]:
@@ -638,6 +693,8 @@ class _BatchRun:
                 "pages_done": status.done,
                 "failed_pages": failed,
                 "page_etags": {str(n): doc.etags[n] for n in sorted(pages) if n in doc.etags},
+                "page_routes": {str(n): doc.routes[n] for n in sorted(doc.routes)},
+                "pages_by_route": {r: sum(1 for v in doc.routes.values() if v == r) for r in ("text", "vlm")},
                 "run_id": self.run_id,
                 "updated_at": now,
             },
@@ -664,7 +721,7 @@ class _BatchRun:
                 self._record_failure(doc, n, "record_unreadable", f"{s3.uri(object_key)} disappeared")
                 return None
             record, problem = records.read_page_record(
-                data, doc_id=doc.doc_id, page=n, cache_key=key, engine=doc.identity
+                data, doc_id=doc.doc_id, page=n, cache_key=key, engine=doc.identities.get(n, doc.identity)
             )
             if record is None:
                 self._unreadable(doc.doc_id, n, object_key, problem, "the page is requested again next run")

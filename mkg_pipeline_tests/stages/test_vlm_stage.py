@@ -615,3 +615,102 @@ def test_results_no_status_vouches_for_are_checked_once_then_trusted(
     seen = record_ops(storage)
     run(storage, engine, ["doca"])
     assert not [key for op, key in seen if op == "get" and key.startswith("vlm/doca/pages/")]
+
+
+# ---- routes (issue 19 items 1, 3): text pages are finished by parsed_pages, only vlm pages are sent ----------
+
+
+def routed(storage: MemoryStorage, files: dict[str, bytes], routing: Any = None) -> dict[str, str]:
+    """Ingest and render ``files`` (routing auto unless given); their doc_ids by name."""
+    from mkg_pipeline.config import PDFConfig, RoutingConfig
+    from mkg_pipeline.ids import doc_id_for
+    from mkg_pipeline.stages.ingest import ingest_batch
+    from mkg_pipeline.stages.pages import render_batch
+    from mkg_pipeline_tests.stages.conftest import drop
+
+    batch = drop(storage, files)
+    ingest_batch(storage, batch, PDFConfig())
+    render_batch(storage, batch, PDFConfig(), routing=routing or RoutingConfig())
+    return {name: doc_id_for(data) for name, data in files.items()}
+
+
+def test_a_mixed_document_sends_only_its_scanned_page(storage: MemoryStorage, engine: ScriptedEngine) -> None:
+    from mkg_pipeline.vllm.metrics import REGISTRY
+    from mkg_pipeline_tests.fixtures.routing_pages import TITLE, mixed_pdf
+
+    doc = routed(storage, {"mixed.pdf": mixed_pdf()})["mixed.pdf"]
+    text_before = REGISTRY.get_sample_value("mkg_pipeline_pages_total", {"route": "text"}) or 0
+    summary = run(storage, engine, [doc])
+    assert engine.calls == [label(doc, 2)]  # one VLM request: the scan
+    assert (summary.processed, summary.cached, summary.failed, summary.pages_total) == (1, 0, 0, 2)
+    assert summary.routes == {"text": 1, "vlm": 1} and summary.routes_by_document == {doc: {"text": 1, "vlm": 1}}
+    assert REGISTRY.get_sample_value("mkg_pipeline_pages_total", {"route": "text"}) == text_before + 1
+    status = storage.get_json(storage.vlm_status_key(doc))
+    assert (status["state"], status["pages_done"], status["page_routes"]) == ("complete", 2, {"1": "text", "2": "vlm"})
+    assert status["pages_by_route"] == {"text": 1, "vlm": 1}
+    markdown = storage.get_bytes(storage.document_md_key(doc)).decode()
+    assert markdown.index(TITLE) < markdown.index("<!-- page 2 -->") < markdown.index(f"text of {label(doc, 2)}")
+    assert {item["page_idx"] for item in storage.get_json(storage.content_list_key(doc))} == {0, 1}
+    # A second run: nothing to ask, nothing to rewrite; refreshing asks the VLM page again, never the text page.
+    engine.calls.clear()
+    again = run(storage, engine, [doc])
+    assert engine.calls == [] and again.documents == {doc: "complete"}
+    run(storage, engine, [doc], force_refresh=True)
+    assert engine.calls == [label(doc, 2)]
+    assert storage.get_json(storage.vlm_status_key(doc))["state"] == "complete"
+
+
+def test_mode_vlm_sends_every_page_and_an_override_routes_one_document(
+    storage: MemoryStorage, engine: ScriptedEngine
+) -> None:
+    from mkg_pipeline.config import RoutingConfig
+    from mkg_pipeline.ids import doc_id_for
+    from mkg_pipeline_tests.fixtures.routing_pages import born_digital_pdf, mixed_pdf
+
+    paper = born_digital_pdf()
+    routing = RoutingConfig(mode="vlm", overrides={doc_id_for(paper): "auto"})
+    docs = routed(storage, {"mixed.pdf": mixed_pdf(), "paper.pdf": paper}, routing)
+    summary = run(storage, engine, list(docs.values()))
+    assert sorted(engine.calls) == [label(docs["mixed.pdf"], 1), label(docs["mixed.pdf"], 2)]
+    assert summary.routes_by_document == {
+        docs["mixed.pdf"]: {"text": 0, "vlm": 2},
+        docs["paper.pdf"]: {"text": 1, "vlm": 0},
+    }
+    assert summary.documents == {docs["mixed.pdf"]: "complete", docs["paper.pdf"]: "complete"}
+
+
+def test_a_text_page_without_its_record_fails_visibly_until_parsed_pages_writes_it(
+    storage: MemoryStorage, engine: ScriptedEngine
+) -> None:
+    from mkg_pipeline.stages.pages import read_page_manifest
+    from mkg_pipeline_tests.fixtures.routing_pages import mixed_pdf
+
+    data = mixed_pdf()
+    doc = routed(storage, {"mixed.pdf": data})["mixed.pdf"]
+    text_page = read_page_manifest(storage, doc)["pages"][0]
+    storage.put_bytes(text_page["record_key"], b"{}")  # not the record its key names
+    summary = run(storage, engine, [doc])
+    assert engine.calls == [label(doc, 2)]  # the text page is never sent to the engine (it has no image)
+    (failure,) = storage.get_json(storage.vlm_status_key(doc))["failed_pages"]
+    assert (failure["page"], failure["reason"]) == (1, "text_record_missing")
+    assert "parsed_pages" in failure["message"] and summary.documents == {doc: "partial"}
+    routed(storage, {"mixed.pdf": data})  # parsed_pages again: it writes the record anew
+    run(storage, engine, [doc])
+    assert storage.get_json(storage.vlm_status_key(doc))["state"] == "complete"
+
+
+def test_the_audit_accepts_text_route_pages_and_names_a_lost_one(
+    storage: MemoryStorage, engine: ScriptedEngine
+) -> None:
+    from mkg_pipeline.audit import audit_bucket
+    from mkg_pipeline.stages.pages import read_page_manifest
+    from mkg_pipeline_tests.fixtures.routing_pages import mixed_pdf
+
+    doc = routed(storage, {"mixed.pdf": mixed_pdf()})["mixed.pdf"]
+    run(storage, engine, [doc])
+    report = audit_bucket(storage, IDENTITY)
+    assert report.findings == [], report.to_text()  # no image for the text page, and that is no loss
+    assert (report.counts["pages_done"], report.counts["pages_text"]) == (2, 1)
+    storage.delete(read_page_manifest(storage, doc)["pages"][0]["record_key"])
+    (finding,) = audit_bucket(storage, IDENTITY).findings
+    assert finding.kind == "page_unaccounted" and "page(s) 1 " in finding.message
