@@ -80,7 +80,8 @@ quality_check_specs = [
 
 
 def evaluate_vlm_checks(summary: VLMSummary, max_failed_page_rate: float) -> list[dg.AssetCheckResult]:
-    accounted = summary.processed + summary.cached + summary.failed
+    # text-route pages are finished by parsed_pages: found done here, never processed nor cached
+    accounted = summary.processed + summary.cached + summary.text_done + summary.failed
     reasons = dg.MetadataValue.json(dict(summary.failure_reasons))
     return [
         dg.AssetCheckResult(
@@ -90,6 +91,7 @@ def evaluate_vlm_checks(summary: VLMSummary, max_failed_page_rate: float) -> lis
                 "pages_expected": summary.pages_total,
                 "pages_accounted": accounted,
                 "pages_failed": summary.failed,
+                "pages_text": summary.text_done,
                 "documents_without_pages": dg.MetadataValue.json(summary.unrendered),
             },
         ),

@@ -141,6 +141,8 @@ class VLMSummary:
     unrecorded: list[str] = field(default_factory=list)
     #: pages by route (text: from the text layer, no GPU; vlm: the engine), for the run and per document
     routes: Counter[str] = field(default_factory=Counter)
+    #: text-route pages found finished (their records, written by parsed_pages, prove themselves)
+    text_done: int = 0
     routes_by_document: dict[str, dict[str, int]] = field(default_factory=dict)
     #: doc_id -> why it could not be worked on (not S3: its own records), with what repairs it
     not_processed: dict[str, str] = field(default_factory=dict)
@@ -425,6 +427,7 @@ class _BatchRun:
         self.summary.pages_total += len(doc.pages) + len(doc.render_failures)
         vlm_cached = sum(1 for n in doc.cached if n not in doc.identities)
         self.summary.cached += vlm_cached
+        self.summary.text_done += len(doc.cached) - vlm_cached
         PAGES_CACHED.labels(engine=self.engine.name).inc(vlm_cached)
         by_route = {route: sum(1 for r in doc.routes.values() if r == route) for route in ("text", "vlm")}
         self.summary.routes.update(by_route)

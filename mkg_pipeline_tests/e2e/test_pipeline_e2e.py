@@ -157,3 +157,33 @@ def test_sensor_new_replaced_and_seen_objects(pipeline_env: PipelineEnv) -> None
     assert [o["key"] for o in objects["objects"]] == ["incoming/two-pages.pdf"]
     assert replaced.run_requests[0].run_key != batch
     assert not pipeline_env.tick().run_requests
+
+
+def test_routing_auto_sends_only_the_scanned_page_of_a_mixed_document(
+    pipeline_env: PipelineEnv, local_vlm_server, monkeypatch
+) -> None:
+    """Issue 19 items 1 and 3 through Dagster: the born-digital page never reaches the server."""
+    from mkg_pipeline.config import get_settings
+    from mkg_pipeline.ids import doc_id_for
+    from mkg_pipeline_tests.fixtures.routing_pages import TITLE, mixed_pdf
+
+    monkeypatch.setenv("MKG_ROUTING__MODE", "auto")  # the fixture pins vlm for the VLM-path tests
+    get_settings.cache_clear()
+    data = mixed_pdf()
+    pipeline_env.upload("mixed.pdf", data=data)
+    batch = pipeline_env.tick().run_requests[0].partition_key
+    start = _requests(local_vlm_server)
+    result = pipeline_env.materialize(batch)
+    assert result.success
+    assert _requests(local_vlm_server) - start == 1  # the scan only
+    storage, doc_id = pipeline_env.storage, doc_id_for(data)
+    status = storage.get_json(storage.vlm_status_key(doc_id))
+    assert (status["state"], status["page_routes"]) == ("complete", {"1": "text", "2": "vlm"})
+    assert TITLE in storage.get_bytes(storage.document_md_key(doc_id)).decode()
+    metadata = {
+        e.asset_key.path[-1]: e.metadata
+        for e in (m.event_specific_data.materialization for m in result.get_asset_materialization_events())
+    }
+    assert metadata["parsed_pages"]["pages_text"].value == 1 and metadata["vlm_outputs"]["pages_vlm"].value == 1
+    checks = pipeline_env.check_evaluations()
+    assert all(e.passed for e in checks["pages_accounted_for"])

@@ -643,6 +643,7 @@ def test_a_mixed_document_sends_only_its_scanned_page(storage: MemoryStorage, en
     summary = run(storage, engine, [doc])
     assert engine.calls == [label(doc, 2)]  # one VLM request: the scan
     assert (summary.processed, summary.cached, summary.failed, summary.pages_total) == (1, 0, 0, 2)
+    assert summary.text_done == 1
     assert summary.routes == {"text": 1, "vlm": 1} and summary.routes_by_document == {doc: {"text": 1, "vlm": 1}}
     assert REGISTRY.get_sample_value("mkg_pipeline_pages_total", {"route": "text"}) == text_before + 1
     status = storage.get_json(storage.vlm_status_key(doc))
