@@ -441,7 +441,11 @@ class _BatchRun:
         if previous is not None:
             await self._mark_stale(doc_id, previous)
         if doc.cached:
-            self.progress(f"{doc_id} ({doc.source}): {len(doc.cached)}/{len(doc.pages)} pages cached")
+            text = by_route["text"]
+            self.progress(
+                f"{doc_id} ({doc.source}): {vlm_cached}/{by_route['vlm']} VLM page(s) cached"
+                + (f", {text} text-route page(s) done by parsed_pages" if text else "")
+            )
         return doc, todo
 
     async def _prove(self, jobs: list[_PageJob], existing: dict[str, str]) -> list[str | None]:
