@@ -677,7 +677,8 @@ def _check_document(
                 ERROR,
                 storage.uri(storage.page_prefix(d)),
                 f"{source}: the manifest lists page image(s) {_pages(missing_png)} that do not exist",
-                _materialize("parsed_pages", batch_id, d, "force"),
+                # A plain re-run redraws them: parsed_pages believes a manifest only while its images are there.
+                _materialize("parsed_pages", batch_id, d),
                 batch_id,
                 d,
             )

@@ -60,6 +60,8 @@ def raw_pdfs(context: dg.AssetExecutionContext, config: RawPdfsConfig, s3: S3Sto
             "rejected": len(summary.rejected),
             "errors": len(summary.errors),
             "duplicates": summary.duplicates,
+            # replaced in incoming/ while this batch read them: the new version is the sensor's next work
+            "superseded": dg.MetadataValue.json(summary.superseded),
             "drained": summary.drained,
             "doc_ids": dg.MetadataValue.json(summary.accepted),
             "rejections": dg.MetadataValue.md(markdown_table(["file", "reason", "message"], rejected_rows)),

@@ -88,6 +88,8 @@ class CapacityGate(Protocol):
     def in_flight(self) -> int: ...
     @property
     def waiting(self) -> int: ...
+    async def wait_for_capacity(self) -> None:
+        """Resolve once a request could start at once (a slot freed, or the limit rose)."""
 
 
 class StorageUnavailable(RuntimeError):
@@ -306,11 +308,24 @@ class _BatchRun:
         return self.bytes_held == 0 or self.bytes_held + cost <= self.memory_budget
 
     async def _wait_for_room(self, cost: int = 0) -> None:
+        """Until the next page may start; woken by what makes room, never by a timer.
+
+        Room is made by a page of this run reaching the engine or ending (``changed``), or, while the
+        limiter is what binds, by the limiter itself: a request of the process releasing its slot, or a
+        reading of the server raising the limit (``wait_for_capacity``). A cold pod is thus woken by the
+        reading that grows its limit, not by the next poll.
+        """
         while not (self._has_room() and self._bytes_fit(cost)):
             self.changed.clear()
-            # Woken by every page that starts or ends; the timeout notices the limiter growing meanwhile.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.changed.wait(), timeout=0.05)
+            waits = [asyncio.ensure_future(self.changed.wait())]
+            gate = self.gate
+            if gate.in_flight + gate.waiting >= gate.limit:
+                waits.append(asyncio.ensure_future(gate.wait_for_capacity()))
+            try:
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for waiter in waits:
+                    waiter.cancel()
 
     def _spawn(self, job: _PageJob) -> None:
         self.preparing += 1

@@ -36,6 +36,16 @@ class ScriptedGate:
     in_flight: int = 0
     waiting: int = 0
     peak: int = 0
+    freed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def release(self) -> None:
+        self.in_flight -= 1
+        self.freed.set()
+
+    async def wait_for_capacity(self) -> None:
+        while self.in_flight + self.waiting >= self.limit:
+            self.freed.clear()
+            await self.freed.wait()
 
 
 @dataclass
@@ -57,7 +67,7 @@ class ScriptedEngine:
             await asyncio.sleep(0)
             return answer(f"text of {page.label}", page.page_idx)
         finally:
-            self.gate.in_flight -= 1
+            self.gate.release()
 
 
 def answer(text: str, page_idx: int = 0) -> PageResult:
@@ -328,6 +338,32 @@ def test_pages_in_flight_follow_the_limiter(storage: MemoryStorage) -> None:
     assert summary.processed == 60
     # The stage fills the limiter's room and never more than it plus the image prefetch (here 2).
     assert gate.limit <= gate.peak <= gate.limit + 2
+
+
+def test_a_limit_raised_by_the_limiter_starts_pages_while_none_ends(storage: MemoryStorage) -> None:
+    """A reading that raises the limit wakes the stage at once (issue 18): with every page in flight held
+    until the test lets go, the only event that can start more pages is the limiter's."""
+    gate = ScriptedGate(limit=2)
+    engine = ScriptedEngine(gate)
+    release = asyncio.Event()
+    started: list[int] = []
+
+    async def held(page: PageInput) -> PageResult:
+        started.append(page.page_idx)
+        if len(started) == 2 and gate.limit == 2:  # the first two are in: the limiter now reads room for 6
+            gate.limit = 6
+            gate.freed.set()
+        if len(started) == 6:
+            release.set()  # every page the raised limit allows is in flight, and none has ended yet
+        await release.wait()
+        return answer("x", page.page_idx)
+
+    for n in range(1, 7):
+        engine.behaviours[label("doca", n)] = held
+    seed_document(storage, "doca", 6)
+    summary = run(storage, engine, ["doca"])
+    assert summary.processed == 6
+    assert gate.peak == 6
 
 
 def test_s3_down_for_the_whole_step_fails_once_and_the_next_run_resumes(
