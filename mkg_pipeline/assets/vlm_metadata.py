@@ -175,7 +175,7 @@ def documents_table(rows: Sequence[DocumentRow]) -> dg.TableMetadataValue:
         }
         if with_export:
             data["export_path"] = row.export_path or ""
-        records.append(dg.TableRecord({k: v for k, v in data.items() if v is not None}))
+        records.append(dg.TableRecord(data))  # None: not known (no status.json); every record has every field
     return dg.MetadataValue.table(records, schema=dg.TableSchema(columns=columns))
 
 
