@@ -62,7 +62,7 @@ def test_one_row_per_document_in_batch_order_with_its_links() -> None:
          "pages_total": None, "document_md": "s3://memory/vlm/d3/document.md"},
     ]  # fmt: skip
     names = [column.name for column in table.schema.columns]
-    assert "export_path" not in names and not any(name.startswith("pages_text") for name in names)
+    assert names == ["file", "state", "document_md", "pages_done", "pages_failed", "pages_total", "doc_id"]
     assert metadata["document.md: zfn.pdf"] == dg.MetadataValue.url("s3://memory/vlm/d2/document.md")
     assert metadata["server_url"] == dg.MetadataValue.url("http://127.0.0.1:8000")
 
@@ -75,7 +75,10 @@ def test_route_and_export_columns_only_when_there_is_data(tmp_path: Path) -> Non
     summary.routes_by_document = {"d1": {"text": 1, "vlm": 1}, "d2": {"vlm": 2}}  # type: ignore[attr-defined]
     rows = vm.read_documents(storage, ["d1", "d2"], {}, summary, export_dir=tmp_path / "outputs")
     table = vm.documents_table(rows)
-    assert [c.name for c in table.schema.columns][6:] == ["pages_text", "pages_vlm", "document_md", "export_path"]
+    assert [c.name for c in table.schema.columns] == [
+        "file", "state", "document_md", "export_path", "pages_done", "pages_failed", "pages_total",
+        "pages_text", "pages_vlm", "doc_id",
+    ]  # fmt: skip
     records = _table_rows(table)
     assert (records[0]["pages_text"], records[0]["pages_vlm"], records[1]["pages_text"]) == (1, 1, 0)
     assert records[0]["export_path"] == str(tmp_path / "outputs" / "a" / "a.md")
