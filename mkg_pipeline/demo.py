@@ -209,6 +209,8 @@ def run(args: argparse.Namespace) -> int:
                 "MKG_ENGINE": args.engine,
                 "MKG_PDF__DPI": str(args.dpi),
                 "MKG_SENSOR_INTERVAL_S": str(SENSOR_INTERVAL_S),
+                # where the demo exports each document (below): vlm_outputs' table links it beside the S3 URI
+                "MKG_EXPORT_DIR": str(workdir / "outputs"),
                 "DAGSTER_HOME": str(_fresh_instance_dir(workdir)),
             }
         )

@@ -613,10 +613,37 @@ def _table_as_pipes(table_html: str) -> str:
     return "\n".join([fmt(rows[0]), "|" + " --- |" * width, *(fmt(row) for row in rows[1:])])
 
 
+# A figure or table crop linked from document.md: ![caption](images/<sha256>.jpg). The UI cannot resolve the
+# relative path (the image lives in S3), so the preview names the file instead of showing a broken image.
+_FIGURE_RE = re.compile(r"!\[([^\]\n]*)\]\((images/[^)\s]+)\)")
+
+
+def _note_figures(line: str) -> str:
+    return _FIGURE_RE.sub(lambda m: f"*\\[figure: {m.group(2)}\\]*", line)
+
+
+def _heading_text(text: str) -> str:
+    """A file name as the text of a Markdown heading: one line, markup characters escaped."""
+    text = " ".join(clean_text(text).split())
+    return re.sub(r"([\\`*_{}\[\]()#+!|~<>-])", r"\\\1", text) or "(unnamed)"
+
+
+def document_preview(title: str, markdown: str, max_chars: int | None = None, *, note: str = "") -> str:
+    """One document's part of a batch preview: a heading naming it (``title``, the source file name), an
+    optional ``note`` line (its doc id, state), then :func:`preview_markdown` of its Markdown, cut at
+    ``max_chars`` characters of that Markdown."""
+    head = f"### {_heading_text(title)}"
+    if note:
+        head += f"\n\n{_escape_markup(' '.join(note.split()), in_math=False)}"
+    body = preview_markdown(markdown, max_chars) if markdown.strip() else "*(empty document)*"
+    return f"{head}\n\n{body}"
+
+
 def preview_markdown(markdown: str, max_chars: int | None = None) -> str:
     """A document for the Dagster UI's Markdown preview: no raw HTML at all.
 
-    Page markers become visible rules, our HTML tables become pipe tables, every other ``<`` that
+    Page markers become visible rules, our HTML tables become pipe tables, linked figures a note
+    ``[figure: images/<sha>.jpg]`` (the UI cannot load them), every other ``<`` that
     could start markup outside code is escaped, a fence left open by the cut is closed. With
     ``max_chars`` the preview is cut at a line boundary and says so.
     """
@@ -637,7 +664,7 @@ def preview_markdown(markdown: str, max_chars: int | None = None) -> str:
         elif index in tables and (pipes := _table_as_pipes(line)):
             out.append(pipes)
         else:
-            out.append(_escape_markup(line, in_math=False))
+            out.append(_note_figures(_escape_markup(line, in_math=False)))
     text = "\n".join(out)
     for _ in range(10):
         fence = _swallows(text)

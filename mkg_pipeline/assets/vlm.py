@@ -11,10 +11,6 @@ from mkg_pipeline.checks import evaluate_vlm_checks, vlm_output_check_specs
 from mkg_pipeline.config import get_settings
 from mkg_pipeline.resources import S3StorageResource, VLLMResource
 
-PREVIEW_CHARS = 3000
-#: unreadable records listed in the metadata (the step log has every one)
-MAX_LISTED = 50
-
 
 class VLMOutputsConfig(dg.Config):
     doc_ids: list[str] = []
@@ -37,14 +33,20 @@ class VLMOutputsConfig(dg.Config):
 def vlm_outputs(
     context: dg.AssetExecutionContext, config: VLMOutputsConfig, s3: S3StorageResource, vllm: VLLMResource
 ) -> dg.MaterializeResult:
-    from mkg_pipeline.markdown_table import markdown_table
-    from mkg_pipeline.outputs import preview_markdown
+    from mkg_pipeline.assets.vlm_metadata import (
+        export_root,
+        read_documents,
+        read_previews,
+        sources_of,
+        vlm_metadata,
+    )
     from mkg_pipeline.pipeline_metrics import push_metrics
     from mkg_pipeline.stages.batches import accepted_doc_ids, read_batch_manifest
     from mkg_pipeline.stages.vlm import ClaimLost, DocumentsNotProcessed, StorageUnavailable, process_documents
 
     storage = s3.storage()
-    doc_ids = accepted_doc_ids(read_batch_manifest(storage, context.partition_key), config.doc_ids)
+    manifest = read_batch_manifest(storage, context.partition_key)
+    doc_ids = accepted_doc_ids(manifest, config.doc_ids)
 
     async def run(claim):  # type: ignore[no-untyped-def]
         async with vllm.open_engine() as (client, engine):
@@ -77,41 +79,8 @@ def vlm_outputs(
     finally:
         push_metrics(grouping_key={"partition": context.partition_key, "asset": "vlm_outputs"})
 
-    def seconds(value: float | None) -> float | str:
-        return round(value, 3) if value is not None else "n/a"
-
-    failed_rows = [
-        [row["source"], row["page"], row["reason"], row["attempts"], row["message"][:200]]
-        for row in summary.failure_rows
-    ]
+    rows = read_documents(storage, doc_ids, sources_of(manifest), summary, export_dir=export_root())
     return dg.MaterializeResult(
-        metadata={
-            "documents": len(summary.documents),
-            "pages": summary.pages_total,
-            "pages_processed": summary.processed,
-            "pages_cached": summary.cached,
-            # GPU pages and text pages (read from the text layer by parsed_pages), for the batch and per document
-            "pages_vlm": summary.routes.get("vlm", 0),
-            "pages_text": summary.routes.get("text", 0),
-            "pages_by_route": dg.MetadataValue.json(summary.routes_by_document),
-            "pages_failed": summary.failed,
-            "failed_page_rate": round(summary.failed_page_rate, 5),
-            "failure_reasons": dg.MetadataValue.json(dict(summary.failure_reasons)),
-            "failed_pages": dg.MetadataValue.md(
-                markdown_table(["document", "page", "reason", "attempts", "message"], failed_rows)
-                + (f"\n\n(first {len(failed_rows)} of {summary.failed})" if summary.failed > len(failed_rows) else "")
-            ),
-            "requests": summary.requests,
-            "unreadable_records": dg.MetadataValue.json(summary.unreadable_records[:MAX_LISTED]),
-            "peak_page_mib": round(summary.peak_page_bytes / 2**20, 1),
-            "pages_per_second": round(summary.pages_per_s, 3),
-            "latency_p50_s": seconds(summary.latency_quantile(0.50)),
-            "latency_p95_s": seconds(summary.latency_quantile(0.95)),
-            "model": summary.model,
-            "engine": summary.engine,
-            "server_url": summary.server_url,
-            "documents_state": dg.MetadataValue.json(summary.documents),
-            "preview": dg.MetadataValue.md(preview_markdown(summary.preview, PREVIEW_CHARS) or "(no output yet)"),
-        },
+        metadata=vlm_metadata(summary, rows, read_previews(storage, rows), len(doc_ids)),
         check_results=evaluate_vlm_checks(summary, get_settings().quality.max_failed_page_rate),
     )

@@ -762,13 +762,18 @@ class _BatchRun:
     # -- the whole step -----------------------------------------------------------------------------
 
     async def report_progress(self, started: float) -> None:
+        from mkg_pipeline.progress import rate_and_eta  # here: this method is all that uses it
+
         while True:
             await asyncio.sleep(SUMMARY_EVERY_S)
             s = self.summary
             elapsed = time.monotonic() - started
+            # Rate and ETA over the pages the server works on this run (answered or failed); cached pages cost
+            # nothing. The total is of the pages seen so far: documents still to open add to it.
+            rate = rate_and_eta(s.processed + s.failed, max(s.pages_total - s.cached, 0), elapsed)
             self.progress(
                 f"progress: {s.processed} processed, {s.cached} cached, {s.failed} failed of {s.pages_total} pages "
-                f"seen; {s.processed / elapsed:.1f} pages/s; requests in flight {self.gate.in_flight}, "
+                f"seen; {rate}; requests in flight {self.gate.in_flight}, "
                 f"limit {self.gate.limit}; pages in flight hold {self.bytes_held / 2**20:.0f} of "
                 f"{self.memory_budget / 2**20:.0f} MiB"
                 + (f"; failures so far: {dict(s.failure_reasons)}" if s.failed else "")

@@ -69,11 +69,15 @@ def test_mineru_figures_tables_and_content_list_end_to_end(
     from mkg_pipeline.export import export_documents
 
     monkeypatch.setenv("MKG_ENGINE", "mineru")
+    monkeypatch.setenv("MKG_EXPORT_DIR", str(tmp_path))  # as the demo would: the export column appears
     pipeline_env.upload("figure-and-table.pdf", data=pdf_of_pages(FIGURE_PAGE, TABLE_PAGE))
+    pipeline_env.upload("minimal-document.pdf")  # a second row in the metadata table
     batch = pipeline_env.tick().run_requests[0].partition_key
     result = pipeline_env.materialize(batch)
     storage = pipeline_env.storage
-    doc_id = _accepted_doc_id(pipeline_env, batch)
+    manifest = storage.get_json(storage.batch_key(batch))
+    doc_ids = {key.rsplit("/", 1)[-1]: r["doc_id"] for key, r in manifest["results"].items()}
+    doc_id = doc_ids["figure-and-table.pdf"]
     status = storage.get_json(storage.vlm_status_key(doc_id))
     assert result.success, status
     assert status["state"] == "complete" and status["pages_done"] == 2, status
@@ -117,6 +121,38 @@ def test_mineru_figures_tables_and_content_list_end_to_end(
     assert (folder / "figure-and-table_content_list.json").exists()
     for figure in figures:
         assert (folder / figure["img_path"]).is_file()
+
+    _check_vlm_metadata(pipeline_env, doc_ids, tmp_path)
+
+
+def _check_vlm_metadata(env: PipelineEnv, doc_ids: dict[str, str], export_dir: Path) -> None:
+    """What the UI shows for the run: one table row per document, each with a document.md that exists in S3 (and
+    its export path), the server as a URL, a preview naming both documents with the table page's table rendered."""
+    import dagster as dg
+
+    event = env.instance.get_latest_materialization_event(dg.AssetKey("vlm_outputs"))
+    assert event is not None and event.asset_materialization is not None
+    metadata = event.asset_materialization.metadata
+    table = metadata["documents_table"]
+    assert isinstance(table, dg.TableMetadataValue)
+    rows = [dict(record.data) for record in table.records]
+    assert sorted(row["file"] for row in rows) == sorted(doc_ids)  # one row per document
+    storage = env.storage
+    for row in rows:
+        assert row["doc_id"] == doc_ids[row["file"]] and row["state"] == "complete", row
+        key = storage.document_md_key(row["doc_id"])
+        assert row["document_md"] == storage.uri(key) and storage.exists(key), row
+        assert metadata[f"document.md: {row['file']}"] == dg.MetadataValue.url(row["document_md"])
+        stem = row["file"].removesuffix(".pdf")
+        assert row["export_path"] == str(export_dir / stem / f"{stem}.md"), row
+    exported = next(row for row in rows if row["file"] == "figure-and-table.pdf")
+    assert Path(exported["export_path"]).is_file()  # the path the export above wrote
+    assert isinstance(metadata["server_url"], dg.UrlMetadataValue)
+
+    preview = metadata["preview"].value
+    assert "### figure\\-and\\-table.pdf" in preview and "### minimal\\-document.pdf" in preview, preview[:500]
+    assert "<table" not in preview and re.search(r"^\| .+ \|\n\|( --- \|)+$", preview, re.MULTILINE), preview
+    assert "[figure: images/" in preview, preview
 
 
 def _cached_pages(env: PipelineEnv, doc_id: str) -> set[int]:
