@@ -565,6 +565,7 @@ def write_page_manifests(storage: Any, pages: list[CorpusPage], tag: str) -> lis
                 {
                     "page": p.page,
                     "png_key": p.key,
+                    "png_bytes": len(p.png),
                     "png_sha256": p.sha256,
                     "width_px": p.width,
                     "height_px": p.height,

@@ -410,7 +410,10 @@ class _BatchRun:
                     unproven.append(job)
                 continue
             doc.routes[n] = "vlm"
-            if (size := png_sizes.get(page["png_key"])) is not None:
+            # The size parsed_pages recorded when it wrote the image, else the listing's: the page's cost
+            # in memory (a bound from its pixels is 3 bytes a pixel, far above a document page's PNG).
+            size = page.get("png_bytes") if isinstance(page.get("png_bytes"), int) else png_sizes.get(page["png_key"])
+            if size is not None:
                 doc.png_sizes[n] = size
             job = _PageJob(
                 doc, page, page_cache_key(page["png_sha256"], self.engine.identity), self._page_cost(doc, page)

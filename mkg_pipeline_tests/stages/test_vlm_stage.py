@@ -604,6 +604,25 @@ def test_pages_in_flight_are_bounded_by_their_bytes(storage: MemoryStorage) -> N
     assert summary.peak_page_bytes <= 60 * 2**20
 
 
+def test_a_page_costs_the_png_size_its_manifest_recorded(storage: MemoryStorage) -> None:
+    """Images kept outside pages/<doc_id>/ are not in the stage's listing; the size parsed_pages recorded
+    is used instead of the bound from pixels (3 bytes a pixel), which would admit far fewer pages."""
+    engine = ScriptedEngine(ScriptedGate(limit=32))
+    seed_document(storage, "doca", 24)
+    manifest = storage.get_json(storage.page_manifest_key("doca"))
+    for page in manifest["pages"]:
+        key = f"elsewhere/doca/{page['page']}.png"
+        storage.put_bytes(key, storage.get_bytes(page["png_key"]), "image/png")
+        storage.delete(page["png_key"])
+        page.update(png_key=key, width_px=1275, height_px=1650, png_bytes=200 * 1024)
+    storage.put_json(storage.page_manifest_key("doca"), manifest)
+    _slow_everywhere(engine, "doca", 24)
+    budget = 30 * 2**20  # the pixel bound (15.7 MiB a page) admits one page; the recorded size, 20
+    summary = run(storage, engine, ["doca"], memory_budget=budget)
+    assert summary.processed == 24
+    assert engine.gate.peak == int(budget // (200 * 1024 * (1 + 4 / 3) + 2**20)) == 20
+
+
 def test_a_page_larger_than_the_budget_runs_alone(storage: MemoryStorage) -> None:
     engine = ScriptedEngine(ScriptedGate(limit=32))
     seed_big_pages(storage, "doca", 5, 4 * 2**20)
