@@ -258,6 +258,12 @@ def test_giant_pages_are_admitted_by_their_bytes(campaign: Campaign) -> None:
     pdf = giant_pages_pdf(GIANT_PAGES, noise_px=3072)
     doc_id = doc_id_of(pdf)
     batch = campaign.new_batch({"giant-pages.pdf": pdf})
+    # The engine's image size caps a page at about 1 Mpx by default; a site that raises the cap (up to
+    # 400 Mpx is allowed) must still be held by the byte budget: draw them at the render's own 40 Mpx limit.
+    campaign.set_env(
+        MKG_PAGE_IMAGES__PAGE_MARKDOWN__LONGEST_SIDE_PX="20000",
+        MKG_PAGE_IMAGES__PAGE_MARKDOWN__MAX_PIXELS="400000000",
+    )
     assert campaign.materialize(batch, "raw_pdfs,parsed_pages").success
     manifest = campaign.storage.get_json(campaign.storage.page_manifest_key(doc_id))
     assert len(manifest["pages"]) == GIANT_PAGES, manifest.get("failed_pages")

@@ -75,8 +75,8 @@ def test_s3_down_mid_vlm_leaves_status_stale(campaign: Campaign) -> None:
     for doc_id in doc_pages:
         assert campaign.storage.get_json(campaign.storage.vlm_status_key(doc_id))["state"] == "complete"
 
-    # Another DPI: new page images, so every page is new work for the VLM; each answer takes a second.
-    campaign.set_env(MKG_PDF__DPI="72", AWS_MAX_ATTEMPTS=S3_ATTEMPTS)
+    # Another image size: new page images, so every page is new work for the VLM; each answer takes a second.
+    campaign.set_env(MKG_PAGE_IMAGES__PAGE_MARKDOWN__LONGEST_SIDE_PX="600", AWS_MAX_ATTEMPTS=S3_ATTEMPTS)
     assert campaign.materialize(batch, "parsed_pages").success
     campaign.server.set_faults(latency_s=1.0)
     campaign.proxy.delay_s = 0.05
