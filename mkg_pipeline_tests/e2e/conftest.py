@@ -114,8 +114,10 @@ def pipeline_env(
         "MKG_VLLM__API_KEY": local_vlm_server.api_key,
         "MKG_VLLM__MODEL": local_vlm_server.model,
         "MKG_ENGINE": "page_markdown",
-        # 100 DPI keeps CPU OCR affordable in CI; quality at 150 DPI is measured by the integration tests.
-        "MKG_PDF__DPI": "100",
+        # Letter pages at about 100 dpi (1,100 px on the long side) keep CPU OCR affordable in CI; the
+        # engines' own sizes are measured by the integration tests.
+        "MKG_PAGE_IMAGES__PAGE_MARKDOWN__LONGEST_SIDE_PX": "1100",
+        "MKG_PAGE_IMAGES__MINERU__LONGEST_SIDE_PX": "1100",
         # These tests are about the VLM path (requests, caching, faults): every page goes to the server.
         # Routing (routing.mode auto, the default) has tests of its own that set it back.
         "MKG_ROUTING__MODE": "vlm",
