@@ -31,8 +31,10 @@ Validated answers, per request and per page:
   with any ``finish_reason`` but ``"stop"`` (``truncated`` for ``length``, ``finish_<reason>``
   otherwise) or with a runaway repetition (``repetition``, see :mod:`mkg_pipeline.engines.validation`)
   is re-asked at once, up to ``answers.max_reasks`` times, with ``max_tokens`` doubled after a
-  truncation; if it stays bad the whole page is rejected with that reason: a page with a cut-off
-  block, or a block read by another model, is not a finished page;
+  truncation and re-ask *n* sent at olmOCR's temperature for attempt *n* (the first ask keeps
+  MinerU's own sampling parameters, :mod:`mkg_pipeline.engines.schedule`); if it stays bad the whole
+  page is rejected with that reason: a page with a cut-off block, or a block read by another model,
+  is not a finished page;
 - an empty *block* answer is accepted (MinerU's own ``[Non-Text]`` and blank crops are normal), but a
   page whose text layer has text and whose blocks yield no content-list item at all is ``empty``:
   the whole page (layout and recognition) is asked again, up to ``answers.max_reasks`` times;
@@ -57,6 +59,7 @@ from mkg_pipeline import png
 from mkg_pipeline.engines.base import AnswerRejected, PageInput, PageResult, engine_identity
 from mkg_pipeline.engines.figures import crop_jpeg, decode_page, image_name
 from mkg_pipeline.engines.mineru_content import CROPPED_TYPES, blocks_to_page
+from mkg_pipeline.engines.schedule import reask_temperature
 from mkg_pipeline.engines.validation import (
     answer_problem,
     finish_problem,
@@ -188,8 +191,11 @@ def _build_routed_client_class() -> type:
             body.setdefault("max_tokens", self._max_tokens)
             base_label = f"{call.label} step={step}".strip()
             reason, detail = "", ""
+            # MinerU's own sampling parameters for the step's first ask; re-asks climb olmOCR's schedule.
+            first_temperature = float(body.get("temperature") or 0.0)
             for ask in range(1, self._max_reasks + 2):
                 label = base_label if ask == 1 else f"{base_label} ask={ask}"
+                body["temperature"] = reask_temperature(ask, first_temperature)
                 call.requests += 1
                 data = await self._vllm.post_chat_completion(body, label=label)
                 choice = data["choices"][0]

@@ -54,6 +54,7 @@ from mkg_pipeline.engines.base import AnswerRejected, PageInput, PageResult, eng
 from mkg_pipeline.engines.mineru_content import text_math_to_dollars
 from mkg_pipeline.engines.page_markdown import markdown_to_content_list, outside_code, strip_markdown_fence
 from mkg_pipeline.engines.prompts import OLMOCR_PROMPT
+from mkg_pipeline.engines.schedule import OLMOCR_TEMPERATURES, temperature_for
 from mkg_pipeline.engines.validation import answer_problem, finish_problem, log_rejected, model_problem
 from mkg_pipeline.outputs import bbox_1000, clean_text, safe_page_markdown
 
@@ -67,8 +68,6 @@ log = logging.getLogger(__name__)
 
 ENGINE_NAME = "olmocr"
 
-#: olmocr/pipeline.py TEMPERATURE_BY_ATTEMPT: attempt n is sent at the n-th (the last one repeats)
-OLMOCR_TEMPERATURES: tuple[float, ...] = (0.1, 0.1, 0.2, 0.3, 0.5, 0.8, 0.9, 1.0)
 #: olmocr/pipeline.py --max_page_retries default
 OLMOCR_MAX_ATTEMPTS = 8
 #: olmocr/pipeline.py --target_longest_image_dim default
@@ -295,11 +294,6 @@ def _answer_parts(data: dict[str, Any]) -> tuple[str, str | None, str | None]:
         finish if isinstance(finish, str) else None,
         answer_model(data),
     )
-
-
-def temperature_for(attempt: int) -> float:
-    """olmOCR's temperature for 0-based ``attempt`` (the last one repeats)."""
-    return OLMOCR_TEMPERATURES[min(attempt, len(OLMOCR_TEMPERATURES) - 1)]
 
 
 class _Invalid(Exception):
