@@ -37,7 +37,8 @@ Validated answers, per request and per page:
   is not a finished page;
 - an empty *block* answer is accepted (MinerU's own ``[Non-Text]`` and blank crops are normal), but a
   page whose text layer has text and whose blocks yield no content-list item at all is ``empty``:
-  the whole page (layout and recognition) is asked again, up to ``answers.max_reasks`` times;
+  the whole page (layout and recognition) is asked again, up to ``answers.max_reasks`` times, its
+  requests that many steps up the temperature schedule;
 - every request, re-asks and cancelled siblings included, counts in ``requests``.
 
 ``mineru_vl_utils`` (and PIL) are imported only when the engine is built: importing the code
@@ -101,6 +102,8 @@ class _Answer:
 class _PageCall:
     label: str
     requests: int = 0
+    #: re-asks of the whole page before this one (an ``empty`` page): its requests start that far up the schedule
+    page_reasks: int = 0
     #: accepted answers in the order their requests started: layout first, then blocks in reading order
     answers: list[_Answer] = field(default_factory=list)
 
@@ -195,7 +198,7 @@ def _build_routed_client_class() -> type:
             first_temperature = float(body.get("temperature") or 0.0)
             for ask in range(1, self._max_reasks + 2):
                 label = base_label if ask == 1 else f"{base_label} ask={ask}"
-                body["temperature"] = reask_temperature(ask, first_temperature)
+                body["temperature"] = reask_temperature(call.page_reasks + ask, first_temperature)
                 call.requests += 1
                 data = await self._vllm.post_chat_completion(body, label=label)
                 choice = data["choices"][0]
@@ -293,7 +296,7 @@ class MinerUEngine:
             image = await asyncio.to_thread(decode_page, page.png)
         requests = 0
         for ask in range(1, self._max_reasks + 2):
-            call = _PageCall(label=page.label)
+            call = _PageCall(label=page.label, page_reasks=ask - 1)
             token = _current_page.set(call)
             try:
                 blocks = await self._mineru.aio_two_step_extract(image)

@@ -68,3 +68,13 @@ async def test_mineru_reasks_an_invalid_block_up_the_schedule(answer: tuple[str,
     _layout, *block = server.bodies
     first = block[0]["temperature"]  # MinerU's own sampling parameters for the step
     assert [body["temperature"] for body in block] == [first, 0.1, 0.2, 0.3]
+
+
+async def test_mineru_page_asked_again_for_no_content_climbs_the_schedule() -> None:
+    server = ScriptedVLM(lambda body: "")  # no layout block at all: the page is "empty"
+    async with server.client() as client:
+        with pytest.raises(AnswerRejected) as caught:
+            await build_engine("mineru", client, settings(max_reasks=2)).extract(page(png=white_png()))
+    assert caught.value.reason == "empty" and len(server.bodies) == 3
+    first = server.bodies[0]["temperature"]
+    assert [body["temperature"] for body in server.bodies] == [first, 0.1, 0.2]
