@@ -81,7 +81,7 @@ def _pdf_of(*parts: bytes) -> bytes:
     return out.tobytes(garbage=3, deflate=True)
 
 
-def _stage(storage, batch: str, server, answers: AnswersConfig):  # type: ignore[no-untyped-def]
+def _stage(storage, batch: str, server, answers: AnswersConfig, transport=None):  # type: ignore[no-untyped-def]
     import asyncio
 
     from mkg_pipeline.stages.batches import accepted_doc_ids, read_batch_manifest
@@ -91,6 +91,7 @@ def _stage(storage, batch: str, server, answers: AnswersConfig):  # type: ignore
         client = VLLMClient(
             VLLMServerConfig(url=server.url, model=server.model, api_key=server.api_key),
             HTTPClientConfig(max_attempts=1, timeout_s=120),
+            transport=transport,
             breaker=CircuitBreaker(server.url, CircuitBreakerConfig()),
         )
         async with client:
@@ -163,3 +164,50 @@ def test_fallback_pages_are_flagged_never_cached_and_budgeted(start_local_vlm_se
     assert again.requests == 2 and again.fallback == 0  # exactly the two fallback pages asked again
     assert storage.get_json(storage.vlm_status_key(under))["fallback_pages"] == []
     assert storage.get_json(storage.vlm_status_key(over))["state"] == "complete"
+
+
+@pytest.mark.parametrize("how", ["page", "text"])
+def test_a_rotated_page_forced_to_the_vlm_is_sent_upright(start_local_vlm_server, how: str) -> None:
+    """A page whose /Rotate (or its text) turns it sideways, forced to the vlm route: the image the server
+    receives is the upright page (compared with the same paper page drawn unrotated), and it is read."""
+    import base64
+    import io
+
+    import numpy as np
+    import pymupdf
+    from PIL import Image
+
+    from mkg_pipeline.config import PDFConfig, RoutingConfig
+    from mkg_pipeline.ids import doc_id_for
+    from mkg_pipeline.quality import normalise_text, similarity
+    from mkg_pipeline.stages.ingest import ingest_batch
+    from mkg_pipeline.stages.pages import read_page_manifest, render_batch
+    from mkg_pipeline.storage import MemoryStorage
+    from mkg_pipeline_tests.fixtures.routing_pages import born_digital_pdf, rotated_pdf
+    from mkg_pipeline_tests.stages.conftest import drop
+
+    rotated = rotated_pdf(how)
+    storage = MemoryStorage()
+    batch = drop(storage, {"rotated.pdf": rotated})
+    ingest_batch(storage, batch, PDFConfig())
+    render_batch(storage, batch, PDFConfig(), routing=RoutingConfig(mode="vlm"))
+    doc_id = doc_id_for(rotated)
+    (entry,) = read_page_manifest(storage, doc_id)["pages"]
+    assert entry["route"] == "vlm" and entry["rotation_applied"] in (90, 270)
+
+    server = start_local_vlm_server()
+    transport = RecordingTransport()
+    summary = _stage(storage, batch, server, AnswersConfig(), transport)
+    assert summary.processed == 1 and summary.routes["vlm"] == 1
+    (body,) = transport.bodies
+    url = next(part["image_url"]["url"] for part in body["messages"][-1]["content"] if part["type"] == "image_url")
+    sent = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).convert("L")
+    with pymupdf.open(stream=born_digital_pdf(), filetype="pdf") as pdf:  # the same paper page, unrotated
+        expected_text = pdf[0].get_text()
+        pix = pdf[0].get_pixmap(matrix=pymupdf.Matrix(sent.width / pdf[0].rect.width, sent.height / pdf[0].rect.height))
+    upright = np.asarray(Image.open(io.BytesIO(pix.tobytes("png"))).convert("L").resize(sent.size), dtype=float)
+    image = np.asarray(sent, dtype=float)
+    assert sent.height > sent.width  # portrait, as the paper page
+    assert abs(image - upright).mean() < 6 < abs(image - upright[::-1, ::-1]).mean()
+    markdown = storage.get_bytes(storage.document_md_key(doc_id)).decode()
+    assert similarity(normalise_text(markdown), normalise_text(expected_text)) > 0.8
