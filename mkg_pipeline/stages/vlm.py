@@ -25,6 +25,11 @@ that identity) and assembled with the VLM pages, never sent to the engine. A tex
 missing fails visibly (``text_record_missing``) and parsed_pages writes it again. Each page's route is
 recorded in status.json, and pages are counted by route (summary, metadata, ``pages_total{route}``).
 
+A VLM page whose answers stay invalid after the engine's re-asks fails with that reason, or, with
+``answers.text_fallback``, gets its text layer's result (:meth:`_BatchRun._fall_back`): flagged in the
+record and in status.json's ``fallback_pages``, never cached (the next run asks the VLM again), and a
+document with more than ``answers.max_fallback_share`` of its pages so served fails (``fallback_budget``).
+
 Records prove themselves (:mod:`mkg_pipeline.records`): a cached page result counts only if it parses and
 names its document, page, cache key and engine; status.json records the ETag of every result it counts,
 so a re-run trusts a result whose ETag it recorded and reads (and checks) any other once. A result that
