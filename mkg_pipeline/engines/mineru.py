@@ -261,6 +261,8 @@ class MinerUEngine:
         self._client = client
         self._prompt_version = settings.prompt_version
         self._max_reasks = settings.answers.max_reasks
+        #: the answer policy, also read by the vlm stage (the text-layer fallback and its budget)
+        self.answers = settings.answers
         # Pages are decoded a core's worth at a time. The stage starts a whole wave of pages at once, and the
         # default thread pool is first-in first-out: without this gate every page of the wave is decoded
         # before the first page's layout image is resized and encoded, and no request leaves for a second

@@ -320,6 +320,8 @@ class OlmOcrEngine:
         self._client = client
         self._prompt_version = settings.prompt_version
         self._max_tokens = settings.answers.max_tokens
+        #: the answer policy, also read by the vlm stage (the text-layer fallback and its budget)
+        self.answers = settings.answers
         bound = settings.answers.max_reasks + 1 if max_attempts is None else max_attempts
         #: asks per page: olmOCR's 8, bounded by ours (``answers.max_reasks`` + 1, or ``max_attempts``)
         self.max_attempts = max(1, min(OLMOCR_MAX_ATTEMPTS, bound))

@@ -160,6 +160,8 @@ class PageMarkdownEngine:
         self._prompt_version = settings.prompt_version
         self._max_tokens = settings.answers.max_tokens
         self._max_reasks = settings.answers.max_reasks
+        #: the answer policy, also read by the vlm stage (the text-layer fallback and its budget)
+        self.answers = settings.answers
 
     @property
     def identity(self) -> str:

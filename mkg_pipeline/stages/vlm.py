@@ -943,12 +943,15 @@ async def process_documents(
     started only when it fits beside the others, or alone.
 
     ``answers``: the text-layer fallback and its per-document budget (``text_fallback``,
-    ``max_fallback_share``; off when None, as by default).
+    ``max_fallback_share``); when None, the engine's own (``engine.answers``, from the same configuration),
+    else the defaults (off).
 
     Raises :class:`DocumentsNotProcessed` at the end when some document could not be worked on for a reason
     of its own (an unreadable page manifest); every other document was processed.
     """
     started = time.monotonic()
+    # The engine was built from the same configuration: its answer policy holds the fallback settings.
+    answers = answers or getattr(engine, "answers", None)
     summary = VLMSummary(engine=engine.identity, model=model, server_url=server_url)
     async with storage.session() as s3:
         batch = _BatchRun(

@@ -103,8 +103,7 @@ def _stage(storage, batch: str, server, answers: AnswersConfig, transport=None):
                 client.limiter,
                 server_url=server.url,
                 model=server.model,
-                run_id="policy",
-                answers=answers,
+                run_id="policy",  # the fallback settings come from the engine, as in the asset
             )
 
     return asyncio.run(go())

@@ -78,3 +78,13 @@ async def test_mineru_page_asked_again_for_no_content_climbs_the_schedule() -> N
     assert caught.value.reason == "empty" and len(server.bodies) == 3
     first = server.bodies[0]["temperature"]
     assert [body["temperature"] for body in server.bodies] == [first, 0.1, 0.2]
+
+
+@pytest.mark.parametrize("name", ["page_markdown", "mineru", "olmocr"])
+async def test_each_engine_carries_its_answer_policy_for_the_stage(name: str) -> None:
+    """The vlm stage takes the fallback settings from the engine built from the same configuration."""
+    answers = AnswersConfig(text_fallback=True, max_fallback_share=0.25)
+    server = ScriptedVLM(lambda body: "")
+    async with server.client() as client:
+        engine = build_engine(name, client, MinerUConfig(answers=answers))
+    assert engine.answers == answers  # type: ignore[attr-defined]
