@@ -11,8 +11,10 @@ The invariant (DESIGN.md, CONTRACTS.md):
 3. every page of a page manifest has a result for the configured engine identity
    (``vlm/<doc_id>/pages/<n>.<cache_key>.json``) that proves itself (it parses and names its document,
    page, cache key and engine: :mod:`mkg_pipeline.records`, the same check the vlm stage makes) or a
-   failure in ``status.json`` with its reason and attempts, or its document is pending (no ``status.json``
-   yet); every status.json and page manifest proves itself too;
+   failure in ``status.json`` with its reason and attempts, or is listed in its ``fallback_pages`` (its
+   result is the text layer's after invalid VLM answers, ``answers.text_fallback``: counted apart as
+   ``pages_fallback``, neither done nor failed), or its document is pending (no ``status.json`` yet);
+   every status.json and page manifest proves itself too;
 4. no orphans: nothing under ``pages/`` or ``vlm/`` for a document that is not in ``raw/``, and no
    document in ``raw/`` that no batch accepted, unless the object that brought it is still pending in its
    batch (validated, outcome not recorded yet: an ingest in progress, or killed before recording it).
@@ -114,7 +116,12 @@ class AuditReport:
         lines = [
             f"audit of s3://{self.bucket} ({self.scope}), engine identity {self.identity}",
             f"checked: {c['batches']} batch(es), {c['objects']} batched object(s), {c['documents']} document(s), "
-            f"{c['pages']} page(s): {c['pages_done']} done, {c['pages_failed']} failed (recorded)",
+            f"{c['pages']} page(s): {c['pages_done']} done, {c['pages_failed']} failed (recorded)"
+            + (
+                f", {c['pages_fallback']} served from the text layer (fallback, asked again next run)"
+                if c["pages_fallback"]
+                else ""
+            ),
         ]
         for severity in (ERROR, WARNING):
             found = self.of(severity)
@@ -689,6 +696,9 @@ def _check_document(
     same_engine = status is not None and status.get("engine") == identity
     vouched = (status or {}).get("page_etags") or {} if same_engine else {}
     failures = {int(f["page"]): f for f in (status or {}).get("failed_pages") or [] if "page" in f}
+    # pages served from the text layer after invalid VLM answers (answers.text_fallback): accounted for, but
+    # neither done (no stored result: the next run asks the VLM again) nor failed; counted apart
+    fallbacks = {int(f["page"]) for f in (status or {}).get("fallback_pages") or [] if "page" in f}
     report.counts["pages"] += len(pages) + len(render_failed)
     report.counts["pages_failed"] += len(render_failed)
     unaccounted, incomplete = [], []
@@ -710,6 +720,9 @@ def _check_document(
                 report.counts["pages_text"] += records.is_text_page(page)
                 continue
             unreadable.append((n, problem))
+            continue
+        if same_engine and n in fallbacks and n not in failures and status.get("state") != "stale":
+            report.counts["pages_fallback"] += 1
             continue
         failure = failures.get(n) if same_engine else None
         if failure is not None:

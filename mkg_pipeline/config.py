@@ -305,7 +305,34 @@ class AnswersConfig(_Section):
         1,
         ge=0,
         le=5,
-        description="Immediate re-asks, with twice the max_tokens, of a page whose answer was cut off.",
+        description=(
+            "Immediate re-asks of a page whose answer is invalid (cut off, not finished with 'stop', another "
+            "model's, empty, a loop): max_tokens doubled after a cut-off, and re-ask n sent at olmOCR's "
+            "temperature for attempt n (0.1, 0.2, 0.3, 0.5, 0.8, 0.9, 1.0; engines/schedule.py)."
+        ),
+    )
+    text_fallback: bool = Field(
+        False,
+        description=(
+            "A VLM page whose answers are still invalid after its re-asks takes its Markdown from the text layer "
+            "(the text engine, reading the page again from raw/), flagged 'fallback' with the reason in its page "
+            "record, status.json (fallback_pages) and run metadata, never cached: the next run asks the VLM "
+            "again. Off by default: unlike olmOCR, which runs once and must finish, this pipeline records a "
+            "failed page and asks again on the next run, and a page whose text layer could be trusted took "
+            "the text route already, so the fallback mostly serves a text layer the routing judged doubtful. "
+            "Turn it on when a document must be whole now. Only pages with a text layer fall back."
+        ),
+    )
+    max_fallback_share: float = Field(
+        0.004,
+        ge=0.0,
+        le=1.0,
+        description=(
+            "With text_fallback: the most fallback pages a document may have, as a share of its pages; above it "
+            "the document fails visibly (state 'failed', failure_reason 'fallback_budget', its fallback pages "
+            "listed as failed). 0.004 is olmOCR's --max_page_error_rate: it drops a document with more than 1 "
+            "in 250 fallback pages, so a document under 250 pages may have none."
+        ),
     )
 
 

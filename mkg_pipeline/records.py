@@ -78,6 +78,11 @@ def status_problem(status: Any, *, doc_id: str) -> str | None:
         return "'failed_pages' is not a list of failures with their page numbers"
     if "pages_done" in status and not _is_int(status["pages_done"]):
         return f"'pages_done' is {status['pages_done']!r}, not a number"
+    fallbacks = status.get("fallback_pages", [])
+    if not isinstance(fallbacks, list) or not all(
+        isinstance(f, Mapping) and _is_int(f.get("page")) and isinstance(f.get("reason"), str) for f in fallbacks
+    ):
+        return "'fallback_pages' is not a list of fallback pages with their page numbers and reasons"
     etags = status.get("page_etags", {})
     if not isinstance(etags, Mapping) or not all(isinstance(v, str) for v in etags.values()):
         return "'page_etags' is not an object of page number -> ETag"

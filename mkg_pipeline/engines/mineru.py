@@ -31,11 +31,14 @@ Validated answers, per request and per page:
   with any ``finish_reason`` but ``"stop"`` (``truncated`` for ``length``, ``finish_<reason>``
   otherwise) or with a runaway repetition (``repetition``, see :mod:`mkg_pipeline.engines.validation`)
   is re-asked at once, up to ``answers.max_reasks`` times, with ``max_tokens`` doubled after a
-  truncation; if it stays bad the whole page is rejected with that reason: a page with a cut-off
-  block, or a block read by another model, is not a finished page;
+  truncation and re-ask *n* sent at olmOCR's temperature for attempt *n* (the first ask keeps
+  MinerU's own sampling parameters, :mod:`mkg_pipeline.engines.schedule`); if it stays bad the whole
+  page is rejected with that reason: a page with a cut-off block, or a block read by another model,
+  is not a finished page;
 - an empty *block* answer is accepted (MinerU's own ``[Non-Text]`` and blank crops are normal), but a
   page whose text layer has text and whose blocks yield no content-list item at all is ``empty``:
-  the whole page (layout and recognition) is asked again, up to ``answers.max_reasks`` times;
+  the whole page (layout and recognition) is asked again, up to ``answers.max_reasks`` times, its
+  requests that many steps up the temperature schedule;
 - every request, re-asks and cancelled siblings included, counts in ``requests``.
 
 ``mineru_vl_utils`` (and PIL) are imported only when the engine is built: importing the code
@@ -57,6 +60,7 @@ from mkg_pipeline import png
 from mkg_pipeline.engines.base import AnswerRejected, PageInput, PageResult, engine_identity
 from mkg_pipeline.engines.figures import crop_jpeg, decode_page, image_name
 from mkg_pipeline.engines.mineru_content import CROPPED_TYPES, blocks_to_page
+from mkg_pipeline.engines.schedule import reask_temperature
 from mkg_pipeline.engines.validation import (
     answer_problem,
     finish_problem,
@@ -98,6 +102,8 @@ class _Answer:
 class _PageCall:
     label: str
     requests: int = 0
+    #: re-asks of the whole page before this one (an ``empty`` page): its requests start that far up the schedule
+    page_reasks: int = 0
     #: accepted answers in the order their requests started: layout first, then blocks in reading order
     answers: list[_Answer] = field(default_factory=list)
 
@@ -188,8 +194,11 @@ def _build_routed_client_class() -> type:
             body.setdefault("max_tokens", self._max_tokens)
             base_label = f"{call.label} step={step}".strip()
             reason, detail = "", ""
+            # MinerU's own sampling parameters for the step's first ask; re-asks climb olmOCR's schedule.
+            first_temperature = float(body.get("temperature") or 0.0)
             for ask in range(1, self._max_reasks + 2):
                 label = base_label if ask == 1 else f"{base_label} ask={ask}"
+                body["temperature"] = reask_temperature(call.page_reasks + ask, first_temperature)
                 call.requests += 1
                 data = await self._vllm.post_chat_completion(body, label=label)
                 choice = data["choices"][0]
@@ -252,6 +261,8 @@ class MinerUEngine:
         self._client = client
         self._prompt_version = settings.prompt_version
         self._max_reasks = settings.answers.max_reasks
+        #: the answer policy, also read by the vlm stage (the text-layer fallback and its budget)
+        self.answers = settings.answers
         # Pages are decoded a core's worth at a time. The stage starts a whole wave of pages at once, and the
         # default thread pool is first-in first-out: without this gate every page of the wave is decoded
         # before the first page's layout image is resized and encoded, and no request leaves for a second
@@ -287,7 +298,7 @@ class MinerUEngine:
             image = await asyncio.to_thread(decode_page, page.png)
         requests = 0
         for ask in range(1, self._max_reasks + 2):
-            call = _PageCall(label=page.label)
+            call = _PageCall(label=page.label, page_reasks=ask - 1)
             token = _current_page.set(call)
             try:
                 blocks = await self._mineru.aio_two_step_extract(image)

@@ -54,6 +54,7 @@ from mkg_pipeline.engines.base import AnswerRejected, PageInput, PageResult, eng
 from mkg_pipeline.engines.mineru_content import text_math_to_dollars
 from mkg_pipeline.engines.page_markdown import markdown_to_content_list, outside_code, strip_markdown_fence
 from mkg_pipeline.engines.prompts import OLMOCR_PROMPT
+from mkg_pipeline.engines.schedule import OLMOCR_TEMPERATURES, temperature_for
 from mkg_pipeline.engines.validation import answer_problem, finish_problem, log_rejected, model_problem
 from mkg_pipeline.outputs import bbox_1000, clean_text, safe_page_markdown
 
@@ -67,8 +68,6 @@ log = logging.getLogger(__name__)
 
 ENGINE_NAME = "olmocr"
 
-#: olmocr/pipeline.py TEMPERATURE_BY_ATTEMPT: attempt n is sent at the n-th (the last one repeats)
-OLMOCR_TEMPERATURES: tuple[float, ...] = (0.1, 0.1, 0.2, 0.3, 0.5, 0.8, 0.9, 1.0)
 #: olmocr/pipeline.py --max_page_retries default
 OLMOCR_MAX_ATTEMPTS = 8
 #: olmocr/pipeline.py --target_longest_image_dim default
@@ -297,11 +296,6 @@ def _answer_parts(data: dict[str, Any]) -> tuple[str, str | None, str | None]:
     )
 
 
-def temperature_for(attempt: int) -> float:
-    """olmOCR's temperature for 0-based ``attempt`` (the last one repeats)."""
-    return OLMOCR_TEMPERATURES[min(attempt, len(OLMOCR_TEMPERATURES) - 1)]
-
-
 class _Invalid(Exception):
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(f"{reason}: {detail}")
@@ -326,6 +320,8 @@ class OlmOcrEngine:
         self._client = client
         self._prompt_version = settings.prompt_version
         self._max_tokens = settings.answers.max_tokens
+        #: the answer policy, also read by the vlm stage (the text-layer fallback and its budget)
+        self.answers = settings.answers
         bound = settings.answers.max_reasks + 1 if max_attempts is None else max_attempts
         #: asks per page: olmOCR's 8, bounded by ours (``answers.max_reasks`` + 1, or ``max_attempts``)
         self.max_attempts = max(1, min(OLMOCR_MAX_ATTEMPTS, bound))

@@ -4,7 +4,8 @@ The answer is validated (:mod:`mkg_pipeline.engines.validation`): an answer from
 (``model_mismatch``), any ``finish_reason`` but ``"stop"`` (``truncated`` for ``length``,
 ``finish_<reason>`` otherwise), an empty answer on a page with a text layer (``empty``) or a runaway
 repetition (``repetition``) is asked again at once, up to ``answers.max_reasks`` times (``max_tokens``
-doubled after a truncation), then rejected with :class:`AnswerRejected`; every ask counts in
+doubled after a truncation; the first ask greedy, re-ask *n* at olmOCR's temperature for attempt *n*,
+:mod:`mkg_pipeline.engines.schedule`), then rejected with :class:`AnswerRejected`; every ask counts in
 ``requests``. The result records the model that answered.
 
 An accepted answer becomes the page's Markdown (made safe by :func:`safe_page_markdown`) and a
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from mkg_pipeline.engines.base import AnswerRejected, PageInput, PageResult, engine_identity
 from mkg_pipeline.engines.mineru_content import latex_body, text_math_to_dollars
 from mkg_pipeline.engines.prompts import PAGE_MARKDOWN_PROMPT, PAGE_MARKDOWN_SYSTEM_PROMPT
+from mkg_pipeline.engines.schedule import reask_temperature
 from mkg_pipeline.engines.validation import answer_problem, log_rejected, next_max_tokens
 from mkg_pipeline.outputs import clean_text, html_to_text, safe_page_markdown, sanitize_table_html
 
@@ -146,6 +148,10 @@ def markdown_to_content_list(markdown: str, page_idx: int) -> list[dict[str, Any
     return items
 
 
+#: the first ask is greedy: the answer almost every page keeps, reproducible (``engines.schedule``)
+FIRST_TEMPERATURE = 0.0
+
+
 class PageMarkdownEngine:
     name = ENGINE_NAME
 
@@ -154,6 +160,8 @@ class PageMarkdownEngine:
         self._prompt_version = settings.prompt_version
         self._max_tokens = settings.answers.max_tokens
         self._max_reasks = settings.answers.max_reasks
+        #: the answer policy, also read by the vlm stage (the text-layer fallback and its budget)
+        self.answers = settings.answers
 
     @property
     def identity(self) -> str:
@@ -170,6 +178,8 @@ class PageMarkdownEngine:
                 [page.png],
                 system_prompt=PAGE_MARKDOWN_SYSTEM_PROMPT,
                 max_tokens=max_tokens,
+                # Greedy first; each re-ask a step up olmOCR's schedule (engines.schedule).
+                temperature=reask_temperature(ask, FIRST_TEMPERATURE),
                 label=label,
             )
             requests += 1

@@ -15,6 +15,17 @@ cap) each page is drawn at the resolution that gives its longest side that many 
 the image holds at most the cap (and ``max_render_pixels``). :func:`qwen25vl_vision_tokens` estimates
 what such an image costs the model.
 
+Images for the VLM are upright (issue 19 item 4). MuPDF already applies the page's /Rotate; but a
+/Rotate may as well turn upright content sideways (the routing fixture's ``rotated_page``: portrait
+content, /Rotate 90), and text may be drawn sideways on an unrotated page. So where the text layer says
+which way is up, the page is drawn turned so that its main text direction, as displayed, reads left to
+right: :func:`upright_turn` from the routing features (``text_direction`` in the page's own space, plus
+its /Rotate), only when the text layer has at least :data:`MIN_DIRECTION_CHARS` characters and most of
+them run that way (decided with the route: a page drawn without ``routing_mode`` is not turned). A page
+without such a text layer (a scan) is drawn as its /Rotate says, which is what
+a viewer shows. The extra turn is recorded as ``rotation_applied`` (degrees clockwise) in the page
+manifest; the olmocr engine still corrects the rest from the model's own answer.
+
 With ``routing`` set, each page's route is decided here, where the page is open
 (:mod:`mkg_pipeline.pdf.routing`): a ``text`` page is not drawn at all; its Markdown comes from the text
 engine (:func:`mkg_pipeline.engines.text_layer.extract_text_page`) in this worker, and it is yielded as a
@@ -119,6 +130,8 @@ class RenderedPage:
     png_sha256: str
     #: the page's route decision (``RouteDecision.as_json()`` plus ``mode``), when routing was asked for
     routing: dict[str, Any] | None = None
+    #: degrees (clockwise) the drawn page was turned, beyond its /Rotate, to be upright (:func:`upright_turn`)
+    rotation_applied: int = 0
 
     def __repr__(self) -> str:  # never dump megabytes of PNG into a log line
         return (
@@ -193,9 +206,34 @@ def encode_png(pix: pymupdf.Pixmap, level: int = PNG_COMPRESSION) -> bytes:
     return png.encode(pix.samples_mv, pix.width, pix.height, pix.n, pix.stride, level)
 
 
-def _render_png(page: pymupdf.Page, dpi: float) -> tuple[bytes, int, int]:
+#: a text layer names which way is up only with this many characters (routing's floor for a text layer)
+MIN_DIRECTION_CHARS: Final = 50
+#: ... and when at most this share of them runs across the main direction
+MAX_OFF_DIRECTION_SHARE: Final = 0.3
+
+
+def upright_turn(features: dict[str, Any] | None) -> int:
+    """Degrees (clockwise, 0/90/180/270) to turn the displayed page so its main text reads left to right.
+
+    ``features``: the routing features (``RouteDecision.as_json()["features"]``). The main direction is
+    measured in the page's own space; /Rotate turns the display clockwise by ``rotation``, so the displayed
+    direction is their sum, and the turn that undoes it is its opposite. 0 when the text layer is too thin
+    or too mixed to say (a scan, a page of rotated tables).
+    """
+    if not features:
+        return 0
+    chars = int(features.get("chars") or 0)
+    if chars < MIN_DIRECTION_CHARS or int(features.get("off_direction_chars") or 0) > MAX_OFF_DIRECTION_SHARE * chars:
+        return 0
+    displayed = (int(features.get("text_direction") or 0) + int(features.get("rotation") or 0)) % 360
+    return (360 - displayed) % 360
+
+
+def _render_png(page: pymupdf.Page, dpi: float, turn: int = 0) -> tuple[bytes, int, int]:
     zoom = dpi / 72
-    pix = page.get_pixmap(matrix=pymupdf.Matrix(zoom, zoom), colorspace=pymupdf.csRGB, alpha=False)
+    # MuPDF's prerotate is counter-clockwise in y-up terms, i.e. clockwise on the y-down image.
+    matrix = pymupdf.Matrix(zoom, zoom).prerotate(turn) if turn else pymupdf.Matrix(zoom, zoom)
+    pix = page.get_pixmap(matrix=matrix, colorspace=pymupdf.csRGB, alpha=False)
     return encode_png(pix), pix.width, pix.height
 
 
@@ -296,8 +334,10 @@ def _render_one(
         log.warning("%s page %d: %s", source, number, message)
         return PageFailure(number, PAGE_TOO_LARGE, message)
     used_dpi = effective_dpi(rect.width, rect.height, dpi, pixel_cap)
+    # The routing features say which way is up; drawn without routing (benchmarks), a page is as /Rotate says.
+    turn = upright_turn(routing.get("features") if routing else None)
     try:
-        png, width_px, height_px = _render_png(page, used_dpi)
+        png, width_px, height_px = _render_png(page, used_dpi, turn)
     except Exception as exc:
         log.warning("%s page %d: rendering at %s dpi failed: %s", source, number, used_dpi, exc)
         return PageFailure(number, RENDER_FAILED, error_text(exc))
@@ -318,6 +358,7 @@ def _render_one(
         text_layer=text,
         png_sha256=hashlib.sha256(png).hexdigest(),
         routing=routing,
+        rotation_applied=turn,
     )
 
 

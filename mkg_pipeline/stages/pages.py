@@ -11,6 +11,8 @@ Each page's route is decided here, where the page is open (``routing.mode``; DES
   manifest entry has ``png_key: null`` and names the record (``cache_key``, ``record_key``).
 
 Every manifest entry records ``route`` and ``routing`` (the decision, its score and features, the mode).
+A ``vlm`` page is drawn upright where its text layer says which way is up (``rotation_applied``, degrees
+clockwise beyond its /Rotate: :func:`mkg_pipeline.pdf.render.upright_turn`).
 
 Per document this writes ``pages/<doc_id>/<n>.png`` and a page manifest ``pages/<doc_id>/manifest.json``
 (sizes, image hash, text layer, failed pages). The manifest is written last, so a document with a manifest
@@ -60,8 +62,9 @@ from mkg_pipeline.storage import PreconditionFailed, Storage
 
 log = logging.getLogger(__name__)
 
-#: 2: routes (text pages without an image), images sized per engine instead of by DPI
-PAGE_MANIFEST_VERSION: Final = 2
+#: 2: routes (text pages without an image), images sized per engine instead of by DPI;
+#: 3: VLM pages drawn upright where their text layer says which way is up (``rotation_applied``, issue 19)
+PAGE_MANIFEST_VERSION: Final = 3
 #: bumped whenever the text engine's output for the same page changes (part of its identity: cache key)
 TEXT_ENGINE_VERSION: Final = "1"
 ROUTES: Final = ("text", "vlm")
@@ -386,6 +389,8 @@ def _page_record(item: RenderedPage, png_key: str) -> dict[str, Any]:
         "width_pt": item.width_pt,
         "height_pt": item.height_pt,
         "rotation": item.rotation,
+        # the turn (clockwise) beyond /Rotate that made the image upright (pdf.render.upright_turn)
+        "rotation_applied": item.rotation_applied,
         "text_layer": item.text_layer,
         "text_layer_chars": len(item.text_layer.strip()),
     }

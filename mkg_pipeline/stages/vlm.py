@@ -25,6 +25,11 @@ that identity) and assembled with the VLM pages, never sent to the engine. A tex
 missing fails visibly (``text_record_missing``) and parsed_pages writes it again. Each page's route is
 recorded in status.json, and pages are counted by route (summary, metadata, ``pages_total{route}``).
 
+A VLM page whose answers stay invalid after the engine's re-asks fails with that reason, or, with
+``answers.text_fallback``, gets its text layer's result (:meth:`_BatchRun._fall_back`): flagged in the
+record and in status.json's ``fallback_pages``, never cached (the next run asks the VLM again), and a
+document with more than ``answers.max_fallback_share`` of its pages so served fails (``fallback_budget``).
+
 Records prove themselves (:mod:`mkg_pipeline.records`): a cached page result counts only if it parses and
 names its document, page, cache key and engine; status.json records the ETag of every result it counts,
 so a re-run trusts a result whose ETag it recorded and reads (and checks) any other once. A result that
@@ -49,6 +54,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from mkg_pipeline import records
+from mkg_pipeline.config import AnswersConfig
 from mkg_pipeline.engines.base import AnswerRejected, PageEngine, PageInput, page_cache_key
 from mkg_pipeline.outputs import assemble_document, page_record
 from mkg_pipeline.pipeline_metrics import PAGES_CACHED, PAGES_FAILED, PAGES_PROCESSED, PAGES_TOTAL
@@ -115,9 +121,15 @@ class DocumentStatus:
     pages_total: int
     done: int
     failed_pages: list[dict[str, Any]]
+    #: pages whose result came from the text layer after the VLM's answers stayed invalid (``answers.text_fallback``)
+    fallback_pages: list[dict[str, Any]] = field(default_factory=list)
+    #: more fallback pages than ``answers.max_fallback_share`` allows: the document fails, whatever else is done
+    over_fallback_budget: bool = False
 
     @property
     def state(self) -> str:
+        if self.over_fallback_budget:
+            return "failed"
         if not self.failed_pages:
             return "complete"
         return "failed" if self.done == 0 else "partial"
@@ -148,6 +160,11 @@ class VLMSummary:
     routes_by_document: dict[str, dict[str, int]] = field(default_factory=dict)
     #: doc_id -> why it could not be worked on (not S3: its own records), with what repairs it
     not_processed: dict[str, str] = field(default_factory=dict)
+    #: pages whose result came from the text layer (``answers.text_fallback``): never cached, asked again next run
+    fallback: int = 0
+    #: doc_id -> its fallback pages, and the documents failed for having too many (``fallback_budget``)
+    fallback_by_document: dict[str, int] = field(default_factory=dict)
+    over_fallback_budget: list[str] = field(default_factory=list)
     #: stored records found unreadable (redone or rewritten): "doc page n: problem"
     unreadable_records: list[str] = field(default_factory=list)
     preview: str = ""
@@ -205,6 +222,10 @@ class _Document:
     identities: dict[int, str] = field(default_factory=dict)
     #: page number -> route ("text" or "vlm")
     routes: dict[int, str] = field(default_factory=dict)
+    #: page number -> why the VLM's answers were refused, for pages whose result is the text layer's (in records)
+    fallbacks: dict[int, dict[str, Any]] = field(default_factory=dict)
+    #: the document's PDF, read from raw/ once for its fallback pages (dropped when it is assembled)
+    raw_pdf: asyncio.Task[bytes] | None = None
 
     @property
     def finished(self) -> int:
@@ -262,8 +283,10 @@ class _BatchRun:
         progress: Callable[[str], None],
         claim: Callable[[], None] | None = None,
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
+        answers: AnswersConfig | None = None,
     ) -> None:
         self.s3 = s3
+        self.answers = answers or AnswersConfig()
         self.memory_budget = memory_budget
         self.bytes_held = 0  # what the pages in flight hold (their jobs' cost), admitted against the budget
         self.peak_bytes_held = 0
@@ -584,7 +607,8 @@ class _BatchRun:
                 return
             except AnswerRejected as exc:
                 self.summary.requests += exc.requests
-                self._fail(job, exc.reason, str(exc))
+                if not await self._fall_back(job, exc):
+                    self._fail(job, exc.reason, str(exc))
                 return
             except Exception as exc:  # an engine bug or an undecodable image fails this page only
                 log.exception("page %s: the engine failed", job.label)
@@ -621,6 +645,68 @@ class _BatchRun:
             self.bytes_held -= job.cost
             self.changed.set()
             self._maybe_assemble(doc)
+
+    # -- the text-layer fallback (answers.text_fallback) ------------------------------------------------
+
+    async def _fall_back(self, job: _PageJob, rejected: AnswerRejected) -> bool:
+        """Give a page whose answers stayed invalid its text layer's result instead; False to fail it.
+
+        The stage holds only the page's PNG, so the text engine reads the page again from the document's PDF
+        in ``raw/`` (one GET per document with fallback pages: cheaper than the text engine on every VLM page
+        in the render worker, for pages that almost all succeed). ``raw/<doc_id>.pdf`` is content-addressed
+        (the doc_id is its hash), and checked to be so. The result is kept for assembly only, flagged
+        (``fallback``, ``fallback_reason``), and never stored as the page's VLM result: the next run asks the
+        VLM again. A page without a text layer has nothing to fall back on and fails as before.
+        """
+        doc, n = job.doc, job.number
+        if not self.answers.text_fallback or int(job.page.get("text_layer_chars", 0)) <= 0:
+            return False
+        started = time.monotonic()
+        try:
+            if doc.raw_pdf is None:
+                doc.raw_pdf = asyncio.ensure_future(self._read_raw_pdf(doc.doc_id))
+            data = await asyncio.shield(doc.raw_pdf)
+            result, identity = await asyncio.to_thread(_text_layer_result, data, doc.doc_id, n)
+            for name, jpeg in result.images.items():  # content-addressed crops: harmless if the page is redone
+                with contextlib.suppress(PreconditionFailed):
+                    await self.s3.put_bytes(
+                        self.s3.vlm_image_key(doc.doc_id, name), jpeg, "image/jpeg", if_none_match=True
+                    )
+        except Exception as exc:  # the fallback itself failed: the page fails with the VLM's reason, as without it
+            log.warning(
+                "%s: the text-layer fallback failed (%s: %s); the page fails", job.label, type(exc).__name__, exc
+            )
+            return False
+        record = page_record(
+            result,
+            doc_id=doc.doc_id,
+            page=n,
+            cache_key=job.cache_key,
+            engine=identity,
+            model=result.model,
+            latency_s=round(time.monotonic() - started, 4),
+        )
+        record.update(
+            route="vlm",
+            fallback=True,
+            fallback_reason=rejected.reason,
+            fallback_message=str(rejected),
+            run_id=self.run_id,
+        )
+        doc.records[n] = record
+        doc.fallbacks[n] = {"page": n, "reason": rejected.reason, "message": str(rejected), "at": _now()}
+        self.summary.fallback += 1
+        self.summary.fallback_by_document[doc.doc_id] = len(doc.fallbacks)
+        log.warning("%s: %s; its result is the text layer's (text_fallback), not cached", job.label, rejected)
+        return True
+
+    async def _read_raw_pdf(self, doc_id: str) -> bytes:
+        from mkg_pipeline.ids import doc_id_for
+
+        data = await self.s3.get_bytes(self.s3.raw_key(doc_id))
+        if doc_id_for(data) != doc_id:
+            raise ValueError(f"{self.s3.uri(self.s3.raw_key(doc_id))} is not document {doc_id} (its hash differs)")
+        return data
 
     async def _store_page(self, job: _PageJob, record: dict[str, Any], images: dict[str, bytes]) -> str:
         s3, doc_id = self.s3, job.doc.doc_id
@@ -671,6 +757,7 @@ class _BatchRun:
             return
         finally:
             doc.records.clear()  # the document's pages leave memory with it
+            doc.raw_pdf = None
         self.summary.documents[doc.doc_id] = status.state
         self.progress(
             f"{doc.doc_id} ({status.source}): {status.state}, {status.done}/{status.pages_total} pages"
@@ -694,6 +781,33 @@ class _BatchRun:
                     "last_attempt": now,
                 }
             )
+        fallback_pages = [doc.fallbacks[n] for n in sorted(doc.fallbacks)]
+        pages_total = len(doc.pages) + len(doc.render_failures)
+        over_budget = bool(fallback_pages) and len(fallback_pages) > self.answers.max_fallback_share * pages_total
+        if over_budget:
+            # Over the budget the document fails visibly (olmOCR drops it): its fallback pages are not served
+            # as its content but listed as failed, with the VLM's reason, and asked again by the next run.
+            for fallback in fallback_pages:
+                n = int(fallback["page"])
+                pages.pop(n, None)
+                doc.records.pop(n, None)
+                self._record_failure(
+                    doc,
+                    n,
+                    str(fallback["reason"]),
+                    f"{fallback['message']}; its text-layer fallback is not used: the document has "
+                    f"{len(fallback_pages)} fallback page(s) of {pages_total}, over answers.max_fallback_share "
+                    f"({self.answers.max_fallback_share:g})",
+                )
+                failed.append(doc.failures[n])
+            self.summary.over_fallback_budget.append(doc.doc_id)
+            log.warning(
+                "%s: %d fallback page(s) of %d, over answers.max_fallback_share (%g): the document fails",
+                doc.doc_id,
+                len(fallback_pages),
+                pages_total,
+                self.answers.max_fallback_share,
+            )
         failed.sort(key=lambda f: f["page"])
         by_page: dict[int, dict[str, Any]] = {**{int(f["page"]): f for f in failed}, **pages}
         markdown, content_list = assemble_document([by_page[n] for n in sorted(by_page)])
@@ -702,9 +816,11 @@ class _BatchRun:
         status = DocumentStatus(
             doc_id=doc.doc_id,
             source=doc.source,
-            pages_total=len(doc.pages) + len(doc.render_failures),
+            pages_total=pages_total,
             done=len(doc.records) + len(doc.cached),
             failed_pages=failed,
+            fallback_pages=fallback_pages,
+            over_fallback_budget=over_budget,
         )
         await s3.put_json(
             s3.vlm_status_key(doc.doc_id),
@@ -720,6 +836,14 @@ class _BatchRun:
                 "page_etags": {str(n): doc.etags[n] for n in sorted(pages) if n in doc.etags},
                 "page_routes": {str(n): doc.routes[n] for n in sorted(doc.routes)},
                 "pages_by_route": {r: sum(1 for v in doc.routes.values() if v == r) for r in ("text", "vlm")},
+                # pages served from the text layer after invalid VLM answers (not cached; asked again next run)
+                "fallback_pages": fallback_pages,
+                "fallback_budget": {
+                    "max_share": self.answers.max_fallback_share,
+                    "pages": len(fallback_pages),
+                    "exceeded": over_budget,
+                },
+                **({"failure_reason": "fallback_budget"} if over_budget else {}),
                 "run_id": self.run_id,
                 "updated_at": now,
             },
@@ -794,6 +918,8 @@ def _is_current(previous: dict[str, Any] | None, doc: _Document) -> bool:
         and previous.get("engine") == doc.identity
         and int(previous.get("pages_done", -1)) == len(doc.pages)
         and not doc.render_failures
+        # a fallback page is not the VLM's result: a later run asks the VLM again
+        and not previous.get("fallback_pages")
     )
 
 
@@ -810,6 +936,7 @@ async def process_documents(
     progress: Callable[[str], None] = log.info,
     claim: Callable[[], None] | None = None,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    answers: AnswersConfig | None = None,
 ) -> VLMSummary:
     """Send every page of ``doc_ids`` through ``engine``; returns the run's counters.
 
@@ -823,10 +950,16 @@ async def process_documents(
     ``memory_budget``: bytes the pages in flight may hold (see :meth:`_BatchRun._page_cost`); a page is
     started only when it fits beside the others, or alone.
 
+    ``answers``: the text-layer fallback and its per-document budget (``text_fallback``,
+    ``max_fallback_share``); when None, the engine's own (``engine.answers``, from the same configuration),
+    else the defaults (off).
+
     Raises :class:`DocumentsNotProcessed` at the end when some document could not be worked on for a reason
     of its own (an unreadable page manifest); every other document was processed.
     """
     started = time.monotonic()
+    # The engine was built from the same configuration: its answer policy holds the fallback settings.
+    answers = answers or getattr(engine, "answers", None)
     summary = VLMSummary(engine=engine.identity, model=model, server_url=server_url)
     async with storage.session() as s3:
         batch = _BatchRun(
@@ -840,6 +973,7 @@ async def process_documents(
             progress=progress,
             claim=claim,
             memory_budget=memory_budget,
+            answers=answers,
         )
         reporter = asyncio.create_task(batch.report_progress(started))
         try:
@@ -895,3 +1029,13 @@ async def process_documents(
             + (f"; and {more} more" if more > 0 else "")
         )
     return summary
+
+
+def _text_layer_result(data: bytes, doc_id: str, number: int) -> tuple[Any, str]:
+    """Page ``number`` (1-based) of the PDF ``data`` through the text engine: (its PageResult, the engine identity)."""
+    from mkg_pipeline.engines.text_layer import extract_text_page
+    from mkg_pipeline.pdf.validate import open_pdf
+    from mkg_pipeline.stages.pages import text_engine_identity
+
+    with open_pdf(data, doc_id) as pdf:
+        return extract_text_page(pdf.load_page(number - 1), number - 1), text_engine_identity()

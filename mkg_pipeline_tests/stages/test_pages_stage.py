@@ -16,7 +16,7 @@ from mkg_pipeline.stages.pages import render_batch as _render_batch
 from mkg_pipeline.storage import MemoryStorage
 from mkg_pipeline_tests.fixtures.corpus import corpus_pdf
 from mkg_pipeline_tests.fixtures.pathological import build_pdf, huge_page_pdf
-from mkg_pipeline_tests.fixtures.routing_pages import TITLE, mixed_pdf
+from mkg_pipeline_tests.fixtures.routing_pages import TITLE, born_digital_pdf, mixed_pdf, rotated_pdf, scan_pdf
 from mkg_pipeline_tests.stages.conftest import Killed, drop, fail_once, kill_at_write, record_ops
 
 PDF = PDFConfig(dpi=36)
@@ -313,3 +313,39 @@ def test_vision_tokens_follow_qwen25vl_smart_resize() -> None:
     assert qwen25vl_vision_tokens(1275, 1650) == 46 * 59
     assert qwen25vl_vision_tokens(880, 1139) == 31 * 41
     assert qwen25vl_vision_tokens(10, 10) == 4
+
+
+def _grey(png: bytes, size: tuple[int, int] | None = None) -> Any:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(png)).convert("L")
+    return np.asarray(image if size is None else image.resize(size), dtype=float)
+
+
+@pytest.mark.parametrize(("how", "turn"), [("page", 270), ("text", 90)])
+def test_a_rotated_page_sent_to_the_vlm_is_drawn_upright_and_the_turn_recorded(how: str, turn: int) -> None:
+    """Issue 19 item 4: /Rotate 90 over portrait content, and text drawn sideways on a landscape page, are
+    both drawn as the upright portrait page (the image the VLM is sent), forced to the vlm route."""
+    rotated, upright = rotated_pdf(how), born_digital_pdf()
+    storage, batch = ingested({"rotated.pdf": rotated, "upright.pdf": upright})
+    render_batch(storage, batch, PDF, routing=RoutingConfig(mode="vlm"))
+    (page,) = read_page_manifest(storage, doc_id_for(rotated))["pages"]
+    (reference,) = read_page_manifest(storage, doc_id_for(upright))["pages"]
+    assert page["route"] == "vlm" and page["rotation_applied"] == turn and reference["rotation_applied"] == 0
+    assert page["height_px"] > page["width_px"]  # portrait, like the content
+    sent = _grey(storage.get_bytes(page["png_key"]))
+    expected = _grey(storage.get_bytes(reference["png_key"]), (sent.shape[1], sent.shape[0]))
+    upside_down = expected[::-1, ::-1]
+    # the same page, pixel for pixel but for antialiasing; far from the same page turned over
+    assert abs(sent - expected).mean() < 5 < abs(sent - upside_down).mean()
+
+
+def test_a_scan_is_drawn_as_its_rotate_says() -> None:
+    scan = scan_pdf()
+    storage, batch = ingested({"scan.pdf": scan})
+    render_batch(storage, batch, PDF)
+    (page,) = read_page_manifest(storage, doc_id_for(scan))["pages"]
+    assert page["rotation_applied"] == 0  # no text layer to say which way is up

@@ -94,6 +94,18 @@ def test_rotation_is_applied() -> None:
     assert (page.width_pt, page.height_pt) == (mediabox.height, mediabox.width)  # ... shown landscape
     assert page.width_px > page.height_px
     assert (page.width_px, page.height_px) == (792, 612)
+    assert page.rotation_applied == 0  # no routing, no text direction: drawn as /Rotate says
+
+
+def test_a_page_whose_rotate_turns_its_text_sideways_is_drawn_upright_when_routed() -> None:
+    """Issue 19 item 4: edgar-rotated90's text runs upright in the page's own space, so its /Rotate 90
+    shows it sideways; routed (any mode), the image is turned back: portrait, text left to right."""
+    data = corpus_pdf("edgar-rotated90.pdf").read_bytes()
+    (page,) = list(iter_rendered_pages(data, "edgar-rotated90.pdf", 72, BIG, routing_mode="vlm"))
+    assert isinstance(page, RenderedPage)
+    assert page.routing is not None and page.routing["features"]["text_direction"] == 0
+    assert (page.rotation, page.rotation_applied) == (90, 270)
+    assert (page.width_px, page.height_px) == (612, 792)
 
 
 def test_each_rotation_swaps_sides_as_displayed() -> None:
