@@ -226,6 +226,11 @@ def vlm_metadata(
         "pages_text": summary.routes.get("text", 0),
         "pages_by_route": dg.MetadataValue.json(summary.routes_by_document),
         "pages_failed": summary.failed,
+        # VLM pages that still failed and were given their text layer instead (answers.text_fallback): flagged,
+        # budgeted per document, asked again on the next run
+        "pages_fallback": summary.fallback,
+        "fallback_by_document": dg.MetadataValue.json(summary.fallback_by_document),
+        "over_fallback_budget": dg.MetadataValue.json(summary.over_fallback_budget),
         "failed_page_rate": round(summary.failed_page_rate, 5),
         "failure_reasons": dg.MetadataValue.json(dict(summary.failure_reasons)),
         "failed_pages": dg.MetadataValue.md(

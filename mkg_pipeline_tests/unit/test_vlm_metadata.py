@@ -150,3 +150,18 @@ def test_sources_of_names_each_accepted_document_by_its_first_file() -> None:
         }
     }
     assert vm.sources_of(manifest) == {"d1": "a.pdf"}
+
+
+def test_fallback_pages_are_counted_apart_per_document() -> None:
+    """Text-layer fallback pages (answers.text_fallback) show in the run's metadata, never as plain successes."""
+    storage = MemoryStorage()
+    _store(storage, "d1", "a.pdf", "text", state="complete", pages_total=3, pages_done=3, failed_pages=[])
+    summary = _summary(d1="failed")
+    summary.fallback = 2
+    summary.fallback_by_document = {"d1": 2}
+    summary.over_fallback_budget = ["d1"]
+    rows = vm.read_documents(storage, ["d1"], {"d1": "a.pdf"}, summary)
+    metadata = vm.vlm_metadata(summary, rows, [], 1)
+    assert metadata["pages_fallback"] == 2
+    assert metadata["fallback_by_document"].value == {"d1": 2}
+    assert metadata["over_fallback_budget"].value == ["d1"]
