@@ -149,7 +149,6 @@ def stage_worker(args: argparse.Namespace) -> dict[str, object]:
     import saturation
 
     from mkg_pipeline.stages.vlm import process_documents
-    from mkg_pipeline.storage import MemoryStorage
     from mkg_pipeline.vllm import client as client_module
     from mkg_pipeline.vllm.metrics import CLIENT_FAILURES, CLIENT_RETRIES
 
@@ -161,10 +160,9 @@ def stage_worker(args: argparse.Namespace) -> dict[str, object]:
     cfg = saturation.bench_config(args.url, "page_markdown", MKG_ROUTING__MODE="vlm")
     corpus = saturation.load_corpus_pages(saturation.DEFAULT_CORPUS, 150, saturation.DEFAULT_CACHE)
     selected = saturation.cycle_pages(corpus, args.pages)
-    storage = MemoryStorage()
-    for page in {p.key: p for p in selected}.values():
-        storage.put_bytes(page.key, page.png, "image/png")
-    doc_ids = saturation.write_page_manifests(storage, selected, f"w{os.getpid()}")
+    import limiter_trace  # each PNG under its document's prefix, as the stage's memory budget expects
+
+    storage, doc_ids = limiter_trace.pages_in_memory(selected, f"w{os.getpid()}")
 
     # Count answers as they come (the stage is stopped before its summary): the engine's one call per page.
     answered: list[float] = []
