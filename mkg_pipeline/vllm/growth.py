@@ -34,7 +34,12 @@ With ``/metrics`` (:class:`ReadingLaw`, one decision per reading)
       no standing queue: vLLM admits what waits as soon as blocks free, and preempts later;
     * **a burst being taken in**: a queue no longer than what the last growth sent (or than the
       previous reading's queue, shrinking; or anything at the first reading) may only be waiting for
-      the scheduler, which takes in so many prompt tokens per step: hold, read again soon;
+      the scheduler, which takes in so many prompt tokens per step: read again soon, and send again
+      what the scheduler took in since the last reading (``T = D + rise``, the running batch's rise
+      above the highest it has been since the burst began), so its queue never runs dry between
+      readings. Only new highs count: a full server's batch cannot rise above its slots, so its
+      small dips and recoveries add nothing, and what this resends is bounded by the slots still
+      free when the burst began;
     * **preemptions** (``vllm:num_preemptions_total`` rose): ``T = R x PREEMPT_BACKOFF``;
     * **KV cache near full** (``>= KV_FULL``) while nothing waits: no growth (with a queue, the KV
       cache counts only once preemptions showed that memory is the limit: the local server reports
@@ -170,22 +175,32 @@ class ReadingLaw:
         #: how many requests (of all processes) may still be on their way into the batch: what the
         #: last growth added, or a queue that is shrinking (None before the first reading: all of them)
         self._burst: float | None = None
+        #: the highest running batch since the burst being taken in began (the last reading's batch
+        #: outside a burst): while admitting, only a rise above it was taken in from the queue
+        self._high: float | None = None
 
     def decide(self, reading: QueueReading, in_flight: int, limit: float, in_use: bool, latency_high: bool) -> Decision:
         waiting, running, kv = reading.waiting, reading.running, reading.kv_usage
         # What all processes have at the server; at least what this one has (some may be on the wire).
         total = max(waiting + running, float(in_flight), 1.0)
         burst, self._burst = (total if self._burst is None else self._burst), 0.0
+        high, self._high = self._high, running
         if reading.preempted:
             self.memory_bound = True
             self.capacity = running * PREEMPT_BACKOFF
             target, reason = self.capacity, Reason.PREEMPTION
         elif 0 < waiting <= burst + QUEUE_MIN:  # (one more: requests are whole, limits are not)
             # A burst just sent waits for the scheduler (vLLM takes in so many prompt tokens per step):
-            # no sign of a full server yet. Hold, and read again soon; a queue that stops shrinking is
-            # a real one.
-            target, reason = total, Reason.ADMITTING
-            self._burst = waiting * 0.9 - QUEUE_MIN  # it must shrink to go on counting as a burst
+            # no sign of a full server yet. Read again soon; a queue that stops shrinking is a real one.
+            # What the scheduler took in since the last reading (the batch's rise to a new high) is sent
+            # again, so that the queue it takes from does not run dry before the next reading. Not at
+            # the first reading: what runs there may be other processes' work, not this burst.
+            admitted = max(0.0, running - high) if high is not None else 0.0
+            target, reason = total + admitted, Reason.ADMITTING
+            self._high = running if high is None else max(high, running)
+            # It must shrink to go on counting as a burst (by a tenth, once what is resent has joined it):
+            # a queue that stops shrinking is a real one, the server full.
+            self._burst = waiting * 0.9 - QUEUE_MIN + admitted
         elif waiting > 0:
             self.capacity = running
             if self.memory_bound and kv is not None and kv < KV_ROOM:

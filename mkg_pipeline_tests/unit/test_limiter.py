@@ -147,11 +147,16 @@ def test_a_queue_no_longer_than_the_burst_just_sent_is_not_taken_for_a_full_serv
     reading(limiter, clock, waiting=0, running=32)
     assert limiter.limit == 50
     slots += fill(limiter)
-    reading(limiter, clock, waiting=15, running=35)  # at most the 18 just sent: hold
-    assert (limiter.limit, limiter.last_decision) == (50, "admitting")
-    reading(limiter, clock, waiting=10, running=40)  # shrinking: still being taken in
+    # At most the 18 just sent: no sign of a full server. The 3 the scheduler took in (running rose from
+    # 32 to 35) are sent again, so that its queue does not run dry before the next reading.
+    reading(limiter, clock, waiting=15, running=35)
+    assert (limiter.limit, limiter.last_decision) == (53, "admitting")
+    slots += fill(limiter)
+    reading(limiter, clock, waiting=10, running=40)  # shrinking: still being taken in (5 more resent)
     assert limiter.last_decision == "admitting"
-    reading(limiter, clock, waiting=10, running=40)  # it stopped shrinking: a real queue, the server is full
+    slots += fill(limiter)
+    # The 5 resent have joined the queue and nothing was taken in: it stopped shrinking, a real queue.
+    reading(limiter, clock, waiting=15, running=40)
     assert limiter.last_decision == "queue" and limiter.limit < 50
     release_all(slots)
 
