@@ -147,7 +147,7 @@ class SlotPool:
             with self._lock:
                 if waiter.granted:  # the slot was handed over just as we were cancelled: give it back
                     self._in_flight -= 1
-                else:
+                elif waiter in self._slot_waiters:  # (a dispatch may already have dropped it as cancelled)
                     self._slot_waiters.remove(waiter)
                 self._dispatch_locked()
             raise
@@ -177,7 +177,8 @@ class SlotPool:
         except asyncio.CancelledError:
             with self._lock:
                 if not waiter.granted:
-                    self._capacity_waiters.remove(waiter)
+                    if waiter in self._capacity_waiters:  # a dispatch may already have dropped it as cancelled
+                        self._capacity_waiters.remove(waiter)
                 else:  # woken for room it will not use: the next waiter may have it
                     self._dispatch_locked()
             raise

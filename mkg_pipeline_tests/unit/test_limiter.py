@@ -605,6 +605,21 @@ async def test_a_woken_capacity_waiter_that_is_cancelled_passes_its_turn_on(cloc
     assert limiter.has_room()
 
 
+@pytest.mark.parametrize("wait", ["acquire", "wait_for_capacity"])
+async def test_a_waiter_dropped_by_a_dispatch_after_its_cancel_ends_cleanly(clock: FakeClock, wait: str) -> None:
+    """The stage cancels its capacity wait whenever a page event wins the race: a slot released between
+    the cancel and the waiter's own clean-up drops it from the queue first, and the clean-up must not fail."""
+    limiter = make(clock, min_limit=1, max_limit=1, adaptive=False)
+    held = await limiter.acquire()
+    waiter = asyncio.create_task(getattr(limiter, wait)())
+    await asyncio.sleep(0)
+    waiter.cancel()  # its future is cancelled at once ...
+    held.release()  # ... and this dispatch drops it before the task runs its clean-up
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert limiter.in_flight == 0 and limiter.has_room()
+
+
 # -- simulation: several processes, one server ----------------------------------------------
 
 
