@@ -167,7 +167,6 @@ class VLMSummary:
     over_fallback_budget: list[str] = field(default_factory=list)
     #: stored records found unreadable (redone or rewritten): "doc page n: problem"
     unreadable_records: list[str] = field(default_factory=list)
-    preview: str = ""
     #: most bytes the pages in flight held at once (their estimated cost), against the memory budget
     peak_page_bytes: int = 0
     _latencies: list[float] = field(default_factory=list)
@@ -848,8 +847,6 @@ class _BatchRun:
                 "updated_at": now,
             },
         )
-        if not self.summary.preview:
-            self.summary.preview = markdown
         return status
 
     async def _page_records(self, doc: _Document) -> dict[int, dict[str, Any]]:
