@@ -36,12 +36,12 @@ promtool:
 	@promtool --version 2>&1 | head -1
 
 demo: $(STAMP)
-	$(PY) -m mkg_pipeline.demo $(DEMO_ARGS)
+	$(PY) -m mkg_devstack.demo $(DEMO_ARGS)
 
 # compileall first: the suite starts a few hundred Python processes (Dagster runs, render workers,
 # servers), and where PYTHONDONTWRITEBYTECODE is set each of them would compile the package from source.
 test: $(STAMP) promtool lint
-	$(PY) -m compileall -q mkg_pipeline mkg_pipeline_tests >/dev/null
+	$(PY) -m compileall -q mkg_pipeline mkg_devstack mkg_pipeline_tests >/dev/null
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # Unit and in-process stage tests only: no servers, no Dagster instance; under a minute.
@@ -49,8 +49,8 @@ test-fast: $(STAMP) lint
 	$(PY) -m pytest mkg_pipeline_tests/unit mkg_pipeline_tests/stages $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check --quiet mkg_pipeline mkg_pipeline_tests benchmarks
-	$(VENV)/bin/ruff format --check --quiet mkg_pipeline mkg_pipeline_tests benchmarks
+	$(VENV)/bin/ruff check --quiet mkg_pipeline mkg_devstack mkg_pipeline_tests benchmarks
+	$(VENV)/bin/ruff format --check --quiet mkg_pipeline mkg_devstack mkg_pipeline_tests benchmarks
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache .ruff_cache

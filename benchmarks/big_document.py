@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from render import _build_book  # noqa: E402
 
-from mkg_pipeline.local_stack import ManagedProcess, free_port, moto_s3_server  # noqa: E402
+from mkg_devstack.local_stack import ManagedProcess, free_port, moto_s3_server  # noqa: E402
 
 SIMULATOR = REPO / "benchmarks" / "simulated_vllm.py"
 
@@ -115,7 +115,7 @@ def main() -> int:
             storage.ensure_bucket()
             storage.put_bytes("incoming/book.pdf", book.read_bytes(), "application/pdf")
             batch = subprocess.run(
-                [sys.executable, "-m", "mkg_pipeline.batch_cli"],
+                [sys.executable, "-m", "mkg_pipeline.orchestration.batch_cli"],
                 env=env,
                 cwd=REPO,
                 check=True,

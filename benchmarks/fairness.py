@@ -70,7 +70,7 @@ def tiny_png(width: int = 256, height: int = 256) -> bytes:
 
 
 async def worker(args: argparse.Namespace) -> dict[str, object]:
-    from mkg_pipeline.config import MinerUConfig, VLLMServerConfig
+    from mkg_pipeline.config import PipelineConfig, VLLMServerConfig
     from mkg_pipeline.vllm.client import VLLMClient
     from mkg_pipeline.vllm.errors import VLLMClientError
 
@@ -79,7 +79,7 @@ async def worker(args: argparse.Namespace) -> dict[str, object]:
 
         logging.basicConfig(format=f"%(created).3f worker {os.getpid()} %(message)s", stream=sys.stderr)
         logging.getLogger("mkg_pipeline.vllm.limiter").setLevel(logging.DEBUG)
-    config = MinerUConfig(vllm=VLLMServerConfig(url=args.url, model=args.model))
+    config = PipelineConfig(vllm=VLLMServerConfig(url=args.url, model=args.model))
     png = tiny_png()
     done_in_window = 0
     errors: dict[str, int] = {}
@@ -148,9 +148,9 @@ def stage_worker(args: argparse.Namespace) -> dict[str, object]:
     sys.path.insert(0, str(HERE))
     import saturation
 
+    from mkg_pipeline.metrics.client import CLIENT_FAILURES, CLIENT_RETRIES
     from mkg_pipeline.stages.vlm import process_documents
     from mkg_pipeline.vllm import client as client_module
-    from mkg_pipeline.vllm.metrics import CLIENT_FAILURES, CLIENT_RETRIES
 
     if args.trace:
         import logging
@@ -250,7 +250,7 @@ def run_preset(args: argparse.Namespace, env: dict[str, str]) -> dict[str, objec
     import gpu_model
     import saturation
 
-    from mkg_pipeline.local_stack import free_port
+    from mkg_devstack.local_stack import free_port
 
     preset = gpu_model.PRESETS[args.preset]
     sim = saturation.Simulator(Path(tempfile.mkdtemp(prefix="mkg-fairness-")), free_port())
@@ -382,7 +382,7 @@ def main() -> int:
         print(json.dumps(stage_worker(args) if args.preset else asyncio.run(worker(args))))
         return 0
 
-    from mkg_pipeline.local_stack import free_port, wait_for_http
+    from mkg_devstack.local_stack import free_port, wait_for_http
 
     if not Path(args.server).is_file():
         print(f"simulated server {args.server} not found (--server)", file=sys.stderr)

@@ -70,7 +70,7 @@ def cold_case(setting: saturation.Setting, kind: str, pages: list, max_s: float)
     """One case on a fresh server: (seconds to 0.9 full, seconds the case ran); nan when it never filled."""
     import asyncio
 
-    from mkg_pipeline.local_stack import free_port
+    from mkg_devstack.local_stack import free_port
 
     gpu = setting.gpu
     assert gpu is not None
@@ -195,7 +195,7 @@ def main() -> int:
     if args.cold_start:
         return cold_start(args)
 
-    from mkg_pipeline.local_stack import free_port
+    from mkg_devstack.local_stack import free_port
     from mkg_pipeline.vllm.limiter import limiter_for
 
     setting = saturation.Setting.parse(args.setting)

@@ -173,8 +173,8 @@ def _children_peak_rss(stop: threading.Event, peaks: dict[int, int]) -> None:
 
 
 def rss(args: argparse.Namespace) -> None:
+    from mkg_devstack.local_stack import moto_s3_server
     from mkg_pipeline.config import PDFConfig, StorageConfig, WorkersConfig
-    from mkg_pipeline.local_stack import moto_s3_server
     from mkg_pipeline.stages.pages import render_documents
     from mkg_pipeline.storage import Storage
 

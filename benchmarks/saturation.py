@@ -389,7 +389,7 @@ class Simulator:
         return self.process.process.pid if self.process and self.process.process else None
 
     def start(self, setting: Setting, layout_blocks: int) -> None:
-        from mkg_pipeline.local_stack import ManagedProcess
+        from mkg_devstack.local_stack import ManagedProcess
 
         self.stop()
         if setting.preset:
@@ -685,9 +685,9 @@ def run_end_to_end(env: Env, engine: str, moto_pid: int | None) -> Outcome:
     """(c) sensor tick + materialize raw_pdfs, parsed_pages, vlm_outputs per batch, in-process (as demo.py does)."""
     import dagster as dg
 
-    from mkg_pipeline.assets import pipeline_assets
-    from mkg_pipeline.batch_cli import run_sensor_tick
-    from mkg_pipeline.resources import S3StorageResource, VLLMResource
+    from mkg_pipeline.orchestration.assets import pipeline_assets
+    from mkg_pipeline.orchestration.batch_cli import run_sensor_tick
+    from mkg_pipeline.orchestration.resources import S3StorageResource, VLLMResource
 
     outcome = Outcome()
     with instrument_parts(outcome.parts, moto_pid):
@@ -1460,7 +1460,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import pymupdf
 
-    from mkg_pipeline.local_stack import free_port, moto_s3_server
+    from mkg_devstack.local_stack import free_port, moto_s3_server
 
     pymupdf.TOOLS.mupdf_display_errors(False)  # display only: some corpus files print harmless ICC warnings
     workdir = Path(tempfile.mkdtemp(prefix="mkg-saturation-"))
@@ -1490,7 +1490,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         import dagster as dg
 
-        import mkg_pipeline.definitions  # noqa: F401  (imported once here, not inside a timed case)
+        import mkg_pipeline.orchestration.definitions  # noqa: F401  (imported once here, not inside a timed case)
 
         instance = dg.DagsterInstance.from_config(str(home))
         pages_storage = make_storage(moto.url, PAGES_BUCKET)

@@ -55,9 +55,9 @@ class Ticker:
         """One tick: (seconds, run requests)."""
         import dagster as dg
 
-        from mkg_pipeline.definitions import defs
-        from mkg_pipeline.resources import S3StorageResource
-        from mkg_pipeline.sensors import incoming_pdfs_sensor
+        from mkg_pipeline.orchestration.definitions import defs
+        from mkg_pipeline.orchestration.resources import S3StorageResource
+        from mkg_pipeline.orchestration.sensors import incoming_pdfs_sensor
 
         with dg.build_sensor_context(
             instance=self.instance, cursor=self.cursor, resources={"s3": S3StorageResource()}, definitions=defs
@@ -71,7 +71,7 @@ class Ticker:
     def planning_s(self) -> float:
         """The sensor's own work on the listing (plan_tick), apart from S3: median of 3."""
         from mkg_pipeline.config import get_settings
-        from mkg_pipeline.resources import S3StorageResource
+        from mkg_pipeline.orchestration.resources import S3StorageResource
         from mkg_pipeline.stages.sensor_plan import Cursor, ListedObject, plan_tick
 
         storage = S3StorageResource().storage()
@@ -88,7 +88,7 @@ class Ticker:
         return statistics.median(timings)
 
     def listing_s(self) -> float:
-        from mkg_pipeline.resources import S3StorageResource
+        from mkg_pipeline.orchestration.resources import S3StorageResource
 
         storage = S3StorageResource().storage()
         started = time.perf_counter()
@@ -111,7 +111,7 @@ def main() -> None:
 
     import boto3
 
-    from mkg_pipeline.local_stack import moto_s3_server
+    from mkg_devstack.local_stack import moto_s3_server
     from mkg_pipeline.stages.sensor_plan import MAX_BATCHES_PER_TICK
 
     workdir = Path(tempfile.mkdtemp(prefix="mkg-sensor-bench-"))

@@ -2,7 +2,7 @@
 
 Importing this package must stay cheap (run pods start in seconds): no OCR
 models, ONNX runtimes or MinerU here. The Dagster code location is
-:mod:`mkg_pipeline.definitions`.
+:mod:`mkg_pipeline.orchestration.definitions`.
 """
 
 __version__ = "0.1.0"
@@ -12,10 +12,10 @@ __version__ = "0.1.0"
 # for a Definitions object among its members (`inspect.getmembers`, hence `__dir__`); `-a defs`
 # is a plain getattr. Nothing redirects that loader to a submodule, and importing `defs` eagerly here
 # would load Dagster into every `import mkg_pipeline.config` (run pods' health checks, tools).
-# `-m mkg_pipeline.definitions` (what the k8s code location runs) needs no hook.
+# `-m mkg_pipeline.orchestration.definitions` (what the k8s code location runs) needs no hook.
 def __getattr__(name: str) -> object:
     if name == "defs":
-        from mkg_pipeline.definitions import defs
+        from mkg_pipeline.orchestration.definitions import defs
 
         return defs
     raise AttributeError(f"module 'mkg_pipeline' has no attribute {name!r}")

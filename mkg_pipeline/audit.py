@@ -395,7 +395,8 @@ def _check_unbatched(
                 storage.uri(key),
                 f"it has waited {age / 3600:.1f} h in incoming/ and no batch lists it",
                 "check that incoming_pdfs_sensor is running (UI: Automation); if it is, copy the object onto "
-                "itself (a new LastModified) so the sensor sees it, or run `python -m mkg_pipeline.batch_cli`",
+                "itself (a new LastModified) so the sensor sees it, "
+                "or run `python -m mkg_pipeline.orchestration.batch_cli`",
             )
         )
 

@@ -336,7 +336,7 @@ class AnswersConfig(_Section):
     )
 
 
-class MinerUConfig(_Section):
+class PipelineConfig(_Section):
     """Root of the configuration tree."""
 
     engine: EngineName = Field("page_markdown", description="Page engine: 'mineru' two-step or 'page_markdown'.")
@@ -358,7 +358,7 @@ class MinerUConfig(_Section):
 
 def _section_at(path: tuple[str | int, ...]) -> type[BaseModel] | None:
     """The model of the section at ``path`` (``()``: the root), None if there is none."""
-    model: Any = MinerUConfig
+    model: Any = PipelineConfig
     for part in path:
         field = model.model_fields.get(part)
         model = field.annotation if field is not None else None
@@ -473,8 +473,8 @@ class YamlFileSource(YamlConfigSettingsSource):
         return data
 
 
-class Settings(BaseSettings, MinerUConfig):
-    """:class:`MinerUConfig` read from its sources: environment over YAML file over defaults."""
+class Settings(BaseSettings, PipelineConfig):
+    """:class:`PipelineConfig` read from its sources: environment over YAML file over defaults."""
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter=ENV_NESTED_DELIMITER, extra="forbid")
 
@@ -491,7 +491,7 @@ class Settings(BaseSettings, MinerUConfig):
         return init_settings, EnvironmentSource(settings_cls, environ), YamlFileSource(settings_cls, yaml_file=file)
 
 
-def load_config(path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> MinerUConfig:
+def load_config(path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> PipelineConfig:
     """Load defaults ← YAML file ← ``MKG_*`` environment variables, afresh (tests and tools).
 
     ``path`` wins over ``MKG_CONFIG_FILE``, which wins over the repo's ``config/mineru.yaml``. A
@@ -510,7 +510,7 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
 
 
 @cache
-def get_settings() -> MinerUConfig:
+def get_settings() -> PipelineConfig:
     """This process's settings, loaded on first use and then shared.
 
     Tests that change the environment call ``get_settings.cache_clear()`` to load again.
@@ -518,7 +518,7 @@ def get_settings() -> MinerUConfig:
     return load_config()
 
 
-def with_overrides(config: MinerUConfig, values: Mapping[str, Any], origin: str) -> MinerUConfig:
+def with_overrides(config: PipelineConfig, values: Mapping[str, Any], origin: str) -> PipelineConfig:
     """``config`` with some fields replaced (dotted name -> value; ``None`` keeps the field), checked
     against the same bounds as the file and the environment. ``origin`` names them in errors."""
     data = config.model_dump()  # SecretStr values stay SecretStr
@@ -534,6 +534,6 @@ def with_overrides(config: MinerUConfig, values: Mapping[str, Any], origin: str)
     if not changed:
         return config
     try:
-        return MinerUConfig.model_validate(data)
+        return PipelineConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_format_validation_error(exc, lambda loc: origin)) from None

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from mkg_pipeline.outputs import CONTENT_LIST_SCHEMA
+from mkg_pipeline.engines.page_safety import CONTENT_LIST_SCHEMA
 from mkg_pipeline.storage import Storage, sanitize_source_name
 
 INDEX_MD = "index.md"

@@ -3,7 +3,7 @@
 Exit 0 when the configuration loads (``config/mineru.yaml`` or ``MKG_CONFIG_FILE``
 plus ``MKG_*`` environment variables) and, with ``--check-server``, when the VLM
 server's ``GET /health`` answers 200. ``--import-definitions`` also imports the
-Dagster code location (``mkg_pipeline.definitions``), which catches a broken image
+Dagster code location (``mkg_pipeline.orchestration.definitions``), which catches a broken image
 before Dagster does.
 
 It prints one line of JSON on stdout, for ``docker inspect`` and pod events::
@@ -48,7 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", default=None, help="YAML file (default: MKG_CONFIG_FILE or config/mineru.yaml).")
     parser.add_argument("--check-server", action="store_true", help="Also require GET <vllm.url>/health to answer 200.")
     parser.add_argument(
-        "--import-definitions", action="store_true", help="Also import mkg_pipeline.definitions (the code location)."
+        "--import-definitions",
+        action="store_true",
+        help="Also import mkg_pipeline.orchestration.definitions (the code location).",
     )
     parser.add_argument(
         "--timeout",
@@ -102,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.import_definitions and code == EXIT_OK:
         try:
-            importlib.import_module("mkg_pipeline.definitions")
+            importlib.import_module("mkg_pipeline.orchestration.definitions")
         except Exception as exc:  # any import-time failure makes the image unusable as a code location
             status.update(status="error", definitions="failed", error=f"{type(exc).__name__}: {exc}")
             code = EXIT_DEFINITIONS

@@ -22,14 +22,14 @@ from mkg_pipeline.engines.base import (
 )
 
 if TYPE_CHECKING:
-    from mkg_pipeline.config import MinerUConfig
+    from mkg_pipeline.config import PipelineConfig
     from mkg_pipeline.vllm.client import VLLMClient
 
 #: every engine the configuration accepts (from ``EngineName``), e.g. for a CLI's ``choices``
 ENGINE_NAMES: tuple[str, ...] = get_args(EngineName)
 
 
-def build_engine(name: str, client: VLLMClient, settings: MinerUConfig) -> PageEngine:
+def build_engine(name: str, client: VLLMClient, settings: PipelineConfig) -> PageEngine:
     """The engine called ``name``, sending every request through ``client``, configured by ``settings``
     (``prompt_version``, ``answers.max_tokens``, ``answers.max_reasks``, ``vllm.max_in_flight``)."""
     if name not in ENGINE_NAMES:

@@ -30,7 +30,8 @@ class PageInput:
 class PageResult:
     """An engine's accepted answer for one page."""
 
-    #: this page's Markdown, already safe (see mkg_pipeline.outputs); figures linked as "images/<sha256>.jpg"
+    #: this page's Markdown, already safe (see mkg_pipeline.engines.page_safety);
+    #: figures linked as "images/<sha256>.jpg"
     markdown: str
     #: MinerU content-list items of this page (page_idx set), valid against outputs.CONTENT_LIST_SCHEMA
     content_list: list[dict[str, Any]]

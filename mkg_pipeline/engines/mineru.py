@@ -58,8 +58,9 @@ from typing import TYPE_CHECKING, Any
 
 from mkg_pipeline import png
 from mkg_pipeline.engines.base import AnswerRejected, PageInput, PageResult, engine_identity
+from mkg_pipeline.engines.content_list import CROPPED_TYPES, blocks_to_page
 from mkg_pipeline.engines.figures import crop_jpeg, decode_page, image_name
-from mkg_pipeline.engines.mineru_content import CROPPED_TYPES, blocks_to_page
+from mkg_pipeline.engines.page_safety import clean_text
 from mkg_pipeline.engines.schedule import reask_temperature
 from mkg_pipeline.engines.validation import (
     answer_problem,
@@ -68,13 +69,12 @@ from mkg_pipeline.engines.validation import (
     model_problem,
     next_max_tokens,
 )
-from mkg_pipeline.outputs import clean_text
 from mkg_pipeline.vllm.errors import VLLMResponseError
 
 if TYPE_CHECKING:
     from PIL import Image
 
-    from mkg_pipeline.config import MinerUConfig
+    from mkg_pipeline.config import PipelineConfig
     from mkg_pipeline.vllm.client import VLLMClient
 
 log = logging.getLogger(__name__)
@@ -248,7 +248,7 @@ def _build_routed_client_class() -> type:
 class MinerUEngine:
     name = ENGINE_NAME
 
-    def __init__(self, client: VLLMClient, settings: MinerUConfig) -> None:
+    def __init__(self, client: VLLMClient, settings: PipelineConfig) -> None:
         from loguru import logger as loguru_logger
         from mineru_vl_utils import MinerUClient
 

@@ -51,17 +51,17 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from mkg_pipeline.engines.base import AnswerRejected, PageInput, PageResult, engine_identity
-from mkg_pipeline.engines.mineru_content import text_math_to_dollars
+from mkg_pipeline.engines.content_list import text_math_to_dollars
 from mkg_pipeline.engines.page_markdown import markdown_to_content_list, outside_code, strip_markdown_fence
+from mkg_pipeline.engines.page_safety import bbox_1000, clean_text, safe_page_markdown
 from mkg_pipeline.engines.prompts import OLMOCR_PROMPT
 from mkg_pipeline.engines.schedule import OLMOCR_TEMPERATURES, temperature_for
 from mkg_pipeline.engines.validation import answer_problem, finish_problem, log_rejected, model_problem
-from mkg_pipeline.outputs import bbox_1000, clean_text, safe_page_markdown
 
 if TYPE_CHECKING:
     from PIL import Image
 
-    from mkg_pipeline.config import MinerUConfig
+    from mkg_pipeline.config import PipelineConfig
     from mkg_pipeline.vllm.client import VLLMClient
 
 log = logging.getLogger(__name__)
@@ -316,7 +316,7 @@ class _Accepted:
 class OlmOcrEngine:
     name = ENGINE_NAME
 
-    def __init__(self, client: VLLMClient, settings: MinerUConfig, *, max_attempts: int | None = None) -> None:
+    def __init__(self, client: VLLMClient, settings: PipelineConfig, *, max_attempts: int | None = None) -> None:
         self._client = client
         self._prompt_version = settings.prompt_version
         self._max_tokens = settings.answers.max_tokens

@@ -22,14 +22,14 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from mkg_pipeline.engines.base import AnswerRejected, PageInput, PageResult, engine_identity
-from mkg_pipeline.engines.mineru_content import latex_body, text_math_to_dollars
+from mkg_pipeline.engines.content_list import latex_body, text_math_to_dollars
+from mkg_pipeline.engines.page_safety import clean_text, html_to_text, safe_page_markdown, sanitize_table_html
 from mkg_pipeline.engines.prompts import PAGE_MARKDOWN_PROMPT, PAGE_MARKDOWN_SYSTEM_PROMPT
 from mkg_pipeline.engines.schedule import reask_temperature
 from mkg_pipeline.engines.validation import answer_problem, log_rejected, next_max_tokens
-from mkg_pipeline.outputs import clean_text, html_to_text, safe_page_markdown, sanitize_table_html
 
 if TYPE_CHECKING:
-    from mkg_pipeline.config import MinerUConfig
+    from mkg_pipeline.config import PipelineConfig
     from mkg_pipeline.vllm.client import VLLMClient
 
 ENGINE_NAME = "page_markdown"
@@ -155,7 +155,7 @@ FIRST_TEMPERATURE = 0.0
 class PageMarkdownEngine:
     name = ENGINE_NAME
 
-    def __init__(self, client: VLLMClient, settings: MinerUConfig) -> None:
+    def __init__(self, client: VLLMClient, settings: PipelineConfig) -> None:
         self._client = client
         self._prompt_version = settings.prompt_version
         self._max_tokens = settings.answers.max_tokens

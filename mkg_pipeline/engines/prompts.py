@@ -1,5 +1,5 @@
 """Prompts sent to the VLM. Changing any text here requires bumping
-``MinerUConfig.prompt_version``: it is part of every page's cache key."""
+``PipelineConfig.prompt_version``: it is part of every page's cache key."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 Same output as the VLM engines (``PageResult``): the page is laid out here as MinerU *blocks*
 (``doc_title``/``title``, ``text``, ``list_item``, ``table`` as HTML, ``image`` crops, ``*_caption``,
-``header``/``footer``/``page_number``/``aside_text``) and handed to ``mineru_content.blocks_to_page``,
+``header``/``footer``/``page_number``/``aside_text``) and handed to ``content_list.blocks_to_page``,
 the code that already turns the mineru engine's blocks into safe Markdown and schema-valid items: one
 place decides captions, furniture, table sanitising (``outputs.sanitize_table_html``) and Markdown safety.
 
@@ -47,8 +47,8 @@ from typing import Any, Final
 import pymupdf
 
 from mkg_pipeline.engines.base import PageResult
+from mkg_pipeline.engines.content_list import blocks_to_page
 from mkg_pipeline.engines.figures import crop_jpeg, image_name
-from mkg_pipeline.engines.mineru_content import blocks_to_page
 from mkg_pipeline.pdf import routing
 
 ENGINE_NAME: Final = "text_layer"

@@ -76,7 +76,8 @@ def read_batch_manifest(storage: Storage, batch_id: str) -> dict[str, Any]:
     except FileNotFoundError:
         raise FileNotFoundError(
             f"batch {batch_id!r} has no manifest at {storage.uri(key)}; "
-            "batches are created by the incoming_pdfs_sensor (daemon) or `python -m mkg_pipeline.batch_cli`"
+            "batches are created by the incoming_pdfs_sensor (daemon) "
+            "or `python -m mkg_pipeline.orchestration.batch_cli`"
         ) from None
     problem = manifest_problem(manifest, batch_id)
     if problem is not None:

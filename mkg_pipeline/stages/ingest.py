@@ -38,9 +38,9 @@ from datetime import UTC, datetime
 from typing import Any, Final
 
 from mkg_pipeline.config import PDFConfig, StorageConfig, WorkersConfig
+from mkg_pipeline.metrics.pipeline import DOCUMENTS_REJECTED
 from mkg_pipeline.pdf.pool import TaskFailed
 from mkg_pipeline.pdf.validate import VALIDATION_TIMEOUT, PDFRejected, validate_pdf
-from mkg_pipeline.pipeline_metrics import DOCUMENTS_REJECTED
 from mkg_pipeline.stages.batches import document_pool, read_batch_manifest, storage_for
 from mkg_pipeline.storage import DRAINED, KEEP, NEWER_WAITS, PreconditionFailed, Storage
 

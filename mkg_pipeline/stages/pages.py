@@ -46,8 +46,8 @@ from datetime import UTC, datetime
 from typing import Any, Final
 
 from mkg_pipeline.config import ImageSizeConfig, PDFConfig, RoutingConfig, StorageConfig, WorkersConfig
+from mkg_pipeline.document import page_record
 from mkg_pipeline.engines.base import engine_identity, page_cache_key
-from mkg_pipeline.outputs import page_record
 from mkg_pipeline.pdf.pool import TaskFailed
 from mkg_pipeline.pdf.render import (
     PageFailure,

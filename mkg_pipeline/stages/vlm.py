@@ -55,9 +55,9 @@ from typing import Any, Protocol
 
 from mkg_pipeline import records
 from mkg_pipeline.config import AnswersConfig
+from mkg_pipeline.document import assemble_document, page_record
 from mkg_pipeline.engines.base import AnswerRejected, PageEngine, PageInput, page_cache_key
-from mkg_pipeline.outputs import assemble_document, page_record
-from mkg_pipeline.pipeline_metrics import PAGES_CACHED, PAGES_FAILED, PAGES_PROCESSED, PAGES_TOTAL
+from mkg_pipeline.metrics.pipeline import PAGES_CACHED, PAGES_FAILED, PAGES_PROCESSED, PAGES_TOTAL
 from mkg_pipeline.storage import AsyncStorage, PreconditionFailed, Storage
 from mkg_pipeline.vllm.errors import VLLMClientError
 

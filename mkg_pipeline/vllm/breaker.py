@@ -46,8 +46,8 @@ from collections.abc import Callable
 from types import TracebackType
 
 from mkg_pipeline.config import CircuitBreakerConfig
+from mkg_pipeline.metrics.client import BREAKER_STATE_VALUES, CIRCUIT_BREAKER_STATE
 from mkg_pipeline.vllm.errors import CircuitOpenError
-from mkg_pipeline.vllm.metrics import BREAKER_STATE_VALUES, CIRCUIT_BREAKER_STATE
 
 log = logging.getLogger(__name__)
 

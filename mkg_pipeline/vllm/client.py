@@ -48,7 +48,8 @@ from typing import Any, Generic, Self, TypeVar
 import httpx
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt, wait_random_exponential
 
-from mkg_pipeline.config import CircuitBreakerConfig, HTTPClientConfig, MinerUConfig, VLLMServerConfig
+from mkg_pipeline.config import CircuitBreakerConfig, HTTPClientConfig, PipelineConfig, VLLMServerConfig
+from mkg_pipeline.metrics.client import CLIENT_FAILURES, CLIENT_RETRIES, IN_FLIGHT, REQUEST_DURATION
 from mkg_pipeline.vllm.breaker import BreakerState, CircuitBreaker, Permit, breaker_for
 from mkg_pipeline.vllm.errors import (
     CircuitOpenError,
@@ -63,7 +64,6 @@ from mkg_pipeline.vllm.errors import (
     VLLMTimeoutError,
 )
 from mkg_pipeline.vllm.limiter import AdaptiveLimiter, Signal, limiter_for, parse_queue_metrics
-from mkg_pipeline.vllm.metrics import CLIENT_FAILURES, CLIENT_RETRIES, IN_FLIGHT, REQUEST_DURATION
 
 log = logging.getLogger(__name__)
 
@@ -333,7 +333,7 @@ class VLLMClient:
         self._scraper: asyncio.Task[None] | None = None
 
     @classmethod
-    def from_config(cls, cfg: MinerUConfig, **kw: Any) -> VLLMClient:
+    def from_config(cls, cfg: PipelineConfig, **kw: Any) -> VLLMClient:
         return cls(cfg.vllm, cfg.http_client, cfg.circuit_breaker, **kw)
 
     # -- properties, lifecycle -----------------------------------------------------------------

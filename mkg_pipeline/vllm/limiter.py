@@ -41,6 +41,7 @@ import time
 from collections.abc import Callable
 
 from mkg_pipeline.config import VLLMServerConfig
+from mkg_pipeline.metrics.client import CONCURRENCY_FLOOR, CONCURRENCY_LIMIT
 from mkg_pipeline.vllm.growth import (
     BACKOFF,
     DEADLINE_SHARE,
@@ -70,7 +71,6 @@ from mkg_pipeline.vllm.growth import (
     ReadingLaw,
     grid_after,
 )
-from mkg_pipeline.vllm.metrics import CONCURRENCY_FLOOR, CONCURRENCY_LIMIT
 from mkg_pipeline.vllm.server_metrics import ServerMetrics, parse_queue_metrics
 from mkg_pipeline.vllm.slots import Signal, Slot, SlotPool
 

@@ -187,8 +187,8 @@ def read_name_list(path: Path) -> set[str]:
 
 def registry_metric_names() -> set[str]:
     """Every series name our code can export, read from the registry (counters get _total)."""
-    import mkg_pipeline.pipeline_metrics  # noqa: F401  (registers the pipeline metrics in REGISTRY)
-    from mkg_pipeline.vllm.metrics import REGISTRY
+    import mkg_pipeline.metrics.pipeline  # noqa: F401  (registers the pipeline metrics in REGISTRY)
+    from mkg_pipeline.metrics.client import REGISTRY
 
     names = set()
     for family in REGISTRY.collect():

@@ -87,7 +87,7 @@ def test_local_instance_checks_its_home_and_fails_runs_left_started() -> None:
     once it is known writable, and fails a run left STARTED (DefaultRunLauncher, SQLite in DAGSTER_HOME)."""
     from dagster._core.instance.config import dagster_instance_config
 
-    from mkg_pipeline.dagster_home import CheckedInstance
+    from mkg_pipeline.orchestration.instance import CheckedInstance
 
     repo = Path(__file__).resolve().parents[2]
     with tempfile.TemporaryDirectory() as home:

@@ -60,7 +60,7 @@ def test_worker_entrypoint_cmd_and_healthcheck(stages: list[dict]) -> None:
     worker = stages[-1]
     instructions = dict(worker["instructions"])
     cmd = json.loads(instructions["CMD"])
-    assert cmd[:3] == ["dagster", "api", "grpc"] and "mkg_pipeline.definitions" in cmd and "4000" in cmd
+    assert cmd[:3] == ["dagster", "api", "grpc"] and "mkg_pipeline.orchestration.definitions" in cmd and "4000" in cmd
     health = instructions["HEALTHCHECK"]
     assert "mkg-healthcheck" in health
     # K8sRunLauncher sets only `args`: whatever ENTRYPOINT the image has must exec them unchanged.

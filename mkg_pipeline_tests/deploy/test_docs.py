@@ -9,7 +9,7 @@ import re
 import pytest
 from pydantic import BaseModel
 
-from mkg_pipeline.config import MinerUConfig
+from mkg_pipeline.config import PipelineConfig
 from mkg_pipeline_tests.deploy.helpers import DOCS, REPO
 
 pytestmark = pytest.mark.deploy
@@ -40,7 +40,7 @@ def _row(text: str, dotted: str) -> str | None:
 
 def test_reference_lists_every_config_field_with_default_bounds_and_env() -> None:
     text = REFERENCE.read_text()
-    fields = _fields(MinerUConfig)
+    fields = _fields(PipelineConfig)
     assert len(fields) > 30
     problems = []
     for dotted, env, field in fields:

@@ -225,8 +225,8 @@ class Campaign:
         self, batch: str, select: str = ALL_ASSETS, run_config: dict[str, Any] | None = None
     ) -> dg.ExecuteInProcessResult:
         """A run in this process (the re-runs: they need no process of their own)."""
-        from mkg_pipeline.assets import pipeline_assets
-        from mkg_pipeline.resources import pipeline_resources
+        from mkg_pipeline.orchestration.assets import pipeline_assets
+        from mkg_pipeline.orchestration.resources import pipeline_resources
 
         return dg.materialize(
             pipeline_assets,

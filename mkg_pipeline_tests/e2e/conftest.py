@@ -38,16 +38,16 @@ class PipelineEnv:
 
     def tick(self) -> dg.SensorResult:
         """One evaluation of the real sensor against this instance, carrying the cursor like the daemon."""
-        from mkg_pipeline.batch_cli import run_sensor_tick
+        from mkg_pipeline.orchestration.batch_cli import run_sensor_tick
 
         result = run_sensor_tick(self.instance, self.cursor)
         self.cursor = result.cursor
         return result
 
     def batch_cli(self) -> subprocess.CompletedProcess[str]:
-        """`python -m mkg_pipeline.batch_cli`: one sensor tick from the shell, as CI creates a batch."""
+        """`python -m mkg_pipeline.orchestration.batch_cli`: one sensor tick from the shell, as CI creates a batch."""
         return subprocess.run(
-            [sys.executable, "-m", "mkg_pipeline.batch_cli"],
+            [sys.executable, "-m", "mkg_pipeline.orchestration.batch_cli"],
             cwd=REPO_ROOT,
             env={**os.environ, **self.env},
             capture_output=True,
@@ -74,8 +74,8 @@ class PipelineEnv:
         self, partition: str, run_config: dict | None = None, select: str | None = None
     ) -> dg.ExecuteInProcessResult:
         """In this process (no Dagster start-up to pay); ``select`` as the CLI's ``--select``, default all."""
-        from mkg_pipeline.assets import pipeline_assets
-        from mkg_pipeline.resources import pipeline_resources
+        from mkg_pipeline.orchestration.assets import pipeline_assets
+        from mkg_pipeline.orchestration.resources import pipeline_resources
 
         return dg.materialize(
             pipeline_assets,
@@ -158,7 +158,7 @@ def campaign(
 ) -> Iterator[Any]:
     """One case of the fault campaign (e2e/campaign.py): the pipeline reaches S3 through a proxy the case can
     cut, and the campaign server with every fault off; a short batch lease; every CLI run killed at teardown."""
-    from mkg_pipeline.local_server.settings import FaultSettings
+    from mkg_devstack.local_server.settings import FaultSettings
     from mkg_pipeline_tests.e2e.campaign import LEASE_TTL_S, Campaign
 
     campaign_server.set_faults(**FaultSettings().to_dict())

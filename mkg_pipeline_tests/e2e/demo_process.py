@@ -1,4 +1,4 @@
-"""The demo (``python -m mkg_pipeline.demo --serve-ui``) as a background process for e2e tests.
+"""The demo (``python -m mkg_devstack.demo --serve-ui``) as a background process for e2e tests.
 
 Started as CI, ``timeout`` and systemd start it: SIGINT ignored, in a session of its own (so that whatever a
 test leaves behind can be killed as a group). Its output goes to ``log``; ``wait_for`` polls it.
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from mkg_pipeline.local_stack import LOOPBACK, free_port
+from mkg_devstack.local_stack import LOOPBACK, free_port
 from mkg_pipeline_tests.fixtures.corpus import REPO_ROOT, corpus_root
 
 #: bounded waits, generous: the machine is shared, dagster dev loads the code location, runs OCR on CPU
@@ -44,7 +44,7 @@ class DemoProcess:
     @contextmanager
     def start(cls, tmp_path: Path, files: list[str], *extra: str) -> Iterator[DemoProcess]:
         log, port, workdir = tmp_path / "demo.out", free_port(), tmp_path / "demo"
-        argv = [sys.executable, "-m", "mkg_pipeline.demo", "--serve-ui", "--ui-port", str(port), "--files", *files]
+        argv = [sys.executable, "-m", "mkg_devstack.demo", "--serve-ui", "--ui-port", str(port), "--files", *files]
         argv += ["--corpus", str(corpus_root()), "--workdir", str(workdir), *extra]
         with log.open("wb") as out:
             process = subprocess.Popen(

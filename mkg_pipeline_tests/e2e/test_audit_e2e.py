@@ -26,7 +26,7 @@ def _audit_cli(env: PipelineEnv, *args: str) -> subprocess.CompletedProcess[str]
 
 
 def test_clean_pipeline_output_passes_the_audit_and_a_loss_does_not(pipeline_env: PipelineEnv) -> None:
-    from mkg_pipeline.definitions import defs
+    from mkg_pipeline.orchestration.definitions import defs
 
     pipeline_env.upload("minimal-document.pdf", "bad-not-a-pdf.pdf")
     batch = pipeline_env.tick().run_requests[0].partition_key

@@ -17,9 +17,9 @@ def _check(result: dg.ExecuteInProcessResult, name: str) -> dg.AssetCheckEvaluat
 
 
 def test_promote_then_daily_job_detects_regression(pipeline_env: PipelineEnv, local_vlm_server) -> None:
-    from mkg_pipeline.definitions import defs
-    from mkg_pipeline.jobs import golden_partition
-    from mkg_pipeline.schedules import daily_baseline_quality_schedule
+    from mkg_pipeline.orchestration.definitions import defs
+    from mkg_pipeline.orchestration.jobs import golden_partition
+    from mkg_pipeline.orchestration.schedules import daily_baseline_quality_schedule
 
     # Before any promotion the schedule skips with an instruction.
     with dg.build_schedule_context(instance=pipeline_env.instance) as context:

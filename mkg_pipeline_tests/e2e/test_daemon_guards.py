@@ -28,7 +28,7 @@ import dagster as dg
 import pytest
 import yaml
 
-from mkg_pipeline.local_stack import LOOPBACK, free_port
+from mkg_devstack.local_stack import LOOPBACK, free_port
 from mkg_pipeline_tests.fixtures.corpus import REPO_ROOT
 
 pytestmark = pytest.mark.e2e

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.e2e
 
 def test_in_process_runs_are_runs_of_the_code_locations_job(tmp_path: Path) -> None:
     workdir = tmp_path / "demo"
-    argv = [sys.executable, "-m", "mkg_pipeline.demo", "--files", "minimal-document.pdf", "bad-encrypted-password.pdf"]
+    argv = [sys.executable, "-m", "mkg_devstack.demo", "--files", "minimal-document.pdf", "bad-encrypted-password.pdf"]
     argv += ["--corpus", str(corpus_root()), "--workdir", str(workdir)]
     demo = subprocess.run(argv, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
     assert demo.returncode == 0, demo.stdout[-3000:] + demo.stderr[-3000:]

@@ -104,7 +104,7 @@ def test_sigterm_stops_the_background_demo_and_everything_it_started(
     process, log = background_demo
     family = _family(process.pid)
     names = " ".join(_alive(family))
-    for server in ("moto.server", "mkg_pipeline.local_server", "dagster dev", "dagster_webserver", "dagster._daemon"):
+    for server in ("moto.server", "mkg_devstack.local_server", "dagster dev", "dagster_webserver", "dagster._daemon"):
         assert server in names, f"{server} not running before the signal: {names}"
 
     process.send_signal(signal.SIGTERM)

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from dagster_graphql import DagsterGraphQLClient
 
-from mkg_pipeline.local_stack import LOOPBACK
+from mkg_devstack.local_stack import LOOPBACK
 from mkg_pipeline_tests.e2e.demo_process import DemoProcess
 
 pytestmark = pytest.mark.e2e

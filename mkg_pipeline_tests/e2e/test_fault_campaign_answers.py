@@ -160,7 +160,7 @@ def scanned_pdf(tag: str) -> bytes:
 
 
 def test_dishonest_answers(campaign: Campaign) -> None:
-    from mkg_pipeline.local_server.faults import WRONG_MODEL_NAME
+    from mkg_devstack.local_server.faults import WRONG_MODEL_NAME
 
     cases = [*DISHONEST, "alias"]
     files = {

@@ -21,7 +21,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from mkg_pipeline.outputs import CONTENT_LIST_SCHEMA, PAGE_MARKER_RE
+from mkg_pipeline.engines.page_safety import CONTENT_LIST_SCHEMA, PAGE_MARKER_RE
 from mkg_pipeline_tests.e2e.campaign import tiny_pdf
 from mkg_pipeline_tests.e2e.conftest import PipelineEnv
 from mkg_pipeline_tests.fixtures.corpus import corpus_pdf
@@ -167,8 +167,8 @@ def _seed_for(fates: list[str | None], rates: dict[str, float]) -> int:
     The local server draws the same random numbers for every request whatever the rates
     (faults.py), so with this seed the n-th request's fate is known in advance.
     """
-    from mkg_pipeline.local_server.faults import FaultInjector
-    from mkg_pipeline.local_server.settings import FaultSettings
+    from mkg_devstack.local_server.faults import FaultInjector
+    from mkg_devstack.local_server.settings import FaultSettings
 
     wanted = sorted(map(str, fates))
     for seed in range(10_000):

@@ -13,8 +13,8 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from mkg_pipeline.assets import pipeline_assets
-from mkg_pipeline.resources import S3StorageResource, VLLMResource
+from mkg_pipeline.orchestration.assets import pipeline_assets
+from mkg_pipeline.orchestration.resources import S3StorageResource, VLLMResource
 from mkg_pipeline_tests.e2e.campaign import tiny_pdf
 from mkg_pipeline_tests.e2e.conftest import PipelineEnv
 from mkg_pipeline_tests.fixtures.corpus import REPO_ROOT
@@ -95,7 +95,7 @@ def test_secrets_reach_the_resources_as_env_vars_and_stay_out_of_the_run_storage
 def test_api_key_stays_optional(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A server without auth: MKG_VLLM__API_KEY unset must not fail the run (an EnvVar of an unset
     variable would: Dagster refuses to start the run)."""
-    from mkg_pipeline.resources import pipeline_resources
+    from mkg_pipeline.orchestration.resources import pipeline_resources
 
     monkeypatch.delenv("MKG_VLLM__API_KEY", raising=False)
     monkeypatch.delenv("MKG_STORAGE__SECRET_ACCESS_KEY", raising=False)

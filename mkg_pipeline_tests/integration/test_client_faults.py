@@ -14,12 +14,12 @@ import time
 import pytest
 from PIL import Image
 
+from mkg_devstack.local_stack import free_port
 from mkg_pipeline.config import CircuitBreakerConfig, HTTPClientConfig, VLLMServerConfig
-from mkg_pipeline.local_stack import free_port
+from mkg_pipeline.metrics.client import REGISTRY
 from mkg_pipeline.vllm.breaker import CircuitBreaker
 from mkg_pipeline.vllm.client import VLLMClient
 from mkg_pipeline.vllm.errors import CircuitOpenError, VLLMClientError, VLLMServerError, VLLMTimeoutError
-from mkg_pipeline.vllm.metrics import REGISTRY
 from mkg_pipeline_tests.fixtures.corpus import REPO_ROOT
 
 pytestmark = pytest.mark.integration

@@ -17,7 +17,7 @@ import zlib
 from collections.abc import Callable
 from typing import Any
 
-from mkg_pipeline.config import MinerUConfig
+from mkg_pipeline.config import PipelineConfig
 from mkg_pipeline.vllm.client import VLLMClient
 
 PAYLOAD_BYTES = 16 * 2**20
@@ -43,7 +43,7 @@ def heavy_png(payload: int = PAYLOAD_BYTES) -> bytes:
 def test_a_request_in_flight_holds_its_body_once(start_local_vlm_server: Callable[..., Any]) -> None:
     server = start_local_vlm_server(latency_s=0.5)  # the request stays in flight a while
     png = heavy_png()
-    config = MinerUConfig.model_validate({"vllm": {"url": server.url, "model": server.model}})
+    config = PipelineConfig.model_validate({"vllm": {"url": server.url, "model": server.model}})
 
     async def ask() -> tuple[int, str]:
         async with VLLMClient.from_config(config) as client:

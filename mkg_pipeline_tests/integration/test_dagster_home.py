@@ -18,7 +18,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from mkg_pipeline.dagster_home import DagsterHomeUnusable, check_dagster_home
+from mkg_pipeline.orchestration.instance import DagsterHomeUnusable, check_dagster_home
 from mkg_pipeline_tests.fixtures.corpus import REPO_ROOT
 
 pytestmark = pytest.mark.integration
@@ -60,13 +60,13 @@ def _env(home: Path) -> dict[str, str]:
 def test_a_read_only_home_says_read_only_everywhere(tmpfs_home: Path) -> None:
     assert _mount("-o", "remount,ro", str(tmpfs_home))
     commands = {
-        "batch_cli": [sys.executable, "-m", "mkg_pipeline.batch_cli"],
+        "batch_cli": [sys.executable, "-m", "mkg_pipeline.orchestration.batch_cli"],
         "dagster asset materialize": [
             str(BIN / "dagster"),
             "asset",
             "materialize",
             "-m",
-            "mkg_pipeline.definitions",
+            "mkg_pipeline.orchestration.definitions",
             "--select",
             "raw_pdfs",
             "--partition",

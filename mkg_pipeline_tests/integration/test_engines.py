@@ -16,18 +16,18 @@ import jsonschema
 import pymupdf
 import pytest
 
-from mkg_pipeline.config import MinerUConfig, VLLMServerConfig
+from mkg_pipeline.config import PipelineConfig, VLLMServerConfig
 from mkg_pipeline.engines import AnswerRejected, PageInput, PageResult, build_engine
-from mkg_pipeline.outputs import CONTENT_LIST_SCHEMA
+from mkg_pipeline.engines.page_safety import CONTENT_LIST_SCHEMA
+from mkg_pipeline.metrics.client import REGISTRY
 from mkg_pipeline.vllm.client import VLLMClient
-from mkg_pipeline.vllm.metrics import REGISTRY
 from mkg_pipeline_tests.fixtures.corpus import corpus_pdf
 from mkg_pipeline_tests.fixtures.local_server import render_corpus_page
 
 pytestmark = pytest.mark.integration
 
 ENGINES = ["page_markdown", "mineru"]
-SETTINGS = MinerUConfig()
+SETTINGS = PipelineConfig()
 
 
 def _client(server) -> VLLMClient:
@@ -115,7 +115,7 @@ async def test_tiny_image_pages_neither_crash_nor_hang(engine_name: str, local_v
 @pytest.mark.parametrize("engine_name", ENGINES)
 async def test_answer_cut_at_max_tokens_is_rejected_not_returned(engine_name: str, local_vlm_server) -> None:
     """Issue 9 row 11 through the real server: it stops at max_tokens with finish_reason "length"."""
-    settings = MinerUConfig.model_validate({"answers": {"max_tokens": 16, "max_reasks": 1}})
+    settings = PipelineConfig.model_validate({"answers": {"max_tokens": 16, "max_reasks": 1}})
     page = _page("minimal-document.pdf", 0)  # a sparse page: cheap to read twice
     before = _requests_sent()
     async with _client(local_vlm_server) as client:

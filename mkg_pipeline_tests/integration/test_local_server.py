@@ -19,11 +19,11 @@ import pytest
 from mineru_vl_utils.mineru_client import DEFAULT_PROMPTS
 from PIL import Image
 
+from mkg_devstack.local_server.blocks import BlockType
+from mkg_devstack.local_server.faults import REPEATED_PHRASE, WRONG_MODEL_NAME
+from mkg_devstack.local_server.settings import ANSWER_FAULTS
 from mkg_pipeline.engines.prompts import PAGE_MARKDOWN_PROMPT
-from mkg_pipeline.local_server.blocks import BlockType
-from mkg_pipeline.local_server.faults import REPEATED_PHRASE, WRONG_MODEL_NAME
-from mkg_pipeline.local_server.settings import ANSWER_FAULTS
-from mkg_pipeline.quality import normalise_text, similarity
+from mkg_pipeline.quality.similarity import normalise_text, similarity
 from mkg_pipeline_tests.fixtures.corpus import corpus_pdf
 from mkg_pipeline_tests.fixtures.local_server import (
     LocalVLMServer,
@@ -91,7 +91,7 @@ def test_api_key_never_on_the_command_line(start_local_vlm_server: StartServer) 
     server = start_local_vlm_server(api_key=key)
     assert server.process.process is not None
     cmdline = Path(f"/proc/{server.process.process.pid}/cmdline").read_bytes()
-    assert b"mkg_pipeline.local_server" in cmdline
+    assert b"mkg_devstack.local_server" in cmdline
     assert key.encode() not in cmdline
     models = f"{server.base_url}/models"
     assert httpx.get(models, headers={"Authorization": f"Bearer {key}"}, timeout=10).status_code == 200

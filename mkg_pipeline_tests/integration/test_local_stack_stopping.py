@@ -14,7 +14,7 @@ from pathlib import Path
 STARTER = """
 import sys, time
 from pathlib import Path
-from mkg_pipeline.local_stack import moto_s3_server
+from mkg_devstack.local_stack import moto_s3_server
 server = moto_s3_server(Path(sys.argv[1])).start()
 print(server.process.pid, flush=True)
 time.sleep(600)

@@ -18,8 +18,8 @@ import pytest
 from mineru_vl_utils import MinerUClient
 from PIL import Image
 
-from mkg_pipeline.local_server.blocks import BlockType
-from mkg_pipeline.quality import normalise_text, similarity
+from mkg_devstack.local_server.blocks import BlockType
+from mkg_pipeline.quality.similarity import normalise_text, similarity
 from mkg_pipeline_tests.fixtures.local_server import LocalVLMServer, corpus_page_text, render_corpus_page
 
 pytestmark = pytest.mark.integration

@@ -13,17 +13,17 @@ import httpx
 import jsonschema
 import pytest
 
-from mkg_pipeline.config import MinerUConfig, VLLMServerConfig
+from mkg_pipeline.config import PipelineConfig, VLLMServerConfig
 from mkg_pipeline.engines import AnswerRejected, PageInput, build_engine
 from mkg_pipeline.engines.olmocr import OlmOcrEngine, parse_answer
+from mkg_pipeline.engines.page_safety import CONTENT_LIST_SCHEMA
 from mkg_pipeline.engines.prompts import OLMOCR_PROMPT
-from mkg_pipeline.outputs import CONTENT_LIST_SCHEMA
 from mkg_pipeline.vllm.client import VLLMClient
 from mkg_pipeline_tests.fixtures.local_server import image_data_url, lorem_png, render_corpus_page
 
 pytestmark = pytest.mark.integration
 
-SETTINGS = MinerUConfig.model_validate({"engine": "olmocr", "answers": {"max_reasks": 2}})
+SETTINGS = PipelineConfig.model_validate({"engine": "olmocr", "answers": {"max_reasks": 2}})
 
 
 def _client(server) -> VLLMClient:
@@ -126,7 +126,7 @@ async def test_cut_off_and_formatless_answers_are_reasked_then_rejected(start_lo
         with pytest.raises(AnswerRejected) as formatless:
             await build_engine("olmocr", client, SETTINGS).extract(page)
         server.set_faults(empty_rate=0.0)
-        tiny = MinerUConfig.model_validate({"engine": "olmocr", "answers": {"max_tokens": 16, "max_reasks": 1}})
+        tiny = PipelineConfig.model_validate({"engine": "olmocr", "answers": {"max_tokens": 16, "max_reasks": 1}})
         with pytest.raises(AnswerRejected) as cut:
             await build_engine("olmocr", client, tiny).extract(page)
         result = await build_engine("olmocr", client, SETTINGS).extract(page)

@@ -11,7 +11,7 @@ import json
 import httpx
 import pytest
 
-from mkg_pipeline.config import AnswersConfig, CircuitBreakerConfig, HTTPClientConfig, MinerUConfig, VLLMServerConfig
+from mkg_pipeline.config import AnswersConfig, CircuitBreakerConfig, HTTPClientConfig, PipelineConfig, VLLMServerConfig
 from mkg_pipeline.engines import AnswerRejected, PageInput, build_engine
 from mkg_pipeline.engines.schedule import reask_temperature
 from mkg_pipeline.vllm.breaker import CircuitBreaker
@@ -47,7 +47,7 @@ async def test_invalid_answers_from_the_server_are_reasked_up_the_schedule(
         transport=transport,
         breaker=CircuitBreaker(server.url, CircuitBreakerConfig()),
     )
-    settings = MinerUConfig(answers=AnswersConfig(max_reasks=3))
+    settings = PipelineConfig(answers=AnswersConfig(max_reasks=3))
     page = PageInput(png=lorem_png(), page_idx=0, text_layer_chars=55, label="doc=lorem page=1")
     async with client:
         with pytest.raises(AnswerRejected) as caught:
@@ -95,7 +95,7 @@ def _stage(storage, batch: str, server, answers: AnswersConfig, transport=None):
             breaker=CircuitBreaker(server.url, CircuitBreakerConfig()),
         )
         async with client:
-            engine = build_engine("page_markdown", client, MinerUConfig(answers=answers))
+            engine = build_engine("page_markdown", client, PipelineConfig(answers=answers))
             return await process_documents(
                 storage,
                 engine,
@@ -178,7 +178,7 @@ def test_a_rotated_page_forced_to_the_vlm_is_sent_upright(start_local_vlm_server
 
     from mkg_pipeline.config import PDFConfig, RoutingConfig
     from mkg_pipeline.ids import doc_id_for
-    from mkg_pipeline.quality import normalise_text, similarity
+    from mkg_pipeline.quality.similarity import normalise_text, similarity
     from mkg_pipeline.stages.ingest import ingest_batch
     from mkg_pipeline.stages.pages import read_page_manifest, render_batch
     from mkg_pipeline.storage import MemoryStorage

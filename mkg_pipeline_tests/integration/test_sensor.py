@@ -27,7 +27,8 @@ pytestmark = pytest.mark.integration
 # Queued runs must name where their job comes from; this one is never launched.
 _ORIGIN = RemoteJobOrigin(
     RemoteRepositoryOrigin(
-        InProcessCodeLocationOrigin(LoadableTargetOrigin(module_name="mkg_pipeline.definitions")), "__repository__"
+        InProcessCodeLocationOrigin(LoadableTargetOrigin(module_name="mkg_pipeline.orchestration.definitions")),
+        "__repository__",
     ),
     "ingest_job",
 )
@@ -44,7 +45,7 @@ class SensorEnv:
             self.storage.put_bytes(f"{self.storage.incoming_prefix}{name}", data)
 
     def tick(self) -> dg.SensorResult:
-        from mkg_pipeline.batch_cli import run_sensor_tick
+        from mkg_pipeline.orchestration.batch_cli import run_sensor_tick
 
         result = run_sensor_tick(self.instance, self.cursor)
         self.cursor = result.cursor

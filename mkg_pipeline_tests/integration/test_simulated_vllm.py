@@ -21,7 +21,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from mkg_pipeline.local_stack import ManagedProcess, free_port
+from mkg_devstack.local_stack import ManagedProcess, free_port
 
 pytestmark = pytest.mark.integration
 

@@ -690,7 +690,7 @@ def routed(storage: MemoryStorage, files: dict[str, bytes], routing: Any = None)
 
 
 def test_a_mixed_document_sends_only_its_scanned_page(storage: MemoryStorage, engine: ScriptedEngine) -> None:
-    from mkg_pipeline.vllm.metrics import REGISTRY
+    from mkg_pipeline.metrics.client import REGISTRY
     from mkg_pipeline_tests.fixtures.routing_pages import TITLE, mixed_pdf
 
     doc = routed(storage, {"mixed.pdf": mixed_pdf()})["mixed.pdf"]

@@ -1,11 +1,11 @@
-"""Promotion (stages/baseline.py) on MemoryStorage: choosing documents, copying outputs, the golden batch."""
+"""Promotion (quality/baseline.py) on MemoryStorage: choosing documents, copying outputs, the golden batch."""
 
 from __future__ import annotations
 
 import pytest
 
 from mkg_pipeline.engines.base import page_cache_key
-from mkg_pipeline.stages.baseline import PromotionError, golden_partition, promote_batch, select_documents
+from mkg_pipeline.quality.baseline import PromotionError, golden_partition, promote_batch, select_documents
 from mkg_pipeline.storage import MemoryStorage
 
 IDENTITY = "page_markdown|m|v1"

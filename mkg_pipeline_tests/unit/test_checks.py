@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import dagster as dg
 
-from mkg_pipeline.checks import BASELINE_SIMILARITY, TEXT_LAYER_SIMILARITY, evaluate_quality
-from mkg_pipeline.stages.quality_diff import PageDiff, QualityReport
+from mkg_pipeline.orchestration.checks import BASELINE_SIMILARITY, TEXT_LAYER_SIMILARITY, evaluate_quality
+from mkg_pipeline.quality.diff import PageDiff, QualityReport
 
 
 def _page(baseline: float | None, text_layer: float | None) -> PageDiff:

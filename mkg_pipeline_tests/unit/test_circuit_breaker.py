@@ -11,9 +11,9 @@ import time
 import pytest
 
 from mkg_pipeline.config import CircuitBreakerConfig
+from mkg_pipeline.metrics.client import BREAKER_STATE_VALUES, REGISTRY
 from mkg_pipeline.vllm.breaker import BreakerState, CircuitBreaker, breaker_for, reset_breakers
 from mkg_pipeline.vllm.errors import CircuitOpenError
-from mkg_pipeline.vllm.metrics import BREAKER_STATE_VALUES, REGISTRY
 
 SERVER = "http://gpu-box:8000"
 

@@ -12,7 +12,7 @@ from mkg_pipeline.config import (
     CircuitBreakerConfig,
     ConfigError,
     HTTPClientConfig,
-    MinerUConfig,
+    PipelineConfig,
     VLLMServerConfig,
     get_settings,
     load_config,
@@ -28,7 +28,7 @@ def write_yaml(tmp_path: Path, text: str) -> Path:
     return path
 
 
-def assert_seed_values(cfg: MinerUConfig) -> None:
+def assert_seed_values(cfg: PipelineConfig) -> None:
     assert cfg.http_client.keepalive == 5
     assert cfg.http_client.timeout_s == 300
     assert cfg.http_client.max_attempts == 3
@@ -44,7 +44,7 @@ def assert_seed_values(cfg: MinerUConfig) -> None:
 
 
 def test_code_defaults_are_the_seed_values() -> None:
-    assert_seed_values(MinerUConfig())
+    assert_seed_values(PipelineConfig())
 
 
 def test_section_defaults_standalone() -> None:

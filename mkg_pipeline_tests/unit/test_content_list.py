@@ -5,9 +5,10 @@ from __future__ import annotations
 import jsonschema
 import pytest
 
-from mkg_pipeline.engines.mineru_content import blocks_to_page
+from mkg_pipeline.document import assemble_document
+from mkg_pipeline.engines.content_list import blocks_to_page
 from mkg_pipeline.engines.page_markdown import markdown_to_content_list
-from mkg_pipeline.outputs import CONTENT_LIST_SCHEMA, assemble_document
+from mkg_pipeline.engines.page_safety import CONTENT_LIST_SCHEMA
 
 SHA = "0" * 64
 PAGE = """# Dosing of drug X

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from mkg_pipeline.config import AnswersConfig, CircuitBreakerConfig, HTTPClientConfig, MinerUConfig, VLLMServerConfig
+from mkg_pipeline.config import AnswersConfig, CircuitBreakerConfig, HTTPClientConfig, PipelineConfig, VLLMServerConfig
 from mkg_pipeline.engines import REJECT_REASONS, AnswerRejected, PageInput, build_engine
 from mkg_pipeline.engines.validation import answer_problem
 from mkg_pipeline.vllm.breaker import CircuitBreaker
@@ -25,8 +25,8 @@ LOOP = "The patient was given the dose. " * 120
 ONE_TEXT_BLOCK = "<|box_start|>100 100 900 200<|box_end|><|ref_start|>text<|ref_end|><|rotate_up|>"
 
 
-def settings(max_tokens: int = 64, max_reasks: int = 1) -> MinerUConfig:
-    return MinerUConfig(answers=AnswersConfig(max_tokens=max_tokens, max_reasks=max_reasks))
+def settings(max_tokens: int = 64, max_reasks: int = 1) -> PipelineConfig:
+    return PipelineConfig(answers=AnswersConfig(max_tokens=max_tokens, max_reasks=max_reasks))
 
 
 def page(text_layer_chars: int = 100, png: bytes = PNG) -> PageInput:

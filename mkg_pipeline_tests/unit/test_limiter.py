@@ -13,6 +13,7 @@ import threading
 import pytest
 
 from mkg_pipeline.config import VLLMServerConfig
+from mkg_pipeline.metrics.client import REGISTRY
 from mkg_pipeline.vllm.limiter import (
     FAIR_STEP,
     FAST_SCRAPE_INTERVAL_S,
@@ -31,7 +32,6 @@ from mkg_pipeline.vllm.limiter import (
     parse_queue_metrics,
     reset_limiters,
 )
-from mkg_pipeline.vllm.metrics import REGISTRY
 from mkg_pipeline_tests.unit.limiter_sim import FakeClock, GpuServer, SimClient, Simulation, run_fixed
 
 SERVER = "http://gpu-box:8000"

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from mineru_vl_utils.post_process import convert_otsl_to_html
 
-from mkg_pipeline.local_server.blocks import (
+from mkg_devstack.local_server.blocks import (
     Block,
     BlockType,
     blocks_to_markdown,
@@ -17,7 +17,7 @@ from mkg_pipeline.local_server.blocks import (
     lines_to_markdown,
     lines_to_text,
 )
-from mkg_pipeline.local_server.geometry import (
+from mkg_devstack.local_server.geometry import (
     OcrLine,
     Rect,
     Row,
@@ -28,9 +28,9 @@ from mkg_pipeline.local_server.geometry import (
     group_rows,
     join_rows,
 )
-from mkg_pipeline.local_server.mineru_format import format_layout, format_table
-from mkg_pipeline.local_server.regions import find_regions, table_rules
-from mkg_pipeline.local_server.tables import table_grid, to_markdown, to_otsl
+from mkg_devstack.local_server.mineru_format import format_layout, format_table
+from mkg_devstack.local_server.regions import find_regions, table_rules
+from mkg_devstack.local_server.tables import table_grid, to_markdown, to_otsl
 from mkg_pipeline_tests.fixtures.local_server import mineru_layout_parser
 
 BODY_H = 20.0  # synthetic body text: 20 px tall rows, 8 px per character, 24 px pitch
@@ -533,7 +533,7 @@ def test_layout_boxes_never_collapse_and_an_empty_page_is_empty() -> None:
 
 
 def test_a_box_reaching_into_the_gutter_loses_its_neighbours_sliver() -> None:
-    from mkg_pipeline.local_server.ocr import _plausible, _split_at_gaps
+    from mkg_devstack.local_server.ocr import _plausible, _split_at_gaps
 
     gray = np.full((60, 400), 255, np.uint8)
     gray[20:40, 100:104] = 0  # the last glyph's edge of the left column's line, inside the box

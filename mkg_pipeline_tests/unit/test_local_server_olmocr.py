@@ -5,11 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mkg_pipeline.engines.olmocr import FrontMatter, parse_answer
-from mkg_pipeline.engines.prompts import OLMOCR_PROMPT, PAGE_MARKDOWN_PROMPT
-from mkg_pipeline.local_server.answers import _turn_line
-from mkg_pipeline.local_server.geometry import OcrLine
-from mkg_pipeline.local_server.olmocr_format import (
+from mkg_devstack.local_server.answers import _turn_line
+from mkg_devstack.local_server.geometry import OcrLine
+from mkg_devstack.local_server.olmocr_format import (
     OlmOcrPage,
     covered_share,
     figure_label,
@@ -17,8 +15,10 @@ from mkg_pipeline.local_server.olmocr_format import (
     primary_language,
     table_html,
 )
-from mkg_pipeline.local_server.protocol import Route, route_for_prompt
-from mkg_pipeline.local_server.tables import Cell
+from mkg_devstack.local_server.protocol import Route, route_for_prompt
+from mkg_devstack.local_server.tables import Cell
+from mkg_pipeline.engines.olmocr import FrontMatter, parse_answer
+from mkg_pipeline.engines.prompts import OLMOCR_PROMPT, PAGE_MARKDOWN_PROMPT
 
 
 def test_olmocrs_prompt_has_its_own_route() -> None:

@@ -21,22 +21,22 @@ import pytest
 from mineru_vl_utils.mineru_client import DEFAULT_PROMPTS
 from PIL import Image
 
-from mkg_pipeline.engines.prompts import PAGE_MARKDOWN_PROMPT
-from mkg_pipeline.local_server import protocol
-from mkg_pipeline.local_server.app import create_app
-from mkg_pipeline.local_server.faults import REPEATED_PHRASE, WRONG_MODEL_NAME, FaultInjector, hostile_content
-from mkg_pipeline.local_server.geometry import OcrLine
-from mkg_pipeline.local_server.ocr import EnginePool, Reading
-from mkg_pipeline.local_server.protocol import RequestError, Route
-from mkg_pipeline.local_server.settings import (
+from mkg_devstack.local_server import protocol
+from mkg_devstack.local_server.app import create_app
+from mkg_devstack.local_server.faults import REPEATED_PHRASE, WRONG_MODEL_NAME, FaultInjector, hostile_content
+from mkg_devstack.local_server.geometry import OcrLine
+from mkg_devstack.local_server.ocr import EnginePool, Reading
+from mkg_devstack.local_server.protocol import RequestError, Route
+from mkg_devstack.local_server.settings import (
     ANSWER_FAULTS,
     DEFAULT_MODEL_NAME,
     FaultSettings,
     ServerSettings,
     parse_args,
 )
-from mkg_pipeline.local_server.slots import SlotScheduler
-from mkg_pipeline.quality import normalise_text, similarity
+from mkg_devstack.local_server.slots import SlotScheduler
+from mkg_pipeline.engines.prompts import PAGE_MARKDOWN_PROMPT
+from mkg_pipeline.quality.similarity import normalise_text, similarity
 from mkg_pipeline_tests.fixtures.local_server import mineru_layout_parser
 
 
@@ -319,7 +319,7 @@ def test_importing_the_package_and_its_pure_modules_loads_no_model_runtime() -> 
     # In a fresh interpreter: this session may have imported onnxruntime for other reasons.
     pure = ["protocol", "settings", "geometry", "blocks", "tables", "mineru_format", "faults"]
     code = (
-        f"import sys, mkg_pipeline.local_server, {', '.join(f'mkg_pipeline.local_server.{m}' for m in pure)}\n"
+        f"import sys, mkg_devstack.local_server, {', '.join(f'mkg_devstack.local_server.{m}' for m in pure)}\n"
         "heavy = [m for m in sys.modules if m.split('.')[0] in "
         "('onnxruntime', 'rapidocr_onnxruntime', 'cv2', 'numpy', 'PIL')]\n"
         "assert not heavy, heavy"

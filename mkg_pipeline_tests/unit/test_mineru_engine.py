@@ -26,12 +26,12 @@ from mkg_pipeline.config import (
     CircuitBreakerConfig,
     EngineName,
     HTTPClientConfig,
-    MinerUConfig,
+    PipelineConfig,
     VLLMServerConfig,
 )
 from mkg_pipeline.engines import ENGINE_NAMES, PageInput, build_engine
 from mkg_pipeline.engines.figures import crop_jpeg, decode_page, image_name
-from mkg_pipeline.outputs import CONTENT_LIST_SCHEMA
+from mkg_pipeline.engines.page_safety import CONTENT_LIST_SCHEMA
 from mkg_pipeline.vllm.breaker import CircuitBreaker
 from mkg_pipeline.vllm.client import VLLMClient
 from mkg_pipeline_tests.unit.scripted_vlm import MODEL, ScriptedVLM, chat_response, prompt_of
@@ -96,8 +96,8 @@ def answer(body: dict) -> str:
     return BLOCKS[_block_of(body)][2] or ""
 
 
-def settings(**answers: int) -> MinerUConfig:
-    return MinerUConfig(answers=AnswersConfig(**answers)) if answers else MinerUConfig()
+def settings(**answers: int) -> PipelineConfig:
+    return PipelineConfig(answers=AnswersConfig(**answers)) if answers else PipelineConfig()
 
 
 @pytest.fixture
@@ -292,7 +292,7 @@ async def test_mineru_concurrency_is_not_capped_below_the_limiter() -> None:
     image = Image.new("RGB", (800, 1200), "white")
     buffer = io.BytesIO()
     image.save(buffer, "PNG")
-    config = MinerUConfig()
+    config = PipelineConfig()
     client = VLLMClient(
         VLLMServerConfig(url="http://scripted-concurrency.test", model=MODEL, adaptive=False),
         HTTPClientConfig(max_attempts=1),

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from mkg_pipeline.config import AnswersConfig, MinerUConfig
+from mkg_pipeline.config import AnswersConfig, PipelineConfig
 from mkg_pipeline.engines import AnswerRejected, PageInput, build_engine
 from mkg_pipeline.engines.olmocr import (
     OLMOCR_LONGEST_SIDE,
@@ -22,8 +22,8 @@ from mkg_pipeline.engines.olmocr import (
     PageImageError,
     parse_answer,
 )
+from mkg_pipeline.engines.page_safety import CONTENT_LIST_SCHEMA
 from mkg_pipeline.engines.prompts import OLMOCR_PROMPT
-from mkg_pipeline.outputs import CONTENT_LIST_SCHEMA
 from mkg_pipeline_tests.unit.scripted_vlm import (
     MODEL,
     ScriptedVLM,
@@ -36,8 +36,8 @@ from mkg_pipeline_tests.unit.scripted_vlm import (
 UPRIGHT_TEXT = "# Upright title\n\nThe page as it reads."
 
 
-def settings(max_tokens: int = 512, max_reasks: int = 1, prompt_version: str = "v1") -> MinerUConfig:
-    return MinerUConfig(
+def settings(max_tokens: int = 512, max_reasks: int = 1, prompt_version: str = "v1") -> PipelineConfig:
+    return PipelineConfig(
         engine="olmocr",
         prompt_version=prompt_version,
         answers=AnswersConfig(max_tokens=max_tokens, max_reasks=max_reasks),

@@ -14,7 +14,8 @@ from html.parser import HTMLParser
 import pytest
 from markdown_it import MarkdownIt
 
-from mkg_pipeline.outputs import assemble_document, preview_markdown, safe_page_markdown, sanitize_table_html
+from mkg_pipeline.document import assemble_document, preview_markdown
+from mkg_pipeline.engines.page_safety import safe_page_markdown, sanitize_table_html
 
 PAGE_TWO = "Second page keeps its text."
 MARKER_RE = re.compile(r"^<!-- page (\d+)(?::[^\n]*)? -->$", re.MULTILINE)
@@ -228,8 +229,8 @@ def test_script_link_targets_are_defused_for_renderers_that_do_not_check_them() 
 
 
 def test_page_record_round_trips_through_json_and_assembles() -> None:
+    from mkg_pipeline.document import page_record
     from mkg_pipeline.engines import PageResult
-    from mkg_pipeline.outputs import page_record
 
     result = PageResult(
         markdown="Text",

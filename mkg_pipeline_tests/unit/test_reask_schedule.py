@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from mkg_pipeline.config import AnswersConfig, MinerUConfig
+from mkg_pipeline.config import AnswersConfig, PipelineConfig
 from mkg_pipeline.engines import AnswerRejected, PageInput, build_engine, olmocr
 from mkg_pipeline.engines.schedule import OLMOCR_TEMPERATURES, reask_temperature, temperature_for
 from mkg_pipeline_tests.unit.scripted_vlm import ScriptedVLM, prompt_of
@@ -24,8 +24,8 @@ INVALID = [
 ]
 
 
-def settings(max_reasks: int) -> MinerUConfig:
-    return MinerUConfig(answers=AnswersConfig(max_tokens=64, max_reasks=max_reasks))
+def settings(max_reasks: int) -> PipelineConfig:
+    return PipelineConfig(answers=AnswersConfig(max_tokens=64, max_reasks=max_reasks))
 
 
 def page(png: bytes = PNG) -> PageInput:
@@ -86,5 +86,5 @@ async def test_each_engine_carries_its_answer_policy_for_the_stage(name: str) ->
     answers = AnswersConfig(text_fallback=True, max_fallback_share=0.25)
     server = ScriptedVLM(lambda body: "")
     async with server.client() as client:
-        engine = build_engine(name, client, MinerUConfig(answers=answers))
+        engine = build_engine(name, client, PipelineConfig(answers=answers))
     assert engine.answers == answers  # type: ignore[attr-defined]

@@ -12,10 +12,10 @@ import pymupdf
 import pytest
 
 from mkg_pipeline.engines.base import PageResult
+from mkg_pipeline.engines.page_safety import CONTENT_LIST_SCHEMA, safe_page_markdown, sanitize_table_html
 from mkg_pipeline.engines.text_layer import extract_text_page, join_lines, page_plain_text
-from mkg_pipeline.outputs import CONTENT_LIST_SCHEMA, safe_page_markdown, sanitize_table_html
 from mkg_pipeline.pdf.routing import route_page
-from mkg_pipeline.quality import normalise_text, similarity
+from mkg_pipeline.quality.similarity import normalise_text, similarity
 from mkg_pipeline_tests.fixtures.corpus import corpus_manifest, corpus_pdf
 from mkg_pipeline_tests.fixtures.reading_order import column_order_agreement, text_layer_lines
 from mkg_pipeline_tests.fixtures.routing_pages import (
@@ -216,7 +216,7 @@ def test_corpus_text_engine_agrees_with_the_text_layer(name: str) -> None:
 
 def test_a_text_route_page_assembles_with_vlm_pages() -> None:
     """The stage stores the engine's result as any page record: a document mixing routes assembles."""
-    from mkg_pipeline.outputs import assemble_document
+    from mkg_pipeline.document import assemble_document
 
     text_page = extract("table_and_figure", page_idx=1)
     vlm_item = {"type": "text", "text": "A page from the VLM.", "page_idx": 0}

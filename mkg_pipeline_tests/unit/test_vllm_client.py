@@ -18,7 +18,8 @@ import httpx
 import pytest
 import respx
 
-from mkg_pipeline.config import CircuitBreakerConfig, HTTPClientConfig, MinerUConfig, VLLMServerConfig
+from mkg_pipeline.config import CircuitBreakerConfig, HTTPClientConfig, PipelineConfig, VLLMServerConfig
+from mkg_pipeline.metrics.client import REGISTRY
 from mkg_pipeline.vllm import (
     ChatResult,
     CircuitOpenError,
@@ -36,7 +37,6 @@ from mkg_pipeline.vllm import (
 from mkg_pipeline.vllm.breaker import BreakerState, CircuitBreaker, breaker_for
 from mkg_pipeline.vllm.client import ANSWER_BYTES_PER_TOKEN, ANSWER_ENVELOPE_BYTES, OUT_OF_BAND_CONNECTIONS
 from mkg_pipeline.vllm.limiter import INITIAL_LIMIT, AdaptiveLimiter, limiter_for
-from mkg_pipeline.vllm.metrics import REGISTRY
 
 URL = "http://vlm.test:8000"
 MODEL = "Qwen/Qwen2.5-VL-7B-Instruct"
@@ -589,7 +589,7 @@ async def test_malformed_body_is_a_breaker_failure(router: respx.MockRouter, sle
 
 
 def test_clients_of_one_url_share_the_registered_breaker() -> None:
-    cfg = MinerUConfig(vllm=VLLMServerConfig(url=URL))
+    cfg = PipelineConfig(vllm=VLLMServerConfig(url=URL))
     first, second = VLLMClient.from_config(cfg), VLLMClient.from_config(cfg)
     assert first.breaker is second.breaker is breaker_for(URL)
     assert first.breaker.config == cfg.circuit_breaker
@@ -756,7 +756,7 @@ async def test_fetch_server_metrics(router: respx.MockRouter, sleeps: SleepRecor
 
 
 def test_from_config_sizes_the_pool_from_the_limiters_ceiling() -> None:
-    cfg = MinerUConfig(
+    cfg = PipelineConfig(
         vllm=VLLMServerConfig(url=URL + "/", model="m", connection_timeout_s=3, max_in_flight=40, min_in_flight=3),
         http_client=HTTPClientConfig(keepalive=2, timeout_s=120),
     )
@@ -1068,7 +1068,7 @@ async def test_a_server_without_vllm_metrics_leaves_the_limiter_on_latency(
 
 
 def test_clients_of_one_url_share_the_registered_limiter() -> None:
-    cfg = MinerUConfig(vllm=VLLMServerConfig(url=URL))
+    cfg = PipelineConfig(vllm=VLLMServerConfig(url=URL))
     first, second = VLLMClient.from_config(cfg), VLLMClient.from_config(cfg)
     assert first.limiter is second.limiter is limiter_for(URL)
     for client in (first, second):

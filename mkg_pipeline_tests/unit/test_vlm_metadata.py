@@ -1,4 +1,4 @@
-"""vlm_outputs' metadata (mkg_pipeline/assets/vlm_metadata.py): the per-document table, its links, the named
+"""vlm_outputs' metadata (mkg_pipeline/orchestration/metadata.py): the per-document table, its links, the named
 preview with tables rendered and figures noted, and their bounds, over a real in-memory Storage."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from mkg_pipeline.assets import vlm_metadata as vm
+from mkg_pipeline.orchestration import metadata as vm
 from mkg_pipeline.stages.vlm import VLMSummary
 from mkg_pipeline.storage import MemoryStorage
 

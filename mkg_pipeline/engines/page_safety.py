@@ -1,0 +1,454 @@
+"""One page's safety: what a page answer may contain once it is stored, shown or put into a document.
+
+- :data:`CONTENT_LIST_SCHEMA`: MinerU's content-list schema, as this pipeline writes it (docs/reference.md).
+- :func:`clean_text`: lone surrogates and NULs -> U+FFFD, applied to every model answer before it is
+  stored or encoded (issue 9 row 7).
+- :func:`sanitize_table_html` / :func:`html_to_text`: the table-HTML allowlist and its plain-text form.
+- :func:`safe_page_markdown`: one page's Markdown with everything that could reach past the page made
+  inert (issue 9 row 10). The page is read with a CommonMark parser, as a viewer reads it: raw HTML
+  is escaped except a small allowlist (table markup, a few inline tags), balanced and
+  re-serialised; comments are escaped; a code fence left open is closed at the end of the page and a
+  ``$$`` block left open loses its opening delimiter; lines inside code that look like our page
+  markers are indented so that they no longer match :data:`PAGE_MARKER_RE`; ``javascript:``/``data:``
+  link targets are defused. It is idempotent, so assembling already-safe pages changes nothing.
+
+The engines use these on every answer, so this module imports nothing from them
+(:mod:`mkg_pipeline.document` builds on it). Pure functions on strings and dicts; no PIL, no I/O.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+from collections.abc import Mapping, Sequence
+from html.parser import HTMLParser
+from typing import Any
+
+# --------------------------------------------------------------------------- content list schema
+
+#: Item types we write. MinerU's own: text (titles are text with text_level), equation, image, table,
+#: code, and the page furniture it keeps out of the Markdown.
+FURNITURE_TYPES = ("header", "footer", "page_number", "page_footnote", "aside_text")
+CONTENT_TYPES = ("text", "equation", "image", "table", "code", *FURNITURE_TYPES)
+
+_STRINGS = {"type": "array", "items": {"type": "string"}}
+_IMG_PATH = {"type": "string", "pattern": r"^images/[0-9a-f]{64}\.jpg$"}
+
+#: JSON Schema (draft 2020-12) of ``content_list.json``: MinerU's content-list fields, nothing else.
+CONTENT_LIST_SCHEMA: dict[str, Any] = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "$id": "https://mkg-pipeline/schemas/content_list.json",
+    "title": "MinerU content list",
+    "type": "array",
+    "items": {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["type", "page_idx"],
+        "properties": {
+            "type": {"enum": list(CONTENT_TYPES)},
+            "page_idx": {"type": "integer", "minimum": 0},
+            "bbox": {
+                "type": "array",
+                "items": {"type": "integer", "minimum": 0, "maximum": 1000},
+                "minItems": 4,
+                "maxItems": 4,
+            },
+            "text": {"type": "string"},
+            "text_level": {"type": "integer", "minimum": 1, "maximum": 6},
+            "text_format": {"const": "latex"},
+            "img_path": _IMG_PATH,
+            "image_caption": _STRINGS,
+            "image_footnote": _STRINGS,
+            "table_body": {"type": "string"},
+            "table_caption": _STRINGS,
+            "table_footnote": _STRINGS,
+            "code_body": {"type": "string"},
+            "code_caption": _STRINGS,
+            "sub_type": {"enum": ["chart", "code", "algorithm"]},
+        },
+        "allOf": [
+            {
+                "if": {"properties": {"type": {"enum": ["text", "equation", *FURNITURE_TYPES]}}},
+                "then": {"required": ["text"]},
+            },
+            {
+                "if": {"properties": {"type": {"const": "equation"}}},
+                "then": {"required": ["text_format"]},
+            },
+            {
+                "if": {"properties": {"type": {"const": "image"}}},
+                "then": {"required": ["img_path", "image_caption", "image_footnote"]},
+            },
+            {
+                "if": {"properties": {"type": {"const": "table"}}},
+                "then": {"required": ["table_body", "table_caption", "table_footnote"]},
+            },
+            {
+                "if": {"properties": {"type": {"const": "code"}}},
+                "then": {"required": ["code_body", "code_caption", "sub_type"]},
+            },
+            {
+                "if": {"not": {"properties": {"type": {"const": "text"}}}},
+                "then": {"not": {"required": ["text_level"]}},
+            },
+        ],
+    },
+}
+
+
+def bbox_1000(bbox: Sequence[float] | None) -> list[int] | None:
+    """A 0..1 page-relative box as MinerU's content list has it: integers in 0..1000."""
+    if bbox is None or len(bbox) != 4:
+        return None
+    return [min(1000, max(0, round(float(v) * 1000))) for v in bbox]
+
+
+# --------------------------------------------------------------------------- text hygiene
+
+_UNENCODABLE_RE = re.compile("[\ud800-\udfff\x00]")
+
+
+def clean_text(text: str) -> str:
+    """``text`` with lone surrogates and NULs replaced by U+FFFD: always encodable as UTF-8 and JSON."""
+    return _UNENCODABLE_RE.sub("\ufffd", text)
+
+
+def clean_value(value: Any) -> Any:
+    """:func:`clean_text` applied to every string inside a JSON-like value."""
+    if isinstance(value, str):
+        return clean_text(value)
+    if isinstance(value, Mapping):
+        return {clean_text(str(k)): clean_value(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [clean_value(v) for v in value]
+    return value
+
+
+# --------------------------------------------------------------------------- HTML allowlist
+
+#: Table markup we keep (MinerU's OTSL -> HTML and model-written HTML tables), and inline tags
+#: that may appear inside cells and, attribute-less, in running text.
+TABLE_TAGS = frozenset({"table", "caption", "colgroup", "col", "thead", "tbody", "tfoot", "tr", "th", "td"})
+INLINE_TAGS = frozenset({"br", "sup", "sub", "b", "i", "em", "strong", "u", "code"})
+_VOID_TAGS = frozenset({"br", "col"})
+# Elements whose content is not text a reader should see (dropped whole inside a table).
+_DROP_CONTENT_TAGS = frozenset(
+    {"script", "style", "template", "textarea", "title", "noscript", "iframe", "object", "embed", "svg", "math"}
+    | {"head", "xmp", "noembed", "noframes", "plaintext", "select"}
+)
+_SPAN_ATTRS = frozenset({"rowspan", "colspan"})
+_STRUCTURE_TAGS = frozenset({"table", "thead", "tbody", "tfoot", "tr", "colgroup"})
+
+
+class _AllowlistSanitizer(HTMLParser):
+    """Re-serialises an HTML fragment keeping only allowlisted tags, balanced; everything else is text."""
+
+    def __init__(self, allowed: frozenset[str]) -> None:
+        super().__init__(convert_charrefs=True)
+        self._allowed = allowed
+        self.out: list[str] = []
+        self._open: list[str] = []
+        self._dropping: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if self._dropping:
+            if tag == self._dropping[-1]:
+                self._dropping.append(tag)
+            return
+        if tag in _DROP_CONTENT_TAGS:
+            self._dropping.append(tag)
+            return
+        if tag not in self._allowed:
+            return
+        kept = ""
+        if tag in {"td", "th"}:
+            for name, value in attrs:
+                if name in _SPAN_ATTRS and value is not None and value.strip().isdigit():
+                    kept += f' {name}="{min(1000, max(1, int(value.strip())))}"'
+        self.out.append(f"<{tag}{kept}>")
+        if tag not in _VOID_TAGS:
+            self._open.append(tag)
+
+    def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag in _DROP_CONTENT_TAGS and not self._dropping:
+            return  # <script/> has no content to drop
+        self.handle_starttag(tag, attrs)
+        if tag not in _VOID_TAGS and not self._dropping:
+            self.handle_endtag(tag)
+
+    def handle_endtag(self, tag: str) -> None:
+        if self._dropping:
+            if tag == self._dropping[-1]:
+                self._dropping.pop()
+            return
+        if tag not in self._open:
+            return  # a stray close tag: nothing to close
+        while self._open:
+            top = self._open.pop()
+            self.out.append(f"</{top}>")
+            if top == tag:
+                break
+
+    def handle_data(self, data: str) -> None:
+        if not data.strip() and (not self._open or self._open[-1] in _STRUCTURE_TAGS):
+            return  # indentation between rows and cells is not content
+        if not self._dropping:
+            self.out.append(html.escape(re.sub(r"\s+", " ", data), quote=False))
+
+    def finish(self) -> str:
+        self.close()
+        while self._open:
+            self.out.append(f"</{self._open.pop()}>")
+        return "".join(self.out).strip()
+
+
+def sanitize_table_html(fragment: str) -> str:
+    """An HTML table made safe: allowlisted table/inline tags only, ``rowspan``/``colspan`` only,
+    every element closed, text escaped, on one line (so a Markdown HTML block cannot run on)."""
+    sanitizer = _AllowlistSanitizer(TABLE_TAGS | INLINE_TAGS)
+    sanitizer.feed(clean_text(fragment))
+    return sanitizer.finish()
+
+
+def html_to_text(fragment: str) -> str:
+    """The visible text of an HTML fragment (no tags), whitespace collapsed."""
+    sanitizer = _AllowlistSanitizer(frozenset())
+    sanitizer.feed(clean_text(fragment))
+    return html.unescape(sanitizer.finish()).strip()
+
+
+# --------------------------------------------------------------------------- safe Markdown
+
+#: Our page markers, exactly: ``<!-- page 3 -->`` on a line of its own (a missing page adds ": …").
+PAGE_MARKER_RE = re.compile(r"^<!-- page (\d+)(?::[^\n]*)? -->$", re.MULTILINE)
+
+_FENCE_OPEN_RE = re.compile(r"^( {0,3})(`{3,}|~{3,})(.*)$")
+_INLINE_TAG_RE = re.compile(r"<(/?)([A-Za-z][A-Za-z0-9]*)\s*(/?)>")
+_MARKUP_START_RE = re.compile(r"<(?=[A-Za-z/!?])")
+_AUTOLINK_RE = re.compile(r"<https?://[^\s<>]*>", re.IGNORECASE)
+_LINK_TARGET_RE = re.compile(r"(\]\(\s*<?|^ {0,3}\[[^\]\n]+\]:\s*<?)([^\s)>]+)", re.MULTILINE)
+_UNSAFE_SCHEMES = ("javascript:", "vbscript:", "data:", "file:")
+_MATH_DELIM_RE = re.compile(r"(?<!\\)\$\$")
+
+
+def _defuse_links(line: str) -> str:
+    def repl(match: re.Match[str]) -> str:
+        target = match.group(2)
+        normal = re.sub(r"[\s\x00-\x1f]", "", html.unescape(target)).lower()
+        if normal.startswith(_UNSAFE_SCHEMES):
+            return f"{match.group(1)}#{target}"
+        return match.group(0)
+
+    return _LINK_TARGET_RE.sub(repl, line)
+
+
+def _escape_markup(text: str, *, in_math: bool) -> str:
+    """Every ``<`` that could open a tag, comment or declaration made inert.
+
+    In running text as ``&lt;`` (renders as ``<``); in math as ``< `` (a space is invisible in
+    LaTeX, where an entity would not be decoded by math renderers). Backslash-escaped ``\\<`` stays.
+    """
+    out: list[str] = []
+    last = 0
+    for match in _MARKUP_START_RE.finditer(text):
+        start = match.start()
+        backslashes = len(text[:start]) - len(text[:start].rstrip("\\"))
+        if backslashes % 2:
+            continue
+        out.append(text[last:start])
+        out.append("< " if in_math else "&lt;")
+        last = start + 1
+    out.append(text[last:])
+    return "".join(out)
+
+
+def _split_inline_math(line: str) -> list[tuple[str, bool]]:
+    """(segment, is_math) pieces of one line, split at pairs of unescaped single ``$``.
+
+    A heuristic: both escapes are safe, so a wrong guess only changes how an escaped ``<`` looks.
+    """
+    dollars = [m.start() for m in re.finditer(r"(?<![\\$])\$(?!\$)", line)]
+    if len(dollars) < 2:
+        return [(line, False)]
+    pieces: list[tuple[str, bool]] = []
+    last = 0
+    for opening, closing in zip(dollars[0::2], dollars[1::2], strict=False):
+        pieces.append((line[last:opening], False))
+        pieces.append((line[opening : closing + 1], True))
+        last = closing + 1
+    pieces.append((line[last:], False))
+    return pieces
+
+
+def _safe_text_line(line: str, *, in_math: bool) -> str:
+    """One Markdown line outside code fences: allowlisted inline tags kept (balanced on the line),
+    http(s) autolinks kept, every other ``<`` escaped, unsafe link targets defused."""
+    line = _defuse_links(line)
+    if in_math:
+        return _escape_markup(line, in_math=True)
+    kept: dict[str, str] = {}
+    open_tags: list[str] = []
+
+    def keep(markup: str) -> str:
+        token = f"\x00{len(kept)}\x00"
+        kept[token] = markup
+        return token
+
+    def tag_repl(match: re.Match[str]) -> str:
+        closing, name, self_closing = match.group(1), match.group(2).lower(), match.group(3)
+        before = line[: match.start()]
+        if name not in INLINE_TAGS or (len(before) - len(before.rstrip("\\"))) % 2:
+            return match.group(0)  # escaped below
+        if name in _VOID_TAGS:
+            return "" if closing else keep(f"<{name}>")
+        if self_closing:
+            return match.group(0)
+        if not closing:
+            open_tags.append(name)
+            return keep(f"<{name}>")
+        if name not in open_tags:
+            return match.group(0)  # a stray close
+        closes = []
+        while open_tags:
+            top = open_tags.pop()
+            closes.append(f"</{top}>")
+            if top == name:
+                break
+        return keep("".join(closes))
+
+    # NULs cannot be in the line (clean_text), so they delimit placeholders safely.
+    line = _AUTOLINK_RE.sub(lambda m: keep(m.group(0)), line)
+    line = _INLINE_TAG_RE.sub(tag_repl, line)
+    pieces = _split_inline_math(line)
+    line = "".join(_escape_markup(piece, in_math=is_math) for piece, is_math in pieces)
+    for token, markup in kept.items():
+        line = line.replace(token, markup)
+    closers = "".join(f"</{tag}>" for tag in reversed(open_tags))
+    if closers and (len(line) - len(line.rstrip("\\"))) % 2:
+        line += " "  # a trailing backslash would escape the closer's "<"
+    return line + closers
+
+
+def _parse(markdown: str) -> list[Any]:
+    """Block tokens of ``markdown`` as a CommonMark renderer (raw HTML on, GFM tables) sees them."""
+    from markdown_it import MarkdownIt
+
+    return MarkdownIt("commonmark").enable("table").parse(markdown)
+
+
+def _is_safe_table(block: str) -> bool:
+    return "\n" not in block and block.lower().startswith("<table") and sanitize_table_html(block) == block
+
+
+def _defuse_html_blocks(text: str) -> str:
+    """Every HTML block made inert: a top-level table re-serialised by the allowlist and set apart by
+    blank lines, any other block's lines escaped. Repeated until nothing changes, because an escaped
+    block becomes Markdown again (and may hold, say, a code fence of its own)."""
+    for _ in range(50):
+        lines = text.split("\n")
+        replacements: list[tuple[int, int, list[str]]] = []
+        for token in _parse(text):
+            if token.type != "html_block" or token.map is None:
+                continue
+            start, end = token.map
+            block = "\n".join(lines[start:end]).strip("\n")
+            if token.level == 0 and _is_safe_table(block):
+                continue
+            if token.level == 0 and block.lstrip(" ").lower().startswith("<table"):
+                table = sanitize_table_html(block)
+                replacement = ["", table, ""] if table else [""]
+            else:
+                replacement = [_escape_markup(line, in_math=False) for line in lines[start:end]]
+            replacements.append((start, end, replacement))
+        if not replacements:
+            return text
+        for start, end, replacement in reversed(replacements):
+            lines[start:end] = replacement
+        text = "\n".join(lines)
+    return "\n".join(_escape_markup(line, in_math=False) for line in text.split("\n"))
+
+
+def _literal_lines(tokens: list[Any], lines: list[str]) -> tuple[set[int], set[int]]:
+    """(code lines, table lines): the content of fenced and indented code blocks, which a CommonMark
+    renderer shows literally, and our allowlisted tables, which stay as they are."""
+    code: set[int] = set()
+    tables: set[int] = set()
+    for token in tokens:
+        if token.map is None:
+            continue
+        start, end = token.map
+        if token.type in {"fence", "code_block"}:
+            code.update(range(start + 1 if token.type == "fence" else start, end))
+        elif token.type == "html_block" and token.level == 0 and _is_safe_table("\n".join(lines[start:end]).strip()):
+            tables.update(index for index in range(start, end) if lines[index].strip())
+    return code, tables
+
+
+def _math_opener(line: str) -> bool:
+    """A line that opens a ``$$`` display block (and does not close it on the same line)."""
+    stripped = line.strip()
+    return stripped.startswith("$$") and not _MATH_DELIM_RE.search(stripped, 2)
+
+
+def _swallows(text: str) -> Any | None:
+    """The unclosed top-level fence that would swallow what follows this page, if any."""
+    probe = "mkg-pipeline-probe"
+    tokens = _parse(text + "\n\n" + probe)
+    last = tokens[-2] if len(tokens) >= 2 else None
+    if last is not None and last.type == "inline" and last.content == probe and last.level == 1:
+        return None
+    fences = [t for t in tokens if t.type == "fence" and t.level == 0]
+    return fences[-1] if fences else tokens[-1]
+
+
+def safe_page_markdown(markdown: str) -> str:
+    """One page's Markdown made inert towards other pages and browsers (see the module docstring).
+
+    The structure is read with a CommonMark parser (markdown-it), as a Markdown viewer reads it:
+
+    1. HTML blocks: tables are re-serialised by the allowlist, anything else is escaped;
+    2. every line outside code blocks is escaped (allowlisted inline tags kept, balanced per line);
+       lines inside code stay as written, except that one looking like our page marker is indented;
+    3. ``$$`` display math: inside it ``<`` is escaped with a space (invisible in LaTeX); an opening
+       ``$$`` never closed on the page is escaped itself, so no math block runs into the next page;
+    4. a code fence still open at the end of the page is closed.
+    """
+    text = clean_text(markdown).replace("\r\n", "\n").replace("\r", "\n")
+    # Parsing is most of the cost of a page (the client's own work is a few ms): skip what cannot
+    # apply. HTML starts with "<"; code is fenced (` or ~) or indented; only a fence can swallow.
+    if "<" in text:
+        text = _defuse_html_blocks(text)
+    lines = text.split("\n")
+    structured = "<" in text or "`" in text or "~" in text or any(line.startswith(("    ", "\t")) for line in lines)
+    code, tables = _literal_lines(_parse(text), lines) if structured else (set(), set())
+    out: list[str] = []
+    math_opened_at: int | None = None
+    for index, line in enumerate(lines):
+        if math_opened_at is not None:
+            out.append(_safe_text_line(line, in_math=True))
+            if _MATH_DELIM_RE.search(line):
+                math_opened_at = None
+        elif index in code:
+            # Shown literally, but a line there must still not read as one of our markers.
+            out.append(" " + line if line.startswith("<!--") else line)
+        elif index in tables:
+            out.append(line)
+        elif _math_opener(line):
+            math_opened_at = len(out)
+            out.append(_safe_text_line(line, in_math=True))
+        else:
+            out.append(_safe_text_line(line, in_math=False))
+    if math_opened_at is not None:
+        out[math_opened_at] = out[math_opened_at].replace("$$", "\\$\\$", 1)
+    text = "\n".join(out).strip("\n")
+    if "`" not in text and "~" not in text:
+        return text
+    for _ in range(10):
+        fence = _swallows(text)
+        if fence is None:
+            return text
+        if fence.type != "fence":
+            break
+        text += "\n" + fence.markup
+    # Cannot happen with the steps above; if it does, no line may open a fence at all.
+    return "\n".join("\\" + line.lstrip() if _FENCE_OPEN_RE.match(line) else line for line in text.split("\n"))
