@@ -184,9 +184,9 @@ def bucket_accounting(
     s3: S3StorageResource,
     vllm: VLLMResource,
 ) -> dg.AssetCheckResult:
-    from mkg_pipeline.audit import ERROR, WARNING, audit_bucket
+    from mkg_pipeline.audit import ERROR, audit_bucket
     from mkg_pipeline.engines.base import engine_identity
-    from mkg_pipeline.markdown_table import markdown_table
+    from mkg_pipeline.orchestration.metadata import audit_metadata
 
     settings = vllm.pipeline_config()
     identity = engine_identity(settings.engine, settings.vllm.model, settings.prompt_version)
@@ -200,19 +200,5 @@ def bucket_accounting(
     return dg.AssetCheckResult(
         passed=report.ok,
         severity=dg.AssetCheckSeverity.ERROR,
-        metadata={
-            "errors": len(report.of(ERROR)),
-            "warnings": len(report.of(WARNING)),
-            "pending": sum(report.pending.values()),
-            "pages_done": report.counts["pages_done"],
-            "pages_failed": report.counts["pages_failed"],
-            "findings": dg.MetadataValue.md(
-                markdown_table(
-                    ["severity", "finding", "where", "what is wrong", "what to do"],
-                    ((f.severity, f.kind, f.subject, f.message, f.action) for f in findings[:AUDIT_ROWS]),
-                )
-            ),
-            "scope": report.scope,
-            "command": "python -m mkg_pipeline.audit" + (f" --batch {batch}" if batch else ""),
-        },
+        metadata=audit_metadata(report, findings, batch, AUDIT_ROWS),
     )

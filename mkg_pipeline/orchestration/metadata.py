@@ -1,5 +1,7 @@
-"""What the Dagster UI shows for one materialization of ``vlm_outputs``: built here, so the asset only wires the
-stage to Dagster.
+"""What the Dagster UI shows for each materialization and check: built here from the stages' summaries, so
+the asset and check bodies only wire the stages to Dagster.
+
+For ``vlm_outputs``:
 
 - ``documents``: a typed table (``MetadataValue.table``), one row per document of the batch in batch order: its
   file name, doc id, state, pages done / failed / total (and pages by route when the stage counts them), the
@@ -255,3 +257,99 @@ def vlm_metadata(
     metadata["documents_state"] = dg.MetadataValue.json(summary.documents)
     metadata["preview"] = dg.MetadataValue.md(batch_preview(previews, documents))
     return metadata
+
+
+def vlm_batch_metadata(
+    storage: Any, manifest: Mapping[str, Any], doc_ids: Sequence[str], summary: Any
+) -> dict[str, Any]:
+    """``vlm_outputs``' metadata: the summary, a row per document (its ``status.json``) and the previews."""
+    rows = read_documents(storage, doc_ids, sources_of(manifest), summary, export_dir=export_root())
+    return vlm_metadata(summary, rows, read_previews(storage, rows), len(doc_ids))
+
+
+# ---- the other assets and the bucket check ---------------------------------------------------------------------
+
+
+def ingest_metadata(summary: Any, storage: Any, batch_id: str) -> dict[str, Any]:
+    """``raw_pdfs``' metadata from the ingest stage's summary."""
+    rejected_rows = [[key.rsplit("/", 1)[-1], r["reason"], r["message"]] for key, r in summary.rejected.items()]
+    return {
+        "documents": len(summary.doc_ids),
+        "pages": sum(summary.pages.values()),
+        "rejected": len(summary.rejected),
+        "errors": len(summary.errors),
+        "duplicates": summary.duplicates,
+        # replaced in incoming/ while this batch read them: the new version is the sensor's next work
+        "superseded": dg.MetadataValue.json(summary.superseded),
+        "drained": summary.drained,
+        "doc_ids": dg.MetadataValue.json(summary.accepted),
+        "rejections": dg.MetadataValue.md(markdown_table(["file", "reason", "message"], rejected_rows)),
+        "batch_manifest": storage.uri(storage.batch_key(batch_id)),
+    }
+
+
+def pages_metadata(summary: Any, routing_mode: str, image_longest_side_px: int) -> dict[str, Any]:
+    """``parsed_pages``' metadata from the render stage's summary and the routing and image size it used."""
+    return {
+        "documents": len(summary.documents) + len(summary.failures),
+        "rendered": summary.rendered,
+        "already_rendered": summary.skipped,
+        "pages": summary.pages,
+        # GPU pages and text pages, for the batch and per document (a batch holds at most workers.batch_size)
+        "pages_vlm": summary.pages_by_route.get("vlm", 0),
+        "pages_text": summary.pages_by_route.get("text", 0),
+        "pages_by_route": dg.MetadataValue.json(
+            {d.doc_id: {"text": d.routes.get("text", 0), "vlm": d.routes.get("vlm", 0)} for d in summary.documents}
+        ),
+        "vision_tokens": summary.vision_tokens,
+        "routing_mode": routing_mode,
+        "image_longest_side_px": image_longest_side_px,
+        "failed_pages": dg.MetadataValue.json(summary.failed_pages),
+        "failed_documents": dg.MetadataValue.json(summary.failures),
+    }
+
+
+def _rounded(value: float | None) -> float | str:
+    return round(value, 4) if value is not None else "n/a"
+
+
+def quality_summary(report: Any) -> str:
+    """The step log's one line about a quality report."""
+    return (
+        f"mean similarity vs baseline {_rounded(report.mean_baseline_similarity)}, "
+        f"vs text layer {_rounded(report.mean_text_layer_similarity)}"
+    )
+
+
+def quality_metadata(report: Any, storage: Any, batch_id: str) -> dict[str, Any]:
+    """``quality_baseline_diffs``' metadata from the comparison's report."""
+    day = report.created_at[:10]
+    return {
+        "mean_baseline_similarity": _rounded(report.mean_baseline_similarity),
+        "mean_text_layer_similarity": _rounded(report.mean_text_layer_similarity),
+        "pages_compared": sum(1 for p in report.pages if p.status == "compared"),
+        "pages_without_output": report.missing_outputs,
+        "report": dg.MetadataValue.md(report.to_markdown()),
+        "report_uri": storage.uri(storage.quality_report_key(day, f"{batch_id}.json")),
+    }
+
+
+def audit_metadata(report: Any, findings: Sequence[Any], batch_id: str | None, rows: int) -> dict[str, Any]:
+    """``bucket_accounting``'s metadata: the audit's counts and its first ``rows`` findings, errors first."""
+    from mkg_pipeline.audit import ERROR, WARNING
+
+    return {
+        "errors": len(report.of(ERROR)),
+        "warnings": len(report.of(WARNING)),
+        "pending": sum(report.pending.values()),
+        "pages_done": report.counts["pages_done"],
+        "pages_failed": report.counts["pages_failed"],
+        "findings": dg.MetadataValue.md(
+            markdown_table(
+                ["severity", "finding", "where", "what is wrong", "what to do"],
+                ((f.severity, f.kind, f.subject, f.message, f.action) for f in findings[:rows]),
+            )
+        ),
+        "scope": report.scope,
+        "command": "python -m mkg_pipeline.audit" + (f" --batch {batch_id}" if batch_id else ""),
+    }

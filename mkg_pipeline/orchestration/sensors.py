@@ -11,7 +11,6 @@ from datetime import UTC, datetime
 
 import dagster as dg
 
-from mkg_pipeline.config import get_settings
 from mkg_pipeline.orchestration.assets import ingest_batches
 from mkg_pipeline.orchestration.jobs import GOLDEN_PREFIX, ingest_job
 from mkg_pipeline.orchestration.resources import S3StorageResource
@@ -118,7 +117,7 @@ def incoming_pdfs_sensor(context: dg.SensorEvaluationContext, s3: S3StorageResou
     from mkg_pipeline.stages.sensor_plan import Cursor, ListedObject, plan_tick
 
     storage = s3.storage()
-    settings = get_settings()
+    settings = s3.pipeline_config()
     cursor = Cursor.load(context.cursor)
     run_requests, cursor = _retry_requests(context, storage, cursor)
 

@@ -3,7 +3,6 @@
 # No `from __future__ import annotations`: Dagster reads the config/context annotations at definition time.
 import dagster as dg
 
-from mkg_pipeline.config import get_settings
 from mkg_pipeline.orchestration.assets.partitions import claimed_batch, ingest_batches
 from mkg_pipeline.orchestration.resources import S3StorageResource
 
@@ -25,14 +24,13 @@ class RawPdfsConfig(dg.Config):
     "doc ids) before its object leaves incoming/. Re-materializing is safe: recorded outcomes are kept.",
 )
 def raw_pdfs(context: dg.AssetExecutionContext, config: RawPdfsConfig, s3: S3StorageResource) -> dg.MaterializeResult:
-    from mkg_pipeline.markdown_table import markdown_table
+    from mkg_pipeline.orchestration.metadata import ingest_metadata
     from mkg_pipeline.stages.ingest import OutcomesNotRecorded, ingest_batch
     from mkg_pipeline.stages.lease import LeaseLost
 
-    storage = s3.storage()
-    settings = get_settings()
+    storage, settings = s3.storage(), s3.pipeline_config()
     try:
-        with claimed_batch(context, storage) as lease:
+        with claimed_batch(context, storage, settings.workers.lease_ttl_s) as lease:
             summary = ingest_batch(
                 storage,
                 context.partition_key,
@@ -52,19 +50,4 @@ def raw_pdfs(context: dg.AssetExecutionContext, config: RawPdfsConfig, s3: S3Sto
         ) from None
     if summary.errors:
         context.log.warning(f"{len(summary.errors)} object(s) hit errors and will be retried: {summary.errors}")
-    rejected_rows = [[key.rsplit("/", 1)[-1], r["reason"], r["message"]] for key, r in summary.rejected.items()]
-    return dg.MaterializeResult(
-        metadata={
-            "documents": len(summary.doc_ids),
-            "pages": sum(summary.pages.values()),
-            "rejected": len(summary.rejected),
-            "errors": len(summary.errors),
-            "duplicates": summary.duplicates,
-            # replaced in incoming/ while this batch read them: the new version is the sensor's next work
-            "superseded": dg.MetadataValue.json(summary.superseded),
-            "drained": summary.drained,
-            "doc_ids": dg.MetadataValue.json(summary.accepted),
-            "rejections": dg.MetadataValue.md(markdown_table(["file", "reason", "message"], rejected_rows)),
-            "batch_manifest": storage.uri(storage.batch_key(context.partition_key)),
-        }
-    )
+    return dg.MaterializeResult(metadata=ingest_metadata(summary, storage, context.partition_key))

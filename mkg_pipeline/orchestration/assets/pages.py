@@ -3,7 +3,6 @@
 # No `from __future__ import annotations`: Dagster reads the config/context annotations at definition time.
 import dagster as dg
 
-from mkg_pipeline.config import get_settings
 from mkg_pipeline.orchestration.assets.ingest import raw_pdfs
 from mkg_pipeline.orchestration.assets.partitions import claimed_batch, ingest_batches
 from mkg_pipeline.orchestration.resources import S3StorageResource
@@ -32,12 +31,13 @@ class ParsedPagesConfig(dg.Config):
 def parsed_pages(
     context: dg.AssetExecutionContext, config: ParsedPagesConfig, s3: S3StorageResource
 ) -> dg.MaterializeResult:
+    from mkg_pipeline.orchestration.metadata import pages_metadata
     from mkg_pipeline.stages.pages import NothingRendered, render_batch
 
-    storage = s3.storage()
-    settings = get_settings()
+    storage, settings = s3.storage(), s3.pipeline_config()
+    image = settings.page_images.for_engine(settings.engine)
     try:
-        with claimed_batch(context, storage):
+        with claimed_batch(context, storage, settings.workers.lease_ttl_s):
             summary = render_batch(
                 storage,
                 context.partition_key,
@@ -47,26 +47,8 @@ def parsed_pages(
                 force=config.force,
                 progress=context.log.info,
                 routing=settings.routing,
-                image=settings.page_images.for_engine(settings.engine),
+                image=image,
             )
     except NothingRendered as exc:
         raise dg.Failure(description=f"batch {context.partition_key}: {exc}") from exc
-    return dg.MaterializeResult(
-        metadata={
-            "documents": len(summary.documents) + len(summary.failures),
-            "rendered": summary.rendered,
-            "already_rendered": summary.skipped,
-            "pages": summary.pages,
-            # GPU pages and text pages, for the batch and per document (a batch holds at most workers.batch_size)
-            "pages_vlm": summary.pages_by_route.get("vlm", 0),
-            "pages_text": summary.pages_by_route.get("text", 0),
-            "pages_by_route": dg.MetadataValue.json(
-                {d.doc_id: {"text": d.routes.get("text", 0), "vlm": d.routes.get("vlm", 0)} for d in summary.documents}
-            ),
-            "vision_tokens": summary.vision_tokens,
-            "routing_mode": settings.routing.mode,
-            "image_longest_side_px": settings.page_images.for_engine(settings.engine).longest_side_px,
-            "failed_pages": dg.MetadataValue.json(summary.failed_pages),
-            "failed_documents": dg.MetadataValue.json(summary.failures),
-        }
-    )
+    return dg.MaterializeResult(metadata=pages_metadata(summary, settings.routing.mode, image.longest_side_px))

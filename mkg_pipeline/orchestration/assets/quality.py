@@ -3,7 +3,6 @@
 # No `from __future__ import annotations`: Dagster reads the config/context annotations at definition time.
 import dagster as dg
 
-from mkg_pipeline.config import get_settings
 from mkg_pipeline.orchestration.assets.partitions import ingest_batches
 from mkg_pipeline.orchestration.assets.vlm import vlm_outputs
 from mkg_pipeline.orchestration.checks import evaluate_quality, quality_check_specs
@@ -33,33 +32,19 @@ def quality_baseline_diffs(
     context: dg.AssetExecutionContext, config: QualityDiffConfig, s3: S3StorageResource, vllm: VLLMResource
 ) -> dg.MaterializeResult:
     from mkg_pipeline.engines.base import engine_identity
+    from mkg_pipeline.orchestration.metadata import quality_metadata, quality_summary
     from mkg_pipeline.quality.diff import compare_documents
     from mkg_pipeline.stages.batches import accepted_doc_ids, read_batch_manifest
 
-    storage = s3.storage()
-    settings = vllm.pipeline_config()
+    storage, settings = s3.storage(), vllm.pipeline_config()
     identity = engine_identity(settings.engine, settings.vllm.model, settings.prompt_version)
     doc_ids = accepted_doc_ids(read_batch_manifest(storage, context.partition_key), config.doc_ids)
     report = compare_documents(storage, context.partition_key, doc_ids, identity, config.baseline_set)
-
-    def rounded(value: float | None) -> float | str:
-        return round(value, 4) if value is not None else "n/a"
-
-    context.log.info(
-        f"mean similarity vs baseline {rounded(report.mean_baseline_similarity)}, "
-        f"vs text layer {rounded(report.mean_text_layer_similarity)}"
-    )
-    day = report.created_at[:10]
+    context.log.info(quality_summary(report))
+    thresholds = settings.quality
     return dg.MaterializeResult(
-        metadata={
-            "mean_baseline_similarity": rounded(report.mean_baseline_similarity),
-            "mean_text_layer_similarity": rounded(report.mean_text_layer_similarity),
-            "pages_compared": sum(1 for p in report.pages if p.status == "compared"),
-            "pages_without_output": report.missing_outputs,
-            "report": dg.MetadataValue.md(report.to_markdown()),
-            "report_uri": storage.uri(storage.quality_report_key(day, f"{context.partition_key}.json")),
-        },
+        metadata=quality_metadata(report, storage, context.partition_key),
         check_results=evaluate_quality(
-            report, get_settings().quality.min_baseline_similarity, get_settings().quality.min_text_layer_similarity
+            report, thresholds.min_baseline_similarity, thresholds.min_text_layer_similarity
         ),
     )
