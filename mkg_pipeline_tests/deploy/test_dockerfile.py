@@ -5,7 +5,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import re
 import shlex
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
 
 import pytest
 
@@ -14,6 +20,7 @@ from mkg_pipeline_tests.deploy.helpers import DEPLOY, REPO, dockerfile_instructi
 pytestmark = pytest.mark.deploy
 
 DOCKERFILE = DEPLOY / "docker" / "Dockerfile.worker"
+CHECKER = DEPLOY / "docker" / "check_image_deps.py"
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +29,7 @@ def stages() -> list[dict]:
 
 
 def _load_checker():  # type: ignore[no-untyped-def]
-    spec = importlib.util.spec_from_file_location("check_image_deps", DEPLOY / "docker" / "check_image_deps.py")
+    spec = importlib.util.spec_from_file_location("check_image_deps", CHECKER)
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -72,8 +79,6 @@ def test_worker_entrypoint_cmd_and_healthcheck(stages: list[dict]) -> None:
 
 
 def test_console_script_exists() -> None:
-    import tomllib
-
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts["mkg-healthcheck"] == "mkg_pipeline.healthcheck:main"
 
@@ -119,3 +124,107 @@ def test_check_image_deps_names_who_required_a_package() -> None:
     checker = _load_checker()
     assert "mkg-pipeline" in checker._required_by("httpx")
     assert checker.normalise("Nvidia_CUDNN.cu12") == "nvidia-cudnn-cu12"
+
+
+# --------------------------------------------------------------------------- the dev stack stays out of the image
+
+
+def _install(site: Path, name: str, files: dict[str, str]) -> None:
+    """A distribution as pip lays it out in site-packages: the files, and a dist-info whose RECORD lists them."""
+    for path, text in files.items():
+        (site / path).parent.mkdir(parents=True, exist_ok=True)
+        (site / path).write_text(text)
+    info = site / f"{name.replace('-', '_')}-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
+    record = [*files, f"{info.name}/METADATA", f"{info.name}/RECORD"]
+    (info / "RECORD").write_text("".join(f"{path},,\n" for path in record))
+
+
+def _check(site: Path | None) -> subprocess.CompletedProcess[str]:
+    """The checker in a fresh interpreter that sees only the standard library and ``site`` (``-S``: no
+    site-packages), as the image's venv would show it; without ``site``, in this test's own environment."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    argv = [sys.executable, str(CHECKER)]
+    if site is not None:
+        env["PYTHONPATH"] = str(site)
+        argv.insert(1, "-S")
+    else:
+        env["PYTHONPATH"] = str(REPO)
+    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120, check=False)
+
+
+def test_check_image_deps_passes_the_product_alone(tmp_path: Path) -> None:
+    _install(tmp_path, "mkg-pipeline", {"mkg_pipeline/__init__.py": "", "mkg_pipeline/config.py": ""})
+    result = _check(tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "no dev stack" in result.stdout
+
+
+def test_check_image_deps_fails_when_the_dev_package_is_importable(tmp_path: Path) -> None:
+    _install(tmp_path, "mkg-pipeline", {"mkg_pipeline/__init__.py": "", "mkg_devstack/__init__.py": ""})
+    result = _check(tmp_path)
+    assert result.returncode == 1
+    assert f"mkg_devstack is importable ({tmp_path / 'mkg_devstack' / '__init__.py'})" in result.stderr
+    assert "mkg-pipeline installed 1 file(s) under mkg_devstack/" in result.stderr
+
+
+def test_check_image_deps_fails_on_dev_stack_files_even_if_not_importable(tmp_path: Path) -> None:
+    """A wheel that carried the dev stack is caught by its RECORD, whatever later removed the package."""
+    _install(tmp_path, "mkg-pipeline", {"mkg_pipeline/__init__.py": "", "mkg_devstack/demo.py": ""})
+    (tmp_path / "mkg_devstack" / "demo.py").unlink()
+    (tmp_path / "mkg_devstack").rmdir()
+    result = _check(tmp_path)
+    assert result.returncode == 1
+    assert "importable" not in result.stderr
+    assert "mkg-pipeline installed 1 file(s) under mkg_devstack/" in result.stderr
+
+
+def test_check_image_deps_fails_on_the_ocr_wheel(tmp_path: Path) -> None:
+    _install(tmp_path, "mkg-pipeline", {"mkg_pipeline/__init__.py": ""})
+    _install(tmp_path, "rapidocr-onnxruntime", {"rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx": "x"})
+    result = _check(tmp_path)
+    assert result.returncode == 1
+    assert "error: rapidocr-onnxruntime must not be in the CPU worker image" in result.stderr
+
+
+def test_check_image_deps_fails_in_the_dev_environment() -> None:
+    """The environment the tests run in has the dev stack (``make install`` installs ``.[dev]``): the check names it."""
+    result = _check(None)
+    assert result.returncode == 1
+    assert "the dev stack must not be in the image: mkg_devstack is importable" in result.stderr
+    assert "error: rapidocr-onnxruntime must not be in the CPU worker image" in result.stderr
+
+
+def test_image_installs_neither_the_dev_package_nor_the_local_server_extra() -> None:
+    """The image's ``pip install`` lines see no mkg_devstack/ and ask for no extra that pulls the OCR wheel;
+    ``make install`` does (``.[dev]`` includes ``local-server``)."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+
+    def names(requirements: list[str]) -> set[str]:
+        return {re.split(r"[\s;<>=!~\[(]", r, maxsplit=1)[0].lower() for r in requirements}
+
+    assert not names(project["dependencies"]) & {"rapidocr-onnxruntime", "fastapi", "uvicorn"}
+    assert "rapidocr-onnxruntime" in names(extras["local-server"])
+    assert any("local-server" in r for r in extras["dev"])
+    assert '-e ".[dev]"' in (REPO / "Makefile").read_text()
+
+    text = DOCKERFILE.read_text()
+    installs = re.findall(r"pip install ([^&\n]+)", text)
+    assert installs, "no pip install in the Dockerfile"
+    for args in installs:
+        for extra in re.findall(r"\.\[([^\]]+)\]", args):
+            pulled = set(extra.split(","))
+            assert not pulled & {"dev", "local-server"}, f"the image installs the dev stack: pip install {args}"
+            for name in pulled:
+                assert "rapidocr-onnxruntime" not in names(extras[name]), f"extra [{name}] pulls the OCR wheel"
+    copied = {
+        s.rstrip("/")
+        for keyword, args in dockerfile_instructions(text)
+        if keyword == "COPY" and "--from" not in args
+        for s in shlex.split(args)[:-1]
+    }
+    assert not any(s == "mkg_devstack" or s.startswith("mkg_devstack/") or s == "." for s in copied), copied
+    allowed = [ln for ln in (REPO / ".dockerignore").read_text().splitlines() if ln.startswith("!")]
+    assert not any("mkg_devstack" in ln for ln in allowed), "the build context must not carry mkg_devstack/"
