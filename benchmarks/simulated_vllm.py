@@ -69,7 +69,10 @@ from pathlib import Path
 from aiohttp import web
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # the repo root: mkg_devstack, installed or not
 import gpu_model  # a sibling script, not a package
+
+from mkg_devstack.slots import SlotScheduler  # the slot model the local VLM server uses too
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-VL-7B-Instruct"  # the project's default vllm.model, so no override is needed
 
@@ -156,15 +159,15 @@ def sized_page_markdown(tokens: int) -> str:
 
 @dataclass(eq=False)
 class _Request:
-    arrived: float
     done: asyncio.Future[None]
-    admitted: float = 0.0
     v_finish: float = 0.0
 
 
 class BatchClock:
     """S slots, FIFO queue, and per-request progress at rate 1 / (L + K * running).
 
+    The slots and the queue are the dev stack's one slot model (``mkg_devstack.slots``, which the local
+    VLM server uses too); this class adds only the service time of a request that holds a slot.
     Virtual time ``v`` advances at dv/dt = 1 / (L + K * running); a request admitted at ``v0``
     finishes when ``v`` reaches ``v0 + 1``. Completion order is admission order, so only the
     oldest running request needs a timer. Must be used from one event loop.
@@ -173,77 +176,83 @@ class BatchClock:
     def __init__(self, slots: int, latency: float, per_running: float = 0.0) -> None:
         if slots < 1 or latency <= 0 or per_running < 0:
             raise ValueError("slots >= 1, latency > 0 and latency-per-running >= 0 are required")
-        self.slots = slots
+        self.queue = SlotScheduler(slots)
         self.latency = latency
         self.per_running = per_running
-        self._running: collections.deque[_Request] = collections.deque()
-        self._waiting: collections.deque[_Request] = collections.deque()
+        self._serving: collections.deque[_Request] = collections.deque()  # admitted, in admission order
         self._v = 0.0
         self._t = 0.0
         self._timer: asyncio.TimerHandle | None = None
-        self.peak_running = 0
-        self.peak_waiting = 0
+
+    @property
+    def slots(self) -> int:
+        return self.queue.slots
 
     @property
     def running(self) -> int:
-        return len(self._running)
+        return self.queue.running
 
     @property
     def waiting(self) -> int:
-        return len(self._waiting)
+        return self.queue.waiting
+
+    @property
+    def peak_running(self) -> int:
+        return self.queue.peak_running
+
+    @property
+    def peak_waiting(self) -> int:
+        return self.queue.peak_waiting
+
+    def reset_peaks(self) -> None:
+        self.queue.reset_peaks()
 
     def _period(self) -> float:
-        return self.latency + self.per_running * len(self._running)
+        return self.latency + self.per_running * len(self._serving)
 
     async def run(self) -> float:
         """Wait for a slot, hold it for one unit of work; returns the seconds spent waiting for the slot."""
-        loop = asyncio.get_running_loop()
-        request = _Request(arrived=loop.time(), done=loop.create_future())
-        self._waiting.append(request)
-        self._pump(loop)
-        try:
-            await request.done
-        except asyncio.CancelledError:  # the client went away: free its slot or its place in the queue
-            if request in self._waiting:
-                self._waiting.remove(request)
-            elif request in self._running:
-                self._advance(loop.time())
-                self._running.remove(request)
+        async with self.queue.slot() as queued:
+            loop = asyncio.get_running_loop()
+            request = _Request(done=loop.create_future())
+            self._advance(loop.time())
+            request.v_finish = self._v + 1.0
+            self._serving.append(request)
             self._pump(loop)
-            raise
-        return request.admitted - request.arrived
+            try:
+                await request.done
+            except asyncio.CancelledError:  # the client went away: free its slot (the queue's part is the slot's)
+                if request in self._serving:
+                    self._advance(loop.time())
+                    self._serving.remove(request)
+                    self._pump(loop)
+                raise
+        return queued
 
     def _advance(self, now: float) -> None:
-        if self._running:
+        if self._serving:
             self._v += (now - self._t) / self._period()
         self._t = now
 
     def _pump(self, loop: asyncio.AbstractEventLoop) -> None:
         now = loop.time()
         self._advance(now)
-        while self._running and self._running[0].v_finish <= self._v + 1e-9:
-            finished = self._running.popleft()
+        while self._serving and self._serving[0].v_finish <= self._v + 1e-9:
+            finished = self._serving.popleft()
             if not finished.done.done():
-                finished.done.set_result(None)
-        while self._waiting and len(self._running) < self.slots:
-            admitted = self._waiting.popleft()
-            admitted.admitted = now
-            admitted.v_finish = self._v + 1.0
-            self._running.append(admitted)
-        self.peak_running = max(self.peak_running, len(self._running))
-        self.peak_waiting = max(self.peak_waiting, len(self._waiting))
+                finished.done.set_result(None)  # its task leaves the slot, which goes to the oldest waiter
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if self._running:
-            delay = max(0.0, (self._running[0].v_finish - self._v) * self._period())
+        if self._serving:
+            delay = max(0.0, (self._serving[0].v_finish - self._v) * self._period())
             self._timer = loop.call_at(now + delay, self._on_timer, loop)
 
     def _on_timer(self, loop: asyncio.AbstractEventLoop) -> None:
         self._timer = None
         self._advance(loop.time())
-        if self._running and self._running[0].v_finish - self._v < 1e-6:
-            self._v = max(self._v, self._running[0].v_finish)  # float rounding must not spin tiny timers
+        if self._serving and self._serving[0].v_finish - self._v < 1e-6:
+            self._v = max(self._v, self._serving[0].v_finish)  # float rounding must not spin tiny timers
         self._pump(loop)
 
 
@@ -725,9 +734,7 @@ class SimulatedServer:
         before = {"peak_running": clock.peak_running, "peak_waiting": clock.peak_waiting}
         if isinstance(clock, GpuClock):
             clock.sync()
-            clock.reset_peaks()
-        else:
-            clock.peak_running, clock.peak_waiting = clock.running, clock.waiting
+        clock.reset_peaks()
         return web.json_response(before)
 
     async def requests_log(self, request: web.Request) -> web.Response:

@@ -24,7 +24,7 @@ Modules, one job each:
 - ``responses``: vLLM's JSON body and server-sent events, and the hostile bodies.
 - ``metrics``: vLLM's Prometheus metric names on a private registry.
 - ``faults``: fault injection, active only with ``--enable-fault-injection``.
-- ``slots``: ``--max-num-seqs`` slots with a FIFO queue.
+- (``mkg_devstack.slots``: ``--max-num-seqs`` slots with a FIFO queue, shared with the simulated GPU server.)
 - ``app``: the ASGI application factory (FastAPI).
 
 Importing this package, or its pure modules (settings, protocol, geometry,

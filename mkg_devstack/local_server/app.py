@@ -40,7 +40,7 @@ from mkg_devstack.local_server.ocr import EnginePool, ImageDecodeError, decode_i
 from mkg_devstack.local_server.protocol import RequestError, Route
 from mkg_devstack.local_server.responses import Completion
 from mkg_devstack.local_server.settings import ServerSettings
-from mkg_devstack.local_server.slots import SlotScheduler
+from mkg_devstack.slots import SlotScheduler
 
 log = logging.getLogger("mkg_devstack.local_server")
 

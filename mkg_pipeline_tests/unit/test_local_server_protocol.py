@@ -34,7 +34,7 @@ from mkg_devstack.local_server.settings import (
     ServerSettings,
     parse_args,
 )
-from mkg_devstack.local_server.slots import SlotScheduler
+from mkg_devstack.slots import SlotScheduler
 from mkg_pipeline.engines.prompts import PAGE_MARKDOWN_PROMPT
 from mkg_pipeline.quality.similarity import normalise_text, similarity
 from mkg_pipeline_tests.fixtures.local_server import mineru_layout_parser
@@ -304,6 +304,40 @@ async def test_slots_cancelled_waiter_leaves_the_queue() -> None:
     hold.set()
     await first
     assert slots.running == 0
+
+
+async def test_slots_waiter_cancelled_as_the_slot_frees_ends_cancelled() -> None:
+    """The release skips a waiter already cancelled (its task has not run yet); that task then ends with
+    CancelledError, not a ValueError from a queue that no longer holds it, and the counts stay right."""
+    slots = SlotScheduler(1)
+    held = slots.slot()
+    await held.__aenter__()
+    waiter = asyncio.create_task(_hold(slots, asyncio.Event()))
+    await asyncio.sleep(0)
+    assert (slots.running, slots.waiting) == (1, 1)
+    waiter.cancel()  # cancels the future it awaits at once; its task runs on the next loop iteration
+    await held.__aexit__(None, None, None)  # releases before that: the cancelled waiter is skipped
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert (slots.running, slots.waiting) == (0, 0)
+
+
+async def test_slots_report_peaks_until_reset() -> None:
+    slots = SlotScheduler(2)
+    hold = asyncio.Event()
+    tasks = [asyncio.create_task(_hold(slots, hold)) for _ in range(4)]
+    await asyncio.sleep(0.01)
+    assert (slots.peak_running, slots.peak_waiting) == (2, 2)
+    hold.set()
+    await asyncio.gather(*tasks)
+    assert (slots.peak_running, slots.peak_waiting) == (2, 2)
+    slots.reset_peaks()
+    assert (slots.peak_running, slots.peak_waiting) == (0, 0)
+
+
+async def _hold(slots: SlotScheduler, release: asyncio.Event) -> None:
+    async with slots.slot():
+        await release.wait()
 
 
 # --------------------------------------------------------------------------- quality measure and imports
