@@ -135,7 +135,10 @@ class BatchLease:
         sleep: Callable[[float], None] = time.sleep,
         renew: bool = True,
         progress: Callable[[str], None] = log.info,
+        renew_wait: Callable[[threading.Event, float], bool] | None = None,
     ) -> None:
+        """``renew_wait(stop, seconds)``: how the renewal thread waits between renewals, True once ``stop`` is
+        set (default ``stop.wait(seconds)``; tests pass one driven by the fake ``clock``)."""
         if ttl_s <= 0:
             raise ValueError(f"lease TTL must be positive, got {ttl_s}")
         self.storage = storage
@@ -149,6 +152,7 @@ class BatchLease:
         self.sleep = sleep
         self.progress = progress
         self._renew_in_background = renew
+        self._renew_wait = renew_wait or threading.Event.wait
         self._etag: str | None = None
         self._record: LeaseRecord | None = None
         self._lost: str | None = None
@@ -301,7 +305,7 @@ class BatchLease:
 
     def _renew_loop(self) -> None:
         interval = self.ttl_s / 3
-        while not self._stop.wait(interval):
+        while not self._renew_wait(self._stop, interval):
             if not self.renew():
                 return
 

@@ -274,8 +274,11 @@ _BREAKERS: dict[str, CircuitBreaker] = {}
 _BREAKERS_LOCK = threading.Lock()
 
 
-def breaker_for(server_url: str, config: CircuitBreakerConfig | None = None) -> CircuitBreaker:
-    """The process-wide breaker of ``server_url``, created on first use with ``config``.
+def breaker_for(
+    server_url: str, config: CircuitBreakerConfig | None = None, *, clock: Clock | None = None
+) -> CircuitBreaker:
+    """The process-wide breaker of ``server_url``, created on first use with ``config`` (and ``clock``: a test
+    that registers it first drives its recovery timeout with a fake clock).
 
     Later calls return the same breaker whatever ``config`` they pass: every
     client to one server must see one state. A differing config is logged.
@@ -284,7 +287,7 @@ def breaker_for(server_url: str, config: CircuitBreakerConfig | None = None) -> 
     with _BREAKERS_LOCK:
         breaker = _BREAKERS.get(key)
         if breaker is None:
-            breaker = _BREAKERS[key] = CircuitBreaker(key, config)
+            breaker = _BREAKERS[key] = CircuitBreaker(key, config, clock=clock or time.monotonic)
         elif config is not None and config != breaker.config:
             log.warning("circuit breaker for %s already exists; keeping its first configuration", key)
         return breaker

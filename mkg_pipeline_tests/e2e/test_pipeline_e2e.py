@@ -90,8 +90,16 @@ def test_server_stopped_mid_run_loses_nothing(pipeline_env: PipelineEnv, start_l
     monkeypatch.setenv("MKG_VLLM__ADAPTIVE", "false")
     monkeypatch.setenv("MKG_VLLM__MIN_IN_FLIGHT", "1")
     monkeypatch.setenv("MKG_VLLM__MAX_IN_FLIGHT", "1")
-    # The breaker is per process and outlives the run, as in a long-lived worker: keep its probe delay short.
+    # The breaker is per process and outlives the run, as in a long-lived worker. Registered here first, with
+    # the run's own settings and a clock of the test's: its recovery timeout passes when the test says so.
     monkeypatch.setenv("MKG_CIRCUIT_BREAKER__RECOVERY_TIMEOUT_S", "1")
+    from mkg_pipeline.config import get_settings
+    from mkg_pipeline.vllm.breaker import breaker_for
+
+    get_settings.cache_clear()
+    settings = get_settings()
+    now = [0.0]
+    breaker = breaker_for(settings.vllm.url, settings.circuit_breaker, clock=lambda: now[0])
     pipeline_env.upload("server-stopped.pdf", data=tiny_pdf("server stopped", 4))
     batch = pipeline_env.tick().run_requests[0].partition_key
     storage = pipeline_env.storage
@@ -124,7 +132,8 @@ def test_server_stopped_mid_run_loses_nothing(pipeline_env: PipelineEnv, start_l
     assert all(f["reason"] in {"connect", "circuit_open", "timeout", "server_error"} for f in status["failed_pages"])
 
     server.start()  # back on the same port, fresh metrics
-    time.sleep(1.2)  # past the breaker's recovery timeout: the retry run's first page is its probe
+    assert breaker.is_rejecting()  # open, and the test's clock has not moved
+    now[0] += 1.2  # past the breaker's recovery timeout: the retry run's first page is its probe
     before = server.read_metric("vllm:request_success_total")
     retry = pipeline_env.materialize(batch)
     assert retry.success, storage.get_json(storage.vlm_status_key(doc_id))["failed_pages"]

@@ -53,7 +53,8 @@ async def test_breaker_opens_fails_fast_and_closes_when_server_returns(start_loc
     config = CircuitBreakerConfig(
         failure_threshold=THRESHOLD, recovery_timeout_s=0.5, success_threshold=SUCCESSES, half_open_max_calls=1
     )
-    breaker = CircuitBreaker(server.url, config)
+    now = [0.0]  # the breaker's clock: its recovery timeout passes when the test says so
+    breaker = CircuitBreaker(server.url, config, clock=lambda: now[0])
 
     async with _client(server, breaker) as client:
         assert (await client.chat_completion("Text Recognition:", [png], label="warm-up")).finish_reason == "stop"
@@ -89,7 +90,8 @@ async def test_breaker_opens_fails_fast_and_closes_when_server_returns(start_loc
         assert all(isinstance(r, CircuitOpenError) for r in results)
 
     server.start()  # back on the same port
-    await asyncio.sleep(0.6)  # past the recovery timeout: the next call is a probe
+    assert breaker.seconds_until_probe() == 0.5  # the fake clock has not moved: still open
+    now[0] += 0.6  # past the recovery timeout: the next call is a probe
     async with _client(server, breaker) as client:
         before = server.read_metric("vllm:request_success_total")
         for i in range(SUCCESSES):

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 
 from mkg_pipeline.config import StorageConfig
-from mkg_pipeline.stages.lease import BatchLease, LeaseHeld, LeaseLost, LeaseRecord, batch_lease
+from mkg_pipeline.stages.lease import BatchLease, LeaseHeld, LeaseLost, LeaseRecord
 from mkg_pipeline.storage import MemoryStorage, Storage
 
 pytestmark = pytest.mark.integration
@@ -172,11 +172,43 @@ def test_a_released_lease_is_free_at_once_and_the_same_run_may_take_its_own_back
     assert _holder(any_storage).run_id == "run-B"
 
 
+class RenewalTimer:
+    """The renewal thread's waits, on the fake clock: a wait ends when the test advances the clock past it."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock = clock
+        self.waits = 0  # waits begun: one more each time the thread has renewed and waits again
+        self._changed = threading.Condition()
+
+    def wait(self, stop: threading.Event, seconds: float) -> bool:
+        deadline = self.clock() + seconds
+        with self._changed:
+            self.waits += 1
+            self._changed.notify_all()
+            while self.clock() < deadline and not stop.is_set():
+                self._changed.wait(0.05)  # woken by advance(); the timeout only notices release()'s stop
+        return stop.is_set()
+
+    def advance(self, seconds: float) -> None:
+        """Move the clock on and wait until the thread has renewed (if due) and waits again."""
+        with self._changed:
+            assert self._changed.wait_for(lambda: self.waits >= 1, timeout=30), "the renewal thread never started"
+            before = self.waits
+            self.clock.now += seconds
+            self._changed.notify_all()
+            assert self._changed.wait_for(lambda: self.waits > before, timeout=30), "no renewal after the interval"
+
+
 def test_background_renewal_outlives_the_ttl(any_storage: Storage) -> None:
-    with batch_lease(any_storage, "b1", "run-A", ttl_s=3, wait_s=0) as lease:
-        time.sleep(4.5)  # renewed every second in the background
+    clock = FakeClock()
+    timer = RenewalTimer(clock)
+    lease = BatchLease(any_storage, "b1", "run-A", ttl_s=3, wait_s=0, clock=clock, renew_wait=timer.wait)
+    with lease:
+        for _ in range(4):  # renewed every second (ttl / 3) in the background
+            timer.advance(1.0)
+        clock.now += 0.5  # 4.5 s after it was taken: past the first expiry, within the renewed one
         with pytest.raises(LeaseHeld):
-            BatchLease(any_storage, "b1", "run-B", ttl_s=3, wait_s=0, renew=False).acquire()
+            BatchLease(any_storage, "b1", "run-B", ttl_s=3, wait_s=0, clock=clock, renew=False).acquire()
         lease.check()
         assert _holder(any_storage).renewed_at is not None
     assert _holder(any_storage).released_at is not None

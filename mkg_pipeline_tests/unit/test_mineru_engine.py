@@ -322,27 +322,40 @@ async def test_pages_are_decoded_a_core_s_worth_at_a_time(page: PageInput, monke
     """A wave of pages started together is decoded ``available_cpus()`` at a time, not all at once: the thread
     pool is first-in first-out, so decoding every page of the wave first would hold back the first request."""
     import threading
-    import time
 
     from mkg_pipeline.engines import mineru
     from mkg_pipeline.pdf.pool import available_cpus
 
+    width = min(available_cpus(), 12)
+    loop = asyncio.get_running_loop()
+    full = asyncio.Event()  # the first `width` decodes are all in progress
+    release = threading.Event()  # no decode ends before the test says so: no wall-time window to race
     decoding, peak, lock = 0, 0, threading.Lock()
 
-    def slow_decode(png: bytes) -> Image.Image:
+    def held_decode(png: bytes) -> Image.Image:
         nonlocal decoding, peak
         with lock:
             decoding += 1
             peak = max(peak, decoding)
-        time.sleep(0.05)  # long enough for the other pages' decodes to overlap, were they let through
+            if decoding == width:
+                loop.call_soon_threadsafe(full.set)
+        assert release.wait(timeout=60), "the test never released the decodes"
         with lock:
             decoding -= 1
         return decode_page(png)
 
-    monkeypatch.setattr(mineru, "decode_page", slow_decode)
+    monkeypatch.setattr(mineru, "decode_page", held_decode)
     server = ScriptedVLM(answer)
     async with server.client() as client:
         engine = build_engine("mineru", client, settings())
-        results = await asyncio.gather(*(engine.extract(page) for _ in range(12)))
+        wave = asyncio.gather(*(engine.extract(page) for _ in range(12)))
+        try:
+            await asyncio.wait_for(full.wait(), timeout=60)  # a guard against a hang, not a timing assertion
+            for _ in range(50):  # every page of the wave has reached the gate: the others wait at it
+                await asyncio.sleep(0)
+            assert decoding == width
+        finally:
+            release.set()
+        results = await wave
     assert all(result.content_list for result in results)
-    assert peak == min(available_cpus(), 12)
+    assert peak == width
