@@ -1,6 +1,6 @@
 """``python -m mkg_pipeline.audit``: is anything lost? The accounting invariant, checked over the bucket.
 
-The invariant (DESIGN.md, CONTRACTS.md):
+The invariant (docs/architecture.md, "The accounting invariant"):
 
 1. every object of every batch manifest ended in ``raw/`` (accepted) or ``rejected/``, or is still
    pending in ``incoming/``. Objects are told apart by key **and ETag**: a new version under the name of a

@@ -201,7 +201,7 @@ RoutingMode = Literal["auto", "vlm", "text"]
 
 
 class RoutingConfig(_Section):
-    """Which pages reach the VLM (DESIGN.md, "Page routes"): decided per page at render time."""
+    """Which pages reach the VLM (docs/architecture.md, "Page routes"): decided per page at render time."""
 
     mode: RoutingMode = Field(
         "auto",

@@ -1,6 +1,6 @@
 """The bucket every artefact lives in: key layout, reads and (atomic) writes, over s3fs.
 
-Layout (DESIGN.md, "Storage layout"), all keys relative to the one bucket:
+Layout (docs/architecture.md, "Storage layout"), all keys relative to the one bucket:
 
 =============================================  ======================================================
 ``incoming/<name>``                            dropped PDFs; the sensor lists this prefix
@@ -198,7 +198,7 @@ def _check_key(key: str) -> str:
 
 
 class Layout:
-    """The project's key layout in one bucket (DESIGN.md). Keys never start with '/' or 's3://'."""
+    """The project's key layout in one bucket (docs/architecture.md). Keys never start with '/' or 's3://'."""
 
     incoming_prefix: Final = "incoming/"
 

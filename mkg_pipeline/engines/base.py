@@ -1,4 +1,4 @@
-"""The engine contract (CONTRACTS.md, "Engines"): what goes in, what comes out, and when an answer is refused.
+"""The engine contract (docs/reference.md, "Engines"): what goes in, what comes out, and when an answer is refused.
 
 No Dagster, no S3, no heavy imports here: the vlm stage and the tests import this module.
 """

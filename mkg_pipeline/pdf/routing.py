@@ -1,7 +1,7 @@
 """Which route a page takes: its text layer (no GPU) or the VLM. A pure function of one ``pymupdf.Page``.
 
-Sound beats greedy (DESIGN.md, "Page routes"): a wrong ``text`` loses quality silently, a wrong ``vlm``
-only costs GPU time. So every signal must vouch for the text layer, and the weakest one decides.
+Sound beats greedy (docs/architecture.md, "Page routes"): a wrong ``text`` loses quality silently, a wrong
+``vlm`` only costs GPU time. So every signal must vouch for the text layer, and the weakest one decides.
 
 Signals (the peers' and a few more), all from one ``get_text("dict")`` without image bytes, the page's
 font list and image boxes; no page rendering:

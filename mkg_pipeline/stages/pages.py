@@ -1,6 +1,6 @@
 """parsed_pages: route every page, render the VLM ones to PNG, read the text ones, documents in parallel.
 
-Each page's route is decided here, where the page is open (``routing.mode``; DESIGN.md "Page routes"):
+Each page's route is decided here, where the page is open (``routing.mode``; docs/architecture.md, "Page routes"):
 
 * a ``vlm`` page is drawn to ``pages/<doc_id>/<n>.png`` at the size its engine wants (``page_images``:
   longest side and pixel cap, not a DPI) and its vision tokens are estimated (Qwen2.5-VL's 28-px patches);

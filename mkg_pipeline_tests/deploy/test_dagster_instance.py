@@ -192,7 +192,7 @@ def test_run_pod_is_valid_and_cpu_only(overlay: tuple[str, list[dict]]) -> None:
     (container,) = list(containers(spec))
     assert gpu_count(container) == (0, 0), f"{name}: run pods must not request a GPU"
     assert "nodeSelector" not in spec or not any("gpu" in k for k in spec["nodeSelector"])
-    # DESIGN.md, Orchestration: CPU-only run pods, requests 2 CPU / 4 Gi, limits 4 CPU / 8 Gi.
+    # docs/architecture.md, "Run pods and dependencies": CPU-only run pods, requests 2 CPU / 4 Gi, limits 4 CPU / 8 Gi.
     assert container["resources"] == {
         "requests": {"cpu": "2", "memory": "4Gi"},
         "limits": {"cpu": "4", "memory": "8Gi"},

@@ -1,4 +1,4 @@
-"""Storage against a real S3 endpoint (moto in server mode), plus the key layout of DESIGN.md."""
+"""Storage against a real S3 endpoint (moto in server mode), plus the key layout of docs/architecture.md."""
 
 from __future__ import annotations
 

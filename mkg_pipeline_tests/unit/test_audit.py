@@ -1,7 +1,7 @@
 """The audit (issue 9): hand-built bucket states in MemoryStorage, one test per finding kind.
 
-``_clean_bucket`` writes what a healthy pipeline leaves, following CONTRACTS.md ("Records in the
-bucket"), including work that is legitimately pending. Each test breaks one thing and expects exactly
+``_clean_bucket`` writes what a healthy pipeline leaves, following docs/architecture.md ("Records
+in the bucket"), including work that is legitimately pending. Each test breaks one thing and expects exactly
 the finding that names it.
 """
 

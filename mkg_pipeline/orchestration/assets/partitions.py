@@ -1,4 +1,4 @@
-"""Partitioning by ingestion batch (see DESIGN.md, "Partitions and scale"), and a run's claim on its batch."""
+"""Partitioning by ingestion batch (docs/architecture.md, "Partitions and scale"), and a run's claim on its batch."""
 
 from collections.abc import Iterator
 from contextlib import contextmanager
