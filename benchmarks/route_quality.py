@@ -28,7 +28,6 @@ hour on two shared cores; ``--files`` narrows it.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import re
@@ -44,9 +43,9 @@ import pymupdf
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from mkg_pipeline.outputs import PAGE_MARKER_RE  # noqa: E402
-from mkg_pipeline.quality import similarity  # noqa: E402
-from mkg_pipeline.stages.quality_diff import MIN_TEXT_LAYER_CHARS  # noqa: E402
+from mkg_pipeline.engines.page_safety import PAGE_MARKER_RE  # noqa: E402
+from mkg_pipeline.quality.diff import MIN_TEXT_LAYER_CHARS  # noqa: E402
+from mkg_pipeline.quality.similarity import similarity  # noqa: E402
 from mkg_pipeline_tests.fixtures.reading_order import column_order_agreement, text_layer_lines  # noqa: E402
 
 CORPUS = Path(os.environ.get("MKG_CORPUS_DIR", REPO.parent / "shared" / "corpus"))
@@ -56,8 +55,7 @@ MULTI_COLUMN = ("multicolumn-3p.pdf", "arxiv-0807.3577-physics-15p.pdf", "arxiv-
 MIN_ORDER = 0.9  # as test_text_engine's corpus check; reading across two columns scores about 0.5
 MIN_ORDER_LINES = 5  # a page with fewer text-layer lines (a figure page, references) says nothing about order
 DROP_TOLERANCE = 0.001  # rounding: the table prints three decimals
-#: the demo's module (moving to mkg_devstack with issue 22)
-DEMO = "mkg_devstack.demo" if importlib.util.find_spec("mkg_devstack") else "mkg_pipeline.demo"
+DEMO = "mkg_devstack.demo"
 
 
 @dataclass
