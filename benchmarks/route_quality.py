@@ -6,13 +6,20 @@ VLM server, the real sensor and ``ingest_job`` in process (ingest -> pages -> vl
 to ``<workdir>/<mode>/outputs/``. Then, per accepted corpus document and per mode:
 
   pages        pages of the document; text / vlm: pages on each route (status.json's ``page_routes``)
-  text layer   mean over its pages of ``similarity(page Markdown, page text layer)``, the measure the
-               quality assets use (pages with fewer than MIN_TEXT_LAYER_CHARS characters of text
-               layer are left out, as there)
+  content      mean over its pages of ``similarity(page text, page text layer)``, the page text being
+               everything the content list holds for the page, each once: running headers, footers
+               and page numbers included, captions once (engines.text_layer.content_list_text). The
+               drop check is on this: it compares what each route read
+  markdown     the same with the page's Markdown, as the quality assets measure it. The text route
+               keeps page furniture out of the Markdown (by design, as MinerU does) and repeats each
+               figure caption as the image's alt text, so against the raw text layer it can lose
+               where the local server's VLM, which writes everything it sees, does not
+               (pages with fewer than MIN_TEXT_LAYER_CHARS characters of text layer are left out, as there)
   expected     the same against the manifest's expected text, for entries that carry an
                ``expected_text`` file (relative to the corpus); the shared manifest has none today
 
-with the delta (auto - vlm) and ``DROP`` where routing on loses more than DROP_TOLERANCE. For the
+with the deltas (auto - vlm) and ``DROP`` where routing on loses more than DROP_TOLERANCE in content
+or expected text. For the
 multi-column files the exported Markdown of each page is checked to read column by column with the
 test suite's column order agreement (mkg_pipeline_tests/fixtures/reading_order.py): overall and per
 column above MIN_ORDER on every page. The demo's own cost lines (pages that never reached the VLM,
@@ -44,6 +51,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from mkg_pipeline.engines.page_safety import PAGE_MARKER_RE  # noqa: E402
+from mkg_pipeline.engines.text_layer import content_list_text  # noqa: E402
 from mkg_pipeline.quality.diff import MIN_TEXT_LAYER_CHARS  # noqa: E402
 from mkg_pipeline.quality.similarity import similarity  # noqa: E402
 from mkg_pipeline_tests.fixtures.reading_order import column_order_agreement, text_layer_lines  # noqa: E402
@@ -63,7 +71,8 @@ class Measured:
     pages: int
     text: int
     vlm: int
-    text_layer: float | None
+    text_layer: float | None  # content
+    markdown: float | None
     expected: float | None
     order: dict[int, tuple[float, float]]  # page -> (agreement, worst column), multi-column files only
 
@@ -104,16 +113,18 @@ def measure(name: str, entry: dict, outputs: Path, mode: str) -> Measured | None
     if row is None:
         return None
     markdown = split_pages((outputs / row["folder"] / f"{row['folder']}.md").read_text(encoding="utf-8"))
+    items = json.loads((outputs / row["folder"] / f"{row['folder']}_content_list.json").read_text(encoding="utf-8"))
+    content: dict[int, list[dict]] = {}
+    for item in items:
+        content.setdefault(int(item.get("page_idx", 0)) + 1, []).append(item)
     path = CORPUS / "pdfs" / name
     with pymupdf.open(path) as doc:
         layers = [page.get_text("text") for page in doc]
     # mode vlm sends every page to the VLM; an index written before page_routes was exported says nothing
     routes = row.get("page_routes") or ({str(n): "vlm" for n in range(1, len(layers) + 1)} if mode == "vlm" else {})
-    scores = [
-        similarity(markdown.get(n, ""), layer)
-        for n, layer in enumerate(layers, 1)
-        if len(layer.strip()) >= MIN_TEXT_LAYER_CHARS
-    ]
+    measured = [n for n, layer in enumerate(layers, 1) if len(layer.strip()) >= MIN_TEXT_LAYER_CHARS]
+    scores = [similarity(content_list_text(content.get(n, [])), layers[n - 1]) for n in measured]
+    md_scores = [similarity(markdown.get(n, ""), layers[n - 1]) for n in measured]
     expected = None
     if entry.get("expected_text"):
         expected = similarity("".join(markdown.values()), (CORPUS / entry["expected_text"]).read_text())
@@ -131,6 +142,7 @@ def measure(name: str, entry: dict, outputs: Path, mode: str) -> Measured | None
         text=sum(1 for r in routes.values() if r == "text"),
         vlm=sum(1 for r in routes.values() if r == "vlm"),
         text_layer=statistics.fmean(scores) if scores else None,
+        markdown=statistics.fmean(md_scores) if md_scores else None,
         expected=expected,
         order=order,
     )
@@ -174,12 +186,13 @@ def main() -> int:
         mode: {n: measure(n, manifest[n], args.workdir.resolve() / mode / "outputs", mode) for n in names}
         for mode in MODES
     }
+    trio = f"{'vlm':>6} {'auto':>6} {'delta':>7}"
     header = (
-        f"{'file':34} {'pages':>5} {'text':>4} {'vlm':>4} | {'text layer':^21} | {'expected':^21} |"
-        f"\n{'':34} {'':5} {'':4} {'':4} | {'vlm':>6} {'auto':>6} {'delta':>7} | {'vlm':>6} {'auto':>6} {'delta':>7} |"
+        f"{'':34} {'':5} {'':4} {'':4} | {'vs text layer: content':^21} | {'markdown':^21} | {'expected':^21} |"
+        f"\n{'file':34} {'pages':>5} {'text':>4} {'vlm':>4} | {trio} | {trio} | {trio} |"
     )
     print("\n" + header)
-    print("-" * 88)
+    print("-" * 112)
     drops: list[str] = []
     for name in names:
         before, after = results["vlm"][name], results["auto"][name]
@@ -190,19 +203,25 @@ def main() -> int:
             continue
         text_delta, text_drop = delta(after.text_layer, before.text_layer)
         exp_delta, exp_drop = delta(after.expected, before.expected)
+        md_delta, _ = delta(after.markdown, before.markdown)
         flag = " DROP" if text_drop or exp_drop else ""
         if flag:
-            drops.append(f"{name}: text layer {text_delta}, expected {exp_delta}")
+            drops.append(f"{name}: content vs text layer {text_delta}, expected {exp_delta}")
         print(
             f"{name:34} {after.pages:5} {after.text:4} {after.vlm:4} | {fmt(before.text_layer):>6} "
-            f"{fmt(after.text_layer):>6} {text_delta:>7} | {fmt(before.expected):>6} {fmt(after.expected):>6} "
+            f"{fmt(after.text_layer):>6} {text_delta:>7} | {fmt(before.markdown):>6} {fmt(after.markdown):>6} "
+            f"{md_delta:>7} | {fmt(before.expected):>6} {fmt(after.expected):>6} "
             f"{exp_delta:>7} |{flag}"
         )
-    print("-" * 88)
+    print("-" * 112)
     both = [n for n in names if all(results[m][n] and results[m][n].text_layer is not None for m in MODES)]
     for mode in MODES:
         mean = statistics.fmean(results[mode][n].text_layer for n in both) if both else float("nan")
-        print(f"mean text-layer similarity, mode {mode}: {mean:.3f} ({len(both)} documents)")
+        md_mean = statistics.fmean(results[mode][n].markdown for n in both) if both else float("nan")
+        print(
+            f"mean similarity to the text layer, mode {mode}: content {mean:.3f}, markdown {md_mean:.3f} "
+            f"({len(both)} documents)"
+        )
 
     print(f"\ncolumn by column (agreement overall / worst column, on every page with >= {MIN_ORDER_LINES} lines):")
     order_failures: list[str] = []

@@ -40,7 +40,7 @@ import html
 import re
 import unicodedata
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -691,8 +691,14 @@ def extract_text_page(page: pymupdf.Page, page_idx: int, *, invisible: bool | No
 def page_plain_text(result: PageResult) -> str:
     """Everything the engine read on the page, furniture and table cells included, in its order
     (for comparing with the PDF text layer)."""
+    return content_list_text(result.content_list)
+
+
+def content_list_text(content_list: Iterable[Mapping[str, Any]]) -> str:
+    """The text of content-list items, furniture, table cells, captions and footnotes included, each once,
+    in their order (any engine's content list: benchmarks/route_quality.py compares the routes with it)."""
     parts: list[str] = []
-    for item in result.content_list:
+    for item in content_list:
         if "text" in item:
             parts.append(str(item["text"]))
         if item.get("table_body"):
