@@ -20,7 +20,8 @@ to ``<workdir>/<mode>/outputs/``. Then, per accepted corpus document and per mod
 
 with the deltas (auto - vlm) and ``DROP`` where routing on loses more than DROP_TOLERANCE in content
 or expected text. For the
-multi-column files the exported Markdown of each page is checked to read column by column with the
+multi-column files the exported Markdown of each page (image links left out: their alt text repeats
+the caption printed under them) is checked to read column by column with the
 test suite's column order agreement (mkg_pipeline_tests/fixtures/reading_order.py): overall and per
 column above MIN_ORDER on every page. The demo's own cost lines (pages that never reached the VLM,
 chat requests per page) are printed for each mode.
@@ -63,6 +64,9 @@ MULTI_COLUMN = ("multicolumn-3p.pdf", "arxiv-0807.3577-physics-15p.pdf", "arxiv-
 MIN_ORDER = 0.9  # as test_text_engine's corpus check; reading across two columns scores about 0.5
 MIN_ORDER_LINES = 5  # a page with fewer text-layer lines (a figure page, references) says nothing about order
 DROP_TOLERANCE = 0.001  # rounding: the table prints three decimals
+#: an image link's alt text: the caption again, printed under the image too; the order check reads each line
+#: once, or a caption found in the alt text of the figure after it counts as out of order
+IMAGE_LINK_RE = re.compile(r"!\[(?:[^\[\]]|\[[^\]]*\])*\]\([^)]*\)")
 DEMO = "mkg_devstack.demo"
 
 
@@ -134,7 +138,7 @@ def measure(name: str, entry: dict, outputs: Path, mode: str) -> Measured | None
             lines = text_layer_lines(str(path), number - 1)
             if len(lines) < MIN_ORDER_LINES:
                 continue
-            agreement = column_order_agreement(markdown.get(number, ""), lines)
+            agreement = column_order_agreement(IMAGE_LINK_RE.sub("", markdown.get(number, "")), lines)
             worst = min((agreement.column_share(c) for c in ("left", "right")), default=1.0)
             order[number] = (agreement.share, worst)
     return Measured(
