@@ -70,6 +70,8 @@ class ExportedDocument:
     pages_done: int
     failed_pages: list[dict[str, Any]]
     check: DocumentCheck
+    #: each page's route (page number -> ``text`` or ``vlm``), from status.json
+    page_routes: dict[str, str] = field(default_factory=dict)
     also_dropped_as: list[str] = field(default_factory=list)  #: other file names with the same bytes
 
 
@@ -163,6 +165,7 @@ def export_documents(storage: Storage, target: Path, documents: Sequence[tuple[s
             pages_done=int(status.get("pages_done", 0)),
             failed_pages=list(status.get("failed_pages", [])),
             check=check,
+            page_routes=dict(status.get("page_routes") or {}),
         )
     documents_out = list(exported.values())
     write_index(target, documents_out)

@@ -40,7 +40,7 @@ import html
 import re
 import unicodedata
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -361,13 +361,13 @@ def _label_headings(units: list[_Unit], body: float) -> None:
 # --------------------------------------------------------------------------- tables and figures
 
 
-def _may_hold_a_ruled_table(page: pymupdf.Page) -> bool:
+def _may_hold_a_ruled_table(page: pymupdf.Page, drawings: Sequence[dict[str, Any]] | None = None) -> bool:
     """Whether the page draws rules that could bound two cells: horizontal and vertical rules (lines,
     or rectangle sides, :data:`MIN_RULE_PT` or longer) at two or more positions each, three or more
     on one axis. find_tables' line strategy finds nothing on other pages, and costs 0.2-2 s a page."""
     rows: set[int] = set()
     columns: set[int] = set()
-    for path in page.get_cdrawings():
+    for path in page.get_cdrawings() if drawings is None else drawings:
         for item in path.get("items", ()):
             if item[0] == "l":
                 (x0, y0), (x1, y1) = item[1], item[2]
@@ -419,8 +419,27 @@ def _escape_html(text: str) -> str:
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
-def _tables(page: pymupdf.Page, matrix: pymupdf.Matrix) -> list[_Unit]:
-    if not _may_hold_a_ruled_table(page):
+def _horizontal_rules(drawings: Sequence[dict[str, Any]], matrix: pymupdf.Matrix) -> list[pymupdf.Rect]:
+    """Drawn horizontal rules (lines, or rectangles under 2 pt high), :data:`MIN_RULE_PT` or longer, in the
+    reading frame: where one crosses a column gutter, the columns above it end (see :func:`reading_order`)."""
+    rules = []
+    for path in drawings:
+        for item in path.get("items", ()):
+            if item[0] == "l":
+                rect = _to_frame(pymupdf.Rect(item[1], item[2]), matrix)
+            elif item[0] == "re":
+                rect = _to_frame(item[1], matrix)
+            else:
+                continue
+            if rect.height < 2 and rect.width >= MIN_RULE_PT:
+                rules.append(rect)
+    return rules
+
+
+def _tables(
+    page: pymupdf.Page, matrix: pymupdf.Matrix, drawings: Sequence[dict[str, Any]] | None = None
+) -> list[_Unit]:
+    if not _may_hold_a_ruled_table(page, drawings):
         return []
     if hasattr(pymupdf, "no_recommend_layout"):
         pymupdf.no_recommend_layout()  # find_tables would print an advert for pymupdf-layout (onnxruntime)
@@ -506,15 +525,31 @@ def _crosses(unit: _Unit, gutter: tuple[float, float]) -> bool:
     return unit.box.x0 < gutter[1] - 1.0 and unit.box.x1 > gutter[0] + 1.0
 
 
-def reading_order(units: list[_Unit]) -> list[_Unit]:
+def _ruled_off(
+    above: Sequence[_Unit], below: Sequence[_Unit], gutter: tuple[float, float], rules: Sequence[pymupdf.Rect]
+) -> bool:
+    """Whether a rule between ``above`` and ``below`` crosses the gutter: a two-column body and the
+    two-column references under it (arXiv's last pages) are two regions, each read column by column."""
+    bottom = max(u.box.y1 for u in above)
+    top = min(u.box.y0 for u in below)
+    return any(r.y0 >= bottom - 1.0 and r.y1 <= top + 1.0 and r.x0 < gutter[0] and r.x1 > gutter[1] for r in rules)
+
+
+def reading_order(units: list[_Unit], rules: Sequence[pymupdf.Rect] = ()) -> list[_Unit]:
     """Units in reading order: bands top to bottom; consecutive bands that share a column gutter
-    (none of their units crosses it) are one region, read column by column, recursively."""
+    (none of their units crosses it, and no rule in ``rules`` crosses it between them) are one region,
+    read column by column, recursively."""
     if len(units) <= 1:
         return list(units)
     groups: list[tuple[list[_Unit], tuple[float, float] | None]] = []
     for band in _bands(units):
-        if groups and groups[-1][1] is not None and not any(_crosses(u, groups[-1][1]) for u in band):
-            groups[-1] = (groups[-1][0] + band, groups[-1][1])
+        gutter = groups[-1][1] if groups else None
+        if (
+            gutter is not None
+            and not any(_crosses(u, gutter) for u in band)
+            and not _ruled_off(groups[-1][0], band, gutter, rules)
+        ):
+            groups[-1] = (groups[-1][0] + band, gutter)
             continue
         groups.append((band, _gutter(band)))
     out: list[_Unit] = []
@@ -527,8 +562,8 @@ def reading_order(units: list[_Unit]) -> list[_Unit]:
         if not left or not right:
             out.extend(sorted(members, key=lambda u: (u.box.y0, u.box.x0)))
             continue
-        out.extend(reading_order(left))
-        out.extend(reading_order(right))
+        out.extend(reading_order(left, rules))
+        out.extend(reading_order(right, rules))
     return out
 
 
@@ -582,7 +617,8 @@ def extract_text_page(page: pymupdf.Page, page_idx: int, *, invisible: bool | No
     lines, across = _lines(blocks, box, matrix, direction, invisible)
 
     furniture, lines = _furniture(lines, frame)
-    tables = _tables(page, matrix)
+    drawings = page.get_cdrawings()  # once: the table gate and the rules that end column regions
+    tables = _tables(page, matrix, drawings)
     page_area = abs(box) or 1.0
     figures = []
     for rect in _figure_boxes(page):
@@ -604,7 +640,7 @@ def extract_text_page(page: pymupdf.Page, page_idx: int, *, invisible: bool | No
             if unit.kind == "text" and target in kinds and pattern.match(unit.content):
                 unit.kind = f"{target}_caption"
 
-    ordered = reading_order(paragraphs + tables + figures)
+    ordered = reading_order(paragraphs + tables + figures, _horizontal_rules(drawings, matrix))
     mineru_blocks: list[dict[str, Any]] = []
     crops: dict[int, str] = {}
     images: dict[str, bytes] = {}
@@ -655,8 +691,14 @@ def extract_text_page(page: pymupdf.Page, page_idx: int, *, invisible: bool | No
 def page_plain_text(result: PageResult) -> str:
     """Everything the engine read on the page, furniture and table cells included, in its order
     (for comparing with the PDF text layer)."""
+    return content_list_text(result.content_list)
+
+
+def content_list_text(content_list: Iterable[Mapping[str, Any]]) -> str:
+    """The text of content-list items, furniture, table cells, captions and footnotes included, each once,
+    in their order (any engine's content list: benchmarks/route_quality.py compares the routes with it)."""
     parts: list[str] = []
-    for item in result.content_list:
+    for item in content_list:
         if "text" in item:
             parts.append(str(item["text"]))
         if item.get("table_body"):

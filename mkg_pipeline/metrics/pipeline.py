@@ -34,6 +34,13 @@ PAGES_FAILED = Counter(
     ["reason"],
     registry=REGISTRY,
 )
+PAGES_FALLBACK = Counter(
+    "mkg_pipeline_pages_fallback_total",
+    "Pages given their text layer's result after every VLM answer stayed invalid (answers.text_fallback), by the "
+    "answers' reason; counted when served, so a document over answers.max_fallback_share also counts them failed.",
+    ["reason"],
+    registry=REGISTRY,
+)
 PAGES_TOTAL = Counter(
     "mkg_pipeline_pages_total",
     "Pages vlm_outputs saw, by route: text (read from the text layer, no GPU) or vlm (sent to the engine).",

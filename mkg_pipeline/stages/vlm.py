@@ -57,7 +57,7 @@ from mkg_pipeline import records
 from mkg_pipeline.config import AnswersConfig
 from mkg_pipeline.document import assemble_document, page_record
 from mkg_pipeline.engines.base import AnswerRejected, PageEngine, PageInput, page_cache_key
-from mkg_pipeline.metrics.pipeline import PAGES_CACHED, PAGES_FAILED, PAGES_PROCESSED, PAGES_TOTAL
+from mkg_pipeline.metrics.pipeline import PAGES_CACHED, PAGES_FAILED, PAGES_FALLBACK, PAGES_PROCESSED, PAGES_TOTAL
 from mkg_pipeline.storage import AsyncStorage, PreconditionFailed, Storage
 from mkg_pipeline.vllm.errors import VLLMClientError
 
@@ -695,6 +695,7 @@ class _BatchRun:
         doc.records[n] = record
         doc.fallbacks[n] = {"page": n, "reason": rejected.reason, "message": str(rejected), "at": _now()}
         self.summary.fallback += 1
+        PAGES_FALLBACK.labels(reason=rejected.reason).inc()
         self.summary.fallback_by_document[doc.doc_id] = len(doc.fallbacks)
         log.warning("%s: %s; its result is the text layer's (text_fallback), not cached", job.label, rejected)
         return True

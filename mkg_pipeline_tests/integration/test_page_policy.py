@@ -109,6 +109,12 @@ def _stage(storage, batch: str, server, answers: AnswersConfig, transport=None):
     return asyncio.run(go())
 
 
+def _fallback_pages_counted(reason: str) -> float:
+    from mkg_pipeline.metrics.pipeline import REGISTRY
+
+    return REGISTRY.get_sample_value("mkg_pipeline_pages_fallback_total", {"reason": reason}) or 0.0
+
+
 def test_fallback_pages_are_flagged_never_cached_and_budgeted(start_local_vlm_server) -> None:
     """Every answer of the server truncated (fault injection): the one VLM page of a 4-page document (its
     other pages take the text route) falls back to its text layer, within a budget of 0.3 of the pages; a
@@ -134,7 +140,10 @@ def test_fallback_pages_are_flagged_never_cached_and_budgeted(start_local_vlm_se
     server = start_local_vlm_server(enable_fault_injection=True)
     server.set_faults(truncated_rate=1.0)
     answers = AnswersConfig(max_reasks=1, text_fallback=True, max_fallback_share=0.3)
+    fallback_before = _fallback_pages_counted("truncated")
     summary = _stage(storage, batch, server, answers)
+    # both fallback pages counted for Prometheus, the one of the document over budget too (it also fails)
+    assert _fallback_pages_counted("truncated") == fallback_before + 2
     assert summary.routes == {"text": 3, "vlm": 2}
     assert summary.requests == 4  # two VLM pages, each asked twice (greedy, then 0.1)
     assert summary.fallback == 2 and summary.fallback_by_document == {under: 1, over: 1}
@@ -161,6 +170,7 @@ def test_fallback_pages_are_flagged_never_cached_and_budgeted(start_local_vlm_se
     server.set_faults(truncated_rate=0.0)
     again = _stage(storage, batch, server, answers)
     assert again.requests == 2 and again.fallback == 0  # exactly the two fallback pages asked again
+    assert _fallback_pages_counted("truncated") == fallback_before + 2
     assert storage.get_json(storage.vlm_status_key(under))["fallback_pages"] == []
     assert storage.get_json(storage.vlm_status_key(over))["state"] == "complete"
 

@@ -36,7 +36,14 @@ def _document(storage: MemoryStorage, doc_id: str, *, figure: bytes | None = Non
     storage.put_json(storage.content_list_key(doc_id), content)
     storage.put_json(
         storage.vlm_status_key(doc_id),
-        {"doc_id": doc_id, "state": "complete", "pages_total": 1, "pages_done": 1, "failed_pages": []},
+        {
+            "doc_id": doc_id,
+            "state": "complete",
+            "pages_total": 1,
+            "pages_done": 1,
+            "failed_pages": [],
+            "page_routes": {"1": "text"},
+        },
     )
     return path
 
@@ -73,6 +80,7 @@ def test_one_folder_per_source_file_as_mineru_writes_it(tmp_path: Path) -> None:
         ("paper.pdf", "paper", True),
         ("Paper.PDF", "Paper-bbbbbbbbbbbbbbbb", True),
     ]
+    assert index[0]["page_routes"] == {"1": "text"}  # benchmarks/route_quality.py counts routes from it
     assert "[paper/](paper/paper.md)" in (tmp_path / "index.md").read_text()
 
 
