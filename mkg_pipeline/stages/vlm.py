@@ -4,7 +4,10 @@ The page path is the reason the split architecture exists, so it streams:
 
 - one producer reads a document's page manifest, lists its cached results (one LIST), and starts the
   document's missing pages at once, as fast as the client's limiter has room for them: the number of
-  pages in flight follows the limiter (the server's measured capacity), never a config knob;
+  pages in flight follows the limiter (the server's measured capacity), never a config knob. The next
+  document is opened while this one's pages start, and enough pages beyond the limit fetch their image
+  ahead (:func:`prefetch_margin`) that a freed slot finds one ready: with S3 in the path, the stage keeps
+  the limiter as full as a client holding its pages in memory;
 - each page task fetches its PNG, asks the engine, stores figure crops and the page record, and
   reports to its document; memory is bounded by pages in flight and by the bytes they hold (PNG, request
   body, answer: ``workers.vlm_page_memory_mb``), never by batch size; a page larger than the budget
@@ -45,6 +48,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import random
 import time
 from collections import Counter
@@ -254,6 +258,30 @@ class _PageJob:
         return f"doc={self.doc.doc_id} page={self.number}"
 
 
+class _Mean:
+    """An exponentially weighted mean of durations (None before the first)."""
+
+    def __init__(self, weight: float = 0.2) -> None:
+        self.weight = weight
+        self.value: float | None = None
+
+    def observe(self, seconds: float) -> None:
+        self.value = seconds if self.value is None else self.value + self.weight * (seconds - self.value)
+
+
+def prefetch_margin(limit: int, fetch_s: float | None, answer_s: float | None) -> int:
+    """Pages to start beyond the limiter's limit, so that one is ready whenever a slot frees.
+
+    Slots free at ``limit / answer_s`` a second and a page takes ``fetch_s`` to be ready (its image read
+    from S3): twice as many as free during one fetch, at least ``max(2, limit // 8)``, at most the limit
+    (the byte budget bounds their memory in any case).
+    """
+    least = max(2, limit // 8)
+    if not fetch_s or not answer_s:
+        return least
+    return max(least, min(limit, math.ceil(2 * limit * fetch_s / answer_s)))
+
+
 def _first_cause(exc: VLLMClientError) -> tuple[str, str]:
     """The failure's real cause and message: a breaker that opened says why it opened."""
     first = getattr(exc, "first_cause", None)
@@ -304,6 +332,9 @@ class _BatchRun:
         self.last_storage_error = ""
         self.assembly_tasks: set[asyncio.Task[None]] = set()
         self.changed = asyncio.Event()
+        #: how long a page's image takes to fetch, and a page's request to be answered (for the prefetch)
+        self.fetch_s = _Mean()
+        self.answer_s = _Mean()
 
     # -- scheduling ---------------------------------------------------------------------------------
 
@@ -321,9 +352,10 @@ class _BatchRun:
         gate = self.gate
         limit = gate.limit
         busy = gate.in_flight + gate.waiting + self.preparing
-        # The limiter is the throughput knob. A few pages beyond it fetch their image ahead, so a request
-        # can start the moment a slot frees; the second bound only caps memory if requests stall.
-        return busy < limit + max(2, limit // 8) and len(self.page_tasks) < 2 * limit + 16
+        # The limiter is the throughput knob. Pages beyond it fetch their image ahead, so a request can
+        # start the moment a slot frees; the second bound only caps memory if requests stall.
+        margin = prefetch_margin(limit, self.fetch_s.value, self.answer_s.value)
+        return busy < limit + margin and len(self.page_tasks) < 2 * limit + 16
 
     def _bytes_fit(self, cost: int) -> bool:
         # A page larger than the whole budget still runs, alone: nothing else is admitted beside it.
@@ -332,7 +364,7 @@ class _BatchRun:
     async def _wait_for_room(self, cost: int = 0) -> None:
         """Until the next page may start; woken by what makes room, never by a timer.
 
-        Room is made by a page of this run reaching the engine or ending (``changed``), or, while the
+        Room is made by a page of this run reaching the engine, leaving it or ending (``changed``), or, while the
         limiter is what binds, by the limiter itself: a request of the process releasing its slot, or a
         reading of the server raising the limit (``wait_for_capacity``). A cold pod is thus woken by the
         reading that grows its limit, not by the next poll.
@@ -365,6 +397,22 @@ class _BatchRun:
 
     # -- one document -------------------------------------------------------------------------------
 
+    async def open_guarded(self, doc_id: str) -> tuple[_Document, list[_PageJob]] | None:
+        """:meth:`open_document`, its failure that of this document only: None when it could not be opened."""
+        try:
+            return await self.open_document(doc_id)
+        except _NOT_S3 as exc:  # a bug, not the bucket: this document only, and S3 is not blamed
+            log.exception("%s: could not be opened", doc_id)
+            self.summary.documents[doc_id] = "error"
+            self.summary.not_processed[doc_id] = f"opening it failed: {type(exc).__name__}: {exc}"
+            self.progress(f"{doc_id}: NOT STARTED, {type(exc).__name__}: {exc}")
+        except Exception as exc:  # S3 failing on one document's manifest/status: not the others
+            log.exception("%s: could not be opened", doc_id)
+            self.s3_failed(exc)
+            self.summary.unrecorded.append(doc_id)
+            self.progress(f"{doc_id}: NOT STARTED, {type(exc).__name__}: {exc}")
+        return None
+
     async def open_document(self, doc_id: str) -> tuple[_Document, list[_PageJob]] | None:
         """Read a document's manifest and cached results; None when there is nothing to do for it.
 
@@ -373,13 +421,12 @@ class _BatchRun:
         result is requested again.
         """
         s3 = self.s3
-        # The four reads at once, not one after another: the first document's are on the path to the
-        # first request, and every document's on the producer's.
-        manifest_data, status_data, listed, png_sizes = await asyncio.gather(
+        # The three reads at once, not one after another: the first document's are on the path to the
+        # first request (the next documents are opened while this one's pages start).
+        manifest_data, status_data, listed = await asyncio.gather(
             self._get_or_none(s3.page_manifest_key(doc_id)),
             self._get_or_none(s3.vlm_status_key(doc_id)),
             self._cached_keys(doc_id),
-            self._png_sizes(doc_id),
         )
         if manifest_data is None:
             self.summary.unrendered.append(doc_id)
@@ -408,6 +455,9 @@ class _BatchRun:
             previous_failures={int(f["page"]): f for f in (previous or {}).get("failed_pages", [])},
             identity=self.engine.identity,
         )
+        png_sizes: dict[str, int] = {}
+        if any(not isinstance(p.get("png_bytes"), int) for p in doc.pages if not records.is_text_page(p)):
+            png_sizes = await self._png_sizes(doc_id)  # a manifest older than png_bytes: the listing's sizes
         recorded = (previous or {}).get("page_etags") or {}
         existing = {} if self.force_refresh else listed  # VLM results to reuse (none when refreshing)
         todo: list[_PageJob] = []
@@ -583,6 +633,7 @@ class _BatchRun:
         try:
             try:
                 png = await self.s3.get_bytes(job.page["png_key"])
+                self.fetch_s.observe(time.monotonic() - started)
             except Exception as exc:  # the image is gone or S3 failed: this page only
                 if not isinstance(exc, FileNotFoundError):
                     self.s3_failed(exc)
@@ -598,8 +649,14 @@ class _BatchRun:
                 text_layer_chars=int(job.page.get("text_layer_chars", 0)),
                 label=job.label,
             )
+            asked = time.monotonic()
             try:
-                result = await self.engine.extract(page)
+                try:
+                    result = await self.engine.extract(page)
+                finally:
+                    # Its slot is free: room for the next page now, not once this one is stored.
+                    self.changed.set()
+                self.answer_s.observe(time.monotonic() - asked)
             except VLLMClientError as exc:
                 reason, message = _first_cause(exc)
                 self._fail(job, reason, message)
@@ -973,33 +1030,33 @@ async def process_documents(
             answers=answers,
         )
         reporter = asyncio.create_task(batch.report_progress(started))
-        try:
-            for doc_id in doc_ids:
+        remaining = iter(doc_ids)
+
+        def open_next() -> asyncio.Task[tuple[_Document, list[_PageJob]] | None] | None:
+            for doc_id in remaining:
                 if batch.s3_down:
                     summary.unrecorded.append(doc_id)
                     continue
                 if not batch.holds_claim():
-                    break
-                try:
-                    opened = await batch.open_document(doc_id)
-                except _NOT_S3 as exc:  # a bug, not the bucket: this document only, and S3 is not blamed
-                    log.exception("%s: could not be opened", doc_id)
-                    summary.documents[doc_id] = "error"
-                    summary.not_processed[doc_id] = f"opening it failed: {type(exc).__name__}: {exc}"
-                    progress(f"{doc_id}: NOT STARTED, {type(exc).__name__}: {exc}")
-                    continue
-                except Exception as exc:  # S3 failing on one document's manifest/status: not the others
-                    log.exception("%s: could not be opened", doc_id)
-                    batch.s3_failed(exc)
-                    summary.unrecorded.append(doc_id)
-                    progress(f"{doc_id}: NOT STARTED, {type(exc).__name__}: {exc}")
-                    continue
+                    return None
+                return asyncio.create_task(batch.open_guarded(doc_id), name=f"open {doc_id}")
+            return None
+
+        opening = open_next()
+        try:
+            while opening is not None:
+                opened = await opening
+                # The next document is opened while this one's pages are started: its reads are then
+                # not on the path between this document's last page and the next one's first.
+                opening = open_next()
                 if opened is not None:
                     await batch.run_document(*opened)
             while batch.page_tasks or batch.assembly_tasks:
                 await asyncio.gather(*list(batch.page_tasks), *list(batch.assembly_tasks))
         finally:
             reporter.cancel()
+            if opening is not None:
+                opening.cancel()
             for task in [*batch.page_tasks, *batch.assembly_tasks]:
                 task.cancel()
     summary.wall_s = time.monotonic() - started
