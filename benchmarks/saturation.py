@@ -52,6 +52,11 @@ Corpus pages (the 'ok' files of /work/shared/corpus, 201 pages) are rendered onc
 machine: the header shows the load average and the busiest other processes, before and after.
 Exit status 1 on errors (failed pages, server errors, failed runs), never on slowness.
 
+``SAT_TRACE=1`` adds a line per run of (b) and (b'): the limiter's mean limit, in flight and waiting, and how
+often the stage left it short (a free slot and no page ready for it), sampled every 5 ms. With S3 in the
+path on a loaded machine the stage is short because the process runs out of CPU (S3 calls cost ~7 ms of
+client CPU a page), not because it waits on the wrong thing.
+
 Cases (b), (b') and (c) reach the project only through the ADAPTERS section below, so that they
 can be re-pointed when the stage and client APIs change.
 """
