@@ -52,6 +52,11 @@ Corpus pages (the 'ok' files of /work/shared/corpus, 201 pages) are rendered onc
 machine: the header shows the load average and the busiest other processes, before and after.
 Exit status 1 on errors (failed pages, server errors, failed runs), never on slowness.
 
+``SAT_TRACE=1`` adds a line per run of (b) and (b'): the limiter's mean limit, in flight and waiting, and how
+often the stage left it short (a free slot and no page ready for it), sampled every 5 ms. With S3 in the
+path on a loaded machine the stage is short because the process runs out of CPU (S3 calls cost ~7 ms of
+client CPU a page), not because it waits on the wrong thing.
+
 Cases (b), (b') and (c) reach the project only through the ADAPTERS section below, so that they
 can be re-pointed when the stage and client APIs change.
 """
@@ -586,12 +591,39 @@ def write_page_manifests(storage: Any, pages: list[CorpusPage], tag: str) -> lis
     return doc_ids
 
 
+async def _trace_gate(gate: Any) -> None:
+    """With ``SAT_TRACE=1``: sample the limiter every 5 ms while the stage runs, and print how often the stage
+    left it short (in flight + waiting < limit: a free slot with no page ready for it). Over the first 90 % of
+    the busy time, so the last wave's tail is not counted."""
+    samples: list[tuple[float, int, int, int]] = []
+    t0 = time.perf_counter()
+    try:
+        while True:
+            samples.append((time.perf_counter() - t0, gate.limit, gate.in_flight, gate.waiting))
+            await asyncio.sleep(0.005)
+    except asyncio.CancelledError:
+        busy = [s for s in samples if s[2] > 0]
+        if not busy:
+            raise
+        window = [s for s in busy if s[0] <= busy[-1][0] * 0.9]
+        short = sum(1 for s in window if s[2] < s[1]) / len(window)
+        starved = sum(1 for s in window if s[2] + s[3] < s[1]) / len(window)
+        limit, in_flight, waiting = (statistics.mean(s[i] for s in window) for i in (1, 2, 3))
+        print(
+            f"    trace: {len(window)} samples; mean limit {limit:.1f}, in flight {in_flight:.1f}, waiting "
+            f"{waiting:.1f}; slots short {short:.2f}, stage starved (in flight + waiting < limit) {starved:.2f}",
+            flush=True,
+        )
+        raise
+
+
 def run_vlm_stage(storage: Any, cfg: Any, doc_ids: list[str]) -> Outcome:
     """(b) the vlm stage as the vlm_outputs asset calls it, with force_refresh (pages repeat)."""
     from mkg_pipeline.stages.vlm import process_documents
 
     async def go() -> Outcome:
         async with open_engine(cfg) as (client, engine):
+            trace = asyncio.create_task(_trace_gate(client.limiter)) if os.environ.get("SAT_TRACE") else None
             summary = await process_documents(
                 storage,
                 engine,
@@ -602,6 +634,8 @@ def run_vlm_stage(storage: Any, cfg: Any, doc_ids: list[str]) -> Outcome:
                 force_refresh=True,
                 progress=lambda _message: None,
             )
+            if trace is not None:
+                trace.cancel()
         return Outcome(
             pages_done=summary.processed,
             pages_failed=summary.failed + len(summary.unrendered),

@@ -357,8 +357,9 @@ class VLLMClient:
 
     @property
     def limiter(self) -> AdaptiveLimiter:
-        """The server's concurrency limiter (one per server URL per process): ``await
-        client.limiter.wait_for_capacity()`` before starting the next page."""
+        """The server's concurrency limiter (one per server URL per process); every attempt holds one of its
+        slots. A producer that must not run ahead of it awaits ``client.limiter.wait_for_capacity()`` while
+        the limit binds (the vlm stage's scheduler does), never polls it."""
         return self._limiter
 
     def __repr__(self) -> str:

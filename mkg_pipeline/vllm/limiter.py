@@ -2,9 +2,10 @@
 
 One :class:`AdaptiveLimiter` per server URL per process (:func:`limiter_for`, like
 ``breaker_for``), shared by every page, engine and event loop of the process. Every HTTP attempt
-holds one of its slots (:mod:`mkg_pipeline.vllm.slots`), and a producer awaits
-:meth:`~mkg_pipeline.vllm.slots.SlotPool.wait_for_capacity` before starting the next request, so
-the limit is the one concurrency knob there is.
+holds one of its slots (:mod:`mkg_pipeline.vllm.slots`), so the limit is the one concurrency
+knob there is. A producer does not poll it: the vlm stage's scheduler starts pages while the
+limit has room (plus a short image prefetch), and while the limit binds it awaits
+:meth:`~mkg_pipeline.vllm.slots.SlotPool.wait_for_capacity` or one of its own pages' events.
 
 Real pages take 10-60 s on a GPU, so the limit is clocked by the server's readings, not by
 answers. The client's background task scrapes ``/metrics`` (never on a request's path) on a

@@ -9,24 +9,19 @@ from types import SimpleNamespace
 
 import pytest
 
-from mkg_pipeline.stages import vlm
-from mkg_pipeline.stages.vlm import VLMSummary, _BatchRun
+from mkg_pipeline.stages import vlm_scheduler
+from mkg_pipeline.stages.vlm import VLMSummary
+from mkg_pipeline.stages.vlm_run import RunContext
+from mkg_pipeline.stages.vlm_scheduler import PageScheduler
 
 
 def _progress_lines(summary: VLMSummary, elapsed_s: float, monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    monkeypatch.setattr(vlm, "SUMMARY_EVERY_S", 0.0)
+    monkeypatch.setattr(vlm_scheduler, "SUMMARY_EVERY_S", 0.0)
     lines: list[str] = []
     gate = SimpleNamespace(limit=4, in_flight=2, waiting=0)
-    batch = _BatchRun(
-        None,  # type: ignore[arg-type]  # report_progress reads only the summary, the gate and the bytes held
-        None,  # type: ignore[arg-type]
-        gate,  # type: ignore[arg-type]
-        summary,
-        model="m",
-        run_id="r",
-        force_refresh=False,
-        progress=lines.append,
-    )
+    # report_progress reads only the summary, the gate and the bytes held
+    run = RunContext(None, None, summary, model="m", run_id="r", force_refresh=False, progress=lines.append)  # type: ignore[arg-type]
+    batch = PageScheduler(run, gate, None, None)  # type: ignore[arg-type]
 
     async def run() -> None:
         # started elapsed_s ago: the line's rate and ETA are then known (a few ms of drift round away)

@@ -340,6 +340,102 @@ def test_pages_in_flight_follow_the_limiter(storage: MemoryStorage) -> None:
     assert gate.limit <= gate.peak <= gate.limit + 2
 
 
+def test_the_next_document_is_opened_while_this_ones_pages_are_in_flight(storage: MemoryStorage) -> None:
+    """Opening a document (its manifest, status and listing) is off the path between one document's last
+    page and the next one's first (issue 18: the stage kept up with the client path only without S3)."""
+    gate = ScriptedGate(limit=1)
+    engine = ScriptedEngine(gate)
+    seed_document(storage, "doca", 5)
+    seed_document(storage, "docb", 1)
+    docb_opened = asyncio.Event()
+    manifest_b = storage.page_manifest_key("docb")
+    storage.memory.fault = lambda op, key: docb_opened.set() if (op, key) == ("get", manifest_b) else None
+
+    async def held(page: PageInput) -> PageResult:
+        # doca's pages fill the limiter's room and its prefetch; they end only once docb is opened
+        try:
+            await asyncio.wait_for(docb_opened.wait(), 10)  # a guard against a hang, not a timing assertion
+        except TimeoutError:
+            raise RuntimeError("docb was not opened while doca's pages were in flight") from None
+        return answer("x", page.page_idx)
+
+    for n in range(1, 6):
+        engine.behaviours[label("doca", n)] = held
+    summary = run(storage, engine, ["doca", "docb"])
+    assert summary.failure_rows == []
+    assert (summary.processed, summary.documents) == (6, {"doca": "complete", "docb": "complete"})
+
+
+def test_a_freed_slot_finds_the_next_page_waiting_while_answered_pages_are_stored(storage: MemoryStorage) -> None:
+    """The scheduler is woken when a page leaves the engine, not once its record is stored (issue 18). With the
+    real limiter (limit 1) the pages beyond it wait for its slot, and a freed slot goes to the first of them:
+    the limiter itself wakes the scheduler only once that queue is empty, which leaves the slot idle while
+    the next page's image is fetched. Page records are held until every page has been asked, as a slow
+    store would."""
+    import contextlib
+
+    from mkg_pipeline.vllm.limiter import AdaptiveLimiter
+
+    limiter = AdaptiveLimiter("http://one-slot", min_limit=1, max_limit=1, adaptive=False)
+    queued_behind: list[int] = []  # pages waiting for the slot when each page took it
+    all_asked = asyncio.Event()
+
+    class OneSlotEngine:
+        name = "scripted"
+        identity = IDENTITY
+
+        async def extract(self, page: PageInput) -> PageResult:
+            with await limiter.acquire():
+                # A request takes a while: 50 turns of the event loop (not time) give the scheduler every
+                # chance to start the pages it has room for (two beyond the limit), and to settle.
+                for _ in range(50):
+                    await asyncio.sleep(0)
+                queued_behind.append(limiter.waiting)
+                if len(queued_behind) == 6:
+                    all_asked.set()
+                return answer(f"text of {page.label}", page.page_idx)
+
+    class HeldRecords:
+        def __init__(self, ops: Any) -> None:
+            self.ops = ops
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.ops, name)
+
+        async def put(self, key: str, *args: Any) -> str:
+            if key.startswith("vlm/doca/pages/"):
+                await all_asked.wait()
+            return await self.ops.put(key, *args)
+
+    plain_session = storage.memory.session
+
+    @contextlib.asynccontextmanager
+    async def session() -> Any:
+        async with plain_session() as ops:
+            yield HeldRecords(ops)
+
+    storage.memory.session = session  # type: ignore[method-assign]
+    seed_document(storage, "doca", 6)
+    summary = asyncio.run(
+        process_documents(
+            storage, OneSlotEngine(), ["doca"], limiter, server_url="http://vlm", model="test-model", run_id="r1"
+        )
+    )
+    assert summary.processed == 6
+    # Each page found the two the scheduler has room for beyond the limit waiting for the slot, to the end.
+    assert queued_behind == [2, 2, 2, 2, 1, 0]
+
+
+def test_the_prefetch_covers_the_image_fetch_at_the_rate_slots_free() -> None:
+    from mkg_pipeline.stages.vlm import prefetch_margin
+
+    assert prefetch_margin(32, None, None) == 4  # nothing measured yet: an eighth of the limit
+    assert prefetch_margin(8, 0.001, 0.5) == 2  # a fast store: at least two
+    # 32 slots answered in 0.5 s free 64 a second; a 50 ms fetch needs 3.2 pages under way, twice that ahead
+    assert prefetch_margin(32, 0.05, 0.5) == 7
+    assert prefetch_margin(32, 2.0, 0.5) == 32  # never more than the limit again
+
+
 def test_a_limit_raised_by_the_limiter_starts_pages_while_none_ends(storage: MemoryStorage) -> None:
     """A reading that raises the limit wakes the stage at once (issue 18): with every page in flight held
     until the test lets go, the only event that can start more pages is the limiter's."""
