@@ -41,9 +41,13 @@ With ``/metrics`` (:class:`ReadingLaw`, one decision per reading)
       small dips and recoveries add nothing, and what this resends is bounded by the slots still
       free when the burst began;
     * **preemptions** (``vllm:num_preemptions_total`` rose): ``T = R x PREEMPT_BACKOFF``;
-    * **KV cache near full** (``>= KV_FULL``) while nothing waits: no growth (with a queue, the KV
-      cache counts only once preemptions showed that memory is the limit: the local server reports
-      full slots as a full cache);
+    * **KV cache near full** (``>= KV_FULL``) while nothing waits: no growth beyond a short standing
+      queue (``T = R + QUEUE_TOLERANCE x R``, no equal step), and none at all once preemptions showed
+      that memory is the limit. vLLM admits a waiting request only when blocks free (a finished
+      sequence's), so such a queue costs no memory and saves each freed slot a client round trip; what
+      preempts is the running sequences' growth, which the preemption counter then shows. (With a
+      queue, the KV cache counts only once memory is the limit: a slot-only server reports full slots
+      as a full cache.)
     * **latency near the client's deadline**: ``T = D x BACKOFF``.
 
     A process grows only while its limit is in use (demand reached it since the last decision), so
@@ -218,6 +222,14 @@ class ReadingLaw:
                 target = min(target, max(total, running * KV_ROOM / kv))
             if kv is not None and kv >= KV_FULL:
                 target, reason = total, Reason.KV_FULL
+                if not self.memory_bound:
+                    # A full cache, nothing waiting, no preemption seen: the running batch fits, and
+                    # vLLM admits a waiting request only when blocks free (a finished sequence's), so
+                    # a short queue replaces what finishes without a client round trip and costs no
+                    # memory; it is the running sequences' growth that preempts, and preemptions then
+                    # make memory the limit. (A server that reports full slots as a full cache, as the
+                    # slot-only simulators once did, reads like this too.)
+                    target = max(total, running + max(QUEUE_MIN, QUEUE_TOLERANCE * running))
         if kv is not None and kv > 0 and self.memory_bound and reason is not Reason.PREEMPTION:
             # Memory is the limit: as many as fill the cache to KV_ROOM, both ways, and no queue (a
             # waiting request is admitted as blocks free, and preempted later).

@@ -271,6 +271,10 @@ class SimClient:
     start_at: float = 0.0
     stop_at: float = float("inf")
     deadline_s: float = 300.0  # an answer later than this would have timed out
+    #: seconds from an answer to the next request reaching the server (reading the answer, encoding and
+    #: sending the next page): the client round trip a freed slot idles for unless a request already
+    #: waits at the server (the first requests were ready before the process began)
+    send_delay_s: float = 0.0
     completed_after_warmup: int = 0
     timeouts: int = 0
     in_flight: int = 0
@@ -330,7 +334,11 @@ class SimClient:
                     break
                 slot = None
             self.in_flight += 1
-            self.sim.server.submit(_Request(self, slot, now))
+            request = _Request(self, slot, now)
+            if self.send_delay_s > 0 and now > self.start_at:
+                self.sim.at(now + self.send_delay_s, lambda r=request: self.sim.server.submit(r))
+            else:
+                self.sim.server.submit(request)
 
     def on_done(self, request: _Request) -> None:
         now = self.sim.clock.now
