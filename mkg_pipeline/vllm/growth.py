@@ -11,8 +11,10 @@ With ``/metrics`` (:class:`ReadingLaw`, one decision per reading)
 
         limit = x * T / D + FAIR_STEP
 
-    that is, its share of the target plus an equal step (none after preemptions or with the KV cache
-    as the limit: there a standing queue is what preempts). All processes scale by the same factor,
+    that is, its share of the target plus an equal step (none after preemptions; a small one,
+    :data:`MEMORY_STEP`, with the KV cache as the limit: there the steps of all processes stand as an
+    overshoot of the cache's target, which the next reading takes back in proportion to the shares,
+    as AIMD does). All processes scale by the same factor,
     so the total moves to ``T`` in one decision whatever the number of processes; the equal step
     makes the shares converge (a gap between two processes shrinks by ``T / (T + N * FAIR_STEP)``
     per decision, as in additive-increase multiplicative-decrease). The limit is *set* from what is
@@ -49,6 +51,11 @@ With ``/metrics`` (:class:`ReadingLaw`, one decision per reading)
       queue, the KV cache counts only once memory is the limit: a slot-only server reports full slots
       as a full cache.)
     * **latency near the client's deadline**: ``T = D x BACKOFF``.
+
+    Memory is the limit once this process saw preemptions, or when its first reading finds a server
+    that has preempted with its cache at :data:`KV_ROOM` or more (a process joining late steers as
+    those already there do, instead of queueing until it preempts). A queue with memory to spare
+    makes slots the limit again.
 
     A process grows only while its limit is in use (demand reached it since the last decision), so
     an idle process gains no headroom it could dump on the server at once; what it keeps is cut to
@@ -92,6 +99,8 @@ INITIAL_LIMIT = 32
 GROWTH = 1.5
 #: equal step of every process per decision: what makes shares converge
 FAIR_STEP = 2.0
+#: equal step of every process per decision while memory is the limit (see the module docstring)
+MEMORY_STEP = 1.0
 #: standing queue aimed at, as a share of the running batch: keeps a batching server full
 QUEUE_TOLERANCE = 0.1
 #: ... and at least this many waiting
@@ -144,6 +153,8 @@ class QueueReading:
     kv_usage: float | None = None
     #: sequences preempted since the previous reading, if it says
     preempted: float | None = None
+    #: the server's preemption counter (since it started), if it says
+    preemptions_total: float | None = None
 
 
 class Reason(enum.StrEnum):
@@ -182,6 +193,7 @@ class ReadingLaw:
         #: the highest running batch since the burst being taken in began (the last reading's batch
         #: outside a burst): while admitting, only a rise above it was taken in from the queue
         self._high: float | None = None
+        self._first = True
 
     def decide(self, reading: QueueReading, in_flight: int, limit: float, in_use: bool, latency_high: bool) -> Decision:
         waiting, running, kv = reading.waiting, reading.running, reading.kv_usage
@@ -189,6 +201,12 @@ class ReadingLaw:
         total = max(waiting + running, float(in_flight), 1.0)
         burst, self._burst = (total if self._burst is None else self._burst), 0.0
         high, self._high = self._high, running
+        first, self._first = self._first, False
+        if first and reading.preemptions_total and kv is not None and kv >= KV_ROOM:
+            # Joining a server that has preempted and whose cache is full: memory is the limit, as the
+            # processes already there learnt. Steer as they do (no standing queue, the memory step),
+            # or this process's queue would preempt and its share grow at theirs' expense.
+            self.memory_bound = True
         if reading.preempted:
             self.memory_bound = True
             self.capacity = running * PREEMPT_BACKOFF
@@ -245,7 +263,11 @@ class ReadingLaw:
         # The equal step is what makes shares converge; it stands as a queue of FAIR_STEP per process,
         # harmless where slots are the limit, not where memory is (a waiting request is admitted as
         # blocks free, and preempted later).
-        new = base * target / total + (0.0 if reason in _NO_STEP else FAIR_STEP)
+        if reason is Reason.KV_FULL and self.memory_bound:
+            step = MEMORY_STEP
+        else:
+            step = 0.0 if reason in _NO_STEP else FAIR_STEP
+        new = base * target / total + step
         if reason is Reason.ROOM and base > 0:  # all processes together add about this much
             self._burst = max(0.0, (new - base) * total / base)
         if not in_use:

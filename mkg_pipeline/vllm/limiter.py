@@ -302,7 +302,9 @@ class AdaptiveLimiter(SlotPool):
                 # The first reading of a counter says nothing about now; a reset server starts again at 0.
                 before, self._preemptions = self._preemptions, preemptions
                 preempted = max(0.0, preemptions - before) if before is not None and preemptions >= before else 0.0
-            reading = QueueReading(float(waiting), float(running), now, server_latency, kv_usage, preempted)
+            reading = QueueReading(
+                float(waiting), float(running), now, server_latency, kv_usage, preempted, preemptions_total=preemptions
+            )
             self._queue = reading
             mean = self._window_mean()
             latency_high = mean is not None and self.deadline_s is not None and mean > DEADLINE_SHARE * self.deadline_s

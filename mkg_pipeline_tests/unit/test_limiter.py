@@ -824,6 +824,27 @@ def test_eight_pods_on_a_kv_bound_gpu_keep_preemptions_near_zero() -> None:
     assert server.max_waiting <= server.slots
 
 
+def test_eight_pods_on_a_kv_bound_gpu_converge_to_equal_shares() -> None:
+    """Once memory is the limit each limit is set from the KV target; without an equal step there, the
+    shares the pods had when memory became the limit stayed (late pods, joining with their initial window,
+    kept about 1.6 x the early ones' limits). A small equal step per decision (its total a small overshoot
+    of the cache's 90 % target) makes them converge, as in AIMD, and a late pod joining a server that
+    preempted with a full cache steers as the others do."""
+    sim = Simulation.gpu(warmup_s=140, kv_budget_tokens=300_000)
+    pods = gpu_pods(sim, 8, 20)
+    server = sim.server
+    assert isinstance(server, GpuServer)
+    before: list[int] = []
+    sim.at(140, lambda: before.append(server.preemptions))
+    sim.run(until=400)
+    total = sim.throughput()
+    limits = [sim.mean_limit(pod) for pod in pods]
+    assert max(limits) <= 1.3 * min(limits), limits  # (before: 12.7 .. 20.8)
+    for pod in pods:
+        assert pod.completed_after_warmup / sim.measured_s >= 0.85 * total / 8, (pod.name, limits)  # (before: 0.79)
+    assert server.preemptions - before[0] <= 0.01 * sum(pod.completed_after_warmup for pod in pods)
+
+
 def test_a_floor_above_the_ceiling_is_a_configuration_error() -> None:
     from mkg_pipeline.config import ConfigError, load_config
 
