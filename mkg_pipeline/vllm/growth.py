@@ -62,13 +62,20 @@ With ``/metrics`` (:class:`ReadingLaw`, one decision per reading)
     its share as soon as the server is over its target.
 
 Without ``/metrics`` (:class:`AnswerClockedStart`, then :class:`LatencyLaw`)
-    Answers are the clock. **Slow start**: +1 per answer while the limit is in use, so the limit
-    doubles every round trip (a round is as many answers as the limit at its start); it ends when a
+    Answers are the clock. **Slow start**: +3 per answer while the limit is in use, so the limit
+    quadruples every round trip (a round is as many answers as the limit at its start; from 32, a
+    256-slot GPU is full within the second round trip, whatever the latency); it ends when a
     round's rate of answers rose by less than :data:`SLOW_START_GAIN` over the round before (the
     server was full; BBR's startup ends on the same test). A GPU's latency grows with its batch, so
     latency alone says little; the rate of answers stops rising when the batch is full. The limit
     then goes back to the level whose rate was worth it, and the round's latency becomes the
-    reference. **After it**, each round trip's mean latency against the lowest seen (re-learnt
+    reference. Growing four-fold, waiting for the round's end would send 16 x the server's slots
+    before stopping (on a small slow server, more than its queue drains before the client's
+    timeout), so a round also ends early (Hystart's idea, on rate instead of delay): every request
+    carries the limit it was sent under (its load), and once :data:`EARLY_ANSWERS` answers to
+    requests sent under more than the last level are in, if their load / latency (Little's law: the
+    rate that load got) is below that of the answers sent under the last level, what was added only
+    queued: back to the last level. **After it**, each round trip's mean latency against the lowest seen (re-learnt
     after :data:`RELEARN_AFTER` congested decisions at the floor): above :data:`LATENCY_TOLERANCE` x
     backs off by :data:`BACKOFF`, within :data:`LATENCY_CLEAR` x grows (+1, +2, +4, ...).
 
@@ -136,6 +143,12 @@ MIN_WINDOW_S = 0.01
 SRTT_GAIN = 0.1
 #: slow start (no /metrics) ends when a doubling raised the rate of answers by less than this factor
 SLOW_START_GAIN = 1.25
+#: slow start multiplies the limit by this much per round trip (+3 per answer) while the rate of answers rises
+SLOW_START_FACTOR = 4
+#: ... and ends early when this many answers of a round (and this share of the last round's level) came
+#: back at no higher rate, by Little's law, than the last round's
+EARLY_ANSWERS = 8
+EARLY_SHARE = 0.25
 #: ... and it keeps the doubled level if the rate rose by at least this factor, else the level before
 KEEP_GAIN = 1.1
 
@@ -279,7 +292,7 @@ class ReadingLaw:
 
 
 class AnswerClockedStart:
-    """Slow start without /metrics: +1 per answer while in use, until the rate of answers stops rising."""
+    """Slow start without /metrics: +3 per answer while in use, until the rate of answers stops rising."""
 
     def __init__(self, limit: float, now: float) -> None:
         self.active = True
@@ -289,28 +302,60 @@ class AnswerClockedStart:
         self._answers = 0
         self._latency_sum = 0.0
         self._prev: tuple[float, float, float] | None = None  # the last round's (level, rate, mean latency)
+        #: every answer's (load it was sent under, latency), for Little's law by load
+        self._samples: list[tuple[float, float]] = []
+        self._old = [0.0, 0.0]  # sums of load and latency of the answers sent under at most the last level
+        self._new = [0.0, 0.0, 0.0]  # ... and of this round's answers sent under more (and their count)
         #: after it ended: the level kept and the latency it had (the reference of the latency law)
         self.result: tuple[float, float] | None = None
 
-    def on_answer(self, now: float, latency: float, limit: float, in_use: bool) -> float:
-        """The limit after one answer."""
+    def on_answer(
+        self, now: float, latency: float, limit: float, in_use: bool, ceiling: float = math.inf, load: float = 0.0
+    ) -> float:
+        """The limit after one answer; ``load`` is the limit the answered request was sent under."""
         self._answers += 1
         self._latency_sum += latency
-        if in_use and limit + 1 <= 2 * self.level:
-            limit += 1
+        self._samples.append((load, latency))
+        prev = self._prev
+        if prev is not None:
+            if load <= prev[0]:
+                self._old[0] += load
+                self._old[1] += latency
+            else:
+                self._new[0] += load
+                self._new[1] += latency
+                self._new[2] += 1
+            if (
+                self._new[2] >= max(EARLY_ANSWERS, EARLY_SHARE * prev[0])
+                and self._old[1] > 0
+                and self._new[0] / self._new[1] < self._old[0] / self._old[1]
+            ):
+                # Little's law by load: the answers to what was sent under more load came back at no higher
+                # rate (load / latency) than those sent under the last level: what was added only queued.
+                # End now, not a round trip later with four times as many sent, back at the last level.
+                # (Short pages answer first, so an early sample of the new load reads high on a GPU with
+                # room: this errs toward growing on.)
+                return self._end(prev[0], prev[2])
+        if in_use:
+            limit = min(limit + SLOW_START_FACTOR - 1, SLOW_START_FACTOR * self.level, ceiling)
         if self._answers >= self.level:  # as many answers as the round's limit: a round trip
             rate = self._answers / max(now - self._round_start, 1e-6)
             mean = self._latency_sum / self._answers
-            prev = self._prev
             if prev is not None and rate < SLOW_START_GAIN * prev[1]:
-                # Full: keep the level that was worth it (the doubling, if it still paid a little).
-                level, ref = (self.level, mean) if rate >= KEEP_GAIN * prev[1] else (prev[0], prev[2])
-                self.active = False
-                self.result = (level, ref)
-                return level
+                # Full: keep the level that was worth it (the last growth, if it still paid a little).
+                return self._end(*((self.level, mean) if rate >= KEEP_GAIN * prev[1] else (prev[0], prev[2])))
             self._prev = (self.level, rate, mean)
+            old = [(n, lat) for n, lat in self._samples if n <= self.level]
+            self._old = [sum(n for n, _ in old), sum(lat for _, lat in old)]
+            self._new = [0.0, 0.0, 0.0]
             self.level, self._round_start, self._answers, self._latency_sum = limit, now, 0, 0.0
         return limit
+
+    def _end(self, level: float, reference: float) -> float:
+        self.active = False
+        self.result = (level, reference)
+        self._samples = []
+        return level
 
 
 class _Verdict(enum.Enum):

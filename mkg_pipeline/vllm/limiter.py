@@ -375,13 +375,13 @@ class AdaptiveLimiter(SlotPool):
         if demand > self._round_peak[0]:
             self._round_peak = (demand, self._round_peak[1])
 
-    def _on_release_locked(self, signal: Signal, latency_s: float | None) -> None:
+    def _on_release_locked(self, signal: Signal, latency_s: float | None, load: int) -> None:
         if not self.adaptive:
             return
         now = self._clock()
         self._due_locked()
         if signal is Signal.OK and latency_s is not None:
-            self._on_answer_locked(now, latency_s)
+            self._on_answer_locked(now, latency_s, load)
         elif signal in (Signal.OVERLOAD, Signal.TIMEOUT):
             self._decrease_locked(now, HARD_BACKOFF, signal.value)
 
@@ -405,7 +405,7 @@ class AdaptiveLimiter(SlotPool):
         self._window_count = 0
         self._peak_demand = self._in_flight + len(self._slot_waiters)
 
-    def _on_answer_locked(self, now: float, latency: float) -> None:
+    def _on_answer_locked(self, now: float, latency: float, load: int) -> None:
         self._srtt = latency if self._srtt is None else self._srtt + SRTT_GAIN * (latency - self._srtt)
         if now >= self._window_start:
             self._window_sum += latency
@@ -417,7 +417,7 @@ class AdaptiveLimiter(SlotPool):
             level = start.level
             demand = max(self._round_peak, default=0)
             in_use = max(demand, self._in_flight + 1) >= UTILIZATION * level
-            new = start.on_answer(now, latency, self._limit, in_use)
+            new = start.on_answer(now, latency, self._limit, in_use, float(self.max_limit), load)
             if start.level != level:  # a new round: its demand starts from now
                 self._round_peak = (self._in_flight + len(self._slot_waiters), self._round_peak[0])
             if not start.active and start.result is not None:

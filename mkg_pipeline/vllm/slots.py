@@ -42,18 +42,21 @@ def _resolve(future: asyncio.Future[None]) -> None:
 class Slot:
     """The right to have one attempt in flight. Release it exactly once, with how it ended."""
 
-    __slots__ = ("_done", "_pool")
+    __slots__ = ("_done", "_load", "_pool")
 
     def __init__(self, pool: SlotPool) -> None:
         self._pool = pool
         self._done = False
+        #: the limit when the slot was taken: the load this attempt was sent into (slow start compares
+        #: what the server answered at each load)
+        self._load = pool.limit
 
     def release(self, signal: Signal = Signal.NONE, latency_s: float | None = None) -> None:
         """Give the slot back; ``Signal.OK`` with the attempt's latency is a sample. Idempotent."""
         if self._done:
             return
         self._done = True
-        self._pool._release(signal, latency_s)
+        self._pool._release(signal, latency_s, self._load)
 
     def __enter__(self) -> Slot:
         return self
@@ -90,7 +93,7 @@ class SlotPool:
     def _on_demand_locked(self, demand: int) -> None:
         pass
 
-    def _on_release_locked(self, signal: Signal, latency_s: float | None) -> None:
+    def _on_release_locked(self, signal: Signal, latency_s: float | None, load: int) -> None:
         pass
 
     # -- observation ----------------------------------------------------------------------------
@@ -187,10 +190,10 @@ class SlotPool:
         self._in_flight += 1
         self._on_demand_locked(self._in_flight + len(self._slot_waiters))
 
-    def _release(self, signal: Signal, latency_s: float | None) -> None:
+    def _release(self, signal: Signal, latency_s: float | None, load: int) -> None:
         with self._lock:
             self._in_flight -= 1
-            self._on_release_locked(signal, latency_s)
+            self._on_release_locked(signal, latency_s, load)
             self._dispatch_locked()
 
     def _dispatch_locked(self) -> None:
