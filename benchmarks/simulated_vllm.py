@@ -675,13 +675,15 @@ class SimulatedServer:
         if isinstance(clock, GpuClock):
             clock.sync()
             engine = clock.engine
-            kv_usage = engine.kv_usage
+            kv_usage: float | None = engine.kv_usage
             preemptions = engine.counters.preemptions
             generation_tokens = engine.counters.generation_tokens
             prompt_tokens = engine.counters.prompt_tokens
             config = {f"{k}": v for k, v in clock.preset.params().items()}
         else:
-            kv_usage = clock.running / clock.slots
+            # Slots are this server's only limit; it models no KV cache, so it reports no KV use (it once
+            # reported running / slots, which made a full batch read as a full cache to the limiter).
+            kv_usage = None
             preemptions = 0
             generation_tokens = c.generation_tokens
             prompt_tokens = c.prompt_tokens
@@ -693,9 +695,15 @@ class SimulatedServer:
             "# HELP vllm:num_requests_waiting Number of requests waiting to be processed.",
             "# TYPE vllm:num_requests_waiting gauge",
             f"vllm:num_requests_waiting{{{labels}}} {clock.waiting}",
-            "# HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.",
-            "# TYPE vllm:kv_cache_usage_perc gauge",
-            f"vllm:kv_cache_usage_perc{{{labels}}} {kv_usage}",
+            *(
+                [
+                    "# HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.",
+                    "# TYPE vllm:kv_cache_usage_perc gauge",
+                    f"vllm:kv_cache_usage_perc{{{labels}}} {kv_usage}",
+                ]
+                if kv_usage is not None
+                else []
+            ),
             "# HELP vllm:num_preemptions_total Cumulative number of preemptions from the engine.",
             "# TYPE vllm:num_preemptions_total counter",
             f"vllm:num_preemptions_total{{{labels}}} {preemptions}",

@@ -105,6 +105,9 @@ def test_requests_beyond_the_slots_wait_and_a_client_that_leaves_frees_its_place
                 raise AssertionError(f"never saw {what}; last: {values}")
 
             seen = await until(lambda g: g[running] == 2 and g[waiting] == 3, "2 running and 3 waiting")
+            # Slots are the only limit here: no KV cache is modelled, none is reported (full slots once read
+            # as a full cache, and the limiter kept no queue).
+            assert not any(name.startswith("vllm:kv_cache_usage_perc") for name in seen)
             assert seen["simulated_vllm_peak_requests_waiting"] == 3
             assert seen["simulated_vllm_peak_requests_running"] == 2
             for task in tasks:
