@@ -22,8 +22,8 @@ from mkg_pipeline.engines.page_safety import (
     PAGE_MARKER_RE,
     _escape_markup,
     _literal_lines,
+    _open_fence,
     _parse,
-    _swallows,
     bbox_1000,
     clean_text,
     clean_value,
@@ -36,7 +36,9 @@ if TYPE_CHECKING:
 
 # --------------------------------------------------------------------------- documents
 
-PAGE_RECORD_VERSION = 2
+#: 3: a record of this version was made safe when it was stored (its Markdown by safe_page_markdown, its
+#: tables by the allowlist), so assembling it does not do that again; older ones are (issue 22).
+PAGE_RECORD_VERSION = 3
 
 
 def page_record(
@@ -101,14 +103,20 @@ def _legacy_content(record: Mapping[str, Any], page_idx: int) -> list[dict[str, 
     return items
 
 
-def _page_items(record: Mapping[str, Any], page_idx: int) -> list[dict[str, Any]]:
+def is_current(record: Mapping[str, Any]) -> bool:
+    """Whether ``record`` was written by :func:`page_record` of this version: already safe as stored."""
+    version = record.get("version")
+    return isinstance(version, int) and not isinstance(version, bool) and version == PAGE_RECORD_VERSION
+
+
+def _page_items(record: Mapping[str, Any], page_idx: int, *, safe: bool) -> list[dict[str, Any]]:
     if "content_list" not in record:
         return _legacy_content(record, page_idx)
     items = []
     for raw in record["content_list"]:
         item = clean_value(dict(raw))
         item["page_idx"] = page_idx
-        if item.get("type") == "table" and "table_body" in item:
+        if not safe and item.get("type") == "table" and "table_body" in item:
             item["table_body"] = sanitize_table_html(item["table_body"])
         items.append(item)
     return items
@@ -122,9 +130,12 @@ def assemble_document(
     Each entry is a finished page record (a mapping with ``markdown`` and ``content_list``, as the
     vlm stage stores it), or a page that is not done: ``None`` (page number = position + 1) or a
     mapping without ``markdown`` (``{"page": n, "reason": ...}``). A page that is not done gets a
-    visible note under its marker. Every page's Markdown goes through :func:`safe_page_markdown`
-    again (records cached before it existed, or written by other code), so nothing a model said can
-    forge a marker or hide the pages after it. Page numbers are 1-based; ``page_idx`` = page - 1.
+    visible note under its marker. A record older than :data:`PAGE_RECORD_VERSION` (cached before the
+    engines made every page safe, or without a version: written by other code) goes through
+    :func:`safe_page_markdown` and the table allowlist again, so nothing a model said can forge a
+    marker or hide the pages after it; a current record was made safe when it was stored, and reading it
+    again would only repeat that (the parse is most of the assembly's cost). Page numbers are 1-based;
+    ``page_idx`` = page - 1.
     """
     parts: list[str] = []
     content: list[dict[str, Any]] = []
@@ -134,9 +145,11 @@ def assemble_document(
             reason = (record or {}).get("reason") or "not_attempted"
             parts.append(_missing_page(number, reason))
             continue
-        body = safe_page_markdown(str(record.get("markdown") or ""))
+        safe = is_current(record)
+        body = str(record.get("markdown") or "")
+        body = clean_text(body).strip("\n") if safe else safe_page_markdown(body)
         parts.append(f"{page_marker(number)}\n\n{body}" if body else page_marker(number))
-        content.extend(_page_items(record, number - 1))
+        content.extend(_page_items(record, number - 1, safe=safe))
     return "\n\n".join(parts) + "\n", content
 
 
@@ -228,7 +241,9 @@ def preview_markdown(markdown: str, max_chars: int | None = None) -> str:
         cut = text.rfind("\n", 0, max_chars)
         text = text[: cut if cut > 0 else max_chars]
     lines = text.split("\n")
-    code, tables = _literal_lines(_parse(text), lines)
+    tokens = _parse(text)
+    code, tables = _literal_lines(tokens, lines)
+    closer = _open_fence(tokens, text)  # escaping and pipe tables leave every block's extent as it was
     out: list[str] = []
     for index, line in enumerate(lines):
         marker = PAGE_MARKER_RE.match(line)
@@ -241,11 +256,8 @@ def preview_markdown(markdown: str, max_chars: int | None = None) -> str:
         else:
             out.append(_note_figures(_escape_markup(line, in_math=False)))
     text = "\n".join(out)
-    for _ in range(10):
-        fence = _swallows(text)
-        if fence is None or fence.type != "fence":
-            break
-        text += "\n" + fence.markup
+    if closer:
+        text += "\n" + closer
     if truncated:
         text += f"\n\n*… preview cut at {max_chars:,} characters; the full document is in document.md*"
     return text

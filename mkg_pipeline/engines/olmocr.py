@@ -34,7 +34,7 @@ allenai/olmocr at the paths cited):
   answer that passed every other check is kept (olmOCR's ``process_page`` does the same: its text is
   the page's text, only the image it came from was on its side), and a warning is logged.
 
-The result's Markdown is the answer's text made safe (``outputs.safe_page_markdown``) and its content
+The result's Markdown is the answer's text made safe (``page_safety.safe_page_markdown``) and its content
 list is parsed from it as page_markdown's is. Figures that olmOCR labels
 ``![alt](page_<x>_<y>_<w>_<h>.png)`` (pixels of the image it saw) are cropped from that image into
 ``images/<sha256>.jpg`` and become ``image`` items with a ``bbox``; a label whose box is not on the
@@ -53,7 +53,7 @@ from typing import TYPE_CHECKING, Any
 from mkg_pipeline.engines.base import AnswerRejected, PageInput, PageResult, engine_identity
 from mkg_pipeline.engines.content_list import text_math_to_dollars
 from mkg_pipeline.engines.page_markdown import markdown_to_content_list, outside_code, strip_markdown_fence
-from mkg_pipeline.engines.page_safety import bbox_1000, clean_text, safe_page_markdown
+from mkg_pipeline.engines.page_safety import ParsedPage, bbox_1000, clean_text, parse_page, safe_page_markdown
 from mkg_pipeline.engines.prompts import OLMOCR_PROMPT
 from mkg_pipeline.engines.schedule import OLMOCR_TEMPERATURES, temperature_for
 from mkg_pipeline.engines.validation import answer_problem, finish_problem, log_rejected, model_problem
@@ -259,7 +259,7 @@ def _crop_figures(markdown: str, png: bytes) -> tuple[str, dict[str, bytes], dic
     return (re.sub(r"\n{3,}", "\n\n", cropped).strip("\n") if images else markdown), images, boxes
 
 
-def _content_list(markdown: str, page_idx: int, boxes: dict[str, list[int]]) -> list[dict[str, Any]]:
+def _content_list(markdown: ParsedPage, page_idx: int, boxes: dict[str, list[int]]) -> list[dict[str, Any]]:
     """page_markdown's content list, with a paragraph that is only a cropped figure as an ``image`` item."""
     items = []
     for item in markdown_to_content_list(markdown, page_idx):
@@ -428,9 +428,10 @@ class OlmOcrEngine:
     def _result(self, page: PageInput, accepted: _Accepted, requests: int) -> PageResult:
         markdown = outside_code(accepted.text, text_math_to_dollars)
         markdown, images, boxes = _crop_figures(markdown, accepted.png)
+        parsed = parse_page(markdown)  # one parse for the safe Markdown and the content list
         return PageResult(
-            markdown=safe_page_markdown(markdown),
-            content_list=_content_list(markdown, page.page_idx, boxes),
+            markdown=safe_page_markdown(parsed),
+            content_list=_content_list(parsed, page.page_idx, boxes),
             images=images,
             requests=requests,
             raw_answer=accepted.raw,

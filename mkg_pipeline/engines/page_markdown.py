@@ -23,7 +23,15 @@ from typing import TYPE_CHECKING, Any
 
 from mkg_pipeline.engines.base import AnswerRejected, PageInput, PageResult, engine_identity
 from mkg_pipeline.engines.content_list import latex_body, text_math_to_dollars
-from mkg_pipeline.engines.page_safety import clean_text, html_to_text, safe_page_markdown, sanitize_table_html
+from mkg_pipeline.engines.page_safety import (
+    ParsedPage,
+    clean_text,
+    html_to_text,
+    markdown_parser,
+    parse_page,
+    safe_page_markdown,
+    sanitize_table_html,
+)
 from mkg_pipeline.engines.prompts import PAGE_MARKDOWN_PROMPT, PAGE_MARKDOWN_SYSTEM_PROMPT
 from mkg_pipeline.engines.schedule import reask_temperature
 from mkg_pipeline.engines.validation import answer_problem, log_rejected, next_max_tokens
@@ -89,13 +97,13 @@ def _closing(tokens: list[Any], start: int) -> int:
     return len(tokens) - 1
 
 
-def markdown_to_content_list(markdown: str, page_idx: int) -> list[dict[str, Any]]:
-    """MinerU content-list items for a page's Markdown (see the module docstring)."""
-    from markdown_it import MarkdownIt
-
-    parser = MarkdownIt("commonmark").enable("table")
-    tokens = parser.parse(markdown)
-    lines = markdown.split("\n")
+def markdown_to_content_list(markdown: str | ParsedPage, page_idx: int) -> list[dict[str, Any]]:
+    """MinerU content-list items for a page's Markdown (see the module docstring); ``markdown`` may be
+    the page as :func:`parse_page` read it for :func:`safe_page_markdown`, so it is not parsed again."""
+    page = markdown if isinstance(markdown, ParsedPage) else parse_page(markdown)
+    parser = markdown_parser()
+    tokens = page.tokens
+    lines = page.text.split("\n")
     items: list[dict[str, Any]] = []
 
     def add(item: dict[str, Any]) -> None:
@@ -193,10 +201,11 @@ class PageMarkdownEngine:
                 require_text=page.text_layer_chars > 0,
             )
             if problem is None:
-                markdown = outside_code(body, text_math_to_dollars)
+                # One parse of the answer for both its safe Markdown and its content list.
+                parsed = parse_page(outside_code(body, text_math_to_dollars))
                 return PageResult(
-                    markdown=safe_page_markdown(markdown),
-                    content_list=markdown_to_content_list(markdown, page.page_idx),
+                    markdown=safe_page_markdown(parsed),
+                    content_list=markdown_to_content_list(parsed, page.page_idx),
                     images={},
                     requests=requests,
                     raw_answer=raw,

@@ -18,11 +18,17 @@ The engines use these on every answer, so this module imports nothing from them
 
 from __future__ import annotations
 
+import functools
 import html
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from html.parser import HTMLParser
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from markdown_it import MarkdownIt
+    from markdown_it.token import Token
 
 # --------------------------------------------------------------------------- content list schema
 
@@ -329,25 +335,90 @@ def _safe_text_line(line: str, *, in_math: bool) -> str:
     return line + closers
 
 
-def _parse(markdown: str) -> list[Any]:
-    """Block tokens of ``markdown`` as a CommonMark renderer (raw HTML on, GFM tables) sees them."""
+@functools.cache
+def markdown_parser() -> MarkdownIt:
+    """The CommonMark parser (raw HTML on, GFM tables) a Markdown viewer reads pages with: built once
+    per process, on first use (its rules are compiled then), and shared, since parsing does not change it."""
     from markdown_it import MarkdownIt
 
-    return MarkdownIt("commonmark").enable("table").parse(markdown)
+    return MarkdownIt("commonmark").enable("table")
+
+
+def _parse(markdown: str) -> list[Token]:
+    """Block tokens of ``markdown`` as a CommonMark renderer (raw HTML on, GFM tables) sees them."""
+    return markdown_parser().parse(markdown)
+
+
+def _normalise(markdown: str) -> str:
+    return clean_text(markdown).replace("\r\n", "\n").replace("\r", "\n")
+
+
+@dataclass(frozen=True)
+class ParsedPage:
+    """A page answer read once: its text (:func:`clean_text`, ``\\n`` line ends) and markdown-it's block
+    tokens of that text. :func:`safe_page_markdown` and the content-list builder share it, so an answer
+    is parsed once for both (issue 22). The tokens are read, never changed."""
+
+    text: str
+    tokens: list[Token]
+
+
+def parse_page(markdown: str) -> ParsedPage:
+    text = _normalise(markdown)
+    return ParsedPage(text, _parse(text))
+
+
+def _line_count(text: str) -> int:
+    """How many lines markdown-it sees in ``text`` (a final line end opens no line)."""
+    return text.count("\n") + (0 if not text or text.endswith("\n") else 1)
 
 
 def _is_safe_table(block: str) -> bool:
     return "\n" not in block and block.lower().startswith("<table") and sanitize_table_html(block) == block
 
 
-def _defuse_html_blocks(text: str) -> str:
+def _shifted(tokens: list[Token], replacements: list[tuple[int, int, list[str]]]) -> list[Token]:
+    """``tokens`` of a text in which top-level HTML tables were replaced by one-line tables set apart by
+    blank lines (``replacements``: start, end, new lines), as a parse of the new text would give them.
+
+    A top-level ``<table`` HTML block starts after a paragraph (it may interrupt one) or a blank line,
+    and ends at a blank line or the end of the page; its one-line form between blank lines does the
+    same, so every other block keeps its extent and only moves by the lines gained or lost before it.
+    """
+    from markdown_it.token import Token
+
+    def moved(line: int) -> int:
+        return line + sum(len(new) - (end - start) for start, end, new in replacements if end <= line)
+
+    replaced = {start: new for start, _, new in replacements}
+    out: list[Token] = []
+    for token in tokens:
+        if token.map is None:
+            out.append(token)
+            continue
+        start, end = token.map
+        if token.type == "html_block" and token.level == 0 and start in replaced:
+            new = replaced[start]
+            if len(new) == 3:  # ["", table, ""]
+                line = moved(start) + 1
+                out.append(Token("html_block", "", 0, content=new[1] + "\n", map=[line, line + 1], block=True))
+            continue
+        out.append(token.copy(map=[moved(start), moved(end)]))
+    return out
+
+
+def _defuse_html_blocks(text: str, tokens: list[Token]) -> tuple[str, list[Token]]:
     """Every HTML block made inert: a top-level table re-serialised by the allowlist and set apart by
-    blank lines, any other block's lines escaped. Repeated until nothing changes, because an escaped
-    block becomes Markdown again (and may hold, say, a code fence of its own)."""
+    blank lines, any other block's lines escaped. Returns the new text and its tokens.
+
+    An escaped block becomes Markdown again (and may hold, say, a code fence of its own), so then the
+    text is read again, until nothing changes; re-serialised tables change no other block, so their
+    tokens are moved rather than parsed again (:func:`_shifted`)."""
     for _ in range(50):
         lines = text.split("\n")
         replacements: list[tuple[int, int, list[str]]] = []
-        for token in _parse(text):
+        only_tables = True
+        for token in tokens:
             if token.type != "html_block" or token.map is None:
                 continue
             start, end = token.map
@@ -359,16 +430,21 @@ def _defuse_html_blocks(text: str) -> str:
                 replacement = ["", table, ""] if table else [""]
             else:
                 replacement = [_escape_markup(line, in_math=False) for line in lines[start:end]]
+                only_tables = False
             replacements.append((start, end, replacement))
         if not replacements:
-            return text
+            return text, tokens
         for start, end, replacement in reversed(replacements):
             lines[start:end] = replacement
         text = "\n".join(lines)
-    return "\n".join(_escape_markup(line, in_math=False) for line in text.split("\n"))
+        tokens = _shifted(tokens, replacements) if only_tables else _parse(text)
+        if only_tables:
+            return text, tokens
+    text = "\n".join(_escape_markup(line, in_math=False) for line in text.split("\n"))
+    return text, _parse(text)
 
 
-def _literal_lines(tokens: list[Any], lines: list[str]) -> tuple[set[int], set[int]]:
+def _literal_lines(tokens: list[Token], lines: list[str]) -> tuple[set[int], set[int]]:
     """(code lines, table lines): the content of fenced and indented code blocks, which a CommonMark
     renderer shows literally, and our allowlisted tables, which stay as they are."""
     code: set[int] = set()
@@ -384,27 +460,36 @@ def _literal_lines(tokens: list[Any], lines: list[str]) -> tuple[set[int], set[i
     return code, tables
 
 
+def _open_fence(tokens: list[Token], text: str) -> str | None:
+    """The markup of a top-level code fence that ``text`` (read as ``tokens``) leaves open, or None.
+
+    Such a fence would swallow whatever follows the page. markdown-it ends an unclosed fence at the last
+    line, with every line after the opening one as its content; a closed fence's content stops one line
+    earlier, at its closing line. (Nothing else at the top level can run past the page once HTML blocks
+    are defused: a list, quote or indented code ends at the next page's unindented marker.)
+    """
+    last = next((t for t in reversed(tokens) if t.level == 0 and t.map is not None), None)
+    if last is None or last.type != "fence" or last.map is None:
+        return None
+    start, end = last.map
+    lines_total = _line_count(text)
+    content_lines = _line_count(last.content)
+    if end == lines_total and content_lines == end - start - 1:
+        return last.markup
+    return None
+
+
 def _math_opener(line: str) -> bool:
     """A line that opens a ``$$`` display block (and does not close it on the same line)."""
     stripped = line.strip()
     return stripped.startswith("$$") and not _MATH_DELIM_RE.search(stripped, 2)
 
 
-def _swallows(text: str) -> Any | None:
-    """The unclosed top-level fence that would swallow what follows this page, if any."""
-    probe = "mkg-pipeline-probe"
-    tokens = _parse(text + "\n\n" + probe)
-    last = tokens[-2] if len(tokens) >= 2 else None
-    if last is not None and last.type == "inline" and last.content == probe and last.level == 1:
-        return None
-    fences = [t for t in tokens if t.type == "fence" and t.level == 0]
-    return fences[-1] if fences else tokens[-1]
-
-
-def safe_page_markdown(markdown: str) -> str:
+def safe_page_markdown(markdown: str | ParsedPage) -> str:
     """One page's Markdown made inert towards other pages and browsers (see the module docstring).
 
-    The structure is read with a CommonMark parser (markdown-it), as a Markdown viewer reads it:
+    The structure is read with a CommonMark parser (markdown-it), as a Markdown viewer reads it, once
+    (``markdown`` may be a :class:`ParsedPage` already read for the content list):
 
     1. HTML blocks: tables are re-serialised by the allowlist, anything else is escaped;
     2. every line outside code blocks is escaped (allowlisted inline tags kept, balanced per line);
@@ -412,15 +497,29 @@ def safe_page_markdown(markdown: str) -> str:
     3. ``$$`` display math: inside it ``<`` is escaped with a space (invisible in LaTeX); an opening
        ``$$`` never closed on the page is escaped itself, so no math block runs into the next page;
     4. a code fence still open at the end of the page is closed.
+
+    Steps 2 and 3 change no block's extent (they turn ``<`` into entities, prefix link targets and
+    close inline tags on their own line; fence lines keep their backticks or tildes), so the tokens
+    read before them still say which fence step 4 must close.
     """
-    text = clean_text(markdown).replace("\r\n", "\n").replace("\r", "\n")
-    # Parsing is most of the cost of a page (the client's own work is a few ms): skip what cannot
-    # apply. HTML starts with "<"; code is fenced (` or ~) or indented; only a fence can swallow.
+    if isinstance(markdown, ParsedPage):
+        text, tokens = markdown.text, markdown.tokens
+    else:
+        text = _normalise(markdown)
+        # Parsing is most of the cost of a page (the client's own work is a few ms): skip it when nothing
+        # can apply. HTML starts with "<"; code is fenced (` or ~) or indented; only a fence can swallow.
+        structured = (
+            "<" in text
+            or "`" in text
+            or "~" in text
+            or any(line.startswith(("    ", "\t")) for line in text.split("\n"))
+        )
+        tokens = _parse(text) if structured else []
     if "<" in text:
-        text = _defuse_html_blocks(text)
+        text, tokens = _defuse_html_blocks(text, tokens)
     lines = text.split("\n")
-    structured = "<" in text or "`" in text or "~" in text or any(line.startswith(("    ", "\t")) for line in lines)
-    code, tables = _literal_lines(_parse(text), lines) if structured else (set(), set())
+    code, tables = _literal_lines(tokens, lines)
+    closer = _open_fence(tokens, text)
     out: list[str] = []
     math_opened_at: int | None = None
     for index, line in enumerate(lines):
@@ -441,14 +540,4 @@ def safe_page_markdown(markdown: str) -> str:
     if math_opened_at is not None:
         out[math_opened_at] = out[math_opened_at].replace("$$", "\\$\\$", 1)
     text = "\n".join(out).strip("\n")
-    if "`" not in text and "~" not in text:
-        return text
-    for _ in range(10):
-        fence = _swallows(text)
-        if fence is None:
-            return text
-        if fence.type != "fence":
-            break
-        text += "\n" + fence.markup
-    # Cannot happen with the steps above; if it does, no line may open a fence at all.
-    return "\n".join("\\" + line.lstrip() if _FENCE_OPEN_RE.match(line) else line for line in text.split("\n"))
+    return text + "\n" + closer if closer else text
