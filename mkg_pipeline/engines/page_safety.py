@@ -23,8 +23,9 @@ import html
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from html.parser import HTMLParser
 from typing import TYPE_CHECKING, Any
+
+import nh3
 
 if TYPE_CHECKING:
     from markdown_it import MarkdownIt
@@ -136,91 +137,66 @@ def clean_value(value: Any) -> Any:
 #: that may appear inside cells and, attribute-less, in running text.
 TABLE_TAGS = frozenset({"table", "caption", "colgroup", "col", "thead", "tbody", "tfoot", "tr", "th", "td"})
 INLINE_TAGS = frozenset({"br", "sup", "sub", "b", "i", "em", "strong", "u", "code"})
-_VOID_TAGS = frozenset({"br", "col"})
+_VOID_TAGS = frozenset({"br", "col"})  # inline <br> in running text is kept unclosed
 # Elements whose content is not text a reader should see (dropped whole inside a table).
 _DROP_CONTENT_TAGS = frozenset(
     {"script", "style", "template", "textarea", "title", "noscript", "iframe", "object", "embed", "svg", "math"}
     | {"head", "xmp", "noembed", "noframes", "plaintext", "select"}
 )
 _SPAN_ATTRS = frozenset({"rowspan", "colspan"})
-_STRUCTURE_TAGS = frozenset({"table", "thead", "tbody", "tfoot", "tr", "colgroup"})
+_WHITESPACE_RE = re.compile(r"\s+")
+# A space where a table holds no text: after a tag that leaves the parser between rows or cells.
+_STRUCTURE_GAP_RE = re.compile(
+    r"(<(?:table|thead|tbody|tfoot|tr|colgroup|col)>|</(?:table|thead|tbody|tfoot|tr|colgroup|caption|td|th)>) (?=<)"
+)
 
 
-class _AllowlistSanitizer(HTMLParser):
-    """Re-serialises an HTML fragment keeping only allowlisted tags, balanced; everything else is text."""
+def _span(tag: str, name: str, value: str) -> str | None:
+    """``rowspan``/``colspan`` kept as a number in 1..1000 (a browser's own limits are 65534 and 1000)."""
+    value = value.strip()
+    return str(min(1000, max(1, int(value)))) if name in _SPAN_ATTRS and value.isdigit() else None
 
-    def __init__(self, allowed: frozenset[str]) -> None:
-        super().__init__(convert_charrefs=True)
-        self._allowed = allowed
-        self.out: list[str] = []
-        self._open: list[str] = []
-        self._dropping: list[str] = []
 
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        if self._dropping:
-            if tag == self._dropping[-1]:
-                self._dropping.append(tag)
-            return
-        if tag in _DROP_CONTENT_TAGS:
-            self._dropping.append(tag)
-            return
-        if tag not in self._allowed:
-            return
-        kept = ""
-        if tag in {"td", "th"}:
-            for name, value in attrs:
-                if name in _SPAN_ATTRS and value is not None and value.strip().isdigit():
-                    kept += f' {name}="{min(1000, max(1, int(value.strip())))}"'
-        self.out.append(f"<{tag}{kept}>")
-        if tag not in _VOID_TAGS:
-            self._open.append(tag)
+@functools.cache
+def _cleaner(allowed: frozenset[str]) -> nh3.Cleaner:
+    """nh3 (ammonia, on html5ever): the fragment parsed as a browser parses it, then only ``allowed``
+    tags kept, ``rowspan``/``colspan`` on cells only, comments and the content of script-like
+    elements dropped, text escaped. Built once per allowlist."""
+    return nh3.Cleaner(
+        tags=set(allowed),
+        clean_content_tags=set(_DROP_CONTENT_TAGS),
+        attributes={tag: set(_SPAN_ATTRS) for tag in ("td", "th") if tag in allowed},
+        attribute_filter=_span,
+        strip_comments=True,
+        link_rel=None,
+        url_schemes=set(),
+    )
 
-    def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        if tag in _DROP_CONTENT_TAGS and not self._dropping:
-            return  # <script/> has no content to drop
-        self.handle_starttag(tag, attrs)
-        if tag not in _VOID_TAGS and not self._dropping:
-            self.handle_endtag(tag)
 
-    def handle_endtag(self, tag: str) -> None:
-        if self._dropping:
-            if tag == self._dropping[-1]:
-                self._dropping.pop()
-            return
-        if tag not in self._open:
-            return  # a stray close tag: nothing to close
-        while self._open:
-            top = self._open.pop()
-            self.out.append(f"</{top}>")
-            if top == tag:
-                break
-
-    def handle_data(self, data: str) -> None:
-        if not data.strip() and (not self._open or self._open[-1] in _STRUCTURE_TAGS):
-            return  # indentation between rows and cells is not content
-        if not self._dropping:
-            self.out.append(html.escape(re.sub(r"\s+", " ", data), quote=False))
-
-    def finish(self) -> str:
-        self.close()
-        while self._open:
-            self.out.append(f"</{self._open.pop()}>")
-        return "".join(self.out).strip()
+def _allowlisted(fragment: str, allowed: frozenset[str]) -> str:
+    """``fragment`` re-serialised with only ``allowed`` tags, balanced, on one line."""
+    # One line, whitespace collapsed (as HTML shows text); nothing allowed keeps whitespace as written.
+    fragment = _WHITESPACE_RE.sub(" ", clean_text(fragment))
+    out = _cleaner(allowed).clean(fragment)
+    if "<tbody" not in fragment.lower():
+        # html5ever adds the tbody a browser adds; a table written without it stays without it.
+        out = out.replace("<tbody>", "").replace("</tbody>", "")
+    # Removed tags leave the spaces around them side by side.
+    return _STRUCTURE_GAP_RE.sub(r"\1", _WHITESPACE_RE.sub(" ", out)).strip()
 
 
 def sanitize_table_html(fragment: str) -> str:
     """An HTML table made safe: allowlisted table/inline tags only, ``rowspan``/``colspan`` only,
-    every element closed, text escaped, on one line (so a Markdown HTML block cannot run on)."""
-    sanitizer = _AllowlistSanitizer(TABLE_TAGS | INLINE_TAGS)
-    sanitizer.feed(clean_text(fragment))
-    return sanitizer.finish()
+    every element closed, text escaped, on one line (so a Markdown HTML block cannot run on).
+
+    The fragment is read as a browser reads it (nh3), so a cell left open is closed by the next one
+    and text a browser shows above the table comes before it."""
+    return _allowlisted(fragment, TABLE_TAGS | INLINE_TAGS)
 
 
 def html_to_text(fragment: str) -> str:
     """The visible text of an HTML fragment (no tags), whitespace collapsed."""
-    sanitizer = _AllowlistSanitizer(frozenset())
-    sanitizer.feed(clean_text(fragment))
-    return html.unescape(sanitizer.finish()).strip()
+    return _WHITESPACE_RE.sub(" ", html.unescape(_allowlisted(fragment, frozenset()))).strip()
 
 
 # --------------------------------------------------------------------------- safe Markdown
@@ -377,6 +353,35 @@ def _is_safe_table(block: str) -> bool:
     return "\n" not in block and block.lower().startswith("<table") and sanitize_table_html(block) == block
 
 
+_TABLE_EDGE_RE = re.compile(r"(</?table>)")
+
+
+def _table_lines(sanitized: str) -> list[str]:
+    """Sanitized table HTML as lines set apart by blank lines: each top-level table on a line of its own
+    (an HTML block), and text a browser shows outside them (moved there by the HTML parser) as
+    paragraphs of their own, so that no line mixes the two."""
+    pieces: list[str] = []
+    depth, current = 0, ""
+    for part in _TABLE_EDGE_RE.split(sanitized):
+        if part == "<table>":
+            if depth == 0 and current.strip():
+                pieces.append(current.strip())
+                current = ""
+            depth += 1
+        current += part
+        if part == "</table>":
+            depth -= 1
+            if depth == 0:
+                pieces.append(current.strip())
+                current = ""
+    if current.strip():
+        pieces.append(current.strip())
+    lines = [""]
+    for piece in pieces:
+        lines += [piece, ""]
+    return lines
+
+
 def _shifted(tokens: list[Token], replacements: list[tuple[int, int, list[str]]]) -> list[Token]:
     """``tokens`` of a text in which top-level HTML tables were replaced by one-line tables set apart by
     blank lines (``replacements``: start, end, new lines), as a parse of the new text would give them.
@@ -399,7 +404,7 @@ def _shifted(tokens: list[Token], replacements: list[tuple[int, int, list[str]]]
         start, end = token.map
         if token.type == "html_block" and token.level == 0 and start in replaced:
             new = replaced[start]
-            if len(new) == 3:  # ["", table, ""]
+            if len(new) == 3:  # ["", table, ""]; [""] for a table with nothing left
                 line = moved(start) + 1
                 out.append(Token("html_block", "", 0, content=new[1] + "\n", map=[line, line + 1], block=True))
             continue
@@ -426,8 +431,10 @@ def _defuse_html_blocks(text: str, tokens: list[Token]) -> tuple[str, list[Token
             if token.level == 0 and _is_safe_table(block):
                 continue
             if token.level == 0 and block.lstrip(" ").lower().startswith("<table"):
-                table = sanitize_table_html(block)
-                replacement = ["", table, ""] if table else [""]
+                replacement = _table_lines(sanitize_table_html(block))
+                # Text a browser shows beside the table is a paragraph now, which may be Markdown.
+                alone = len(replacement) == 1 or (len(replacement) == 3 and replacement[1].startswith("<table>"))
+                only_tables = only_tables and alone
             else:
                 replacement = [_escape_markup(line, in_math=False) for line in lines[start:end]]
                 only_tables = False

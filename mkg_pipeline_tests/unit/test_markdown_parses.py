@@ -131,6 +131,9 @@ PIECES = [
     "<!--",
     "-->",
     "<b>bold</b> x < y",
+    "<tablex>hello",
+    "<table>```<tr><td>a</td></tr>",
+    "</td> said <table>",
 ]
 
 

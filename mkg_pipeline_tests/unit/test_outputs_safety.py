@@ -173,8 +173,58 @@ def test_allowed_table_markup_is_kept_balanced_and_attributes_are_dropped() -> N
     table = sanitize_table_html(
         '<table class="x"><tr><th colspan="2" onclick="x">H</th></tr><tr><td>a<br/>b<td>c</table>'
     )
-    assert table == '<table><tr><th colspan="2">H</th></tr><tr><td>a<br>b<td>c</td></td></tr></table>'
+    # read as a browser reads it (nh3): the open cell is closed by the next one, not nested in it
+    assert table == '<table><tr><th colspan="2">H</th></tr><tr><td>a<br>b</td><td>c</td></tr></table>'
     assert sanitize_table_html(table) == table
+
+
+@pytest.mark.parametrize(
+    ("fragment", "expected"),
+    [
+        pytest.param(  # text stays escaped as written (&amp; &lt; &gt;), a no-break space is kept as &nbsp;
+            '<table><tr><td>a &amp; b &lt;c&gt; "q"&nbsp;x</td></tr></table>',
+            '<table><tr><td>a &amp; b &lt;c&gt; "q"&nbsp;x</td></tr></table>',
+            id="entities",
+        ),
+        pytest.param(  # comments, closed or not, are dropped (with what an unclosed one swallows)
+            "<table><tr><td>x<!-- c -->y</td><td>z<!-- never closed</td></tr></table>",
+            "<table><tr><td>xy</td><td>z</td></tr></table>",
+            id="comments",
+        ),
+        pytest.param(  # unclosed elements are closed where a browser closes them; stray closers dropped
+            "<table><tr><td>a<b>bold<td>c</i></table></td>",
+            "<table><tr><td>a<b>bold</b></td><td>c</td></tr></table>",
+            id="unclosed",
+        ),
+        pytest.param(  # script-like elements lose their content, also inside svg and math
+            "<table><tr><td>a<script>x</script><style>s</style><svg><script>y</script></svg><math>m</math></td>",
+            "<table><tr><td>a</td></tr></table>",
+            id="drop-content",
+        ),
+        pytest.param(  # spans are numbers in 1..1000; other attributes and values go
+            "<table><tr><td rowspan=9999 colspan=0 style=x>a</td><td colspan=' 3 '>b</td><td rowspan=x>c</td>",
+            '<table><tr><td rowspan="1000" colspan="1">a</td><td colspan="3">b</td><td>c</td></tr></table>',
+            id="spans",
+        ),
+        pytest.param(  # a tbody the model wrote is kept; one the HTML parser adds is not written
+            "<table>\n <tbody>\n  <tr><td>a</td></tr>\n </tbody>\n</table>",
+            "<table><tbody><tr><td>a</td></tr></tbody></table>",
+            id="tbody",
+        ),
+    ],
+)
+def test_table_allowlist_on_nh3(fragment: str, expected: str) -> None:
+    table = sanitize_table_html(fragment)
+    assert table == expected
+    assert sanitize_table_html(table) == table
+
+
+def test_text_a_browser_shows_outside_a_table_is_a_paragraph_of_its_own() -> None:
+    """Text between rows is shown above the table (HTML's foster parenting): it gets its own line, so
+    the table stays an allowlisted HTML block and the text is escaped as any other Markdown line."""
+    page = safe_page_markdown("Intro\n\n<table>\n<tr><td>a</td></tr>\nstray <b>note</b> <script>x</script>\n</table>")
+    assert page == "Intro\n\n\nstray <b>note</b>\n\n<table><tr><td>a</td></tr></table>"
+    assert safe_page_markdown(page) == page
 
 
 def test_missing_pages_are_visible_and_records_keep_order_and_page_idx() -> None:
