@@ -8,6 +8,10 @@ warm-up; the server's CPU and the rendering are excluded, as in MinerU's own mea
     PYTHONPATH=. python benchmarks/client_cpu.py [--requests 400] [--concurrency 16] [--dpi 150]
 
 Run it with PYTHONPATH pointing at another checkout to compare versions of the client.
+``--clients page_markdown --answer markdown`` measures a whole page_markdown request instead: the
+client, the answer's validation, its safe Markdown and content list (what the vlm stage's engine
+does per page), on a page answer with a heading, lists, math, a pipe table, a model-written HTML table
+and code; it also prints markdown-it parses per request.
 ``--without-sniffio`` makes ``import sniffio`` fail after the same sys.path search as when the
 package is absent (httpcore tries that import on every lock it sets up), to compare with the
 environment before sniffio became a dependency.
@@ -34,8 +38,28 @@ PROMPT = "Convert this document page to Markdown."
 ANSWER_CHARS = 3000  # a typical page of Markdown
 
 
-def _answer() -> bytes:
-    text = ("Lorem ipsum dolor sit amet, consectetur adipiscing elit. " * 60)[:ANSWER_CHARS]
+# A page answer as a page-to-Markdown VLM writes it (about ANSWER_CHARS characters).
+MARKDOWN_ANSWER = (
+    "# Dosing of drug X in adults\n\n"
+    + "Patients with a creatinine clearance below 30 mL/min (\\(n = 42\\)) received 10<sup>-3</sup> mg/kg, "
+    "see the [protocol](https://example.org/protocol) and Table 2 for x < 3. "
+    * 4
+    + "\n\n## Results\n\n- first finding, with $p < 0.05$\n- second finding\n  over two lines\n\n"
+    "| Dose | Effect | n |\n|---|---|---|\n| 10 mg | none | 12 |\n| 20 mg | mild | 15 |\n| 40 mg | strong | 15 |\n\n"
+    '<table>\n  <tr><th>Group</th><th colspan="2">Outcome</th></tr>\n'
+    "  <tr><td>A</td><td>1.2</td><td>3.4</td></tr>\n  <tr><td>B</td><td>5.6</td><td>7.8</td></tr>\n</table>\n\n"
+    "$$\nE = m c^2 \\quad \\text{for } v \\ll c\n$$\n\n"
+    + "The discussion continues over several paragraphs of running text without any markup at all. " * 8
+    + "\n\n```python\nprint('dose', 10)\n```\n\n"
+    + "A closing paragraph that summarises the page and the doses given to each group of patients. " * 12
+)
+
+
+def _answer(kind: str = "lorem") -> bytes:
+    if kind == "markdown":
+        text = MARKDOWN_ANSWER
+    else:
+        text = ("Lorem ipsum dolor sit amet, consectetur adipiscing elit. " * 60)[:ANSWER_CHARS]
     body = {
         "id": "chatcmpl-bench",
         "object": "chat.completion",
@@ -46,9 +70,9 @@ def _answer() -> bytes:
     return json.dumps(body).encode()
 
 
-def _serve(port: int) -> None:
+def _serve(port: int, kind: str = "lorem") -> None:
     """Answer every request with one fixed chat completion (HTTP/1.1 keep-alive); /v1/models too."""
-    answer = _answer()
+    answer = _answer(kind)
     models = json.dumps({"object": "list", "data": [{"id": "bench"}]}).encode()
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -137,7 +161,19 @@ async def _ours(url: str, mode: str, pages: list[bytes], args: argparse.Namespac
     breaker = CircuitBreaker(url, CircuitBreakerConfig())
     http = HTTPClientConfig(**({"keepalive": args.keepalive} if args.keepalive is not None else {}))
     async with VLLMClient(server, http, breaker=breaker) as client:
-        if mode == "chat_completion":
+        if mode == "page_markdown":
+            from mkg_pipeline import config
+            from mkg_pipeline.engines import PageInput, build_engine
+
+            # PipelineConfig since issue 22; MinerUConfig before it (to measure an older checkout)
+            settings_class = getattr(config, "PipelineConfig", None) or config.MinerUConfig
+            settings = settings_class(answers=config.AnswersConfig(max_tokens=8192, max_reasks=0))
+            engine = build_engine("page_markdown", client, settings)
+
+            async def call(png: bytes) -> None:
+                await engine.extract(PageInput(png=png, page_idx=0, text_layer_chars=100, label="bench"))
+
+        elif mode == "chat_completion":
 
             async def call(png: bytes) -> None:
                 await client.chat_completion(PROMPT, [png], system_prompt="You are OCR.", max_tokens=8192)
@@ -195,7 +231,12 @@ def main() -> None:
     parser.add_argument("--keepalive", type=int, default=None, help="http_client.keepalive (default: the config's)")
     parser.add_argument("--without-sniffio", action="store_true", help="behave as if sniffio were not installed")
     parser.add_argument(
-        "--clients", default="mineru,chat_completion,post_chat_completion", help="comma-separated subset"
+        "--clients",
+        default="mineru,chat_completion,post_chat_completion",
+        help="comma-separated subset; page_markdown: the page_markdown engine's whole request",
+    )
+    parser.add_argument(
+        "--answer", choices=("lorem", "markdown"), default="lorem", help="the server's answer: plain text or a page"
     )
     args = parser.parse_args()
     if args.without_sniffio:
@@ -207,7 +248,7 @@ def main() -> None:
     pages = _render(args.dpi)
     sizes = sorted(len(p) for p in pages)
     port = _free_port()
-    server = multiprocessing.get_context("spawn").Process(target=_serve, args=(port,), daemon=True)
+    server = multiprocessing.get_context("spawn").Process(target=_serve, args=(port, args.answer), daemon=True)
     server.start()
     url = f"http://127.0.0.1:{port}"
     for _ in range(100):
@@ -222,8 +263,19 @@ def main() -> None:
         f"median {statistics.median(sizes) // 1024} KiB); {args.requests} requests per run, "
         f"concurrency {args.concurrency}, median of {args.repeat} runs"
     )
+    from markdown_it import MarkdownIt
+
+    parses = [0]
+    original_parse = MarkdownIt.parse
+
+    def counting_parse(self: MarkdownIt, src: str, env: object = None) -> list:
+        parses[0] += 1
+        return original_parse(self, src, env)
+
+    MarkdownIt.parse = counting_parse  # a counter: every parse still runs
     try:
         for name in args.clients.split(","):
+            parses[0] = 0
             runs = []
             for _ in range(args.repeat):
                 if name == "mineru":
@@ -233,7 +285,11 @@ def main() -> None:
             cpu = statistics.median(r[0] for r in runs) / args.requests * 1000
             rate = statistics.median(args.requests / r[1] for r in runs)
             label = "MinerU HttpVlmClient.aio_predict" if name == "mineru" else f"VLLMClient.{name}"
-            print(f"{label:40s} {cpu:6.2f} ms CPU/request   {rate:7.1f} requests/s")
+            total = args.repeat * (args.warmup + args.requests)
+            print(
+                f"{label:40s} {cpu:6.2f} ms CPU/request   {rate:7.1f} requests/s   "
+                f"{parses[0] / total:.2f} markdown-it parses/request"
+            )
     finally:
         server.terminate()
         server.join(5)

@@ -55,7 +55,9 @@ def page_record(
 
     :func:`assemble_document` reads ``page``, ``markdown`` and ``content_list``; ``images`` names
     the crops stored once under ``vlm/<doc_id>/images/`` (their bytes are not in the record);
-    ``raw_answer`` keeps what the model said, before any cleaning of Markdown.
+    ``raw_answer`` keeps what the model said, before any cleaning of Markdown. ``result`` comes from an
+    engine, whose Markdown and tables are already safe (:class:`~mkg_pipeline.engines.base.PageResult`):
+    the record says so with its :data:`PAGE_RECORD_VERSION`.
     """
     return {
         "version": PAGE_RECORD_VERSION,

@@ -3,14 +3,17 @@
 - :data:`CONTENT_LIST_SCHEMA`: MinerU's content-list schema, as this pipeline writes it (docs/reference.md).
 - :func:`clean_text`: lone surrogates and NULs -> U+FFFD, applied to every model answer before it is
   stored or encoded (issue 9 row 7).
-- :func:`sanitize_table_html` / :func:`html_to_text`: the table-HTML allowlist and its plain-text form.
-- :func:`safe_page_markdown`: one page's Markdown with everything that could reach past the page made
-  inert (issue 9 row 10). The page is read with a CommonMark parser, as a viewer reads it: raw HTML
+- :func:`sanitize_table_html` / :func:`html_to_text`: the table-HTML allowlist (on nh3) and its
+  plain-text form.
+- :func:`parse_page` / :func:`safe_page_markdown`: one page's Markdown with everything that could reach
+  past the page made inert (issue 9 row 10). The page is read once with a CommonMark parser, as a
+  viewer reads it, and the content-list builder shares that reading (issue 22): raw HTML
   is escaped except a small allowlist (table markup, a few inline tags), balanced and
   re-serialised; comments are escaped; a code fence left open is closed at the end of the page and a
   ``$$`` block left open loses its opening delimiter; lines inside code that look like our page
   markers are indented so that they no longer match :data:`PAGE_MARKER_RE`; ``javascript:``/``data:``
-  link targets are defused. It is idempotent, so assembling already-safe pages changes nothing.
+  link targets are defused. It is idempotent, so assembling already-safe pages changes nothing (and
+  :mod:`mkg_pipeline.document` does not run it on current page records at all).
 
 The engines use these on every answer, so this module imports nothing from them
 (:mod:`mkg_pipeline.document` builds on it). Pure functions on strings and dicts; no PIL, no I/O.
