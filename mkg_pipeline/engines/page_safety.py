@@ -157,7 +157,8 @@ _STRUCTURE_GAP_RE = re.compile(
 def _span(tag: str, name: str, value: str) -> str | None:
     """``rowspan``/``colspan`` kept as a number in 1..1000 (a browser's own limits are 65534 and 1000)."""
     value = value.strip()
-    return str(min(1000, max(1, int(value)))) if name in _SPAN_ATTRS and value.isdigit() else None
+    # isascii: "²".isdigit() is true, but int() does not take it
+    return str(min(1000, max(1, int(value)))) if name in _SPAN_ATTRS and value.isascii() and value.isdigit() else None
 
 
 @functools.cache

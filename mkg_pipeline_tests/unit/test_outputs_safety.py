@@ -202,7 +202,7 @@ def test_allowed_table_markup_is_kept_balanced_and_attributes_are_dropped() -> N
             id="drop-content",
         ),
         pytest.param(  # spans are numbers in 1..1000; other attributes and values go
-            "<table><tr><td rowspan=9999 colspan=0 style=x>a</td><td colspan=' 3 '>b</td><td rowspan=x>c</td>",
+            "<table><tr><td rowspan=9999 colspan=0 style=x>a</td><td colspan=' 3 '>b</td><td rowspan=²>c</td>",
             '<table><tr><td rowspan="1000" colspan="1">a</td><td colspan="3">b</td><td>c</td></tr></table>',
             id="spans",
         ),
