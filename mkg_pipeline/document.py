@@ -4,6 +4,8 @@
 - :func:`page_marker`: the ``<!-- page N -->`` line that opens every page in ``document.md``.
 - :func:`assemble_document`: page records in page order -> (document Markdown, content list), with a
   visible marker for every page that is not done; tables outside the allowlist become pipe tables.
+- :data:`STATUS_VERSION` / :func:`document_status`: the document's ``status.json`` (state, failed and fallback
+  pages, the ETag and route of every page it counts), which the audit and the next run read.
 - :func:`document_preview` / :func:`preview_markdown`: a document for the Dagster UI: no raw HTML at all.
 
 Every page goes through :mod:`mkg_pipeline.engines.page_safety` on its way in. Pure functions on strings
@@ -263,3 +265,55 @@ def preview_markdown(markdown: str, max_chars: int | None = None) -> str:
     if truncated:
         text += f"\n\n*… preview cut at {max_chars:,} characters; the full document is in document.md*"
     return text
+
+
+# --------------------------------------------------------------------------- status.json
+
+STATUS_VERSION = 3  # 3: page_etags
+
+
+def document_status(
+    *,
+    doc_id: str,
+    source: str,
+    engine: str,
+    state: str,
+    pages_total: int,
+    pages_done: int,
+    failed_pages: list[dict[str, Any]],
+    page_etags: Mapping[int, str],
+    page_routes: Mapping[int, str],
+    fallback_pages: list[dict[str, Any]],
+    max_fallback_share: float,
+    over_fallback_budget: bool,
+    run_id: str,
+    updated_at: str,
+) -> dict[str, Any]:
+    """A document's ``status.json``: what :func:`mkg_pipeline.records.read_status` accepts and the audit reads.
+
+    ``page_etags`` names the stored result of every page it counts, so the next run trusts that very object
+    without reading it; ``fallback_pages`` are pages served from their text layer after invalid VLM answers
+    (never cached: asked again next run).
+    """
+    return {
+        "version": STATUS_VERSION,
+        "doc_id": doc_id,
+        "source": source,
+        "engine": engine,
+        "state": state,
+        "pages_total": pages_total,
+        "pages_done": pages_done,
+        "failed_pages": failed_pages,
+        "page_etags": {str(n): page_etags[n] for n in sorted(page_etags)},
+        "page_routes": {str(n): page_routes[n] for n in sorted(page_routes)},
+        "pages_by_route": {r: sum(1 for v in page_routes.values() if v == r) for r in ("text", "vlm")},
+        "fallback_pages": fallback_pages,
+        "fallback_budget": {
+            "max_share": max_fallback_share,
+            "pages": len(fallback_pages),
+            "exceeded": over_fallback_budget,
+        },
+        **({"failure_reason": "fallback_budget"} if over_fallback_budget else {}),
+        "run_id": run_id,
+        "updated_at": updated_at,
+    }

@@ -54,6 +54,7 @@ import time
 from collections.abc import Callable
 
 from mkg_pipeline.config import AnswersConfig
+from mkg_pipeline.document import STATUS_VERSION
 from mkg_pipeline.engines.base import PageEngine
 from mkg_pipeline.stages.vlm_assembly import DocumentAssembler
 from mkg_pipeline.stages.vlm_documents import (
@@ -67,7 +68,6 @@ from mkg_pipeline.stages.vlm_run import (
     LATENCY_SAMPLES,
     MAX_FAILURE_ROWS,
     S3_DOWN_AFTER,
-    STATUS_VERSION,
     CapacityGate,
     ClaimLost,
     Document,

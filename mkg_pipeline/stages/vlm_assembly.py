@@ -9,10 +9,9 @@ import asyncio
 from typing import Any
 
 from mkg_pipeline import records
-from mkg_pipeline.document import assemble_document
+from mkg_pipeline.document import assemble_document, document_status
 from mkg_pipeline.stages.vlm_run import (
     ASSEMBLY_READS,
-    STATUS_VERSION,
     Document,
     DocumentStatus,
     RunContext,
@@ -113,29 +112,22 @@ class DocumentAssembler:
         )
         await s3.put_json(
             s3.vlm_status_key(doc.doc_id),
-            {
-                "version": STATUS_VERSION,
-                "doc_id": doc.doc_id,
-                "source": status.source,
-                "engine": doc.identity,
-                "state": status.state,
-                "pages_total": status.pages_total,
-                "pages_done": status.done,
-                "failed_pages": failed,
-                "page_etags": {str(n): doc.etags[n] for n in sorted(pages) if n in doc.etags},
-                "page_routes": {str(n): doc.routes[n] for n in sorted(doc.routes)},
-                "pages_by_route": {r: sum(1 for v in doc.routes.values() if v == r) for r in ("text", "vlm")},
-                # pages served from the text layer after invalid VLM answers (not cached; asked again next run)
-                "fallback_pages": fallback_pages,
-                "fallback_budget": {
-                    "max_share": self.run.answers.max_fallback_share,
-                    "pages": len(fallback_pages),
-                    "exceeded": over_budget,
-                },
-                **({"failure_reason": "fallback_budget"} if over_budget else {}),
-                "run_id": self.run.run_id,
-                "updated_at": now,
-            },
+            document_status(
+                doc_id=doc.doc_id,
+                source=status.source,
+                engine=doc.identity,
+                state=status.state,
+                pages_total=status.pages_total,
+                pages_done=status.done,
+                failed_pages=failed,
+                page_etags={n: doc.etags[n] for n in pages if n in doc.etags},
+                page_routes=doc.routes,
+                fallback_pages=fallback_pages,
+                max_fallback_share=self.run.answers.max_fallback_share,
+                over_fallback_budget=over_budget,
+                run_id=self.run.run_id,
+                updated_at=now,
+            ),
         )
         return status
 

@@ -25,7 +25,6 @@ from mkg_pipeline.vllm.errors import VLLMClientError
 
 log = logging.getLogger("mkg_pipeline.stages.vlm")
 
-STATUS_VERSION = 3  # 3: page_etags
 #: failure rows kept for asset metadata; the full list is in each document's status.json
 MAX_FAILURE_ROWS = 200
 #: latency samples kept for quantiles (reservoir), whatever the batch size
