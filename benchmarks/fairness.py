@@ -54,6 +54,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parent
@@ -231,6 +232,26 @@ def stage_worker(args: argparse.Namespace) -> dict[str, object]:
     }
 
 
+def worker_results(workers: list[subprocess.Popen[str]]) -> list[dict[str, object]]:
+    """Each worker's result: the JSON object on the last line it prints."""
+    results = []
+    for process in workers:
+        out, _ = process.communicate(timeout=120)
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    return results
+
+
+def stop_processes(processes: list[subprocess.Popen[Any]]) -> None:
+    """Stop whichever of the processes still run: terminate, and kill what does not end within 10 s."""
+    for process in processes:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
 def steady_rate(preset: object, requests: list[tuple[int, int]], at_least: int = 3000) -> float:
     """Answers/s of an ideal client for this request mix: the replay (all at t = 0) between 20 % and 80 % of answers."""
     import gpu_model
@@ -276,18 +297,9 @@ def run_preset(args: argparse.Namespace, env: dict[str, str]) -> dict[str, objec
         after = sim.scrape()
         requests = sim.requests_log()
         timeline.stop()
-        results = []
-        for process in workers:
-            out, _ = process.communicate(timeout=120)
-            results.append(json.loads(out.strip().splitlines()[-1]))
+        results = worker_results(workers)
     finally:
-        for process in workers:
-            if process.poll() is None:
-                process.terminate()
-                try:
-                    process.wait(10)
-                except subprocess.TimeoutExpired:
-                    process.kill()
+        stop_processes(workers)
         sim.stop()
 
     window = args.measure
@@ -431,18 +443,9 @@ def main() -> int:
         time.sleep(max(0.0, stop - time.time()))
         peak_waiting = metric(url, "simulated_vllm_peak_requests_waiting")
         peak_running = metric(url, "simulated_vllm_peak_requests_running")
-        results = []
-        for process in workers:
-            out, _ = process.communicate(timeout=120)
-            results.append(json.loads(out.strip().splitlines()[-1]))
+        results = worker_results(workers)
     finally:
-        for process in [*workers, server]:
-            if process.poll() is None:
-                process.terminate()
-                try:
-                    process.wait(10)
-                except subprocess.TimeoutExpired:
-                    process.kill()
+        stop_processes([*workers, server])
 
     capacity = args.slots / (args.latency + args.latency_per_running * args.slots)
     total = sum(float(r["requests_per_s"]) for r in results)  # type: ignore[arg-type]
