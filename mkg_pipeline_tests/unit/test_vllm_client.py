@@ -9,7 +9,7 @@ import asyncio
 import base64
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from typing import Any
@@ -1014,9 +1014,8 @@ async def test_successful_attempts_are_latency_samples(router: respx.MockRouter,
     assert limiter._srtt is not None and limiter._srtt >= 0
 
 
-async def test_the_server_queue_is_scraped_off_the_request_path(
-    router: respx.MockRouter, sleeps: SleepRecorder
-) -> None:
+def gated_chat(router: respx.MockRouter) -> asyncio.Event:
+    """The chat endpoint answers only once the returned event is set: the test holds a request in flight."""
     gate = asyncio.Event()
 
     async def slow(request: httpx.Request) -> httpx.Response:
@@ -1024,15 +1023,28 @@ async def test_the_server_queue_is_scraped_off_the_request_path(
         return ok()
 
     router.post("/v1/chat/completions").mock(side_effect=slow)
+    return gate
+
+
+async def until(condition: Callable[[], bool], tries: int = 500) -> None:
+    """Yield to the loop (10 ms a try) until ``condition`` holds; the caller's asserts say what if it never does."""
+    for _ in range(tries):
+        await asyncio.sleep(0.01)
+        if condition():
+            return
+
+
+async def test_the_server_queue_is_scraped_off_the_request_path(
+    router: respx.MockRouter, sleeps: SleepRecorder
+) -> None:
+    gate = gated_chat(router)
     text = 'vllm:num_requests_waiting{engine="0"} 3.0\nvllm:num_requests_running{engine="0"} 61.0\n'
     metrics = router.get("/metrics").mock(return_value=httpx.Response(200, text=text))
     limiter = limiter_for(URL, VLLMServerConfig(url=URL, max_in_flight=64))
     async with make_client(sleeps, limiter=limiter) as client:
         request = asyncio.create_task(client.chat_completion("hi"))
-        for _ in range(500):  # the scrape runs beside the request, which is still waiting for its answer
-            await asyncio.sleep(0.01)
-            if limiter.server_queue is not None:
-                break
+        # the scrape runs beside the request, which is still waiting for its answer
+        await until(lambda: limiter.server_queue is not None)
         assert not request.done()
         gate.set()
         await request
@@ -1045,21 +1057,12 @@ async def test_the_server_queue_is_scraped_off_the_request_path(
 async def test_a_server_without_vllm_metrics_leaves_the_limiter_on_latency(
     router: respx.MockRouter, sleeps: SleepRecorder
 ) -> None:
-    gate = asyncio.Event()
-
-    async def slow(request: httpx.Request) -> httpx.Response:
-        await gate.wait()
-        return ok()
-
-    router.post("/v1/chat/completions").mock(side_effect=slow)
+    gate = gated_chat(router)
     metrics = router.get("/metrics").mock(return_value=httpx.Response(200, text="up 1\n"))
     limiter = limiter_for(URL, VLLMServerConfig(url=URL))
     async with make_client(sleeps, limiter=limiter) as client:
         request = asyncio.create_task(client.chat_completion("hi"))
-        for _ in range(500):
-            await asyncio.sleep(0.01)
-            if metrics.call_count:
-                break
+        await until(lambda: metrics.call_count > 0)
         gate.set()
         await request
     assert metrics.call_count == 1
