@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Awaitable, Callable
 
 import pytest
 
@@ -515,27 +516,37 @@ async def test_a_cancelled_waiter_gives_its_place_back(clock: FakeClock) -> None
     (await asyncio.wait_for(limiter.acquire(), 5)).release()
 
 
-def test_slots_are_shared_by_event_loops_in_threads(clock: FakeClock) -> None:
-    """Dagster runs steps under their own asyncio.run, possibly in threads: one limiter serves them all."""
-    limiter = make(clock, min_limit=1, max_limit=1, adaptive=False)
-    held = limiter.try_acquire()
-    assert held is not None
-    got = threading.Event()
+def woken_in_another_thread(wait: Callable[[], Awaitable[object]], release: Callable[[], None]) -> bool:
+    """Await ``wait`` under its own asyncio.run in a thread (as a Dagster step does), check it is blocked,
+    call ``release`` here, and tell whether the other loop's wait then ended."""
+    woken = threading.Event()
 
     def other_loop() -> None:
         async def main() -> None:
-            slot = await limiter.acquire()
-            got.set()
-            slot.release()
+            await wait()
+            woken.set()
 
         asyncio.run(main())
 
     thread = threading.Thread(target=other_loop)
     thread.start()
-    assert not got.wait(0.2)
-    held.release()  # wakes the other loop's waiter through call_soon_threadsafe
+    assert not woken.wait(0.2)
+    release()
     thread.join(10)
-    assert got.is_set()
+    return woken.is_set()
+
+
+def test_slots_are_shared_by_event_loops_in_threads(clock: FakeClock) -> None:
+    """Dagster runs steps under their own asyncio.run, possibly in threads: one limiter serves them all."""
+    limiter = make(clock, min_limit=1, max_limit=1, adaptive=False)
+    held = limiter.try_acquire()
+    assert held is not None
+
+    async def take_and_give_back() -> None:
+        (await limiter.acquire()).release()
+
+    # the release wakes the other loop's waiter through call_soon_threadsafe
+    assert woken_in_another_thread(take_and_give_back, held.release)
     assert limiter.in_flight == 0
 
 
@@ -587,21 +598,7 @@ def test_wait_for_capacity_in_another_threads_loop_is_woken_by_a_release(clock: 
     limiter = make(clock, min_limit=1, max_limit=1, adaptive=False)
     held = limiter.try_acquire()
     assert held is not None
-    woken = threading.Event()
-
-    def other_loop() -> None:
-        async def main() -> None:
-            await limiter.wait_for_capacity()
-            woken.set()
-
-        asyncio.run(main())
-
-    thread = threading.Thread(target=other_loop)
-    thread.start()
-    assert not woken.wait(0.2)
-    held.release()
-    thread.join(10)
-    assert woken.is_set()
+    assert woken_in_another_thread(limiter.wait_for_capacity, held.release)
 
 
 async def test_a_woken_capacity_waiter_that_is_cancelled_passes_its_turn_on(clock: FakeClock) -> None:
