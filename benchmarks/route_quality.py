@@ -51,13 +51,14 @@ import pymupdf
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from corpus_files import CORPUS, FILES_HELP, chosen_files, corpus_manifest  # noqa: E402
+
 from mkg_pipeline.engines.page_safety import PAGE_MARKER_RE  # noqa: E402
 from mkg_pipeline.engines.text_layer import content_list_text  # noqa: E402
 from mkg_pipeline.quality.diff import MIN_TEXT_LAYER_CHARS  # noqa: E402
 from mkg_pipeline.quality.similarity import similarity  # noqa: E402
 from mkg_pipeline_tests.fixtures.reading_order import column_order_agreement, text_layer_lines  # noqa: E402
 
-CORPUS = Path(os.environ.get("MKG_CORPUS_DIR", REPO.parent / "shared" / "corpus"))
 MODES = ("vlm", "auto")
 #: the corpus README's multi-column files, and arxiv-0908 whose two-column pages test_local_server reads
 MULTI_COLUMN = ("multicolumn-3p.pdf", "arxiv-0807.3577-physics-15p.pdf", "arxiv-0908.0054-4p.pdf")
@@ -165,14 +166,12 @@ def delta(after: float | None, before: float | None) -> tuple[str, bool]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--files", default="", help="comma-separated corpus file names (default: every 'ok' file)")
+    parser.add_argument("--files", default="", help=FILES_HELP)
     parser.add_argument("--workdir", type=Path, default=REPO / ".demo" / "route_quality")
     parser.add_argument("--reuse", action="store_true", help="read the outputs of a previous run in --workdir")
     args = parser.parse_args()
-    manifest = {e["file"]: e for e in json.loads((CORPUS / "manifest.json").read_text())}
-    names = [n for n, e in manifest.items() if e["expect"] == "ok"]
-    if args.files:
-        names = [n for n in args.files.split(",") if n]
+    manifest = corpus_manifest()
+    names = chosen_files(args.files)
 
     pymupdf.TOOLS.mupdf_display_errors(False)  # the corpus's damaged files are meant to be damaged
     print(f"load average before: {os.getloadavg()}", flush=True)

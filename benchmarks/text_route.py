@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import statistics
 import sys
@@ -36,12 +35,13 @@ import pymupdf
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from corpus_files import CORPUS, FILES_HELP, chosen_files  # noqa: E402
+
 from mkg_pipeline.engines import text_layer  # noqa: E402
 from mkg_pipeline.engines.text_layer import extract_text_page  # noqa: E402
 from mkg_pipeline.pdf.render import effective_dpi, encode_png  # noqa: E402
 from mkg_pipeline.pdf.routing import route_page  # noqa: E402
 
-CORPUS = Path(os.environ.get("MKG_CORPUS_DIR", REPO.parent / "shared" / "corpus"))
 MAX_RENDER_PIXELS = 40_000_000
 
 
@@ -66,12 +66,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dpi", type=int, default=150)
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--files", default="", help="comma-separated corpus file names (default: every 'ok' file)")
+    parser.add_argument("--files", default="", help=FILES_HELP)
     args = parser.parse_args()
-    manifest = json.loads((CORPUS / "manifest.json").read_text())
-    names = [e["file"] for e in manifest if e["expect"] == "ok"]
-    if args.files:
-        names = [n for n in args.files.split(",") if n]
+    names = chosen_files(args.files)
     pymupdf.TOOLS.mupdf_display_errors(False)
 
     print(f"load average before: {os.getloadavg()}  repeat={args.repeat} dpi={args.dpi}")

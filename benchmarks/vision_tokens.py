@@ -14,8 +14,6 @@ are exact for the images and cheap to get.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 from pathlib import Path
 
@@ -24,11 +22,12 @@ import pymupdf
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from corpus_files import CORPUS, FILES_HELP, chosen_files  # noqa: E402
+
 from mkg_pipeline.config import PageImagesConfig  # noqa: E402
 from mkg_pipeline.pdf.render import effective_dpi, qwen25vl_vision_tokens, size_dpi  # noqa: E402
 from mkg_pipeline.pdf.routing import route_page  # noqa: E402
 
-CORPUS = Path(os.environ.get("MKG_CORPUS_DIR", REPO.parent / "shared" / "corpus"))
 MAX_RENDER_PIXELS = 40_000_000
 BEFORE_DPI = 150
 
@@ -40,14 +39,11 @@ def image_size(rect: pymupdf.Rect, dpi: float) -> tuple[int, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--files", default="", help="comma-separated corpus file names (default: every 'ok' file)")
+    parser.add_argument("--files", default="", help=FILES_HELP)
     parser.add_argument("--engine", default="page_markdown", choices=["page_markdown", "olmocr", "mineru"])
     parser.add_argument("--pages", action="store_true", help="one line per page")
     args = parser.parse_args()
-    manifest = json.loads((CORPUS / "manifest.json").read_text())
-    names = [e["file"] for e in manifest if e["expect"] == "ok"]
-    if args.files:
-        names = [n for n in args.files.split(",") if n]
+    names = chosen_files(args.files)
     size = PageImagesConfig().for_engine(args.engine)
     print(
         f"engine {args.engine}: longest side {size.longest_side_px} px, cap {size.max_pixels} px; "
