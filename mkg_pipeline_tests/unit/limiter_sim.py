@@ -186,11 +186,8 @@ class GpuServer:
         return self.slots / (mean * (self.step_base_s + self.step_per_seq_s * self.slots))
 
     def _account(self) -> None:
-        now = self.sim.clock.now
-        start = max(self._last_t, self.sim.warmup_s)
-        if now > start:
-            self.busy_area += self.running * (now - start)
-        self._last_t = now
+        self.busy_area += self.running * self.sim.measured_since(self._last_t)
+        self._last_t = self.sim.clock.now
 
     def submit(self, request: _Request) -> None:
         if self.first_request_at is None:
@@ -313,11 +310,8 @@ class SimClient:
         return self.limiter.limit if self.limiter is not None else self.fixed
 
     def _account(self) -> None:
-        now = self.sim.clock.now
-        start = max(self._last_t, self.sim.warmup_s)
-        if now > start:
-            self.limit_area += self.current_limit * (now - start)
-        self._last_t = now
+        self.limit_area += self.current_limit * self.sim.measured_since(self._last_t)
+        self._last_t = self.sim.clock.now
 
     def pump(self) -> None:
         now = self.sim.clock.now
@@ -405,6 +399,10 @@ class Simulation:
     @property
     def measured_s(self) -> float:
         return self.clock.now - self.warmup_s
+
+    def measured_since(self, t: float) -> float:
+        """Measured seconds (those after the warm-up) from ``t`` to now: what a time integral adds."""
+        return max(0.0, self.clock.now - max(t, self.warmup_s))
 
     def throughput(self) -> float:
         return sum(c.completed_after_warmup for c in self.clients) / self.measured_s
