@@ -647,6 +647,19 @@ async def test_limiter_slot_not_held_during_backoff(router: respx.MockRouter) ->
     assert second.attempts == 1
 
 
+def breaker_about_to_probe(cause: str | None) -> CircuitBreaker:
+    """A breaker one failure (of ``cause``) opened, its recovery time over: the next acquire is its one probe."""
+    clock = FakeClock()
+    breaker = CircuitBreaker(
+        URL,
+        CircuitBreakerConfig(failure_threshold=1, recovery_timeout_s=10, success_threshold=1, half_open_max_calls=1),
+        clock=clock,
+    )
+    breaker.acquire("setup").record_failure(cause)
+    clock.now += 10
+    return breaker
+
+
 async def test_cancelled_request_frees_limiter_slot_gauge_and_probe_slot(
     router: respx.MockRouter, sleeps: SleepRecorder
 ) -> None:
@@ -658,14 +671,7 @@ async def test_cancelled_request_frees_limiter_slot_gauge_and_probe_slot(
         return ok()  # pragma: no cover
 
     route = router.post("/v1/chat/completions").mock(side_effect=hanging)
-    clock = FakeClock()
-    breaker = CircuitBreaker(
-        URL,
-        CircuitBreakerConfig(failure_threshold=1, recovery_timeout_s=10, success_threshold=1, half_open_max_calls=1),
-        clock=clock,
-    )
-    breaker.acquire("setup").record_failure()
-    clock.now += 10  # next acquire probes
+    breaker = breaker_about_to_probe(None)
     gauge_before = sample("mineru_vllm_requests_in_flight")
     async with make_client(sleeps, max_in_flight=1, breaker=breaker) as client:
         task = asyncio.create_task(client.chat_completion("probe"))
@@ -1014,13 +1020,13 @@ async def test_successful_attempts_are_latency_samples(router: respx.MockRouter,
     assert limiter._srtt is not None and limiter._srtt >= 0
 
 
-def gated_chat(router: respx.MockRouter) -> asyncio.Event:
-    """The chat endpoint answers only once the returned event is set: the test holds a request in flight."""
+def gated_chat(router: respx.MockRouter, answer: Callable[[], httpx.Response] = ok) -> asyncio.Event:
+    """The chat endpoint gives ``answer`` only once the returned event is set: the test holds requests in flight."""
     gate = asyncio.Event()
 
     async def slow(request: httpx.Request) -> httpx.Response:
         await gate.wait()
-        return ok()
+        return answer()
 
     router.post("/v1/chat/completions").mock(side_effect=slow)
     return gate
@@ -1086,21 +1092,8 @@ async def test_callers_wait_for_the_half_open_probes_instead_of_failing(
     Failing them fast would record pages as failed (and leave them for the next run) against a server
     that is answering again.
     """
-    release = asyncio.Event()
-
-    async def slow_ok(request: httpx.Request) -> httpx.Response:
-        await release.wait()
-        return ok()
-
-    router.post("/v1/chat/completions").mock(side_effect=slow_ok)
-    clock = FakeClock()
-    breaker = CircuitBreaker(
-        URL,
-        CircuitBreakerConfig(failure_threshold=1, recovery_timeout_s=10, success_threshold=1, half_open_max_calls=1),
-        clock=clock,
-    )
-    breaker.acquire("setup").record_failure("connect")
-    clock.now += 10  # the next acquire probes
+    release = gated_chat(router)
+    breaker = breaker_about_to_probe("connect")
     async with make_client(sleeps, max_attempts=1, max_in_flight=8, breaker=breaker) as client:
         calls = [asyncio.create_task(client.chat_completion("hi", label=f"page={n}")) for n in range(4)]
         for _ in range(100):  # let every caller reach the breaker
@@ -1116,21 +1109,8 @@ async def test_callers_wait_for_the_half_open_probes_instead_of_failing(
 async def test_callers_waiting_on_probes_fail_with_the_cause_when_a_probe_fails(
     router: respx.MockRouter, sleeps: SleepRecorder
 ) -> None:
-    release = asyncio.Event()
-
-    async def slow_refusal(request: httpx.Request) -> httpx.Response:
-        await release.wait()
-        return httpx.Response(503)
-
-    router.post("/v1/chat/completions").mock(side_effect=slow_refusal)
-    clock = FakeClock()
-    breaker = CircuitBreaker(
-        URL,
-        CircuitBreakerConfig(failure_threshold=1, recovery_timeout_s=10, success_threshold=1, half_open_max_calls=1),
-        clock=clock,
-    )
-    breaker.acquire("setup").record_failure("connect")
-    clock.now += 10
+    release = gated_chat(router, lambda: httpx.Response(503))
+    breaker = breaker_about_to_probe("connect")
     async with make_client(sleeps, max_attempts=1, max_in_flight=8, breaker=breaker) as client:
         probe = asyncio.create_task(client.chat_completion("probe"))
         for _ in range(50):
