@@ -19,8 +19,8 @@ Layout (docs/architecture.md, "Storage layout"), all keys relative to the one bu
 =============================================  ======================================================
 
 Keys are S3 keys, used literally: ``incoming/report.pdf?versionId=x`` is that object, never
-``incoming/report.pdf`` (s3fs's path methods parse such suffixes, so only ``call_s3`` with an
-explicit ``Key`` is used here).
+``incoming/report.pdf`` (s3fs's path methods parse such suffixes, so objects are reached through the
+aiobotocore client s3fs exposes, with an explicit ``Key``; :class:`_S3Ops`).
 
 Atomicity: every write is one PutObject. S3, MinIO and moto make an object visible only when the PUT
 succeeds, so a killed writer never leaves a half object that looks finished, and a reader sees either
@@ -67,6 +67,7 @@ No Dagster here: the Dagster resource in ``resources.py`` only builds a :class:`
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import json
@@ -74,7 +75,7 @@ import logging
 import os
 import re
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
@@ -285,26 +286,39 @@ class Ops(Protocol):
     async def delete(self, keys: list[str]) -> None: ...
     async def delete_one(self, key: str, if_match: str | None, version_id: str | None) -> None: ...
     async def list_versions(self, key: str) -> list[ObjectVersion]: ...
-    async def versioning(self) -> str: ...
+    async def versioned(self) -> bool: ...
     async def copy(self, src: str, dst: str) -> None: ...
     async def list_page(self, prefix: str, token: str | None) -> tuple[list[ObjectInfo], str | None]: ...
     async def ensure_bucket(self) -> None: ...
 
 
 class _S3Ops:
-    """The operations over one s3fs filesystem (sync instance on fsspec's loop, or an async one)."""
+    """The operations over one s3fs filesystem (sync instance on fsspec's loop, or an async one).
+
+    Object requests go to the aiobotocore client that s3fs hands out publicly (``await fs.set_session()``),
+    not through s3fs's path methods: those parse what they are given (``report.pdf?versionId=x`` becomes a
+    version of ``report.pdf``, ``*`` and ``[`` are globs, a missing key with objects below it is a
+    "directory"), and keys here are literal (module doc). The conditional and versioned requests
+    (If-None-Match, If-Match, VersionId) have no s3fs method at all. Listings use aiobotocore's paginators.
+    Each request keeps s3fs's retry policy and error translation (:func:`_s3_request`).
+    """
 
     def __init__(self, fs: Any, bucket: str, region: str) -> None:
         self.fs = fs
         self.bucket = bucket
         self.region = region
 
+    async def _request(self, send: Callable[[Any], Awaitable[Any]]) -> Any:
+        # set_session returns the filesystem's one client, and makes a new one if its connections were closed
+        client = await self.fs.set_session()
+        return await _s3_request(lambda: send(client), attempts=self.fs.retries)
+
     async def get(self, key: str, if_match: str | None = None) -> bytes:
         kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
         if if_match:
             kwargs["IfMatch"] = f'"{if_match}"'
         try:
-            response = await self.fs._call_s3("get_object", **kwargs)
+            response = await self._request(lambda s3: s3.get_object(**kwargs))
         except OSError as exc:
             if if_match and not isinstance(exc, FileNotFoundError) and _is_412(exc):
                 raise PreconditionFailed(f"{key} is no longer the version with ETag {if_match}: {exc}") from None
@@ -326,10 +340,10 @@ class _S3Ops:
         if if_match:
             kwargs["IfMatch"] = f'"{if_match}"'
         try:
-            response = await self.fs._call_s3("put_object", **kwargs)
+            response = await self._request(lambda s3: s3.put_object(**kwargs))
         except (FileExistsError, OSError) as exc:
-            # s3fs maps 412 to FileExistsError (If-None-Match) or OSError(EINVAL) (If-Match); a missing
-            # object under If-Match is a 404. Only a conditional write can lose this way.
+            # 412 becomes FileExistsError (If-None-Match) or OSError(EINVAL) (If-Match); a missing object
+            # under If-Match is a 404. Only a conditional write can lose this way.
             if (if_none_match or if_match) and (isinstance(exc, FileExistsError | FileNotFoundError) or _is_412(exc)):
                 raise PreconditionFailed(f"conditional write of {key} lost: {exc}") from None
             raise
@@ -337,7 +351,7 @@ class _S3Ops:
 
     async def head(self, key: str) -> ObjectInfo | None:
         try:
-            response = await self.fs._call_s3("head_object", Bucket=self.bucket, Key=key)
+            response = await self._request(lambda s3: s3.head_object(Bucket=self.bucket, Key=key))
         except FileNotFoundError:
             return None
         return ObjectInfo(
@@ -351,8 +365,8 @@ class _S3Ops:
 
     async def delete(self, keys: list[str]) -> None:
         for start in range(0, len(keys), 1000):
-            chunk = [{"Key": k} for k in keys[start : start + 1000]]
-            await self.fs._call_s3("delete_objects", Bucket=self.bucket, Delete={"Objects": chunk, "Quiet": True})
+            delete = {"Objects": [{"Key": k} for k in keys[start : start + 1000]], "Quiet": True}
+            await self._request(lambda s3, d=delete: s3.delete_objects(Bucket=self.bucket, Delete=d))
 
     async def delete_one(self, key: str, if_match: str | None, version_id: str | None) -> None:
         kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
@@ -361,64 +375,110 @@ class _S3Ops:
         if version_id:
             kwargs["VersionId"] = version_id
         try:
-            await self.fs._call_s3("delete_object", **kwargs)
+            await self._request(lambda s3: s3.delete_object(**kwargs))
         except OSError as exc:
             # With If-Match, S3 answers 412 when the current version has another ETag and 404 when there is
-            # no object (s3fs: OSError / FileNotFoundError); a plain DELETE of a missing key succeeds.
+            # no object (OSError / FileNotFoundError); a plain DELETE of a missing key succeeds.
             if if_match and not isinstance(exc, FileNotFoundError) and _is_412(exc):
                 raise PreconditionFailed(f"conditional delete of {key} lost: {exc}") from None
             raise
 
     async def list_versions(self, key: str) -> list[ObjectVersion]:
-        versions: list[ObjectVersion] = []
-        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": key}
-        while True:
-            response = await self.fs._call_s3("list_object_versions", **kwargs)
-            versions += [
+        async def every_version(s3: Any) -> list[ObjectVersion]:
+            pages = s3.get_paginator("list_object_versions").paginate(Bucket=self.bucket, Prefix=key)
+            return [
                 ObjectVersion(str(v["VersionId"]), str(v.get("ETag", "")).strip('"'), bool(v.get("IsLatest")))
-                for v in response.get("Versions", [])
+                async for page in pages
+                for v in page.get("Versions", [])
                 if v.get("Key") == key  # the prefix also matches longer names
             ]
-            if not response.get("IsTruncated"):
-                return versions
-            kwargs["KeyMarker"] = response.get("NextKeyMarker")
-            kwargs["VersionIdMarker"] = response.get("NextVersionIdMarker")
 
-    async def versioning(self) -> str:
-        response = await self.fs._call_s3("get_bucket_versioning", Bucket=self.bucket)
-        return str(response.get("Status") or "")
+        # One key's versions are a page or two: a transient failure lists them again from the start.
+        return await self._request(every_version)  # type: ignore[no-any-return]
+
+    async def versioned(self) -> bool:
+        # s3fs's is_bucket_versioned, awaited: fsspec names the coroutine form of each public method "_" + name
+        return bool(await self.fs._is_bucket_versioned(self.bucket))
 
     async def copy(self, src: str, dst: str) -> None:
-        await self.fs._call_s3(
-            "copy_object", Bucket=self.bucket, Key=dst, CopySource={"Bucket": self.bucket, "Key": src}
-        )
+        source = {"Bucket": self.bucket, "Key": src}
+        await self._request(lambda s3: s3.copy_object(Bucket=self.bucket, Key=dst, CopySource=source))
 
     async def list_page(self, prefix: str, token: str | None) -> tuple[list[ObjectInfo], str | None]:
-        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix, "MaxKeys": _LIST_PAGE_SIZE}
-        if token:
-            kwargs["ContinuationToken"] = token
-        response = await self.fs._call_s3("list_objects_v2", **kwargs)
-        items = [
-            ObjectInfo(
-                key=item["Key"],
-                size=int(item.get("Size", 0)),
-                etag=str(item.get("ETag", "")).strip('"'),
-                last_modified=item.get("LastModified"),
+        """Up to one S3 page of objects; ``token`` is the paginator's resume token from the previous call."""
+
+        async def one_page(s3: Any) -> tuple[list[ObjectInfo], str | None]:
+            config: dict[str, Any] = {"MaxItems": _LIST_PAGE_SIZE, "PageSize": _LIST_PAGE_SIZE}
+            if token:
+                config["StartingToken"] = token
+            pages = s3.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=prefix, PaginationConfig=config
             )
-            for item in response.get("Contents", [])
-        ]
-        next_token = response.get("NextContinuationToken") if response.get("IsTruncated") else None
-        return items, next_token
+            items = [
+                ObjectInfo(
+                    key=item["Key"],
+                    size=int(item.get("Size", 0)),
+                    etag=str(item.get("ETag", "")).strip('"'),
+                    last_modified=item.get("LastModified"),
+                )
+                async for page in pages
+                for item in page.get("Contents", [])
+            ]
+            # Set only when MaxItems stopped the paginator with more objects to come; None at the end.
+            return items, pages.resume_token
+
+        # A failed page is asked again from the same token (the paginator alone would not retry it: s3fs#982).
+        return await self._request(one_page)  # type: ignore[no-any-return]
 
     async def ensure_bucket(self) -> None:
         kwargs: dict[str, Any] = {"Bucket": self.bucket}
         if self.region and self.region != "us-east-1":  # us-east-1 refuses an explicit LocationConstraint
             kwargs["CreateBucketConfiguration"] = {"LocationConstraint": self.region}
-        # s3fs maps BucketAlreadyOwnedByYou/BucketAlreadyExists to FileExistsError. PermissionError: a
+        # BucketAlreadyOwnedByYou/BucketAlreadyExists translate to FileExistsError. PermissionError: a
         # credential allowed to use but not create the bucket; head_bucket below tells whether it exists.
+        # (s3fs's mkdir would send a LocationConstraint to us-east-1 too, which refuses it.)
         with contextlib.suppress(FileExistsError, PermissionError):
-            await self.fs._call_s3("create_bucket", **kwargs)
-        await self.fs._call_s3("head_bucket", Bucket=self.bucket)
+            await self._request(lambda s3: s3.create_bucket(**kwargs))
+        await self._request(lambda s3: s3.head_bucket(Bucket=self.bucket))
+
+
+#: ClientError texts s3fs retries besides its retryable exception types (throttling; a body that arrived
+#: corrupted)
+_RETRIED_CLIENT_ERRORS: Final = ("SlowDown", "reduce your request rate", "XAmzContentSHA256Mismatch")
+
+
+async def _s3_request(
+    send: Callable[[], Awaitable[Any]],
+    *,
+    attempts: int,
+    sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+) -> Any:
+    """``send()`` with the retry policy and error translation s3fs gives its own requests.
+
+    s3fs applies them only inside its private ``_call_s3``; here they wrap a public client call, with s3fs's
+    public pieces: the retryable exception types (``s3fs.core.S3_RETRYABLE_ERRORS``, read per call so
+    ``s3fs.core.add_retryable_error`` counts) and ``translate_boto_error`` (NoSuchKey -> FileNotFoundError,
+    AccessDenied -> PermissionError, If-None-Match lost -> FileExistsError, others OSError; the ClientError,
+    with S3's answer, stays the ``__cause__``). botocore's own attempts (``AWS_MAX_ATTEMPTS``) run inside
+    each of these, as they did under s3fs. An error that is no ClientError (S3 unreachable) is raised as is.
+    """
+    import s3fs.core
+    from botocore.exceptions import ClientError
+    from s3fs.errors import translate_boto_error
+
+    error: BaseException | None = None
+    for attempt in range(max(1, attempts)):
+        if attempt:
+            await sleep(min(1.7 ** (attempt - 1) * 0.1, 15))  # s3fs's backoff
+        try:
+            return await send()
+        except s3fs.core.S3_RETRYABLE_ERRORS as exc:
+            error = exc
+        except ClientError as exc:
+            error = exc
+            if not any(text in str(exc) for text in _RETRIED_CLIENT_ERRORS):
+                break
+    raise translate_boto_error(error)
 
 
 def _answered(exc: BaseException) -> bool:
@@ -614,8 +674,8 @@ class _MemoryOps:
     async def list_versions(self, key: str) -> list[ObjectVersion]:
         raise NotImplementedError("the in-memory bucket has no versions")
 
-    async def versioning(self) -> str:
-        return ""
+    async def versioned(self) -> bool:
+        return False
 
     async def copy(self, src: str, dst: str) -> None:
         self.b._enter("copy", dst)
@@ -757,12 +817,12 @@ class Storage(Layout):
         """
         if self._drain_strategy is None:
             try:
-                status = self.backend.run(lambda ops: ops.versioning())
+                versioned = bool(self.backend.run(lambda ops: ops.versioned()))
             except OSError as exc:
                 if not _answered(exc):
                     raise  # no answer (S3 unreachable): decide later, never guess
-                status = ""  # refused (a credential without s3:GetBucketVersioning): try the next strategy
-            if status == "Enabled":
+                versioned = False  # refused (a credential without s3:GetBucketVersioning): try the next strategy
+            if versioned:
                 self._drain_strategy = BY_VERSION_ID
             else:
                 self._drain_strategy = BY_IF_MATCH if self._delete_if_match_honoured() else KEEP

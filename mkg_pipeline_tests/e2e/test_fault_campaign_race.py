@@ -63,9 +63,7 @@ def test_a_replacement_racing_the_drain(campaign: Campaign, bucket: str) -> None
     """Unversioned: the drain deletes with If-Match (moto honours it, as AWS does). Versioned (MinIO's way,
     deploy/): the drain deletes the batched version by its version id."""
     if bucket == "versioned":
-        campaign.storage.backend.fs.call_s3(
-            "put_bucket_versioning", Bucket=campaign.storage.bucket, VersioningConfiguration={"Status": "Enabled"}
-        )
+        campaign.storage.backend.fs.make_bucket_versioned(campaign.storage.bucket)
     key, old, new = "incoming/race-drain.pdf", tiny_pdf("race drain, old", 1), tiny_pdf("race drain, new", 2)
     batch = campaign.new_batch({"race-drain.pdf": old})
 

@@ -52,19 +52,12 @@ def _land_before_delete(proxy: TcpProxy, direct: Storage, data: bytes) -> list[s
 
 
 def _version(storage: Storage) -> None:
-    storage.backend.fs.call_s3(
-        "put_bucket_versioning", Bucket=storage.bucket, VersioningConfiguration={"Status": "Enabled"}
-    )
+    storage.backend.fs.make_bucket_versioned(storage.bucket)
 
 
 def _forget_versions(storage: Storage) -> None:
-    """Teardown of a versioned bucket: every version, so the bucket can go."""
-    for prefix in ("incoming/", "probes/"):
-        listing = storage.backend.fs.call_s3("list_object_versions", Bucket=storage.bucket, Prefix=prefix)
-        for item in listing.get("Versions", []) + listing.get("DeleteMarkers", []):
-            storage.backend.fs.call_s3(
-                "delete_object", Bucket=storage.bucket, Key=item["Key"], VersionId=item["VersionId"]
-            )
+    """Teardown of a versioned bucket: s3fs removes every version (and delete marker), then the bucket."""
+    storage.backend.fs.rm(storage.bucket, recursive=True)
 
 
 def test_an_unversioned_bucket_that_honours_if_match_drains_with_it(storage: Storage, via_proxy) -> None:  # type: ignore[no-untyped-def]
