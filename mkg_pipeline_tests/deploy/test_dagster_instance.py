@@ -61,6 +61,8 @@ def _assert_instance(config: dict[str, Any]) -> None:
     assert config["run_monitoring"]["enabled"] is True
     assert config["run_monitoring"]["free_slots_after_run_end_seconds"] > 0
     assert config["concurrency"]["pools"]["default_limit"] >= 1
+    # runs beyond the vllm pool render the next batches while it is full (issue 18, no idle GPU between batches)
+    assert config["concurrency"]["pools"]["default_limit"] < runs["max_concurrent_runs"]
     assert "postgres" in config["storage"]
     for key in ("run_coordinator", "compute_logs", "run_launcher"):
         if key in config:
