@@ -360,7 +360,7 @@ def main() -> int:
     import boto3
     import dagster as dg
 
-    from mkg_pipeline.local_stack import LOOPBACK, ManagedProcess, free_port, moto_s3_server
+    from mkg_devstack.local_stack import LOOPBACK, ManagedProcess, free_port, moto_s3_server
 
     preset = gpu_model.PRESETS[args.preset]
     out = args.out
