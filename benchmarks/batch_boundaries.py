@@ -357,6 +357,14 @@ def main() -> int:
     parser.add_argument("--keep", action="store_true", help="keep the temp DAGSTER_HOME")
     args = parser.parse_args()
 
+    # Stopped by SIGTERM or SIGINT, it still stops what it started (the finally below): a background job
+    # starts with SIGINT ignored, so both are set here.
+    def interrupted(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupted)
+    signal.signal(signal.SIGINT, interrupted)
+
     import boto3
     import dagster as dg
 
