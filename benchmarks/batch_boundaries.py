@@ -444,6 +444,9 @@ def main() -> int:
         overrides = {k: v for k, v in env.items() if k.startswith("MKG_") and "SECRET" not in k}
         say(f"config overrides: {overrides}")
 
+        # The instance's SQLite schema is created here, once, before the daemon and its code server open it:
+        # two processes creating it at once can leave two alembic heads, and then neither loads.
+        instance = dg.DagsterInstance.from_config(str(home))
         sampler = Sampler(simulator.url, args.interval).start()
         t0 = time.time()
         with (logs / "daemon.log").open("ab") as daemon_log:
@@ -456,7 +459,6 @@ def main() -> int:
                 start_new_session=True,
             )
         say(f"daemon started (pid {daemon.pid}); DAGSTER_HOME {home}")
-        instance = dg.DagsterInstance.from_config(str(home))
 
         deadline = time.monotonic() + args.timeout
         seen_runs = 0
