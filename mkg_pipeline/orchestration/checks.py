@@ -2,7 +2,7 @@
 
 The page and quality checks are evaluated by the assets themselves (they hold the numbers) and
 declared here, so that their names, blocking behaviour and thresholds are in one place;
-``bucket_accounting`` runs the audit (``mkg_pipeline/audit.py``) for the partition's batch.
+``bucket_accounting`` runs the audit (``mkg_pipeline/audit/``) for the partition's batch.
 ``baseline_similarity`` is blocking: a regression against the golden baseline stops everything
 downstream of the quality asset.
 
