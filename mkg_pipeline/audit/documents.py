@@ -198,29 +198,26 @@ def _check_unrendered(
             batch_id=batch_id,
         )
         if failure is not None and not (failure.get("reason") and int(failure.get("attempts") or 0) >= 1):
-            report.add(
-                Finding(
-                    "render_failure_incomplete",
-                    ERROR,
-                    storage.uri(storage.render_failure_key(d)),
-                    "the render failure record lacks its reason or attempts",
-                    _materialize("parsed_pages", batch_id, d),
-                    batch_id,
-                    d,
-                )
-            )
-        report.counts["render_failures"] += 1
-    elif status is not None or any(n.startswith("pages/") for n in doc.vlm):
-        report.add(
-            Finding(
-                "status_without_manifest",
-                ERROR,
-                storage.uri(storage.page_manifest_key(d)),
-                "VLM results exist for this document but its page manifest does not (it was deleted)",
-                _materialize("parsed_pages", batch_id, d, "force"),
+            _rerun_error(
+                report,
+                "render_failure_incomplete",
+                storage.uri(storage.render_failure_key(d)),
+                "the render failure record lacks its reason or attempts",
+                "parsed_pages",
                 batch_id,
                 d,
             )
+        report.counts["render_failures"] += 1
+    elif status is not None or any(n.startswith("pages/") for n in doc.vlm):
+        _rerun_error(
+            report,
+            "status_without_manifest",
+            storage.uri(storage.page_manifest_key(d)),
+            "VLM results exist for this document but its page manifest does not (it was deleted)",
+            "parsed_pages",
+            batch_id,
+            d,
+            "force",
         )
     else:
         report.pending[(batch_id or "(no batch)", _PENDING_WHAT["render"])] += 1
@@ -251,32 +248,29 @@ def _check_page_manifest(
     pages = manifest.get("pages") or []
     render_failed = manifest.get("failed_pages") or []
     if manifest.get("page_count") is not None and int(manifest["page_count"]) != len(pages) + len(render_failed):
-        report.add(
-            Finding(
-                "manifest_inconsistent",
-                ERROR,
-                storage.uri(storage.page_manifest_key(d)),
-                f"{source}: page_count is {manifest['page_count']} but the manifest lists {len(pages)} rendered "
-                f"and {len(render_failed)} failed page(s)",
-                _materialize("parsed_pages", batch_id, d, "force"),
-                batch_id,
-                d,
-            )
+        _rerun_error(
+            report,
+            "manifest_inconsistent",
+            storage.uri(storage.page_manifest_key(d)),
+            f"{source}: page_count is {manifest['page_count']} but the manifest lists {len(pages)} rendered "
+            f"and {len(render_failed)} failed page(s)",
+            "parsed_pages",
+            batch_id,
+            d,
+            "force",
         )
     # a text-route page has no image (parsed_pages wrote its result instead)
     missing_png = [p["page"] for p in pages if not records.is_text_page(p) and f"{p['page']}.png" not in doc.pages]
     if missing_png:
-        report.add(
-            Finding(
-                "png_missing",
-                ERROR,
-                storage.uri(storage.page_prefix(d)),
-                f"{source}: the manifest lists page image(s) {_pages(missing_png)} that do not exist",
-                # A plain re-run redraws them: parsed_pages believes a manifest only while its images are there.
-                _materialize("parsed_pages", batch_id, d),
-                batch_id,
-                d,
-            )
+        _rerun_error(
+            report,
+            "png_missing",
+            storage.uri(storage.page_prefix(d)),
+            f"{source}: the manifest lists page image(s) {_pages(missing_png)} that do not exist",
+            # A plain re-run redraws them: parsed_pages believes a manifest only while its images are there.
+            "parsed_pages",
+            batch_id,
+            d,
         )
 
 
@@ -358,17 +352,15 @@ def _report_pages(
         what = "vlm" if status is None else ("stale" if tally.same_engine else "engine")
         report.pending[(batch_id or "(no batch)", _PENDING_WHAT[what])] += 1
     if tally.unaccounted:
-        report.add(
-            Finding(
-                "page_unaccounted",
-                ERROR,
-                storage.uri(storage.vlm_prefix(d)),
-                f"{source}: page(s) {_pages(tally.unaccounted)} have no result for {identity} and no failure in "
-                f"status.json (state {status.get('state') if status else '-'})",
-                _materialize("vlm_outputs", batch_id, d),
-                batch_id,
-                d,
-            )
+        _rerun_error(
+            report,
+            "page_unaccounted",
+            storage.uri(storage.vlm_prefix(d)),
+            f"{source}: page(s) {_pages(tally.unaccounted)} have no result for {identity} and no failure in "
+            f"status.json (state {status.get('state') if status else '-'})",
+            "vlm_outputs",
+            batch_id,
+            d,
         )
     unreadable = tally.unreadable
     if unreadable:
@@ -388,17 +380,29 @@ def _report_pages(
             )
         )
     if tally.incomplete:
-        report.add(
-            Finding(
-                "failure_record_incomplete",
-                ERROR,
-                storage.uri(storage.vlm_status_key(d)),
-                f"{source}: the failure of page(s) {_pages(tally.incomplete)} is recorded without a reason or attempts",
-                _materialize("vlm_outputs", batch_id, d),
-                batch_id,
-                d,
-            )
+        _rerun_error(
+            report,
+            "failure_record_incomplete",
+            storage.uri(storage.vlm_status_key(d)),
+            f"{source}: the failure of page(s) {_pages(tally.incomplete)} is recorded without a reason or attempts",
+            "vlm_outputs",
+            batch_id,
+            d,
         )
+
+
+def _rerun_error(
+    report: AuditReport,
+    kind: str,
+    subject: str,
+    message: str,
+    asset: str,
+    batch_id: str | None,
+    doc_id: str,
+    extra: str = "",
+) -> None:
+    """An error about one document that materializing ``asset`` for it again repairs."""
+    report.add(Finding(kind, ERROR, subject, message, _materialize(asset, batch_id, doc_id, extra), batch_id, doc_id))
 
 
 def _page_result_problem(
