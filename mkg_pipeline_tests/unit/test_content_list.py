@@ -91,6 +91,42 @@ def test_figure_without_a_crop_is_left_out_and_unclaimed_captions_stay_text() ->
     assert f"![](images/{SHA}.jpg)" in markdown  # MinerU links the table crop when there is no HTML
 
 
+def _owners(blocks: list[dict], crops: dict[int, str]) -> list[list[str]]:
+    _, items = blocks_to_page(blocks, 0, crops)
+    return [i.get("image_caption", i.get("table_caption")) for i in items if i["type"] in {"image", "table"}]
+
+
+def test_captions_prefer_the_conventional_side_unless_the_other_is_clearly_closer() -> None:
+    """A figure's caption sits below the figure, a table's above the table: a caption between two
+    figures (or tables) goes to that side when it is at most twice as far as the other (before the
+    fix: to the nearer one); a caption clearly nearer the other side (a journal that puts figure
+    captions on top) still goes there."""
+    figures = [
+        {"type": "image", "bbox": [0.1, 0.10, 0.5, 0.30]},
+        {"type": "image_caption", "bbox": [0.1, 0.317, 0.5, 0.34], "content": "Figure 1: above is mine"},
+        {"type": "image", "bbox": [0.1, 0.352, 0.5, 0.55]},  # 0.012 below, 0.017 above
+    ]
+    assert _owners(figures, {0: f"images/{SHA}.jpg", 2: f"images/{'1' * 64}.jpg"}) == [
+        ["Figure 1: above is mine"],
+        [],
+    ]
+    tables = [
+        {"type": "table", "bbox": [0.1, 0.10, 0.5, 0.30], "content": "<table><tr><td>a</td></tr></table>"},
+        {"type": "table_caption", "bbox": [0.1, 0.31, 0.5, 0.33], "content": "Table 2: below is mine"},
+        {"type": "table", "bbox": [0.1, 0.345, 0.5, 0.55], "content": "<table><tr><td>b</td></tr></table>"},
+    ]
+    assert _owners(tables, {}) == [[], ["Table 2: below is mine"]]
+    captions_on_top = [
+        {"type": "image", "bbox": [0.1, 0.10, 0.5, 0.30]},
+        {"type": "image_caption", "bbox": [0.1, 0.33, 0.5, 0.35], "content": "Figure 2: below is mine"},
+        {"type": "image", "bbox": [0.1, 0.355, 0.5, 0.55]},  # 0.005 below, 0.03 above
+    ]
+    assert _owners(captions_on_top, {0: f"images/{SHA}.jpg", 2: f"images/{'1' * 64}.jpg"}) == [
+        [],
+        ["Figure 2: below is mine"],
+    ]
+
+
 @pytest.mark.parametrize(
     "item",
     [

@@ -29,6 +29,7 @@ from mkg_pipeline_tests.fixtures.routing_pages import (
     TITLE,
     open_case,
     paper_lines,
+    photo_jpeg,
     scan_with_ocr_pdf,
 )
 
@@ -278,3 +279,37 @@ def test_corpus_arxiv_last_page_reads_body_then_references() -> None:
     agreement = column_order_agreement(result.markdown, text_layer_lines(str(path), 3))
     assert agreement.share > 0.9, agreement.share
     assert min(agreement.column_share(c) for c in ("left", "right")) > 0.9
+
+
+def _stacked_figures_pdf() -> bytes:
+    """Two figures, each with its caption below it, the first caption nearer the second figure (10 pt)
+    than its own (13 pt), as on arxiv-0908.0054 p3."""
+    made = pymupdf.open()
+    page = made.new_page()
+    page.insert_image(pymupdf.Rect(72, 60, 372, 220), stream=photo_jpeg(600, 320, seed=1))
+    page.insert_text((72, 240), "Figure 1: The upper figure, its caption below it.", fontname="tiro", fontsize=9)
+    page.insert_image(pymupdf.Rect(72, 252, 372, 412), stream=photo_jpeg(600, 320, seed=2))
+    page.insert_text((72, 432), "Figure 2: The lower figure, its caption below it.", fontname="tiro", fontsize=9)
+    return made.tobytes()
+
+
+def test_a_figure_caption_goes_to_the_figure_above_it_even_when_the_next_figure_is_nearer() -> None:
+    """Before the fix the caption went to the nearest figure: "Figure 1" to the lower figure."""
+    with pymupdf.open(stream=_stacked_figures_pdf(), filetype="pdf") as doc:
+        result = extract_text_page(doc[0], 0)
+    images = sorted((i for i in result.content_list if i["type"] == "image"), key=lambda i: i["bbox"][1])
+    assert [i["image_caption"] for i in images] == [
+        ["Figure 1: The upper figure, its caption below it."],
+        ["Figure 2: The lower figure, its caption below it."],
+    ]
+
+
+def test_corpus_arxiv_figure_captions_go_to_the_figures_above_them() -> None:
+    """arxiv-0908.0054 p3: five figures in two columns, each caption below its figure and nearer the
+    next figure (Figure 2: 10 pt to the figure below, 13 pt to its own); before the fix every caption
+    moved one figure down and the top figures had none."""
+    with pymupdf.open(corpus_pdf("arxiv-0908.0054-4p.pdf")) as doc:
+        result = extract_text_page(doc[2], 2)
+    images = sorted((i for i in result.content_list if i["type"] == "image"), key=lambda i: i["bbox"][:2])
+    numbers = [[caption.split(":")[0] for caption in i["image_caption"]] for i in images]
+    assert numbers == [["Figure 2"], ["Figure 3"], ["Figure 4"], ["Figure 5"], ["Figure 6"]], numbers
