@@ -14,7 +14,8 @@ What the layout step does, on one ``get_text("dict")`` (the one :mod:`mkg_pipeli
   ``page_number`` when they are a number ("3", "- 3 -", "Page 3 of 9", "iv");
 - **paragraphs**: MuPDF's blocks split where the font changes, at a vertical gap, at a first-line
   indent, after a short line ending a sentence, and at list markers; lines are joined with line-end
-  hyphenation undone ("trans-" + "port" -> "transport" when the next line starts in lower case);
+  hyphenation undone ("trans-" + "port" -> "transport" when the next line starts in lower case and
+  neither part is hyphenated itself: "mass-" + "to-temperature" keeps its hyphen);
 - **headings**: larger than the page's body size (the size holding most characters) by 15 %, or bold
   at body size on a single short line; the largest, at 1.5 x body or more, is the ``doc_title``;
 - **lists**: bullets become "- "; numbered items keep their number;
@@ -260,24 +261,35 @@ def _starts_item(text: str) -> bool:
 
 def join_lines(lines: Sequence[str]) -> str:
     """Lines of one paragraph as one line: line-end hyphenation undone before a lower-case letter
-    ("trans-" + "port"), a hyphen before a capital or digit kept without a space ("Navier-Stokes"),
-    a space between lines otherwise (none between two CJK characters)."""
+    ("trans-" + "port"), a hyphen kept without a space in a compound broken at its own hyphen: before
+    a capital or digit ("Navier-Stokes", "COVID-19") or when either part has a hyphen of its own
+    ("mass-" + "to-temperature", "state-of-the-" + "art"); a space between lines otherwise (none
+    between two CJK characters)."""
     out = ""
     for line in lines:
         line = line.strip()
         if not out:
             out = line
             continue
-        hyphenated = out[-1] in _HYPHENS and len(out) > 1 and out[-2].isalpha() and line[:1].islower()
-        if hyphenated or out[-1] == "\u00ad":
-            out = out[:-1] + line
-        elif out[-1] == "-" and len(out) > 1 and out[-2].isalpha() and line[:1].isalnum():
+        broken_word = out[-1] in _HYPHENS and len(out) > 1 and out[-2].isalpha() and line[:1].isalnum()
+        if broken_word and out[-1] != "\u00ad" and (not line[:1].islower() or _in_compound(out, line)):
             out += line  # a compound broken at its own hyphen: "Navier-" + "Stokes"
+        elif (broken_word and line[:1].islower()) or out[-1] == "\u00ad":
+            out = out[:-1] + line
         elif _is_cjk(out[-1]) and _is_cjk(line[:1]):
             out += line
         else:
             out += " " + line
     return out.replace("\u00ad", "")
+
+
+def _in_compound(before: str, after: str) -> bool:
+    """Whether the words either side of a line-end hyphen are hyphenated themselves. TeX (most
+    scientific PDFs) breaks a word that has a hyphen only at that hyphen, so "mass-" + "to-temperature"
+    is the compound mass-to-temperature, not a syllable break of "massto-temperature"."""
+    last = before[:-1].rsplit(maxsplit=1)[-1] if before[:-1].strip() else ""
+    first = after.split(maxsplit=1)[0]
+    return any(h in word for word in (last, first) for h in "-\u2010")
 
 
 def _is_cjk(char: str) -> bool:

@@ -152,6 +152,12 @@ def test_markup_in_the_text_layer_stays_text() -> None:
 def test_join_lines() -> None:
     assert join_lines(["the trans-", "port of sedi-", "ment"]) == "the transport of sediment"
     assert join_lines(["the Navier-", "Stokes equations"]) == "the Navier-Stokes equations"
+    # a compound broken at one of its hyphens keeps it: the continuation is itself hyphenated
+    # (before the fix: "massto-temperature", as on arxiv-0908.0054 p3)
+    assert join_lines(["the mass-", "to-temperature ratio"]) == "the mass-to-temperature ratio"
+    assert join_lines(["a state-of-the-", "art model"]) == "a state-of-the-art model"  # a hyphen before it
+    assert join_lines(["see Fig-", "ure 2 and the trans-", "port."]) == "see Figure 2 and the transport."
+    assert join_lines(["the COVID-", "19 cases"]) == "the COVID-19 cases"
     assert join_lines(["soft\u00ad", "hyphen"]) == "softhyphen"
     assert join_lines(["日本語の", "文章"]) == "日本語の文章"
 
