@@ -163,7 +163,10 @@ class WorkersConfig(_Section):
         600.0,
         ge=1,
         le=86400,
-        description="Wall-clock limit of one document's validation, and of its rendering, seconds.",
+        description=(
+            "CPU seconds one document's validation, and its rendering, may use; a worker waiting 3x as long "
+            "in wall clock without using them is stopped as stalled and retried next time."
+        ),
     )
     render_processes: int = Field(
         0, ge=0, le=256, description="Processes rendering pages; 0 means one per CPU available to the pod."

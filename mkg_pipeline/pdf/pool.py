@@ -4,10 +4,18 @@ One mechanism gives both things the pipeline needs from its CPU pods:
 
 * **the pod's cores**: documents are worked on in a pool of processes sized to the CPUs this process may
   use (:func:`available_cpus`: its CPU affinity and the cgroup's ``cpu.max`` quota, whichever is lower);
-* **bounded cost per document**: a call that runs longer than ``timeout_s`` (``workers.timeout_s``) has
-  its worker process killed and replaced, and is reported as :class:`TaskFailed` ``timeout``. MuPDF can
-  spend minutes in C code on one pathological page (a self-referencing tiling pattern, millions of path
-  operations), where no Python-level timeout or thread can interrupt it: only killing the process can.
+* **bounded cost per document**: a call that uses more than ``timeout_s`` (``workers.timeout_s``) seconds
+  of CPU has its worker process killed and replaced, and is reported as :class:`TaskFailed` ``timeout``.
+  MuPDF can spend minutes in C code on one pathological page (a self-referencing tiling pattern, millions of
+  path operations), where no Python-level timeout or thread can interrupt it: only killing the process can.
+
+  The budget is CPU time, not wall time: the kernel sends ``SIGXCPU`` at the soft ``RLIMIT_CPU`` that each
+  call sets to what the worker has used so far plus the budget. On a pod whose cores are shared (or a run
+  that validates 25 files on 2 cores), a small file can wait seconds for a core; a wall-clock limit rejected
+  such a good file as pathological (seen in the fault campaign: a one-page PDF rejected after 10 s of
+  waiting). A worker that exceeds :data:`WALL_BACKSTOP_FACTOR` x the budget in wall time without using it
+  (starved, or blocked on I/O) is killed too, as ``stalled``: the file is not to blame, so callers record it
+  as an error that the next materialization retries, never as a rejection.
 
 The pool is pebble's ``ProcessPool``. ``concurrent.futures.ProcessPoolExecutor`` cannot stop one running
 call: terminating one of its workers breaks the whole executor (``BrokenProcessPool``), so a timeout would
@@ -68,6 +76,8 @@ _CGROUP_V1_PERIOD: Final = Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us")
 _PR_SET_PDEATHSIG: Final = 1
 #: the process name of workers that do not re-run the parent's main script (module docstring)
 WORKER_NAME: Final = "mkg-document-worker"
+#: a call stopped at this many times its CPU budget in wall clock: it waited for a core or for I/O (docstring)
+WALL_BACKSTOP_FACTOR: Final = 3.0
 #: what a spawned child is told to import as its main module (``multiprocessing.spawn``)
 _MAIN_KEYS: Final = ("init_main_from_path", "init_main_from_name")
 
@@ -76,7 +86,9 @@ _MAIN_KEYS: Final = ("init_main_from_path", "init_main_from_name")
 class TaskFailed:
     """A call that did not return a value: it ran out of time, its process died, or it raised."""
 
-    kind: Literal["timeout", "crashed", "error"]
+    #: timeout: it used its CPU budget (the document is to blame); stalled: it ran out of wall clock without
+    #: using it (the machine or I/O is; retry); crashed: its process died; error: it raised
+    kind: Literal["timeout", "stalled", "crashed", "error"]
     message: str
 
 
@@ -147,6 +159,24 @@ _spawn_preparation_data = multiprocessing.spawn.get_preparation_data
 multiprocessing.spawn.get_preparation_data = _preparation_data  # type: ignore[assignment]
 
 
+def _within_cpu_budget(fn: Callable[..., Any], budget_s: float | None, *args: Any) -> Any:
+    """Run ``fn(*args)`` in a worker; the kernel kills the worker (SIGXCPU) once the call used ``budget_s`` of CPU."""
+    if budget_s is None or sys.platform != "linux":
+        return fn(*args)
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    _, hard = resource.getrlimit(resource.RLIMIT_CPU)
+    soft = math.ceil(usage.ru_utime + usage.ru_stime + budget_s)
+    if hard != resource.RLIM_INFINITY:
+        soft = min(soft, hard)
+    resource.setrlimit(resource.RLIMIT_CPU, (soft, hard))
+    try:
+        return fn(*args)
+    finally:
+        resource.setrlimit(resource.RLIMIT_CPU, (hard, hard))
+
+
 class _WorkerProcess(multiprocessing.context.SpawnProcess):
     """A spawned worker under :data:`WORKER_NAME`, whatever name the pool gives it."""
 
@@ -160,7 +190,7 @@ class _SpawnWithoutMain(multiprocessing.context.SpawnContext):
 
 
 class WorkerPool(Generic[K]):
-    """``processes`` worker processes; each call gets at most ``timeout_s`` seconds of wall clock.
+    """``processes`` worker processes; each call gets at most ``timeout_s`` seconds of CPU (module docstring).
 
     Use as a context manager; :meth:`run` yields results as calls finish (not in submission order).
     """
@@ -208,17 +238,29 @@ class WorkerPool(Generic[K]):
         """
         from pebble import ProcessExpired
 
+        budget = self.timeout_s
+        wall = None if budget is None else budget * WALL_BACKSTOP_FACTOR
         futures: dict[concurrent.futures.Future[Any], K] = {
-            self._pool.schedule(fn, args=args, timeout=self.timeout_s): key for key, args in calls
+            self._pool.schedule(_within_cpu_budget, args=(fn, budget, *args), timeout=wall): key for key, args in calls
         }
         for future in concurrent.futures.as_completed(futures):
             key = futures[future]
             try:
                 yield key, future.result()
             except TimeoutError:
-                yield key, TaskFailed("timeout", f"still running after {self.timeout_s:g} s (workers.timeout_s)")
+                yield (
+                    key,
+                    TaskFailed(
+                        "stalled",
+                        f"not finished after {wall:g} s of wall clock without using its {budget:g} s of CPU "
+                        "(workers.timeout_s): its worker waited for a core or for I/O; tried again next time",
+                    ),
+                )
             except ProcessExpired as exc:
-                yield key, TaskFailed("crashed", f"the worker process died (exit code {exc.exitcode})")
+                if exc.exitcode == -signal.SIGXCPU:
+                    yield key, TaskFailed("timeout", f"used more than {budget:g} s of CPU (workers.timeout_s)")
+                else:
+                    yield key, TaskFailed("crashed", f"the worker process died (exit code {exc.exitcode})")
             except concurrent.futures.CancelledError:
                 yield key, TaskFailed("error", "cancelled")
             except Exception as exc:  # raised by fn in the worker, re-raised here

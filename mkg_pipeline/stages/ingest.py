@@ -179,13 +179,13 @@ def _outcome_of(
     if not isinstance(result, TaskFailed):
         return result
     key = obj["key"]
-    if result.kind != "timeout":  # an error or a dead worker: try again on the next materialization
+    if result.kind != "timeout":  # an error, a dead or a stalled worker: try again on the next materialization
         return {"status": "error", "message": result.message, "at": _now()}
-    # The worker was killed: record the rejection it could not write itself.
+    # The worker used its whole CPU budget and was killed: record the rejection it could not write itself.
     name = _source_name(key)
     message = (
-        f"{name} was still being validated after {timeout_s:g} s (workers.timeout_s) and was stopped: "
-        "the file is pathologically expensive to interpret; open it in a PDF viewer to check it"
+        f"{name} used more than {timeout_s:g} s of CPU (workers.timeout_s) while being validated and was "
+        "stopped: the file is pathologically expensive to interpret; open it in a PDF viewer to check it"
     )
     _write_rejection(storage, key, name, VALIDATION_TIMEOUT, message, int(obj.get("size", 0)))
     return {"status": "rejected", "reason": VALIDATION_TIMEOUT, "message": message, "at": _now()}

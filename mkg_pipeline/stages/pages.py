@@ -75,7 +75,14 @@ UPLOADS_IN_FLIGHT: Final = 2
 RENDER_TIMEOUT: Final = "render_timeout"
 RENDER_ERROR: Final = "render_error"
 RENDER_CRASHED: Final = "render_crashed"
-_REASONS: Final = {"timeout": RENDER_TIMEOUT, "error": RENDER_ERROR, "crashed": RENDER_CRASHED}
+#: a stalled worker (wall clock out, CPU budget not used) is recorded as a timeout: a render failure is retried
+#: on the next materialization either way, and its message says which it was
+_REASONS: Final = {
+    "timeout": RENDER_TIMEOUT,
+    "stalled": RENDER_TIMEOUT,
+    "error": RENDER_ERROR,
+    "crashed": RENDER_CRASHED,
+}
 
 
 class NothingRendered(Exception):

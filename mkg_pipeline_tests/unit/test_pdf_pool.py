@@ -168,3 +168,63 @@ def test_stage_workers_do_not_re_run_the_parent_s_main_script(tmp_path: Path) ->
     assert with_pid in ran_main and with_file.endswith("main_script.py")  # multiprocessing's default
     assert without_pid not in ran_main and without_file == "None"  # the stages' pools
     assert len(ran_main) == 2  # the script itself and the one worker that was allowed to
+
+
+def _burn_cpu() -> str:
+    """What MuPDF does on a pathological page: compute, without end."""
+    while True:
+        sum(range(10_000))
+
+
+def _wait_without_cpu(seconds: float) -> str:
+    """What a worker starved of a core (or blocked on I/O) looks like from its process: no CPU used."""
+    import time
+
+    time.sleep(seconds)
+    return "done"
+
+
+def _cpu_limit_in_call() -> tuple[int, int]:
+    import resource
+
+    return resource.getrlimit(resource.RLIMIT_CPU)
+
+
+@pytest.mark.skipif(os.name != "posix" or not Path("/proc").exists(), reason="RLIMIT_CPU is Linux's")
+def test_a_call_that_uses_its_cpu_budget_is_a_timeout_and_one_that_only_waits_is_stalled() -> None:
+    """The budget is CPU: a good file that waits for a core is not rejected as pathological (it is
+    ``stalled``, retried next time); one that computes past its budget is killed as ``timeout``."""
+    with pool.WorkerPool(2, timeout_s=1, import_parent_main=False) as workers:
+        results = dict(
+            workers.run(
+                _dispatch,
+                [("burns", ("burn",)), ("waits", ("wait",)), ("quick", ("quick",))],
+            )
+        )
+    assert isinstance(results["burns"], TaskFailed) and results["burns"].kind == "timeout", results["burns"]
+    assert "s of CPU" in results["burns"].message
+    assert isinstance(results["waits"], TaskFailed) and results["waits"].kind == "stalled", results["waits"]
+    assert "tried again" in results["waits"].message
+    # during a call the worker's soft CPU limit is what it had used plus the budget (ceiled to the second)
+    import resource
+
+    soft, _hard = results["quick"]
+    assert soft != resource.RLIM_INFINITY and soft >= 1, results["quick"]
+
+
+def _dispatch(what: str) -> object:
+    if what == "burn":
+        return _burn_cpu()
+    if what == "wait":
+        # sleeps past the wall backstop (3 x 1 s) without using CPU
+        return _wait_without_cpu(pool.WALL_BACKSTOP_FACTOR * 1 + 30)
+    return _cpu_limit_in_call()
+
+
+def test_a_stalled_validation_is_retried_not_rejected() -> None:
+    """ingest records a stalled worker as an error (next materialization retries), never as a rejection."""
+    from mkg_pipeline.stages.ingest import _outcome_of
+
+    obj = {"key": "incoming/good.pdf", "size": 10}
+    outcome = _outcome_of(None, obj, TaskFailed("stalled", "waited for a core"), 10)  # type: ignore[arg-type]
+    assert outcome["status"] == "error" and "waited for a core" in outcome["message"]
