@@ -41,7 +41,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,6 +51,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE))
 
 import gpu_model  # noqa: E402  (a sibling script, not a package)
+from saturation import scrape_metric_totals  # noqa: E402
 
 SIMULATOR = HERE / "simulated_vllm.py"
 MODEL = "Qwen/Qwen2.5-VL-7B-Instruct"
@@ -146,17 +146,9 @@ class Sampler:
 
     def sample(self) -> None:
         now = time.time()
-        try:
-            with urllib.request.urlopen(self.url + "/metrics", timeout=5) as response:
-                text = response.read().decode()
-        except OSError:
+        totals = scrape_metric_totals(self.url)
+        if totals is None:
             return
-        totals: dict[str, float] = {}
-        for line in text.splitlines():
-            if line and not line.startswith("#"):
-                name_labels, _, value = line.rpartition(" ")
-                name = name_labels.split("{", 1)[0]
-                totals[name] = totals.get(name, 0.0) + float(value)
         self.rows.append(
             {
                 "time": now,

@@ -111,6 +111,22 @@ log = logging.getLogger("saturation")
 # =========================================================================== settings and results
 
 
+def scrape_metric_totals(url: str) -> dict[str, float] | None:
+    """The server's ``/metrics``, each metric summed over its labels; None if it did not answer."""
+    try:
+        with urllib.request.urlopen(url + "/metrics", timeout=5) as response:
+            text = response.read().decode()
+    except OSError:
+        return None
+    totals: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name_labels, _, value = line.rpartition(" ")
+            name = name_labels.split("{", 1)[0]
+            totals[name] = totals.get(name, 0.0) + float(value)
+    return totals
+
+
 @dataclass(frozen=True)
 class Setting:
     slots: int
@@ -834,17 +850,9 @@ class Timeline:
 
     def sample(self) -> None:
         t = time.perf_counter() - self._started
-        try:
-            with urllib.request.urlopen(self.url + "/metrics", timeout=5) as response:
-                text = response.read().decode()
-        except OSError:
+        totals = scrape_metric_totals(self.url)
+        if totals is None:
             return
-        totals: dict[str, float] = {}
-        for line in text.splitlines():
-            if line and not line.startswith("#"):
-                name_labels, _, value = line.rpartition(" ")
-                name = name_labels.split("{", 1)[0]
-                totals[name] = totals.get(name, 0.0) + float(value)
         state = limiter_state(self.url)
         self.rows.append(
             {
